@@ -1,0 +1,38 @@
+//! Errors a caller can get back from the subsystem.
+
+use crate::list::Ops;
+
+/// Why a list subscriber could not be registered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    /// The subscriber declares both `arch_invalidate_secondary_tlbs` and the
+    /// `invalidate_range_start`/`end` pair: a secondary either shares the primary's page
+    /// tables (TLB op) or keeps its own copies (start/end), never both.
+    #[error(
+        "subscriber declares {0:?}: implement either ARCH_INVALIDATE_SECONDARY_TLBS or the \
+         INVALIDATE_RANGE_START/END pair, never both"
+    )]
+    ConflictingOps(Ops),
+    /// The address space has been released (its process exited): nothing can subscribe.
+    #[error("the address space has been released; no new subscriptions are accepted")]
+    Released,
+}
+
+/// Why [`Subscriptions::get`](crate::Subscriptions::get) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GetError {
+    /// The shared subscriber already has `limit` users.
+    #[error("the shared subscriber already has {limit} users, the most its type allows")]
+    TooManyUsers {
+        /// The type's [`SharedSubscriber::MAX_USERS`](crate::SharedSubscriber::MAX_USERS).
+        limit: u32,
+    },
+    /// Registering the newly allocated subscriber failed.
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    /// The subscriber's own `alloc` failed.
+    #[error("allocating the shared subscriber failed: {0}")]
+    Alloc(Box<dyn std::error::Error + Send + Sync>),
+}

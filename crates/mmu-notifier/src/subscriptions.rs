@@ -1,0 +1,783 @@
+//! The per-address-space subscriptions object and the primary-side API.
+//!
+//! # How list subscribers are found: a published snapshot
+//!
+//! The list of subscribers is an immutable [`Snapshot`] published through one atomic
+//! pointer. Writers (register, unregister, put, release) serialise on `state`, build a new
+//! snapshot, swap the pointer, and free the old one only after a grace period of the
+//! address space's [`Srcu`] domain. Readers (every primary-side call) enter a read-side
+//! section, load the pointer (Acquire: pairs with the Release half of the swap, so the
+//! entries are initialised) and call subscribers with no lock held, so callbacks may sleep
+//! and may take their own locks freely.
+//!
+//! # Why an invalidation holds its read-side section from start to end
+//!
+//! [`InvalidateGuard`] keeps the section and the snapshot it started with until it drops.
+//! That gives two rules for free:
+//! - *Register never misses an in-flight invalidation (rule 4).* `register` publishes the
+//!   new snapshot, then waits for a grace period. Every invalidation that loaded the old
+//!   snapshot began before the grace period, so it has ended when `register` returns;
+//!   every later one loads the new snapshot and calls the new subscriber's start. (Linux
+//!   excludes invalidations with `mm_take_all_locks`; this is the same guarantee without
+//!   reaching into the primary's locks.)
+//! - *No end without a start.* `end` walks the snapshot `start` walked, so a subscriber
+//!   registered in between never sees a stray end, and one unregistered in between still
+//!   gets its end: `unregister` waits for the guard.
+//!
+//! # Release: the per-registration state machine
+//!
+//! Each registration is `Live`, `Releasing(by thread)` or `Released`. Whoever moves it from
+//! `Live` to `Releasing` (address-space exit or `unregister`) calls `release`, outside every
+//! lock, while the subscriber is *still in the list* so that invalidations keep reaching it
+//! (a 2012 kernel fix: a notifier removed before its release ran let reclaim free a page a
+//! secondary still mapped). The loser of a race waits on `state_cv` until `Released`, so
+//! release runs exactly once and both callers return after it finished (the 2013 fixes of
+//! a double release and of an unregister touching an already removed node).
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::Arc as StdArc;
+
+use crate::error::{GetError, RegisterError};
+use crate::list::{ListSubscriber, Ops, SharedSubscriber};
+use crate::range::{Range, WouldBlock};
+use crate::srcu::{Srcu, SrcuReadGuard};
+use crate::sync::{thread, Arc, AtomicPtr, AtomicU64, Condvar, Mutex, MutexGuard};
+
+/// One subscriber as the readers see it.
+struct SnapEntry {
+    sub: StdArc<dyn ListSubscriber>,
+    ops: Ops,
+}
+
+/// An immutable list of subscribers, published through `MmInner::list`.
+struct Snapshot {
+    entries: Box<[SnapEntry]>,
+}
+
+/// A snapshot that has been unpublished and waits for a grace period before it is freed.
+struct RetiredSnapshot(*mut Snapshot);
+
+// SAFETY: a retired snapshot is only ever freed, once, by whoever owns this value; the
+// entries it points to are `Send + Sync` (`ListSubscriber: Send + Sync`).
+unsafe impl Send for RetiredSnapshot {}
+
+impl RetiredSnapshot {
+    /// Frees the snapshot.
+    ///
+    /// # Safety
+    /// A grace period must have elapsed since it was unpublished, so no reader holds it.
+    unsafe fn free(self) {
+        // SAFETY: the pointer came from `Box::into_raw` in `publish`, was unpublished
+        // exactly once (the swap that produced this value), and by the caller's contract
+        // no reader can still dereference it.
+        drop(unsafe { Box::from_raw(self.0) });
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReleaseState {
+    Live,
+    Releasing(thread::ThreadId),
+    Released,
+}
+
+struct Entry {
+    id: u64,
+    sub: StdArc<dyn ListSubscriber>,
+    ops: Ops,
+}
+
+struct SharedInfo {
+    type_id: TypeId,
+    users: u32,
+    instance: StdArc<dyn Any + Send + Sync>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Registrations in the list, in registration order.
+    entries: Vec<Entry>,
+    /// Release state of every registration whose handle still exists.
+    release: HashMap<u64, ReleaseState>,
+    /// get/put bookkeeping, by registration id.
+    shared: HashMap<u64, SharedInfo>,
+    released: bool,
+    next_id: u64,
+}
+
+struct MmInner {
+    srcu: Srcu,
+    list: AtomicPtr<Snapshot>,
+    state: Mutex<State>,
+    state_cv: Condvar,
+    /// Serialises `get` (find-or-allocate-and-register), like the mmap lock Linux's
+    /// `mmu_notifier_get_locked` requires.
+    get_lock: Mutex<()>,
+    subscriber_bugs: AtomicU64,
+}
+
+impl Drop for MmInner {
+    fn drop(&mut self) {
+        let ptr = self.list.load(Relaxed);
+        // SAFETY: we are the last owner of the address space: no reader can hold the
+        // current snapshot (readers borrow `self`), and it was never retired.
+        unsafe { RetiredSnapshot(ptr).free() };
+    }
+}
+
+/// The subscriptions of one address space (Linux's `mmu_notifier_subscriptions`), and the
+/// API its primary MMU calls. Cloning gives another handle to the same object.
+///
+/// The primary announces every change of its translations:
+///
+/// ```
+/// use mmu_notifier::{Event, Range, Subscriptions};
+/// let mm = Subscriptions::new();
+/// let range = Range::new(0x10000, 0x20000, Event::Unmap)?;
+/// {
+///     let _inv = mm.invalidate_range_start(range); // subscribers dropped their copies
+///     // ... change the page tables, free the pages ...
+/// } // dropping the guard is invalidate_range_end
+///
+/// // From a context that must not sleep (an OOM reaper):
+/// match mm.try_invalidate_range_start(range) {
+///     Ok(_inv) => { /* unmap; end on drop */ }
+///     Err(mmu_notifier::WouldBlock) => { /* skip this range, retry later */ }
+/// }
+/// # Ok::<(), mmu_notifier::RangeError>(())
+/// ```
+#[derive(Clone)]
+pub struct Subscriptions {
+    inner: Arc<MmInner>,
+}
+
+impl std::fmt::Debug for Subscriptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriptions")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Default for Subscriptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counters describing an address space's subscriptions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// List subscribers currently in the list.
+    pub list_subscribers: usize,
+    /// Grace periods completed by the address space's domain.
+    pub grace_periods: u64,
+    /// Subscriber bugs reported: a start that failed in a blockable range, or a start that
+    /// failed although the subscriber implements `end`.
+    pub subscriber_bugs: u64,
+    /// Whether [`Subscriptions::release`] has run.
+    pub released: bool,
+}
+
+impl Subscriptions {
+    /// A new, empty subscriptions object with its own grace-period domain.
+    pub fn new() -> Self {
+        let empty = Box::into_raw(Box::new(Snapshot {
+            entries: Box::new([]),
+        }));
+        Self {
+            inner: Arc::new(MmInner {
+                srcu: Srcu::new(),
+                list: AtomicPtr::new(empty),
+                state: Mutex::new(State::default()),
+                state_cv: Condvar::new(),
+                get_lock: Mutex::new(()),
+                subscriber_bugs: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The grace-period domain that protects this address space's callbacks.
+    pub fn srcu(&self) -> &Srcu {
+        &self.inner.srcu
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        let state = self.inner.state.lock();
+        Stats {
+            list_subscribers: state.entries.len(),
+            grace_periods: self.inner.srcu.grace_periods(),
+            subscriber_bugs: self.inner.subscriber_bugs.load(Relaxed),
+            released: state.released,
+        }
+    }
+
+    /// Whether both handles name the same address space.
+    pub fn same(&self, other: &Subscriptions) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    // ----- readers ------------------------------------------------------------------
+
+    /// Enters a read-side section and borrows the current snapshot for its duration.
+    #[inline]
+    fn read(&self) -> (SrcuReadGuard<'_>, &Snapshot) {
+        let guard = self.inner.srcu.read_lock();
+        // Acquire: pairs with the AcqRel swap in `publish`; the snapshot's contents are
+        // visible.
+        let ptr = self.inner.list.load(Acquire);
+        // SAFETY: `ptr` is never null (there is always a published snapshot) and a
+        // snapshot is freed only after it has been unpublished and a grace period has
+        // elapsed. We hold a read-side section that began before we loaded `ptr`, so that
+        // grace period cannot end while the returned borrow (tied to the guard's
+        // lifetime by the caller keeping both together) is in use.
+        let snap = unsafe { &*ptr };
+        (guard, snap)
+    }
+
+    fn report_bug(&self, what: std::fmt::Arguments<'_>) {
+        self.inner.subscriber_bugs.fetch_add(1, Relaxed);
+        tracing::error!("mmu notifier subscriber bug: {what}");
+    }
+
+    /// Announces that the primary is about to change `range` (blockable: subscribers may
+    /// sleep). When this returns every subscriber has dropped its translations into the
+    /// range; they create none until the returned guard drops (`invalidate_range_end`).
+    ///
+    /// A subscriber start that fails here is a bug in the subscriber: it is logged,
+    /// counted in [`Stats::subscriber_bugs`], and the invalidation carries on.
+    #[inline]
+    pub fn invalidate_range_start(&self, range: Range) -> InvalidateGuard<'_> {
+        let range = range.with_blockable(true);
+        let (read, snap) = self.read();
+        for e in snap.entries.iter() {
+            if e.ops.contains(Ops::INVALIDATE_RANGE_START)
+                && e.sub.invalidate_range_start(&range).is_err()
+            {
+                self.report_bug(format_args!(
+                    "invalidate_range_start failed in a blockable range {range:?}"
+                ));
+            }
+        }
+        InvalidateGuard {
+            mm: self,
+            _read: read,
+            snap,
+            range,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Non-blocking [`invalidate_range_start`](Self::invalidate_range_start): subscribers
+    /// that would have to sleep return [`WouldBlock`].
+    ///
+    /// Every subscriber's start is still called. If any failed, `end` is then called on
+    /// every subscriber that implements it (so the ones whose start succeeded stay
+    /// balanced), and the caller gets `Err(WouldBlock)` and no guard, so it cannot call
+    /// `end` by mistake.
+    pub fn try_invalidate_range_start(&self, range: Range) -> Result<InvalidateGuard<'_>, WouldBlock> {
+        let range = range.with_blockable(false);
+        let (read, snap) = self.read();
+        let mut failed = false;
+        for e in snap.entries.iter() {
+            if e.ops.contains(Ops::INVALIDATE_RANGE_START)
+                && e.sub.invalidate_range_start(&range).is_err()
+            {
+                failed = true;
+                if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
+                    self.report_bug(format_args!(
+                        "invalidate_range_start failed but the subscriber implements \
+                         invalidate_range_end, which will be called anyway ({range:?})"
+                    ));
+                }
+            }
+        }
+        if failed {
+            for e in snap.entries.iter() {
+                if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
+                    e.sub.invalidate_range_end(&range);
+                }
+            }
+            drop(read);
+            return Err(WouldBlock);
+        }
+        Ok(InvalidateGuard {
+            mm: self,
+            _read: read,
+            snap,
+            range,
+            _not_send: PhantomData,
+        })
+    }
+
+    /// Reclaim aging: clears the accessed state of `[start, end)` in every secondary (with
+    /// a flush). Returns whether any subscriber had it set (every subscriber is asked).
+    pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
+        let (_read, snap) = self.read();
+        snap.entries
+            .iter()
+            .filter(|e| e.ops.contains(Ops::CLEAR_FLUSH_YOUNG))
+            .fold(false, |young, e| e.sub.clear_flush_young(start, end) | young)
+    }
+
+    /// Like [`clear_flush_young`](Self::clear_flush_young) without the flush.
+    pub fn clear_young(&self, start: u64, end: u64) -> bool {
+        let (_read, snap) = self.read();
+        snap.entries
+            .iter()
+            .filter(|e| e.ops.contains(Ops::CLEAR_YOUNG))
+            .fold(false, |young, e| e.sub.clear_young(start, end) | young)
+    }
+
+    /// Whether any secondary has accessed `addr`; stops at the first that says so.
+    pub fn test_young(&self, addr: u64) -> bool {
+        let (_read, snap) = self.read();
+        snap.entries
+            .iter()
+            .filter(|e| e.ops.contains(Ops::TEST_YOUNG))
+            .any(|e| e.sub.test_young(addr))
+    }
+
+    /// The primary flushed its TLB for `[start, end)` after clearing or downgrading page
+    /// table entries: tells the secondary TLBs that share its tables.
+    pub fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
+        let (_read, snap) = self.read();
+        for e in snap.entries.iter() {
+            if e.ops.contains(Ops::ARCH_INVALIDATE_SECONDARY_TLBS) {
+                e.sub.arch_invalidate_secondary_tlbs(start, end);
+            }
+        }
+    }
+
+    // ----- writers ------------------------------------------------------------------
+
+    /// Publishes a snapshot of `state.entries` and returns the one it replaces, which the
+    /// caller must free after a grace period.
+    fn publish(&self, state: &MutexGuard<'_, State>) -> RetiredSnapshot {
+        let entries = state
+            .entries
+            .iter()
+            .map(|e| SnapEntry {
+                sub: e.sub.clone(),
+                ops: e.ops,
+            })
+            .collect();
+        let new = Box::into_raw(Box::new(Snapshot { entries }));
+        // AcqRel: Release publishes the new snapshot's contents to readers' Acquire load;
+        // Acquire makes the old one's contents ours to free. Writers are serialised by
+        // `state`, so the swap returns exactly the snapshot the previous writer published.
+        RetiredSnapshot(self.inner.list.swap(new, AcqRel))
+    }
+
+    /// Waits for a grace period, then frees `old`.
+    fn retire_sync(&self, old: RetiredSnapshot) {
+        self.inner.srcu.synchronize();
+        // SAFETY: a grace period has elapsed since `old` was unpublished.
+        unsafe { old.free() };
+    }
+
+    fn register_entry(
+        &self,
+        sub: StdArc<dyn ListSubscriber>,
+        shared: Option<(TypeId, StdArc<dyn Any + Send + Sync>)>,
+    ) -> Result<u64, RegisterError> {
+        let ops = sub.ops();
+        if ops.contains(Ops::ARCH_INVALIDATE_SECONDARY_TLBS)
+            && ops.intersects(Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END)
+        {
+            return Err(RegisterError::ConflictingOps(ops));
+        }
+        let old = {
+            let mut state = self.inner.state.lock();
+            if state.released {
+                return Err(RegisterError::Released);
+            }
+            let id = state.next_id;
+            state.next_id += 1;
+            state.entries.push(Entry { id, sub, ops });
+            state.release.insert(id, ReleaseState::Live);
+            if let Some((type_id, instance)) = shared {
+                state.shared.insert(
+                    id,
+                    SharedInfo {
+                        type_id,
+                        users: 1,
+                        instance,
+                    },
+                );
+            }
+            (id, self.publish(&state))
+        };
+        // Rule 4: every invalidation that could have missed the new subscriber (it loaded
+        // the old snapshot) has ended when this grace period has.
+        self.retire_sync(old.1);
+        Ok(old.0)
+    }
+
+    /// Registers a list subscriber. When this returns, the subscriber receives every later
+    /// callback, and no invalidation that was in flight when it was called is still running
+    /// (each either ended before, or called the new subscriber's start).
+    ///
+    /// Errors: [`RegisterError::ConflictingOps`] if the subscriber declares both the TLB op
+    /// and start/end; [`RegisterError::Released`] after the address space was released.
+    ///
+    /// # Panics
+    /// Called from inside a callback of this address space, or while holding one of its
+    /// [`InvalidateGuard`]s (it would wait for itself).
+    pub fn register<S: ListSubscriber>(
+        &self,
+        subscriber: StdArc<S>,
+    ) -> Result<ListRegistration, RegisterError> {
+        let sub: StdArc<dyn ListSubscriber> = subscriber;
+        let id = self.register_entry(sub.clone(), None)?;
+        Ok(ListRegistration {
+            mm: self.clone(),
+            id,
+            sub,
+            done: false,
+        })
+    }
+
+    fn finish_release(&self, id: u64) {
+        let mut state = self.inner.state.lock();
+        if let Some(s) = state.release.get_mut(&id) {
+            *s = ReleaseState::Released;
+        }
+        self.inner.state_cv.notify_all();
+    }
+
+    /// Address-space exit (Linux's `__mmu_notifier_release`): every list subscriber's
+    /// `release` runs exactly once, while it is still in the list; an `unregister` racing
+    /// with this either does the release itself (and this waits for it) or waits for this
+    /// one. When this returns every release has finished, the list is empty, no callback
+    /// of a released subscriber is running, and nothing more can subscribe. The primary
+    /// may free the pages afterwards. Calling it again does nothing.
+    pub fn release(&self) {
+        let claimed: Vec<(u64, StdArc<dyn ListSubscriber>, Ops)> = {
+            let mut state = self.inner.state.lock();
+            if state.released {
+                return;
+            }
+            state.released = true;
+            let ids: Vec<(u64, StdArc<dyn ListSubscriber>, Ops)> = state
+                .entries
+                .iter()
+                .map(|e| (e.id, e.sub.clone(), e.ops))
+                .collect();
+            let me = thread::current().id();
+            ids.into_iter()
+                .filter(|(id, _, _)| {
+                    if state.release.get(id) == Some(&ReleaseState::Live) {
+                        state.release.insert(*id, ReleaseState::Releasing(me));
+                        true
+                    } else {
+                        false
+                    }
+                })
+                .collect()
+        };
+        for (id, sub, ops) in claimed {
+            if ops.contains(Ops::RELEASE) {
+                sub.release();
+            }
+            self.finish_release(id);
+        }
+        let old = {
+            let mut state = self.inner.state.lock();
+            // Releases claimed by racing unregisters must finish before the subscribers
+            // leave the list.
+            while state
+                .entries
+                .iter()
+                .any(|e| matches!(state.release.get(&e.id), Some(ReleaseState::Releasing(_))))
+            {
+                state = self.inner.state_cv.wait(state);
+            }
+            state.entries.clear();
+            self.publish(&state)
+        };
+        self.retire_sync(old);
+    }
+
+    /// Takes a counted reference on the one shared subscriber of type `T` for this address
+    /// space, allocating and registering it with [`SharedSubscriber::alloc`] on first use
+    /// (Linux's `mmu_notifier_get`). Dropping the returned handle (or calling
+    /// [`Shared::put`]) gives the reference back; the last one removes the subscriber and
+    /// frees it after a grace period, asynchronously (see [`synchronize`](Self::synchronize)).
+    ///
+    /// A `put` without a matching `get` cannot be written: the handle is consumed.
+    ///
+    /// ```compile_fail
+    /// # use mmu_notifier::*;
+    /// # fn f<T: SharedSubscriber>(mm: &Subscriptions) -> Result<(), GetError> {
+    /// let h = mm.get::<T>()?;
+    /// h.put();
+    /// h.put(); // error: use of moved value
+    /// # Ok(()) }
+    /// ```
+    pub fn get<T: SharedSubscriber>(&self) -> Result<Shared<T>, GetError> {
+        let _serial = self.inner.get_lock.lock();
+        {
+            let mut state = self.inner.state.lock();
+            if state.released {
+                return Err(RegisterError::Released.into());
+            }
+            let found = state
+                .shared
+                .iter_mut()
+                .find(|(_, s)| s.type_id == TypeId::of::<T>() && s.users > 0);
+            if let Some((&id, info)) = found {
+                if info.users >= T::MAX_USERS {
+                    return Err(GetError::TooManyUsers {
+                        limit: T::MAX_USERS,
+                    });
+                }
+                info.users += 1;
+                let sub = info
+                    .instance
+                    .clone()
+                    .downcast::<T>()
+                    .expect("shared subscriber stored under its own TypeId");
+                return Ok(Shared {
+                    mm: self.clone(),
+                    id,
+                    sub,
+                    done: false,
+                });
+            }
+        }
+        let sub = StdArc::new(T::alloc(self)?);
+        let id = self.register_entry(sub.clone(), Some((TypeId::of::<T>(), sub.clone())))?;
+        Ok(Shared {
+            mm: self.clone(),
+            id,
+            sub,
+            done: false,
+        })
+    }
+
+    fn put(&self, id: u64) {
+        let mut state = self.inner.state.lock();
+        let info = state
+            .shared
+            .get_mut(&id)
+            .expect("put of a shared subscriber that has no users (a put without a get)");
+        info.users -= 1;
+        if info.users > 0 {
+            return;
+        }
+        state.shared.remove(&id);
+        state.release.remove(&id);
+        let was_listed = state.entries.len();
+        state.entries.retain(|e| e.id != id);
+        let retired = (was_listed != state.entries.len()).then(|| self.publish(&state));
+        drop(state);
+        if let Some(old) = retired {
+            // SAFETY (of the deferred free): `call` runs it after a grace period that
+            // began after the unpublish above.
+            self.inner.srcu.call(move || unsafe { old.free() });
+        }
+    }
+
+    /// Waits until every free queued by a last [`Shared::put`] has run (Linux's
+    /// `mmu_notifier_synchronize`). After it returns, no callback of a put-away shared
+    /// subscriber is running or will run.
+    pub fn synchronize(&self) {
+        self.inner.srcu.barrier();
+    }
+}
+
+/// An invalidation in progress: `invalidate_range_start` has returned, and dropping this
+/// guard is `invalidate_range_end`.
+///
+/// The guard holds a read-side section of the address space's grace-period domain, so an
+/// `unregister` waits for it, and `register` returns only after it ended. Not `Send`: the
+/// invalidation belongs to the thread that started it.
+#[must_use = "dropping the guard immediately ends the invalidation"]
+pub struct InvalidateGuard<'a> {
+    mm: &'a Subscriptions,
+    _read: SrcuReadGuard<'a>,
+    snap: &'a Snapshot,
+    range: Range,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl InvalidateGuard<'_> {
+    /// The range being invalidated.
+    pub fn range(&self) -> &Range {
+        &self.range
+    }
+    /// The address space.
+    pub fn subscriptions(&self) -> &Subscriptions {
+        self.mm
+    }
+}
+
+impl std::fmt::Debug for InvalidateGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InvalidateGuard")
+            .field("range", &self.range)
+            .finish()
+    }
+}
+
+impl Drop for InvalidateGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        for e in self.snap.entries.iter() {
+            if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
+                e.sub.invalidate_range_end(&self.range);
+            }
+        }
+    }
+}
+
+/// A registered list subscriber. [`unregister`](Self::unregister) (or dropping the handle)
+/// removes it.
+#[must_use = "dropping the registration unregisters the subscriber"]
+pub struct ListRegistration {
+    mm: Subscriptions,
+    id: u64,
+    sub: StdArc<dyn ListSubscriber>,
+    done: bool,
+}
+
+impl std::fmt::Debug for ListRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListRegistration")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl ListRegistration {
+    /// The address space this subscriber is registered on.
+    pub fn subscriptions(&self) -> &Subscriptions {
+        &self.mm
+    }
+
+    /// Unregisters (Linux's `mmu_notifier_unregister`): calls `release` unless the address
+    /// space already released this subscriber (or is releasing it: then waits for that
+    /// release to finish), removes it from the list, and waits for a grace period. After
+    /// it returns no callback of this subscriber is running, and none will run, ever.
+    ///
+    /// # Panics
+    /// Called from inside a callback of the same address space (including the
+    /// subscriber's own `release`) or while holding one of its [`InvalidateGuard`]s:
+    /// it would wait for itself forever.
+    pub fn unregister(mut self) {
+        self.unregister_inner();
+    }
+
+    fn unregister_inner(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let mm = &self.mm;
+        assert!(
+            !mm.inner.srcu.held_by_current_thread(),
+            "unregister called from inside a notifier callback of the same address space, \
+             or while holding one of its InvalidateGuards: it would wait for itself forever"
+        );
+        let mut state = mm.inner.state.lock();
+        let must_release = loop {
+            match state.release.get(&self.id).copied() {
+                Some(ReleaseState::Live) => {
+                    state
+                        .release
+                        .insert(self.id, ReleaseState::Releasing(thread::current().id()));
+                    break true;
+                }
+                Some(ReleaseState::Releasing(owner)) => {
+                    assert!(
+                        owner != thread::current().id(),
+                        "a list subscriber was unregistered from inside its own release \
+                         callback: it would wait for itself forever"
+                    );
+                    state = mm.inner.state_cv.wait(state);
+                }
+                Some(ReleaseState::Released) | None => break false,
+            }
+        };
+        if must_release {
+            drop(state);
+            if self.sub.ops().contains(Ops::RELEASE) {
+                self.sub.release();
+            }
+            state = mm.inner.state.lock();
+            state.release.insert(self.id, ReleaseState::Released);
+            mm.inner.state_cv.notify_all();
+        }
+        state.release.remove(&self.id);
+        let before = state.entries.len();
+        state.entries.retain(|e| e.id != self.id);
+        let retired = (before != state.entries.len()).then(|| mm.publish(&state));
+        drop(state);
+        match retired {
+            Some(old) => mm.retire_sync(old),
+            // Already out of the list (address-space release removed it): still wait, so
+            // that no callback that started before is running when we return.
+            None => mm.inner.srcu.synchronize(),
+        }
+    }
+}
+
+impl Drop for ListRegistration {
+    fn drop(&mut self) {
+        self.unregister_inner();
+    }
+}
+
+/// A counted reference on the shared subscriber of type `T` of one address space (see
+/// [`Subscriptions::get`]). Dereferences to `T`; dropping it is `put`.
+#[must_use = "dropping the handle puts the reference back"]
+pub struct Shared<T: SharedSubscriber> {
+    mm: Subscriptions,
+    id: u64,
+    sub: StdArc<T>,
+    done: bool,
+}
+
+impl<T: SharedSubscriber> Shared<T> {
+    /// Gives the reference back (Linux's `mmu_notifier_put`). The last put removes the
+    /// subscriber from the list and frees it after a grace period, asynchronously. Never
+    /// waits, so it may be called from the subscriber's own `release`.
+    pub fn put(mut self) {
+        self.put_inner();
+    }
+
+    fn put_inner(&mut self) {
+        if !std::mem::replace(&mut self.done, true) {
+            self.mm.put(self.id);
+        }
+    }
+
+    /// The address space.
+    pub fn subscriptions(&self) -> &Subscriptions {
+        &self.mm
+    }
+}
+
+impl<T: SharedSubscriber> std::ops::Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.sub
+    }
+}
+
+impl<T: SharedSubscriber> Drop for Shared<T> {
+    fn drop(&mut self) {
+        self.put_inner();
+    }
+}
+
+impl<T: SharedSubscriber + std::fmt::Debug> std::fmt::Debug for Shared<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Shared").field(&*self.sub).finish()
+    }
+}
