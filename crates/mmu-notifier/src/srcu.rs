@@ -48,8 +48,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use crate::sync::{
-    fence, thread, thread_local, Arc, AtomicU64, AtomicUsize, Backoff, CachePadded, Condvar,
-    Mutex,
+    fence, thread, thread_local, Arc, AtomicU64, AtomicUsize, Backoff, CachePadded, Condvar, Mutex,
 };
 
 /// Per-stripe counters: `lock[i]`/`unlock[i]` for each of the two indices.
@@ -320,10 +319,9 @@ impl Inner {
         let mut backoff = Backoff::new();
         loop {
             // Unlocks first (Acquire: a seen unlock carries its lock and its section)...
-            let unlocks = self
-                .stripes
-                .iter()
-                .fold(0usize, |acc, s| acc.wrapping_add(s.unlock[idx].load(Acquire)));
+            let unlocks = self.stripes.iter().fold(0usize, |acc, s| {
+                acc.wrapping_add(s.unlock[idx].load(Acquire))
+            });
             // ...then locks. An unbalanced sum means a reader whose lock we see is inside.
             let locks = self
                 .stripes

@@ -280,7 +280,10 @@ impl Subscriptions {
     /// every subscriber that implements it (so the ones whose start succeeded stay
     /// balanced), and the caller gets `Err(WouldBlock)` and no guard, so it cannot call
     /// `end` by mistake.
-    pub fn try_invalidate_range_start(&self, range: Range) -> Result<InvalidateGuard<'_>, WouldBlock> {
+    pub fn try_invalidate_range_start(
+        &self,
+        range: Range,
+    ) -> Result<InvalidateGuard<'_>, WouldBlock> {
         let range = range.with_blockable(false);
         let (read, snap) = self.read();
         let mut failed = false;
@@ -322,7 +325,9 @@ impl Subscriptions {
         snap.entries
             .iter()
             .filter(|e| e.ops.contains(Ops::CLEAR_FLUSH_YOUNG))
-            .fold(false, |young, e| e.sub.clear_flush_young(start, end) | young)
+            .fold(false, |young, e| {
+                e.sub.clear_flush_young(start, end) | young
+            })
     }
 
     /// Like [`clear_flush_young`](Self::clear_flush_young) without the flush.
@@ -776,8 +781,11 @@ impl<T: SharedSubscriber> Drop for Shared<T> {
     }
 }
 
-impl<T: SharedSubscriber + std::fmt::Debug> std::fmt::Debug for Shared<T> {
+impl<T: SharedSubscriber> std::fmt::Debug for Shared<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Shared").field(&*self.sub).finish()
+        f.debug_struct("Shared")
+            .field("type", &std::any::type_name::<T>())
+            .field("id", &self.id)
+            .finish()
     }
 }
