@@ -118,6 +118,7 @@ impl Default for Srcu {
 /// Source of domain ids (only compared for equality, never part of a protocol).
 static NEXT_DOMAIN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 /// Source of reader stripe numbers.
+#[cfg(not(loom))]
 static NEXT_STRIPE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[cfg(not(loom))]
@@ -147,9 +148,11 @@ fn stripe_seed() -> usize {
 
 #[cfg(loom)]
 fn stripe_seed() -> usize {
-    // All loom threads run on one OS thread: a thread-local would give them one stripe
-    // anyway. Spread them by loom's own thread-local instead.
-    loom::thread_local! { static STRIPE: usize = NEXT_STRIPE.fetch_add(1, Relaxed); }
+    // All loom threads share one OS thread, and a global counter would differ between
+    // executions (loom needs every execution to be deterministic): number the threads
+    // with a loom-modelled counter that is reset for every execution instead.
+    loom::lazy_static! { static ref NEXT: loom::sync::atomic::AtomicUsize = loom::sync::atomic::AtomicUsize::new(0); }
+    loom::thread_local! { static STRIPE: usize = NEXT.fetch_add(1, Relaxed); }
     STRIPE.with(|s| *s)
 }
 
