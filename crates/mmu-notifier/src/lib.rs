@@ -60,3 +60,7 @@ pub use list::{ListSubscriber, Ops, SharedSubscriber};
 pub use range::{Event, OwnerToken, Range, RangeError, WouldBlock};
 pub use srcu::{Srcu, SrcuReadGuard};
 pub use subscriptions::{InvalidateGuard, ListRegistration, Shared, Stats, Subscriptions};
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
