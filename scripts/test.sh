@@ -25,6 +25,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test (unit, integration, doc tests)"
 cargo test --workspace
 
+step "core tests again with symmetric (fence) barriers instead of membarrier"
+MMU_NOTIFIER_SYMMETRIC_BARRIERS=1 cargo test -p mmu-notifier --test rules --test srcu_stress
+
 step "loom models (RUSTFLAGS=--cfg loom)"
 # A separate target dir keeps the loom build from invalidating the normal one. Locally the
 # search is bounded to 3 preemptions (seconds); under CI (CI=true) it is exhaustive

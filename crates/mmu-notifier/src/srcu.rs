@@ -4,24 +4,32 @@
 //!
 //! # The protocol
 //!
-//! Readers never wait and never write shared state beyond two counters. The domain has two
-//! counter *indices* (`idx & 1` selects the one new readers use) and, per index, a lock
-//! count and an unlock count, each striped over a few cache-padded slots so that readers on
-//! different threads do not bounce one cache line. A reader:
+//! Readers never wait and never write shared state: each thread that enters a section of a
+//! domain owns a *reader slot* of that domain, with, for each of two counter *indices*
+//! (`idx & 1` selects the one new readers use), a lock count and an unlock count that only
+//! the owning thread writes (a load and a store, no atomic read-modify-write). A reader:
 //!
 //! 1. loads `idx` (Acquire: pairs with the flip, so a reader that sees the new index also
 //!    sees everything the updater published before flipping),
-//! 2. increments `lock[i]` of its stripe, followed by a full barrier (SeqCst RMW, plus a
-//!    SeqCst fence on architectures where the RMW is not already one),
+//! 2. increments `lock[i]` of its slot, then a *reader barrier*,
 //! 3. runs its section (it may sleep),
-//! 4. increments `unlock[i]` of the same stripe with Release, so that everything the
-//!    section did happens-before an updater that reads this increment.
+//! 4. increments `unlock[i]` of its slot with Release, so that everything the section did
+//!    happens-before an updater that reads this increment.
+//!
+//! The reader barrier must order the lock increment before the section's loads, against
+//! the updater's barrier in step 1 below (the store-buffering pattern). Where the kernel
+//! offers `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` the barrier is asymmetric, as in
+//! liburcu: readers only stop the compiler, and the updater's barrier makes every running
+//! thread of the process execute a full fence (a sleeping thread already did, at its
+//! context switch). Elsewhere, and always under loom, both sides use SeqCst fences. The
+//! choice is made once per process, before any reader of any domain exists.
 //!
 //! A grace period (`synchronize`), one at a time under `gp_lock`:
 //!
-//! 1. SeqCst fence: the updater's prior writes (an unpublished pointer, a removed entry)
-//!    are ordered before its counter reads. Fence-against-fence: either the reader's lock
-//!    increment is visible to the sums below, or the reader's section sees those writes.
+//! 1. updater barrier: the updater's prior writes (an unpublished pointer, a removed entry)
+//!    are ordered before its counter reads. Barrier against barrier: either the reader's
+//!    lock increment is visible to the sums below, or the reader's section sees those
+//!    writes.
 //! 2. wait until the *inactive* index balances: stale readers that loaded it before the
 //!    previous flip and incremented late must not hide in it once it becomes active;
 //! 3. flip `idx` so new readers move to the other index;
@@ -31,7 +39,11 @@
 //! unlock was seen has its lock seen too (its lock happens-before its unlock), so equal sums
 //! mean every reader whose lock increment was visible has left. A reader whose increment
 //! was not visible is ordered after step 1 and so already sees the update: it is not a
-//! pre-existing reader. Counters wrap; equality is all that is compared.
+//! pre-existing reader. Counters wrap; equality is all that is compared. A slot that was
+//! added to the domain after the updater listed the slots belongs to a thread that
+//! registered it after the updater's barrier (the registry is a mutex), so it too sees the
+//! update. Slots are never removed while the domain lives; a thread that exits leaves its
+//! slot balanced and another thread adopts it.
 //!
 //! Deferred callbacks are queued under a mutex; a worker thread (spawned on demand, exiting
 //! when the queue is empty) takes the whole batch, runs one grace period, then runs the
@@ -48,16 +60,35 @@ use std::marker::PhantomData;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use crate::sync::{
-    fence, thread, thread_local, Arc, AtomicU64, AtomicUsize, Backoff, CachePadded, Condvar, Mutex,
+    fence, thread, thread_local, Arc, AtomicBool, AtomicU64, AtomicUsize, Backoff, CachePadded,
+    Condvar, Mutex,
 };
 
-/// Per-stripe counters: `lock[i]`/`unlock[i]` for each of the two indices.
+mod barrier;
+
+/// One thread's counters in one domain. Only the owning thread writes them.
 #[derive(Default)]
-struct Stripe {
+struct ReaderSlot {
     lock: [AtomicUsize; 2],
     unlock: [AtomicUsize; 2],
+    /// A live thread owns the slot (cleared when it exits, so another may adopt it).
+    owned: AtomicBool,
 }
 
+impl ReaderSlot {
+    /// Whether the owner is inside a section (only meaningful on the owning thread).
+    fn inside(&self) -> bool {
+        let locks = self.lock[0]
+            .load(Relaxed)
+            .wrapping_add(self.lock[1].load(Relaxed));
+        let unlocks = self.unlock[0]
+            .load(Relaxed)
+            .wrapping_add(self.unlock[1].load(Relaxed));
+        locks != unlocks
+    }
+}
+
+type Slot = Arc<CachePadded<ReaderSlot>>;
 type Callback = Box<dyn FnOnce() + Send + 'static>;
 
 #[derive(Default)]
@@ -71,11 +102,20 @@ struct DeferQueue {
 struct Inner {
     id: u64,
     idx: AtomicUsize,
-    stripes: Box<[CachePadded<Stripe>]>,
+    /// Every reader slot of the domain; only ever grows.
+    slots: Mutex<Vec<Slot>>,
+    /// Cleared when the domain is dropped, so threads can forget their slots of it.
+    alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
     gp_lock: Mutex<()>,
     grace_periods: AtomicU64,
     deferred: Mutex<DeferQueue>,
     deferred_cv: Condvar,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.alive.store(false, Relaxed);
+    }
 }
 
 /// A sleepable-RCU domain. Cloning gives another handle to the same domain.
@@ -95,6 +135,9 @@ struct Inner {
 /// srcu.barrier();                       // waits for it
 /// assert!(ran.load(Ordering::SeqCst));
 /// ```
+///
+/// A read-side section is not async-signal-safe: do not enter one from a signal handler
+/// that may interrupt a section of the same domain on the same thread.
 #[derive(Clone)]
 pub struct Srcu {
     inner: Arc<Inner>,
@@ -105,6 +148,7 @@ impl std::fmt::Debug for Srcu {
         f.debug_struct("Srcu")
             .field("id", &self.inner.id)
             .field("grace_periods", &self.grace_periods())
+            .field("asymmetric_barriers", &barrier::asymmetric())
             .finish()
     }
 }
@@ -115,16 +159,26 @@ impl Default for Srcu {
     }
 }
 
-/// Source of domain ids (only compared for equality, never part of a protocol).
+/// Source of domain ids: unique for the life of the process, only compared for equality.
 static NEXT_DOMAIN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-/// Source of reader stripe numbers.
-#[cfg(not(loom))]
-static NEXT_STRIPE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// This thread's slots, by domain. Dropped at thread exit, which hands the slots back.
+struct ThreadSlots(Vec<(u64, std::sync::Arc<std::sync::atomic::AtomicBool>, Slot)>);
+
+impl Drop for ThreadSlots {
+    fn drop(&mut self) {
+        for (_, _, slot) in &self.0 {
+            // Release: our last counter stores happen-before the adopter's Acquire CAS.
+            slot.owned.store(false, Release);
+        }
+    }
+}
 
 #[cfg(not(loom))]
 thread_local! {
-    /// The domains whose read-side sections this thread holds (one entry per section).
-    static HELD: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    /// The last domain this thread read in and its slot there: the fast path.
+    static LAST: Cell<(u64, *const ReaderSlot)> = const { Cell::new((0, std::ptr::null())) };
+    static SLOTS: RefCell<ThreadSlots> = const { RefCell::new(ThreadSlots(Vec::new())) };
     /// Set while this thread runs deferred callbacks.
     static IN_CALLBACK_WORKER: Cell<bool> = const { Cell::new(false) };
 }
@@ -132,61 +186,22 @@ thread_local! {
 // loom's `thread_local!` does not take `const` initialisers.
 #[cfg(loom)]
 thread_local! {
-    static HELD: RefCell<Vec<u64>> = RefCell::new(Vec::new());
+    static LAST: Cell<(u64, *const ReaderSlot)> = Cell::new((0, std::ptr::null()));
+    static SLOTS: RefCell<ThreadSlots> = RefCell::new(ThreadSlots(Vec::new()));
     static IN_CALLBACK_WORKER: Cell<bool> = Cell::new(false);
-}
-
-#[cfg(not(loom))]
-std::thread_local! {
-    static STRIPE: usize = NEXT_STRIPE.fetch_add(1, Relaxed);
-}
-
-#[cfg(not(loom))]
-fn stripe_seed() -> usize {
-    STRIPE.with(|s| *s)
-}
-
-#[cfg(loom)]
-fn stripe_seed() -> usize {
-    // All loom threads share one OS thread, and a global counter would differ between
-    // executions (loom needs every execution to be deterministic): number the threads
-    // with a loom-modelled counter that is reset for every execution instead.
-    loom::lazy_static! { static ref NEXT: loom::sync::atomic::AtomicUsize = loom::sync::atomic::AtomicUsize::new(0); }
-    loom::thread_local! { static STRIPE: usize = NEXT.fetch_add(1, Relaxed); }
-    STRIPE.with(|s| *s)
-}
-
-/// Full barrier after an atomic RMW. On x86 a locked RMW already is one (Linux's
-/// `smp_mb__after_atomic` is empty there); elsewhere, and always under loom, fence.
-#[inline(always)]
-fn mb_after_atomic() {
-    #[cfg(any(loom, not(any(target_arch = "x86", target_arch = "x86_64"))))]
-    fence(SeqCst);
-}
-
-fn stripe_count() -> usize {
-    #[cfg(loom)]
-    {
-        2
-    }
-    #[cfg(not(loom))]
-    {
-        let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
-        (cpus * 2).next_power_of_two().clamp(4, 64)
-    }
 }
 
 impl Srcu {
     /// A new domain with no readers and no pending callbacks.
     pub fn new() -> Self {
-        let stripes = (0..stripe_count())
-            .map(|_| CachePadded(Stripe::default()))
-            .collect();
+        // Decide the barrier flavour before any reader of this domain can exist.
+        barrier::init();
         Self {
             inner: Arc::new(Inner {
                 id: NEXT_DOMAIN_ID.fetch_add(1, Relaxed),
                 idx: AtomicUsize::new(0),
-                stripes,
+                slots: Mutex::new(Vec::new()),
+                alive: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 gp_lock: Mutex::new(()),
                 grace_periods: AtomicU64::new(0),
                 deferred: Mutex::new(DeferQueue::default()),
@@ -195,20 +210,84 @@ impl Srcu {
         }
     }
 
+    /// This thread's slot in this domain, if it has one.
+    #[inline]
+    fn find_slot(&self) -> Option<&ReaderSlot> {
+        let (id, ptr) = LAST.with(Cell::get);
+        if id == self.inner.id {
+            // SAFETY: `LAST` only holds a pointer to a slot of the domain with that id
+            // (ids are never reused), and a domain keeps every slot in `slots` for as long
+            // as it lives; `&self` keeps it alive for the returned borrow.
+            return Some(unsafe { &*ptr });
+        }
+        let found = SLOTS.with(|s| {
+            s.borrow()
+                .0
+                .iter()
+                .find(|(id, _, _)| *id == self.inner.id)
+                .map(|(_, _, slot)| &***slot as *const ReaderSlot)
+        })?;
+        LAST.with(|l| l.set((self.inner.id, found)));
+        // SAFETY: as above: a slot of this domain, kept alive by `self.inner.slots`.
+        Some(unsafe { &*found })
+    }
+
+    /// This thread's slot in this domain, adopting a free one or creating one on first use.
+    #[inline]
+    fn slot(&self) -> &ReaderSlot {
+        match self.find_slot() {
+            Some(slot) => slot,
+            None => self.new_slot(),
+        }
+    }
+
+    #[cold]
+    fn new_slot(&self) -> &ReaderSlot {
+        let slot = {
+            let mut slots = self.inner.slots.lock();
+            // Acquire on success: the previous owner's counter stores are ours now.
+            let free = slots.iter().find(|s| {
+                s.owned
+                    .compare_exchange(false, true, Acquire, Relaxed)
+                    .is_ok()
+            });
+            match free {
+                Some(s) => s.clone(),
+                None => {
+                    let s: Slot = Arc::new(CachePadded(ReaderSlot::default()));
+                    s.owned.store(true, Relaxed);
+                    slots.push(s.clone());
+                    s
+                }
+            }
+        };
+        let ptr: *const ReaderSlot = &**slot;
+        SLOTS.with(|s| {
+            let mut s = s.borrow_mut();
+            // Forget slots of domains that no longer exist (they hold nothing).
+            if s.0.len() >= 16 {
+                s.0.retain(|(_, alive, _)| alive.load(Relaxed));
+            }
+            s.0.push((self.inner.id, self.inner.alive.clone(), slot));
+        });
+        LAST.with(|l| l.set((self.inner.id, ptr)));
+        // SAFETY: a slot of this domain, kept alive by `self.inner.slots`.
+        unsafe { &*ptr }
+    }
+
     /// Enters a read-side section; it lasts until the guard drops. Sections nest, may
     /// sleep, and never wait for each other or for an updater.
     #[inline]
     pub fn read_lock(&self) -> SrcuReadGuard<'_> {
-        let inner = &*self.inner;
-        let stripe = stripe_seed() & (inner.stripes.len() - 1);
-        // Acquire: pairs with the SeqCst flip in `synchronize` (see the module docs).
-        let idx = inner.idx.load(Acquire) & 1;
-        inner.stripes[stripe].lock[idx].fetch_add(1, SeqCst);
-        mb_after_atomic();
-        HELD.with(|h| h.borrow_mut().push(inner.id));
+        let slot = self.slot();
+        // Acquire: pairs with the flip in `synchronize` (see the module docs).
+        let idx = self.inner.idx.load(Acquire) & 1;
+        // Only this thread writes its slot: a plain load and store suffice.
+        let n = slot.lock[idx].load(Relaxed);
+        slot.lock[idx].store(n.wrapping_add(1), Relaxed);
+        barrier::reader();
         SrcuReadGuard {
-            srcu: self,
-            stripe,
+            slot,
             idx,
             _not_send: PhantomData,
         }
@@ -216,7 +295,7 @@ impl Srcu {
 
     /// Whether the current thread is inside a read-side section of this domain.
     pub fn held_by_current_thread(&self) -> bool {
-        HELD.with(|h| h.borrow().contains(&self.inner.id))
+        self.find_slot().is_some_and(ReaderSlot::inside)
     }
 
     /// Waits for a grace period: every read-side section that began before this call has
@@ -234,9 +313,9 @@ impl Srcu {
         );
         let inner = &*self.inner;
         let _gp = inner.gp_lock.lock();
-        // Order the caller's updates before every counter read (fence against the readers'
+        // Order the caller's updates before every counter read (against the readers'
         // barrier after their lock increment).
-        fence(SeqCst);
+        barrier::updater();
         let cur = inner.idx.load(Relaxed); // only changed under gp_lock, which we hold
         inner.wait_balanced((cur + 1) & 1);
         // Flip: new readers use the other index. SeqCst store + fence: the flip is ordered
@@ -315,19 +394,33 @@ impl Srcu {
     pub fn grace_periods(&self) -> u64 {
         self.inner.grace_periods.load(Relaxed)
     }
+
+    /// Number of reader slots of this domain: one per thread that has read in it, except
+    /// that a thread which exited hands its slot to the next new reader.
+    pub fn reader_slots(&self) -> usize {
+        self.inner.slots.lock().len()
+    }
+
+    /// Whether read-side sections use the asymmetric (membarrier) barrier in this process.
+    pub fn asymmetric_barriers() -> bool {
+        barrier::init();
+        barrier::asymmetric()
+    }
 }
 
 impl Inner {
     fn wait_balanced(&self, idx: usize) {
+        // A snapshot of the slot list: slots added later belong to readers that started
+        // after our barrier (see the module docs).
+        let slots: Vec<Slot> = self.slots.lock().clone();
         let mut backoff = Backoff::new();
         loop {
             // Unlocks first (Acquire: a seen unlock carries its lock and its section)...
-            let unlocks = self.stripes.iter().fold(0usize, |acc, s| {
+            let unlocks = slots.iter().fold(0usize, |acc, s| {
                 acc.wrapping_add(s.unlock[idx].load(Acquire))
             });
             // ...then locks. An unbalanced sum means a reader whose lock we see is inside.
-            let locks = self
-                .stripes
+            let locks = slots
                 .iter()
                 .fold(0usize, |acc, s| acc.wrapping_add(s.lock[idx].load(Acquire)));
             if locks == unlocks {
@@ -340,12 +433,11 @@ impl Inner {
 
 /// A read-side section of an [`Srcu`] domain; dropping it leaves the section.
 ///
-/// Not `Send`: the section belongs to the thread that entered it (the deadlock checks in
-/// `synchronize` rely on that).
+/// Not `Send`: the section is counted in the entering thread's own slot, which only that
+/// thread may write.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct SrcuReadGuard<'a> {
-    srcu: &'a Srcu,
-    stripe: usize,
+    slot: &'a ReaderSlot,
     idx: usize,
     _not_send: PhantomData<*const ()>,
 }
@@ -361,14 +453,9 @@ impl std::fmt::Debug for SrcuReadGuard<'_> {
 impl Drop for SrcuReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        let inner = &*self.srcu.inner;
-        HELD.with(|h| {
-            let mut h = h.borrow_mut();
-            if let Some(pos) = h.iter().rposition(|&d| d == inner.id) {
-                h.swap_remove(pos);
-            }
-        });
+        let unlock = &self.slot.unlock[self.idx];
         // Release: the section's accesses happen-before an updater that sees this count.
-        inner.stripes[self.stripe].unlock[self.idx].fetch_add(1, Release);
+        // Only this thread writes the slot, so load + store is an increment.
+        unlock.store(unlock.load(Relaxed).wrapping_add(1), Release);
     }
 }

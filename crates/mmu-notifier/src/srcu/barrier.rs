@@ -1,0 +1,109 @@
+//! The two halves of the barrier pair between SRCU readers and updaters.
+//!
+//! A reader's lock increment must be ordered before its section's loads, against an
+//! updater's prior stores being ordered before its counter reads (the store-buffering
+//! pattern: without barriers on both sides, each could miss the other's write).
+//!
+//! - *Asymmetric* (Linux `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, the liburcu
+//!   "memb" flavour): the reader only stops the compiler; the updater asks the kernel to
+//!   run a full memory barrier on every CPU currently running a thread of this process
+//!   (threads not running passed one at their context switch). Reader sections become
+//!   almost free; each grace period pays one system call.
+//! - *Symmetric*: SeqCst fences on both sides. Used where membarrier is missing or refused
+//!   (old kernels, seccomp), when `MMU_NOTIFIER_SYMMETRIC_BARRIERS=1` is set, and always
+//!   under loom (which cannot model the asymmetric form; the symmetric one is strictly
+//!   stronger for readers).
+//!
+//! The flavour is decided once per process, by the first `Srcu::new`, before any reader of
+//! any domain can exist, and never changes.
+
+use std::sync::atomic::{compiler_fence, Ordering::SeqCst};
+
+#[cfg(not(loom))]
+mod imp {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Once;
+
+    static ASYMMETRIC: AtomicBool = AtomicBool::new(false);
+    static INIT: Once = Once::new();
+
+    const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
+    const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+    const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+    fn membarrier(cmd: libc::c_long) -> libc::c_long {
+        // SAFETY: membarrier takes two integer arguments (command and flags, plus an
+        // unused cpu id) and touches no memory of ours; an unknown command fails with
+        // EINVAL, a forbidden one with EPERM or ENOSYS.
+        unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                cmd,
+                0 as libc::c_long,
+                0 as libc::c_long,
+            )
+        }
+    }
+
+    pub(in crate::srcu) fn init() {
+        INIT.call_once(|| {
+            let forced_off = std::env::var_os("MMU_NOTIFIER_SYMMETRIC_BARRIERS")
+                .is_some_and(|v| v != "0" && !v.is_empty());
+            let supported = !forced_off
+                && cfg!(target_os = "linux")
+                && membarrier(MEMBARRIER_CMD_QUERY) >= 0
+                && membarrier(MEMBARRIER_CMD_QUERY) & MEMBARRIER_CMD_PRIVATE_EXPEDITED != 0
+                && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0;
+            // Published by `Once`: every later `init` caller happens-after this store.
+            ASYMMETRIC.store(supported, Relaxed);
+        });
+    }
+
+    #[inline(always)]
+    pub(in crate::srcu) fn asymmetric() -> bool {
+        ASYMMETRIC.load(Relaxed)
+    }
+
+    pub(in crate::srcu) fn heavy() {
+        let r = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
+        // Registration succeeded, so this cannot fail; if the kernel says otherwise the
+        // readers' compiler-only barriers are unsound, and carrying on would be worse.
+        assert!(
+            r == 0,
+            "membarrier(PRIVATE_EXPEDITED) failed after registration: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(loom)]
+mod imp {
+    pub(in crate::srcu) fn init() {}
+    #[inline(always)]
+    pub(in crate::srcu) fn asymmetric() -> bool {
+        false
+    }
+    pub(in crate::srcu) fn heavy() {
+        unreachable!("loom always uses symmetric barriers")
+    }
+}
+
+pub(super) use imp::{asymmetric, init};
+
+/// The reader's half: after the lock increment, before the section.
+#[inline(always)]
+pub(super) fn reader() {
+    if asymmetric() {
+        compiler_fence(SeqCst);
+    } else {
+        crate::sync::fence(SeqCst);
+    }
+}
+
+/// The updater's half: after its updates, before it reads the readers' counters.
+pub(super) fn updater() {
+    if asymmetric() {
+        imp::heavy();
+    }
+    crate::sync::fence(SeqCst);
+}

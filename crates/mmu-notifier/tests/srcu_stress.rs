@@ -1,0 +1,133 @@
+//! Real-thread stress of the grace-period domain (the asymmetric membarrier barrier cannot
+//! be modelled by loom; this runs whichever flavour the process chose, and
+//! `scripts/test.sh` runs it again with `MMU_NOTIFIER_SYMMETRIC_BARRIERS=1`).
+#![cfg(not(loom))]
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mmu_notifier::Srcu;
+
+const LIVE: u64 = 0x11fe;
+const POISON: u64 = 0xdead;
+
+struct Object {
+    state: AtomicU64,
+}
+
+#[test]
+fn readers_never_see_an_object_retired_by_synchronize() {
+    let srcu = Srcu::new();
+    let current = Arc::new(AtomicPtr::new(Box::into_raw(Box::new(Object {
+        state: AtomicU64::new(LIVE),
+    }))));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (srcu, current, stop, reads) =
+                (srcu.clone(), current.clone(), stop.clone(), reads.clone());
+            thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(Relaxed) {
+                    n = n.wrapping_add(1);
+                    let _g = srcu.read_lock();
+                    let p = current.load(Acquire);
+                    // Stay inside a while, sometimes off the CPU, so a grace period that
+                    // failed to wait would poison the object under our feet.
+                    if n % 8 == 0 {
+                        thread::yield_now();
+                    } else {
+                        (0..n % 64).for_each(|_| std::hint::spin_loop());
+                    }
+                    // SAFETY: retired objects are poisoned, never freed, until the end.
+                    let s = unsafe { &*p }.state.load(Relaxed);
+                    assert_eq!(s, LIVE, "a reader saw an object retired by synchronize");
+                    reads.fetch_add(1, Relaxed);
+                }
+            })
+        })
+        .collect();
+    let mut graveyard = Vec::new();
+    let deadline = Instant::now() + Duration::from_millis(700);
+    let mut grace_periods = 0;
+    while Instant::now() < deadline {
+        let new = Box::into_raw(Box::new(Object {
+            state: AtomicU64::new(LIVE),
+        }));
+        let old = current.swap(new, AcqRel);
+        srcu.synchronize();
+        // SAFETY: `old` came from Box::into_raw and is only freed below, after the readers.
+        unsafe { &*old }.state.store(POISON, Relaxed);
+        graveyard.push(old);
+        grace_periods += 1;
+    }
+    stop.store(true, Relaxed);
+    readers.into_iter().for_each(|r| r.join().unwrap());
+    assert!(grace_periods > 100 && reads.load(Relaxed) > 1000);
+    graveyard.push(current.load(Relaxed));
+    for p in graveyard {
+        // SAFETY: every reader has stopped; each pointer came from Box::into_raw once.
+        drop(unsafe { Box::from_raw(p) });
+    }
+}
+
+#[test]
+fn threads_that_exit_hand_their_slots_to_new_threads() {
+    let srcu = Srcu::new();
+    for _ in 0..50 {
+        let s = srcu.clone();
+        thread::spawn(move || drop(s.read_lock())).join().unwrap();
+    }
+    // Sequential threads reuse one slot; a grace period still completes at once.
+    assert!(srcu.reader_slots() <= 2, "{} slots", srcu.reader_slots());
+    srcu.synchronize();
+    assert_eq!(srcu.grace_periods(), 1);
+}
+
+#[test]
+fn deferred_callbacks_run_once_each_in_order_of_batches() {
+    let srcu = Srcu::new();
+    let runs = Arc::new(AtomicUsize::new(0));
+    for _ in 0..1000 {
+        let r = runs.clone();
+        srcu.call(move || {
+            r.fetch_add(1, SeqCst);
+        });
+    }
+    srcu.barrier();
+    assert_eq!(runs.load(SeqCst), 1000);
+    srcu.barrier();
+    assert_eq!(runs.load(SeqCst), 1000);
+}
+
+#[test]
+fn synchronize_inside_a_section_panics_with_a_clear_message() {
+    let srcu = Srcu::new();
+    let g = srcu.read_lock();
+    assert!(srcu.held_by_current_thread());
+    let other = Srcu::new();
+    other.synchronize(); // another domain: fine
+    let err =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| srcu.synchronize())).unwrap_err();
+    let msg = err.downcast_ref::<&str>().copied().unwrap_or_default();
+    assert!(msg.contains("wait for itself"), "{msg}");
+    drop(g);
+    assert!(!srcu.held_by_current_thread());
+    srcu.synchronize();
+}
+
+#[test]
+fn barrier_inside_a_deferred_callback_panics() {
+    let srcu = Srcu::new();
+    let panicked = Arc::new(AtomicBool::new(false));
+    let (s, p) = (srcu.clone(), panicked.clone());
+    srcu.call(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.barrier()));
+        p.store(r.is_err(), SeqCst);
+    });
+    srcu.barrier();
+    assert!(panicked.load(SeqCst));
+}
