@@ -17,6 +17,14 @@ pub enum RegisterError {
     /// The address space has been released (its process exited): nothing can subscribe.
     #[error("the address space has been released; no new subscriptions are accepted")]
     Released,
+    /// Called from inside a callback of the same address space, or while holding one of
+    /// its `InvalidateGuard`s: registration waits for in-flight invalidations, so it would
+    /// wait for the caller itself.
+    #[error(
+        "register/get called from inside a notifier callback of the same address space (or \
+         while holding one of its InvalidateGuards): it would wait for itself forever"
+    )]
+    InsideCallback,
 }
 
 /// Why [`Subscriptions::get`](crate::Subscriptions::get) failed.

@@ -49,6 +49,9 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 
 mod error;
+mod interval;
+#[path = "itree_stub.rs"]
+mod itree;
 mod list;
 mod range;
 mod srcu;
@@ -56,6 +59,10 @@ mod subscriptions;
 mod sync;
 
 pub use error::{GetError, RegisterError};
+pub use interval::{
+    IntervalContext, IntervalError, IntervalGuard, IntervalSubscriber, IntervalSubscription,
+    ReadSeq,
+};
 pub use list::{ListSubscriber, Ops, SharedSubscriber};
 pub use range::{Event, OwnerToken, Range, RangeError, WouldBlock};
 pub use srcu::{Srcu, SrcuReadGuard};

@@ -59,9 +59,11 @@ use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
+#[cfg(loom)]
+use crate::sync::thread;
 use crate::sync::{
-    fence, thread, thread_local, Arc, AtomicBool, AtomicU64, AtomicUsize, Backoff, CachePadded,
-    Condvar, Mutex,
+    fence, thread_local, Arc, AtomicBool, AtomicU64, AtomicUsize, Backoff, CachePadded, Condvar,
+    Mutex,
 };
 
 mod barrier;
@@ -167,9 +169,17 @@ struct ThreadSlots(Vec<(u64, std::sync::Arc<std::sync::atomic::AtomicBool>, Slot
 
 impl Drop for ThreadSlots {
     fn drop(&mut self) {
+        // Later thread-local destructors of this thread must not reach a slot through the
+        // fast path once it may belong to another thread.
+        let _ = LAST.try_with(|l| l.set((0, std::ptr::null())));
         for (_, _, slot) in &self.0 {
-            // Release: our last counter stores happen-before the adopter's Acquire CAS.
-            slot.owned.store(false, Release);
+            // Only a balanced slot can be handed over: one left inside a section (a leaked
+            // guard, a guard in another thread-local) stays owned forever, so its count
+            // keeps holding grace periods back and nobody else's increments mix with it.
+            if !slot.inside() {
+                // Release: our last counter stores happen-before the adopter's Acquire CAS.
+                slot.owned.store(false, Release);
+            }
         }
     }
 }
@@ -213,21 +223,24 @@ impl Srcu {
     /// This thread's slot in this domain, if it has one.
     #[inline]
     fn find_slot(&self) -> Option<&ReaderSlot> {
-        let (id, ptr) = LAST.with(Cell::get);
+        // During thread teardown the thread-locals may be gone: then there is no slot.
+        let (id, ptr) = LAST.try_with(Cell::get).ok()?;
         if id == self.inner.id {
             // SAFETY: `LAST` only holds a pointer to a slot of the domain with that id
             // (ids are never reused), and a domain keeps every slot in `slots` for as long
             // as it lives; `&self` keeps it alive for the returned borrow.
             return Some(unsafe { &*ptr });
         }
-        let found = SLOTS.with(|s| {
-            s.borrow()
-                .0
-                .iter()
-                .find(|(id, _, _)| *id == self.inner.id)
-                .map(|(_, _, slot)| &***slot as *const ReaderSlot)
-        })?;
-        LAST.with(|l| l.set((self.inner.id, found)));
+        let found = SLOTS
+            .try_with(|s| {
+                s.borrow()
+                    .0
+                    .iter()
+                    .find(|(id, _, _)| *id == self.inner.id)
+                    .map(|(_, _, slot)| &***slot as *const ReaderSlot)
+            })
+            .ok()??;
+        let _ = LAST.try_with(|l| l.set((self.inner.id, found)));
         // SAFETY: as above: a slot of this domain, kept alive by `self.inner.slots`.
         Some(unsafe { &*found })
     }
@@ -262,7 +275,9 @@ impl Srcu {
             }
         };
         let ptr: *const ReaderSlot = &**slot;
-        SLOTS.with(|s| {
+        // If this thread's thread-locals are already destroyed (a read from another
+        // thread-local's destructor), the slot is simply never handed back: it stays owned.
+        let _ = SLOTS.try_with(|s| {
             let mut s = s.borrow_mut();
             // Forget slots of domains that no longer exist (they hold nothing).
             if s.0.len() >= 16 {
@@ -270,7 +285,7 @@ impl Srcu {
             }
             s.0.push((self.inner.id, self.inner.alive.clone(), slot));
         });
-        LAST.with(|l| l.set((self.inner.id, ptr)));
+        let _ = LAST.try_with(|l| l.set((self.inner.id, ptr)));
         // SAFETY: a slot of this domain, kept alive by `self.inner.slots`.
         unsafe { &*ptr }
     }
@@ -339,8 +354,27 @@ impl Srcu {
             !std::mem::replace(&mut q.worker_running, true)
         };
         if spawn {
-            let srcu = self.clone();
+            self.spawn_worker();
+        }
+    }
+
+    fn spawn_worker(&self) {
+        let srcu = self.clone();
+        #[cfg(not(loom))]
+        let spawned = std::thread::Builder::new()
+            .name("srcu-callbacks".into())
+            .spawn(move || srcu.run_deferred())
+            .is_ok();
+        #[cfg(loom)]
+        let spawned = {
             let _ = thread::spawn(move || srcu.run_deferred());
+            true
+        };
+        if !spawned {
+            // No thread could be created: leave the callbacks queued; the next `call` or
+            // `barrier` tries again (`barrier` runs them itself).
+            tracing::warn!("could not spawn the SRCU callback thread; callbacks stay queued");
+            self.inner.deferred.lock().worker_running = false;
         }
     }
 
@@ -359,7 +393,10 @@ impl Srcu {
             self.synchronize();
             let n = batch.len() as u64;
             for f in batch {
-                f();
+                // A panicking callback must not take the others, or the worker, with it.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                    tracing::error!("an SRCU deferred callback panicked");
+                }
             }
             let mut q = self.inner.deferred.lock();
             q.done += n;
@@ -386,6 +423,14 @@ impl Srcu {
         let mut q = self.inner.deferred.lock();
         let target = q.queued;
         while q.done < target {
+            if !q.worker_running {
+                // Nobody is running them (a spawn failed): run them here.
+                q.worker_running = true;
+                drop(q);
+                self.run_deferred();
+                q = self.inner.deferred.lock();
+                continue;
+            }
             q = self.inner.deferred_cv.wait(q);
         }
     }

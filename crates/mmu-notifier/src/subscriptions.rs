@@ -41,6 +41,7 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::Arc as StdArc;
 
 use crate::error::{GetError, RegisterError};
+use crate::interval::{self, Itree, ItreeActive};
 use crate::list::{ListSubscriber, Ops, SharedSubscriber};
 use crate::range::{Range, WouldBlock};
 use crate::srcu::{Srcu, SrcuReadGuard};
@@ -94,6 +95,8 @@ struct SharedInfo {
     type_id: TypeId,
     users: u32,
     instance: StdArc<dyn Any + Send + Sync>,
+    /// Its registration's grace period has completed (rule 4 holds for it).
+    ready: bool,
 }
 
 #[derive(Default)]
@@ -105,6 +108,8 @@ struct State {
     /// get/put bookkeeping, by registration id.
     shared: HashMap<u64, SharedInfo>,
     released: bool,
+    /// `release` has finished (a second, concurrent `release` waits for it).
+    release_done: bool,
     next_id: u64,
 }
 
@@ -113,10 +118,8 @@ struct MmInner {
     list: AtomicPtr<Snapshot>,
     state: Mutex<State>,
     state_cv: Condvar,
-    /// Serialises `get` (find-or-allocate-and-register), like the mmap lock Linux's
-    /// `mmu_notifier_get_locked` requires.
-    get_lock: Mutex<()>,
     subscriber_bugs: AtomicU64,
+    itree: Itree,
 }
 
 impl Drop for MmInner {
@@ -181,6 +184,11 @@ pub struct Stats {
     pub subscriber_bugs: u64,
     /// Whether [`Subscriptions::release`] has run.
     pub released: bool,
+    /// Interval subscriptions (in the tree or about to be).
+    pub interval_subscriptions: usize,
+    /// The interval sequence count (odd while interval subscriptions are being
+    /// invalidated).
+    pub interval_seq: u64,
 }
 
 impl Subscriptions {
@@ -195,8 +203,8 @@ impl Subscriptions {
                 list: AtomicPtr::new(empty),
                 state: Mutex::new(State::default()),
                 state_cv: Condvar::new(),
-                get_lock: Mutex::new(()),
                 subscriber_bugs: AtomicU64::new(0),
+                itree: Itree::new(),
             }),
         }
     }
@@ -208,8 +216,11 @@ impl Subscriptions {
 
     /// Current counters.
     pub fn stats(&self) -> Stats {
+        let (interval_subscriptions, interval_seq) = self.inner.itree.counts();
         let state = self.inner.state.lock();
         Stats {
+            interval_subscriptions,
+            interval_seq,
             list_subscribers: state.entries.len(),
             grace_periods: self.inner.srcu.grace_periods(),
             subscriber_bugs: self.inner.subscriber_bugs.load(Relaxed),
@@ -240,7 +251,11 @@ impl Subscriptions {
         (guard, snap)
     }
 
-    fn report_bug(&self, what: std::fmt::Arguments<'_>) {
+    pub(crate) fn itree(&self) -> &Itree {
+        &self.inner.itree
+    }
+
+    pub(crate) fn report_bug(&self, what: std::fmt::Arguments<'_>) {
         self.inner.subscriber_bugs.fetch_add(1, Relaxed);
         tracing::error!("mmu notifier subscriber bug: {what}");
     }
@@ -255,6 +270,12 @@ impl Subscriptions {
     pub fn invalidate_range_start(&self, range: Range) -> InvalidateGuard<'_> {
         let range = range.with_blockable(true);
         let (read, snap) = self.read();
+        // Interval subscriptions first (rule 8); a blockable one cannot fail.
+        let itree = if self.inner.itree.enabled() {
+            interval::inv_start(self, &range).ok()
+        } else {
+            None
+        };
         for e in snap.entries.iter() {
             if e.ops.contains(Ops::INVALIDATE_RANGE_START)
                 && e.sub.invalidate_range_start(&range).is_err()
@@ -266,6 +287,7 @@ impl Subscriptions {
         }
         InvalidateGuard {
             mm: self,
+            itree,
             _read: read,
             snap,
             range,
@@ -286,6 +308,13 @@ impl Subscriptions {
     ) -> Result<InvalidateGuard<'_>, WouldBlock> {
         let range = range.with_blockable(false);
         let (read, snap) = self.read();
+        // Interval subscriptions first; if one cannot proceed, the interval part has
+        // already ended and list subscribers are not called.
+        let itree = if self.inner.itree.enabled() {
+            Some(interval::inv_start(self, &range)?)
+        } else {
+            None
+        };
         let mut failed = false;
         for e in snap.entries.iter() {
             if e.ops.contains(Ops::INVALIDATE_RANGE_START)
@@ -301,6 +330,7 @@ impl Subscriptions {
             }
         }
         if failed {
+            drop(itree);
             for e in snap.entries.iter() {
                 if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
                     e.sub.invalidate_range_end(&range);
@@ -311,6 +341,7 @@ impl Subscriptions {
         }
         Ok(InvalidateGuard {
             mm: self,
+            itree,
             _read: read,
             snap,
             range,
@@ -390,17 +421,31 @@ impl Subscriptions {
         &self,
         sub: StdArc<dyn ListSubscriber>,
         shared: Option<(TypeId, StdArc<dyn Any + Send + Sync>)>,
-    ) -> Result<u64, RegisterError> {
+    ) -> Result<Option<u64>, RegisterError> {
         let ops = sub.ops();
         if ops.contains(Ops::ARCH_INVALIDATE_SECONDARY_TLBS)
             && ops.intersects(Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END)
         {
             return Err(RegisterError::ConflictingOps(ops));
         }
+        // Checked before anything is published: the grace period below would wait for
+        // the caller itself.
+        if self.inner.srcu.held_by_current_thread() {
+            return Err(RegisterError::InsideCallback);
+        }
         let old = {
             let mut state = self.inner.state.lock();
             if state.released {
                 return Err(RegisterError::Released);
+            }
+            if let Some((type_id, _)) = &shared {
+                if state
+                    .shared
+                    .values()
+                    .any(|s| s.type_id == *type_id && s.users > 0)
+                {
+                    return Ok(None);
+                }
             }
             let id = state.next_id;
             state.next_id += 1;
@@ -413,6 +458,7 @@ impl Subscriptions {
                         type_id,
                         users: 1,
                         instance,
+                        ready: false,
                     },
                 );
             }
@@ -421,7 +467,12 @@ impl Subscriptions {
         // Rule 4: every invalidation that could have missed the new subscriber (it loaded
         // the old snapshot) has ended when this grace period has.
         self.retire_sync(old.1);
-        Ok(old.0)
+        let mut state = self.inner.state.lock();
+        if let Some(info) = state.shared.get_mut(&old.0) {
+            info.ready = true;
+            self.inner.state_cv.notify_all();
+        }
+        Ok(Some(old.0))
     }
 
     /// Registers a list subscriber. When this returns, the subscriber receives every later
@@ -439,11 +490,15 @@ impl Subscriptions {
         subscriber: StdArc<S>,
     ) -> Result<ListRegistration, RegisterError> {
         let sub: StdArc<dyn ListSubscriber> = subscriber;
-        let id = self.register_entry(sub.clone(), None)?;
+        let ops = sub.ops();
+        let id = self
+            .register_entry(sub.clone(), None)?
+            .expect("a list registration is never refused for an existing instance");
         Ok(ListRegistration {
             mm: self.clone(),
             id,
             sub,
+            ops,
             done: false,
         })
     }
@@ -463,9 +518,14 @@ impl Subscriptions {
     /// of a released subscriber is running, and nothing more can subscribe. The primary
     /// may free the pages afterwards. Calling it again does nothing.
     pub fn release(&self) {
+        self.release_intervals();
         let claimed: Vec<(u64, StdArc<dyn ListSubscriber>, Ops)> = {
             let mut state = self.inner.state.lock();
             if state.released {
+                // Another release is running or ran: return only once it has finished.
+                while !state.release_done {
+                    state = self.inner.state_cv.wait(state);
+                }
                 return;
             }
             state.released = true;
@@ -487,10 +547,7 @@ impl Subscriptions {
                 .collect()
         };
         for (id, sub, ops) in claimed {
-            if ops.contains(Ops::RELEASE) {
-                sub.release();
-            }
-            self.finish_release(id);
+            self.run_release(id, &*sub, ops);
         }
         let old = {
             let mut state = self.inner.state.lock();
@@ -507,6 +564,25 @@ impl Subscriptions {
             self.publish(&state)
         };
         self.retire_sync(old);
+        self.inner.state.lock().release_done = true;
+        self.inner.state_cv.notify_all();
+    }
+
+    /// Runs a claimed `release`, inside a read-side section (so that `synchronize` and
+    /// unregister's grace period wait for it, as Linux runs it under `srcu_read_lock`),
+    /// and marks it finished even if the callback panics.
+    fn run_release(&self, id: u64, sub: &dyn ListSubscriber, ops: Ops) {
+        struct Finish<'a>(&'a Subscriptions, u64);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.finish_release(self.1);
+            }
+        }
+        let _finish = Finish(self, id);
+        if ops.contains(Ops::RELEASE) {
+            let _read = self.inner.srcu.read_lock();
+            sub.release();
+        }
     }
 
     /// Takes a counted reference on the one shared subscriber of type `T` for this address
@@ -526,44 +602,75 @@ impl Subscriptions {
     /// # Ok(()) }
     /// ```
     pub fn get<T: SharedSubscriber>(&self) -> Result<Shared<T>, GetError> {
-        let _serial = self.inner.get_lock.lock();
-        {
-            let mut state = self.inner.state.lock();
-            if state.released {
-                return Err(RegisterError::Released.into());
-            }
-            let found = state
-                .shared
-                .iter_mut()
-                .find(|(_, s)| s.type_id == TypeId::of::<T>() && s.users > 0);
-            if let Some((&id, info)) = found {
-                if info.users >= T::MAX_USERS {
-                    return Err(GetError::TooManyUsers {
-                        limit: T::MAX_USERS,
+        let mut fresh: Option<StdArc<T>> = None;
+        loop {
+            {
+                let mut state = self.inner.state.lock();
+                if state.released {
+                    return Err(RegisterError::Released.into());
+                }
+                let found = state
+                    .shared
+                    .iter()
+                    .find(|(_, s)| s.type_id == TypeId::of::<T>() && s.users > 0)
+                    .map(|(&id, _)| id);
+                if let Some(id) = found {
+                    let info = state.shared.get_mut(&id).expect("found above");
+                    if info.users >= T::MAX_USERS {
+                        return Err(GetError::TooManyUsers {
+                            limit: T::MAX_USERS,
+                        });
+                    }
+                    info.users += 1;
+                    let sub = info
+                        .instance
+                        .clone()
+                        .downcast::<T>()
+                        .expect("shared subscriber stored under its own TypeId");
+                    // Another get is still registering it: wait for its grace period, so
+                    // that rule 4 holds for this caller too (unless the caller is inside a
+                    // read-side section, which that grace period would wait for).
+                    if !self.inner.srcu.held_by_current_thread() {
+                        while state.shared.get(&id).is_some_and(|i| !i.ready) {
+                            state = self.inner.state_cv.wait(state);
+                        }
+                    }
+                    drop(state);
+                    drop(fresh); // lost a race to allocate: unused
+                    return Ok(Shared {
+                        mm: self.clone(),
+                        id,
+                        sub,
+                        done: false,
                     });
                 }
-                info.users += 1;
-                let sub = info
-                    .instance
-                    .clone()
-                    .downcast::<T>()
-                    .expect("shared subscriber stored under its own TypeId");
-                return Ok(Shared {
-                    mm: self.clone(),
-                    id,
-                    sub,
-                    done: false,
-                });
+            }
+            let sub = match fresh.take() {
+                Some(sub) => sub,
+                None => StdArc::new(T::alloc(self)?),
+            };
+            match self.register_shared(sub.clone())? {
+                Some(id) => {
+                    return Ok(Shared {
+                        mm: self.clone(),
+                        id,
+                        sub,
+                        done: false,
+                    })
+                }
+                // Another get registered one meanwhile: share it, drop ours unused.
+                None => fresh = Some(sub),
             }
         }
-        let sub = StdArc::new(T::alloc(self)?);
-        let id = self.register_entry(sub.clone(), Some((TypeId::of::<T>(), sub.clone())))?;
-        Ok(Shared {
-            mm: self.clone(),
-            id,
-            sub,
-            done: false,
-        })
+    }
+
+    /// Registers a shared subscriber unless a live one of its type exists (`Ok(None)`).
+    fn register_shared<T: SharedSubscriber>(
+        &self,
+        sub: StdArc<T>,
+    ) -> Result<Option<u64>, RegisterError> {
+        let instance: StdArc<dyn Any + Send + Sync> = sub.clone();
+        self.register_entry(sub, Some((TypeId::of::<T>(), instance)))
     }
 
     fn put(&self, id: u64) {
@@ -606,6 +713,7 @@ impl Subscriptions {
 #[must_use = "dropping the guard immediately ends the invalidation"]
 pub struct InvalidateGuard<'a> {
     mm: &'a Subscriptions,
+    itree: Option<ItreeActive<'a>>,
     _read: SrcuReadGuard<'a>,
     snap: &'a Snapshot,
     range: Range,
@@ -634,6 +742,8 @@ impl std::fmt::Debug for InvalidateGuard<'_> {
 impl Drop for InvalidateGuard<'_> {
     #[inline]
     fn drop(&mut self) {
+        // Interval end first, then list subscribers, in the order start called them.
+        drop(self.itree.take());
         for e in self.snap.entries.iter() {
             if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
                 e.sub.invalidate_range_end(&self.range);
@@ -649,6 +759,8 @@ pub struct ListRegistration {
     mm: Subscriptions,
     id: u64,
     sub: StdArc<dyn ListSubscriber>,
+    /// The ops read at registration (read once).
+    ops: Ops,
     done: bool,
 }
 
@@ -701,8 +813,9 @@ impl ListRegistration {
                 Some(ReleaseState::Releasing(owner)) => {
                     assert!(
                         owner != thread::current().id(),
-                        "a list subscriber was unregistered from inside its own release \
-                         callback: it would wait for itself forever"
+                        "a list subscriber was unregistered from inside a release callback \
+                         running on this thread (its own, or a sibling's during address-space \
+                         release): it would wait for that release, i.e. for itself, forever"
                     );
                     state = mm.inner.state_cv.wait(state);
                 }
@@ -711,12 +824,8 @@ impl ListRegistration {
         };
         if must_release {
             drop(state);
-            if self.sub.ops().contains(Ops::RELEASE) {
-                self.sub.release();
-            }
+            mm.run_release(self.id, &*self.sub, self.ops);
             state = mm.inner.state.lock();
-            state.release.insert(self.id, ReleaseState::Released);
-            mm.inner.state_cv.notify_all();
         }
         state.release.remove(&self.id);
         let before = state.entries.len();

@@ -831,3 +831,125 @@ fn bad_ranges_are_errors() {
     let e = Range::new(0x2000, 0x1000, Event::Unmap).unwrap_err();
     assert!(e.to_string().contains("0x2000"), "{e}");
 }
+
+// ----- review regressions -----------------------------------------------------------
+
+#[test]
+fn get_from_inside_a_callback_shares_an_existing_instance_and_refuses_a_first_one() {
+    struct Getter {
+        mm: Mutex<Option<Subscriptions>>,
+        results: Mutex<Vec<Result<(), String>>>,
+    }
+    impl ListSubscriber for Getter {
+        fn ops(&self) -> Ops {
+            Ops::INVALIDATE_RANGE_START
+        }
+        fn invalidate_range_start(&self, _: &Range) -> Result<(), WouldBlock> {
+            let mm = self.mm.lock().unwrap().clone().unwrap();
+            let r = mm.get::<Counted>().map(drop).map_err(|e| e.to_string());
+            self.results.lock().unwrap().push(r);
+            Ok(())
+        }
+    }
+    let mm = Subscriptions::new();
+    let g = Arc::new(Getter {
+        mm: Mutex::new(Some(mm.clone())),
+        results: Mutex::new(Vec::new()),
+    });
+    let _reg = mm.register(g.clone()).unwrap();
+    drop(mm.invalidate_range_start(range(Event::Clear)));
+    let first = g.results.lock().unwrap().pop().unwrap();
+    assert!(first.unwrap_err().contains("wait for itself"));
+    let held = mm.get::<Counted>().unwrap();
+    drop(mm.invalidate_range_start(range(Event::Clear))); // must not deadlock
+    assert!(g.results.lock().unwrap().pop().unwrap().is_ok());
+    drop(held);
+    mm.synchronize();
+}
+
+#[test]
+fn a_panicking_release_does_not_wedge_exit_or_a_racing_unregister() {
+    struct Panics;
+    impl ListSubscriber for Panics {
+        fn ops(&self) -> Ops {
+            Ops::RELEASE
+        }
+        fn release(&self) {
+            panic!("release failed");
+        }
+    }
+    let mm = Subscriptions::new();
+    let reg = mm.register(Arc::new(Panics)).unwrap();
+    let mm2 = mm.clone();
+    assert!(thread::spawn(move || mm2.release()).join().is_err());
+    // The release was marked finished on unwind: unregister returns.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        reg.unregister();
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("unregister hung after a panicking release");
+}
+
+#[test]
+fn synchronize_waits_for_a_release_whose_subscriber_a_racing_put_removed() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    struct SlowShared(Barrier);
+    impl ListSubscriber for SlowShared {
+        fn ops(&self) -> Ops {
+            Ops::RELEASE
+        }
+        fn release(&self) {
+            self.0.wait();
+            thread::sleep(Duration::from_millis(50));
+            DONE.store(true, SeqCst);
+        }
+    }
+    impl SharedSubscriber for SlowShared {
+        fn alloc(_: &Subscriptions) -> Result<Self, GetError> {
+            Ok(SlowShared(Barrier::new(2)))
+        }
+    }
+    let mm = Subscriptions::new();
+    let h = mm.get::<SlowShared>().unwrap();
+    let exit = {
+        let mm = mm.clone();
+        thread::spawn(move || mm.release())
+    };
+    h.0.wait(); // release is running
+    h.put(); // last put while release runs: unlisted now
+    mm.synchronize();
+    assert!(
+        DONE.load(SeqCst),
+        "synchronize returned while release still ran"
+    );
+    exit.join().unwrap();
+}
+
+#[test]
+fn concurrent_releases_both_return_after_every_release_ran() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    struct Slow;
+    impl ListSubscriber for Slow {
+        fn ops(&self) -> Ops {
+            Ops::RELEASE
+        }
+        fn release(&self) {
+            thread::sleep(Duration::from_millis(50));
+            DONE.store(true, SeqCst);
+        }
+    }
+    let mm = Subscriptions::new();
+    let _reg = mm.register(Arc::new(Slow)).unwrap();
+    let ts: Vec<_> = (0..2)
+        .map(|_| {
+            let mm = mm.clone();
+            thread::spawn(move || {
+                mm.release();
+                assert!(DONE.load(SeqCst));
+            })
+        })
+        .collect();
+    ts.into_iter().for_each(|t| t.join().unwrap());
+}

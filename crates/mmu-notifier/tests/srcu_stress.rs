@@ -131,3 +131,51 @@ fn barrier_inside_a_deferred_callback_panics() {
     srcu.barrier();
     assert!(panicked.load(SeqCst));
 }
+
+#[test]
+fn a_section_held_in_a_thread_local_destructor_is_not_handed_to_another_thread() {
+    struct ReadsOnExit(Srcu, Arc<AtomicBool>, Arc<AtomicBool>);
+    impl Drop for ReadsOnExit {
+        fn drop(&mut self) {
+            let _g = self.0.read_lock();
+            self.1.store(true, SeqCst);
+            while !self.2.load(SeqCst) {
+                thread::yield_now();
+            }
+        }
+    }
+    thread_local! {
+        static EXIT_READER: std::cell::RefCell<Option<ReadsOnExit>> = const { std::cell::RefCell::new(None) };
+    }
+    let srcu = Srcu::new();
+    let inside = Arc::new(AtomicBool::new(false));
+    let go = Arc::new(AtomicBool::new(false));
+    let t = {
+        let (s, i, g) = (srcu.clone(), inside.clone(), go.clone());
+        thread::spawn(move || {
+            drop(s.read_lock()); // this thread gets a slot
+            EXIT_READER.with(|e| *e.borrow_mut() = Some(ReadsOnExit(s, i, g)));
+        })
+    };
+    while !inside.load(SeqCst) {
+        thread::yield_now();
+    }
+    // The exiting thread is inside a section: a new reader must get its own slot, and a
+    // grace period must wait for the exiting one.
+    let s2 = srcu.clone();
+    thread::spawn(move || drop(s2.read_lock())).join().unwrap();
+    let (s3, done) = (srcu.clone(), Arc::new(AtomicBool::new(false)));
+    let d = done.clone();
+    let sync = thread::spawn(move || {
+        s3.synchronize();
+        d.store(true, SeqCst);
+    });
+    thread::sleep(Duration::from_millis(30));
+    assert!(
+        !done.load(SeqCst),
+        "a grace period ended under a live reader"
+    );
+    go.store(true, SeqCst);
+    sync.join().unwrap();
+    t.join().unwrap();
+}

@@ -1,0 +1,902 @@
+//! Interval subscriptions and the collision-retry protocol (Linux's `mmu_interval_notifier`),
+//! with the safe-update capabilities of the unmerged 2019 patch.
+//!
+//! # The sequence count: a seqcount with many writers
+//!
+//! Each address space keeps `seq` (starts at 2) and `active` (invalidations in flight that
+//! counted themselves), under the interval lock `Itree::state`. The write side has two
+//! states:
+//!
+//! - *partially excluded*: `active > 0`, `seq` even. Invalidations are running but none has
+//!   found a subscription in its range; the tree may change.
+//! - *fully excluded* (the tree is *frozen*): `active > 0`, `seq` odd. At least one
+//!   invalidation is calling subscriptions; the tree must not change, so inserts, updates
+//!   and removals are queued on a deferred list.
+//!
+//! An invalidation, under the lock, counts itself (`active += 1`), collects the
+//! subscriptions overlapping its range, and if there are any makes `seq` odd (`seq |= 1`);
+//! then, without the lock, it calls each one's `invalidate` with that odd `cur_seq`. Its end,
+//! under the lock, uncounts itself; only the *last* end (`active` reaches 0) of a frozen
+//! period makes `seq` even again (`seq += 1`), applies the deferred list, and wakes waiters.
+//!
+//! # The subscriber's side
+//!
+//! The library owns the *user lock* of each subscription: the subscriber's state `T` lives in
+//! it. `invalidate` is called with it held (try-locked when the range is not blockable: if
+//! it is busy the subscription answers `WouldBlock`) and with the subscription's own
+//! sequence already set to `cur_seq`, so `set_seq` cannot be forgotten. The fill path:
+//!
+//! 1. `s = read_begin()`: the subscription's sequence; if it equals the current odd `seq`
+//!    this subscription is being invalidated, so wait until that `seq` is released;
+//! 2. gather translations from the primary, without the user lock (may sleep);
+//! 3. take the user lock; `read_retry(s)` (a method of the lock guard, so it cannot be
+//!    called without the lock) is true if an invalidation set a newer sequence meanwhile:
+//!    drop what was gathered and start again; else install, and unlock.
+//!
+//! `read_begin` is lock-free unless it has to wait: it loads the subscription's sequence
+//! (Acquire) and then the address space's (`Itree::seq`, a mirror of the locked value). An
+//! invalidation stores the odd `seq` before any `invalidate` callback sets a subscription's
+//! sequence to it, so a `read_begin` that reads `cur_seq` from the subscription reads at
+//! least `cur_seq` from the address space: it cannot miss that it must wait. Any other race
+//! is closed by `read_retry` under the user lock, which the invalidation also takes.
+//!
+//! A subscription's sequence only moves forward and is only ever set to an odd value of
+//! the address-space `seq` (or `seq - 1` when it is inserted idle).
+//!
+//! # Inserting, updating, removing
+//!
+//! - Insert while frozen: deferred; the new subscription's sequence is the current odd
+//!   `seq`, so `read_begin` waits until the insertion has been applied. Insert while
+//!   partially excluded: some in-flight invalidation may cover the new range, so freeze
+//!   (`seq |= 1`), insert now and take that `seq`. Idle: insert now with `seq - 1`.
+//! - Update (move the range) follows the same rules: deferred while frozen, with the
+//!   subscription's sequence pushed to the current odd `seq` so that the move takes effect
+//!   no later than the next `read_begin`.
+//! - Remove while frozen: deferred (or, if the subscription's insertion is itself still
+//!   deferred, cancelled on the spot). Without a `release` op the caller then waits until
+//!   the odd `seq` it saw has been released, re-reading `seq` under the lock (a 2022 kernel
+//!   fix: an unlocked read let remove return while the node was still on the deferred list).
+//!   With a `release` op remove never waits: `release` runs once the subscription is out of
+//!   the tree and no callback uses it (at the last end, or at once when not frozen). So
+//!   only subscribers with `release` may remove themselves from inside a callback; a waiting
+//!   remove from inside a callback panics with a message, instead of deadlocking.
+//! - Queued changes collapse: insert then remove cancels, the last update wins, remove wins
+//!   over update. A pending state is an `Option`, never an address used as a sentinel
+//!   (0 is a valid start).
+//! - Split (munmap punching a hole) updates one subscription and inserts another under one
+//!   hold of the lock, so every invalidation sees either the whole or both halves.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::Arc as StdArc;
+
+use crate::itree::{IntervalTree, NodeKey};
+use crate::range::{Range, WouldBlock};
+use crate::subscriptions::Subscriptions;
+use crate::sync::{AtomicBool, AtomicU64, Condvar, Mutex, MutexGuard};
+
+/// A secondary MMU's state for one interval of an address space.
+///
+/// The library keeps the value behind the subscription's *user lock*: `invalidate` and
+/// `release` get `&mut self` with it held, and the fill path reaches it through
+/// [`IntervalSubscription::lock`].
+///
+/// # Example: the fill loop
+/// ```
+/// use mmu_notifier::{Event, IntervalContext, IntervalSubscriber, Range, Subscriptions, WouldBlock};
+///
+/// /// A device mirror of one buffer: page index -> frame.
+/// struct Mirror { pages: Vec<Option<u64>>, base: u64 }
+///
+/// impl IntervalSubscriber for Mirror {
+///     fn invalidate(&mut self, r: &Range, _: &mut IntervalContext<'_, Self>) -> Result<(), WouldBlock> {
+///         for (i, p) in self.pages.iter_mut().enumerate() {
+///             let va = self.base + i as u64 * 4096;
+///             if r.overlaps(va, va + 4096) { *p = None; }
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// let mm = Subscriptions::new();
+/// let sub = mm.insert_interval(0x10000, 4 * 4096, Mirror { pages: vec![None; 4], base: 0x10000 })?;
+/// loop {
+///     let seq = sub.read_begin();
+///     let frame = 77; // ... ask the primary MMU, may sleep ...
+///     let mut mirror = sub.lock();
+///     if mirror.read_retry(seq) { continue; } // an invalidation ran meanwhile
+///     mirror.pages[0] = Some(frame);
+///     break;
+/// }
+/// drop(mm.invalidate_range_start(Range::new(0x10000, 0x11000, Event::Clear)?));
+/// assert_eq!(sub.lock().pages[0], None);
+/// sub.remove();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait IntervalSubscriber: Send + Sized + 'static {
+    /// Whether [`release`](Self::release) is implemented. With it, removing the
+    /// subscription never waits and is allowed from inside any callback of the address
+    /// space; `release` runs once the subscription is out of the tree and unused.
+    const HAS_RELEASE: bool = false;
+
+    /// The primary is changing `range`, which overlaps this subscription: drop every
+    /// translation into it. Called with the user lock held (`&mut self`) and the
+    /// subscription's sequence already advanced. In a non-blockable range, return
+    /// [`WouldBlock`] instead of sleeping. `ctx` can remove, move or split this subscription
+    /// and reach the address space (to insert new ones).
+    fn invalidate(
+        &mut self,
+        range: &Range,
+        ctx: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock>;
+
+    /// The subscription is out of the tree and no callback uses it any more (only called
+    /// when [`HAS_RELEASE`](Self::HAS_RELEASE) is true). Runs on the thread that removed it
+    /// or that ended the last invalidation of the frozen period it was removed in.
+    fn release(&mut self) {}
+}
+
+/// Why an interval operation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntervalError {
+    /// The length is zero.
+    #[error("an interval subscription cannot have length zero")]
+    ZeroLength,
+    /// `start + length - 1` does not fit in 64 bits.
+    #[error("interval {start:#x} + {length:#x} overflows the address space")]
+    Overflow {
+        /// The requested start.
+        start: u64,
+        /// The requested length.
+        length: u64,
+    },
+    /// The address space has been released (its process exited).
+    #[error("the address space has been released; no new interval subscriptions")]
+    Released,
+    /// The subscription has been removed.
+    #[error("the interval subscription has been removed")]
+    Removed,
+    /// The first interval subscription of an address space cannot be inserted from inside
+    /// one of its callbacks (enabling interval tracking waits for in-flight invalidations).
+    #[error(
+        "the first interval subscription of an address space cannot be inserted from inside \
+         one of its callbacks or while holding one of its InvalidateGuards"
+    )]
+    FirstInsertInCallback,
+    /// The two halves of a split must not overlap.
+    #[error("the halves of a split overlap")]
+    SplitOverlap,
+}
+
+fn last_of(start: u64, length: u64) -> Result<u64, IntervalError> {
+    if length == 0 {
+        return Err(IntervalError::ZeroLength);
+    }
+    start
+        .checked_add(length - 1)
+        .ok_or(IntervalError::Overflow { start, length })
+}
+
+/// The part of a subscription the protocol touches without knowing `T`.
+pub(crate) struct NodeCore {
+    id: u64,
+    /// The subscription's sequence (`invalidate_seq`).
+    seq: AtomicU64,
+    /// Set under the interval lock once removal was requested.
+    removed: AtomicBool,
+    has_release: bool,
+}
+
+struct Node<T> {
+    core: NodeCore,
+    /// The user lock, around the subscriber's state.
+    user: Mutex<T>,
+}
+
+/// `Node<T>` with `T` erased, as the tree stores it.
+pub(crate) trait ErasedNode: Send + Sync {
+    fn core(&self) -> &NodeCore;
+    /// Locks the user lock (try-lock when not blockable), sets the sequence, calls
+    /// `invalidate`. False when the subscriber could not proceed without blocking.
+    fn invalidate(self: StdArc<Self>, mm: &Subscriptions, range: &Range, cur_seq: u64) -> bool;
+    fn release(&self);
+}
+
+impl<T: IntervalSubscriber> ErasedNode for Node<T> {
+    fn core(&self) -> &NodeCore {
+        &self.core
+    }
+
+    fn invalidate(self: StdArc<Self>, mm: &Subscriptions, range: &Range, cur_seq: u64) -> bool {
+        let mut user = if range.blockable() {
+            self.user.lock()
+        } else {
+            match self.user.try_lock() {
+                Some(g) => g,
+                None => return false,
+            }
+        };
+        // set_seq, under the user lock: Release pairs with read_begin's Acquire (see the
+        // module docs); fetch_max keeps it monotonic against an update that pushed it.
+        self.core.seq.fetch_max(cur_seq, Release);
+        let mut ctx = IntervalContext {
+            mm,
+            node: &self,
+            cur_seq,
+        };
+        match user.invalidate(range, &mut ctx) {
+            Ok(()) => true,
+            Err(WouldBlock) if range.blockable() => {
+                mm.report_bug(format_args!(
+                    "interval invalidate returned WouldBlock in a blockable range {range:?}"
+                ));
+                true
+            }
+            Err(WouldBlock) => false,
+        }
+    }
+
+    fn release(&self) {
+        self.user.lock().release();
+    }
+}
+
+/// What a subscription is waiting for at the end of the frozen period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    Insert,
+    Update,
+    Remove,
+}
+
+struct NodeState {
+    /// Where the node sits in the tree, if it does.
+    key: Option<NodeKey>,
+    /// The closed interval it covers, or will cover once its pending change applies.
+    start: u64,
+    last: u64,
+    pending: Option<Pending>,
+    node: StdArc<dyn ErasedNode>,
+}
+
+pub(crate) struct ItreeState {
+    seq: u64,
+    active: u64,
+    tree: IntervalTree<StdArc<dyn ErasedNode>>,
+    nodes: HashMap<u64, NodeState>,
+    deferred: Vec<u64>,
+    released: bool,
+    next_id: u64,
+}
+
+/// The interval half of an address space's subscriptions.
+pub(crate) struct Itree {
+    state: Mutex<ItreeState>,
+    cv: Condvar,
+    /// Mirror of `state.seq` for lock-free `read_begin` (written under the lock).
+    seq: AtomicU64,
+    /// Set by the first insert; invalidations skip the interval part until then.
+    enabled: AtomicBool,
+}
+
+impl Itree {
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Mutex::new(ItreeState {
+                seq: 2,
+                active: 0,
+                tree: IntervalTree::new(),
+                nodes: HashMap::new(),
+                deferred: Vec::new(),
+                released: false,
+                next_id: 1,
+            }),
+            cv: Condvar::new(),
+            seq: AtomicU64::new(2),
+            enabled: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether invalidations must run the interval part. Acquire: pairs with the Release
+    /// store in `enable`, made before the grace period that waits out invalidations that
+    /// read `false`.
+    #[inline]
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled.load(Acquire)
+    }
+
+    fn set_seq(&self, st: &mut ItreeState, seq: u64) {
+        st.seq = seq;
+        // Release: a reader that Acquires a subscription sequence set after this store sees
+        // it (the invalidation's callbacks run after it in program order).
+        self.seq.store(seq, Release);
+    }
+
+    /// Counters for [`Stats`](crate::Stats).
+    pub(crate) fn counts(&self) -> (usize, u64) {
+        let st = self.state.lock();
+        (st.nodes.len(), st.seq)
+    }
+}
+
+/// An interval invalidation in progress: it counted itself in `active`; dropping it is
+/// `mn_itree_inv_end`, also on unwind from a panicking callback.
+pub(crate) struct ItreeActive<'a> {
+    mm: &'a Subscriptions,
+}
+
+impl Drop for ItreeActive<'_> {
+    fn drop(&mut self) {
+        inv_end(self.mm);
+    }
+}
+
+/// The interval part of `invalidate_range_start`. `Err` means a subscription could not
+/// proceed in a non-blockable range; the interval part has then already ended.
+pub(crate) fn inv_start<'a>(
+    mm: &'a Subscriptions,
+    range: &Range,
+) -> Result<ItreeActive<'a>, WouldBlock> {
+    let itree = mm.itree();
+    let (hits, cur_seq) = {
+        let mut st = itree.state.lock();
+        st.active += 1;
+        let mut hits: Vec<StdArc<dyn ErasedNode>> = Vec::new();
+        st.tree
+            .for_each_overlap(range.start(), range.end() - 1, |_, _, _, n| {
+                hits.push(n.clone())
+            });
+        if !hits.is_empty() && st.seq & 1 == 0 {
+            let odd = st.seq | 1;
+            itree.set_seq(&mut st, odd);
+        }
+        (hits, st.seq)
+    };
+    let active = ItreeActive { mm };
+    for node in hits {
+        if !node.invalidate(mm, range, cur_seq) {
+            drop(active);
+            return Err(WouldBlock);
+        }
+    }
+    Ok(active)
+}
+
+fn inv_end(mm: &Subscriptions) {
+    let itree = mm.itree();
+    let releases = {
+        let mut st = itree.state.lock();
+        st.active -= 1;
+        if st.active > 0 || st.seq & 1 == 0 {
+            return;
+        }
+        let even = st.seq + 1;
+        itree.set_seq(&mut st, even);
+        let releases = apply_deferred(&mut st);
+        itree.cv.notify_all();
+        releases
+    };
+    for node in releases {
+        node.release();
+    }
+}
+
+/// Applies the deferred list (the tree is not frozen any more). Returns the removed
+/// subscriptions whose `release` must now run.
+fn apply_deferred(st: &mut ItreeState) -> Vec<StdArc<dyn ErasedNode>> {
+    let mut releases = Vec::new();
+    let deferred = std::mem::take(&mut st.deferred);
+    for id in deferred {
+        let Some(ns) = st.nodes.get_mut(&id) else {
+            continue;
+        };
+        match ns.pending.take() {
+            None => {}
+            Some(Pending::Insert) => {
+                ns.key = st.tree.insert(ns.start, ns.last, ns.node.clone()).ok();
+            }
+            Some(Pending::Update) => {
+                if let Some(k) = ns.key.take() {
+                    st.tree.remove(k);
+                }
+                ns.key = st.tree.insert(ns.start, ns.last, ns.node.clone()).ok();
+            }
+            Some(Pending::Remove) => {
+                if let Some(k) = ns.key.take() {
+                    st.tree.remove(k);
+                }
+                let ns = st.nodes.remove(&id).expect("present above");
+                if ns.node.core().has_release {
+                    releases.push(ns.node);
+                }
+            }
+        }
+    }
+    releases
+}
+
+/// Enables the interval part of invalidations for this address space (the first insert).
+fn enable(mm: &Subscriptions) -> Result<(), IntervalError> {
+    let itree = mm.itree();
+    if itree.enabled() {
+        return Ok(());
+    }
+    if mm.srcu().held_by_current_thread() {
+        return Err(IntervalError::FirstInsertInCallback);
+    }
+    itree.enabled.store(true, Release);
+    // Invalidations that began before they could see `enabled` did not count themselves
+    // in `active`; wait them out, so that every invalidation still in flight is counted.
+    mm.srcu().synchronize();
+    Ok(())
+}
+
+/// Inserts a node under the lock, following the insert rules; returns its sequence.
+fn insert_locked(
+    itree: &Itree,
+    st: &mut ItreeState,
+    node: StdArc<dyn ErasedNode>,
+    start: u64,
+    last: u64,
+) {
+    let id = node.core().id;
+    let seq;
+    let key;
+    let mut pending = None;
+    if st.active > 0 {
+        if st.seq & 1 == 1 {
+            // Frozen: defer; read_begin waits until this seq is released.
+            pending = Some(Pending::Insert);
+            st.deferred.push(id);
+            key = None;
+        } else {
+            // Invalidations in flight may cover the new range: freeze and take that seq.
+            let odd = st.seq | 1;
+            itree.set_seq(st, odd);
+            key = st.tree.insert(start, last, node.clone()).ok();
+        }
+        seq = st.seq;
+    } else {
+        key = st.tree.insert(start, last, node.clone()).ok();
+        seq = st.seq - 1;
+    }
+    node.core().seq.store(seq, Release);
+    st.nodes.insert(
+        id,
+        NodeState {
+            key,
+            start,
+            last,
+            pending,
+            node,
+        },
+    );
+}
+
+/// Moves a node under the lock, following the update rules.
+fn update_locked(
+    itree: &Itree,
+    st: &mut ItreeState,
+    id: u64,
+    start: u64,
+    last: u64,
+) -> Result<(), IntervalError> {
+    let frozen = st.seq & 1 == 1;
+    let active = st.active > 0;
+    let cur = st.seq;
+    let ns = st.nodes.get_mut(&id).ok_or(IntervalError::Removed)?;
+    if ns.pending == Some(Pending::Remove) {
+        return Err(IntervalError::Removed); // remove wins over update
+    }
+    ns.start = start;
+    ns.last = last;
+    if frozen {
+        match ns.pending {
+            Some(Pending::Insert) | Some(Pending::Update) => {} // last update wins
+            None => {
+                ns.pending = Some(Pending::Update);
+                st.deferred.push(id);
+            }
+            Some(Pending::Remove) => unreachable!("handled above"),
+        }
+        // The move takes effect no later than the next read_begin: make it wait.
+        ns.node.core().seq.fetch_max(cur, Release);
+        return Ok(());
+    }
+    let node = ns.node.clone();
+    if let Some(k) = ns.key.take() {
+        st.tree.remove(k);
+    }
+    let key = st.tree.insert(start, last, node.clone()).ok();
+    st.nodes.get_mut(&id).expect("present").key = key;
+    if active {
+        let odd = cur | 1;
+        itree.set_seq(st, odd);
+        node.core().seq.fetch_max(odd, Release);
+    }
+    Ok(())
+}
+
+/// What `remove_locked` leaves the caller to do.
+enum RemoveOutcome {
+    /// Out of the tree and unused: call `release` (if any) now.
+    Done,
+    /// Deferred: with `release`, it runs at the end; without, wait for this seq.
+    Deferred(u64),
+    /// Someone already removed it.
+    Already,
+}
+
+fn remove_locked(st: &mut ItreeState, id: u64) -> RemoveOutcome {
+    let frozen = st.seq & 1 == 1;
+    let Some(ns) = st.nodes.get_mut(&id) else {
+        return RemoveOutcome::Already;
+    };
+    if ns.pending == Some(Pending::Remove) {
+        return RemoveOutcome::Already;
+    }
+    ns.node.core().removed.store(true, Relaxed);
+    if frozen {
+        match ns.pending {
+            Some(Pending::Insert) => {
+                // Never reached the tree: cancel the insert.
+                st.nodes.remove(&id);
+                st.deferred.retain(|&d| d != id);
+                RemoveOutcome::Done
+            }
+            Some(Pending::Update) => {
+                ns.pending = Some(Pending::Remove); // remove wins; already on the list
+                RemoveOutcome::Deferred(st.seq)
+            }
+            None => {
+                ns.pending = Some(Pending::Remove);
+                st.deferred.push(id);
+                RemoveOutcome::Deferred(st.seq)
+            }
+            Some(Pending::Remove) => unreachable!("handled above"),
+        }
+    } else {
+        let ns = st.nodes.remove(&id).expect("present");
+        if let Some(k) = ns.key {
+            st.tree.remove(k);
+        }
+        RemoveOutcome::Done
+    }
+}
+
+/// An opaque sequence value from [`IntervalSubscription::read_begin`], to be checked with
+/// [`IntervalGuard::read_retry`] or [`IntervalSubscription::check_retry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadSeq(u64);
+
+/// An interval subscription: a secondary's state `T` for `[start, start + length)` of an
+/// address space. Created by [`Subscriptions::insert_interval`]; dropping it removes it
+/// (see [`remove`](Self::remove)).
+#[must_use = "dropping the subscription removes it"]
+pub struct IntervalSubscription<T: IntervalSubscriber> {
+    mm: Subscriptions,
+    node: StdArc<Node<T>>,
+    done: bool,
+}
+
+impl<T: IntervalSubscriber> std::fmt::Debug for IntervalSubscription<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntervalSubscription")
+            .field("id", &self.node.core.id)
+            .field("range", &self.range())
+            .field("seq", &self.node.core.seq.load(Relaxed))
+            .finish()
+    }
+}
+
+/// The user lock of an interval subscription, held: derefs to the subscriber's state.
+pub struct IntervalGuard<'a, T> {
+    guard: MutexGuard<'a, T>,
+    core: &'a NodeCore,
+}
+
+impl<T> IntervalGuard<'_, T> {
+    /// Whether an invalidation ran since `seq` was read (or is running): drop what was
+    /// gathered and start again from [`IntervalSubscription::read_begin`]. Only callable
+    /// with the user lock held, which orders it against `invalidate`.
+    pub fn read_retry(&self, seq: ReadSeq) -> bool {
+        self.core.seq.load(Relaxed) != seq.0
+    }
+}
+
+impl<T> std::ops::Deref for IntervalGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> std::ops::DerefMut for IntervalGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+impl<T: IntervalSubscriber> IntervalSubscription<T> {
+    /// Begins a fill: returns the subscription's sequence, after waiting while this
+    /// subscription is being invalidated (or has a change pending in a frozen period).
+    /// Lock-free when it does not wait.
+    ///
+    /// # Panics
+    /// If it would have to wait while the current thread is inside a callback of the same
+    /// address space or holds one of its `InvalidateGuard`s (it would wait for itself).
+    pub fn read_begin(&self) -> ReadSeq {
+        let itree = self.mm.itree();
+        // Acquire: see the module docs; the address-space seq read after it is at least
+        // the value an invalidation set this subscription's sequence to.
+        let seq = self.node.core.seq.load(Acquire);
+        if itree.seq.load(Acquire) != seq {
+            return ReadSeq(seq);
+        }
+        assert!(
+            !self.mm.srcu().held_by_current_thread(),
+            "read_begin would wait for an invalidation of the same address space that the \
+             current thread is running: it would wait for itself forever"
+        );
+        let mut st = itree.state.lock();
+        while st.seq == seq {
+            st = itree.cv.wait(st);
+        }
+        ReadSeq(seq)
+    }
+
+    /// Lock-free early hint that `seq` is stale: `true` is reliable, `false` is not (only
+    /// [`IntervalGuard::read_retry`] under the lock decides).
+    pub fn check_retry(&self, seq: ReadSeq) -> bool {
+        self.node.core.seq.load(Relaxed) != seq.0
+    }
+
+    /// Takes the user lock.
+    pub fn lock(&self) -> IntervalGuard<'_, T> {
+        IntervalGuard {
+            guard: self.node.user.lock(),
+            core: &self.node.core,
+        }
+    }
+
+    /// The closed interval `[start, last]` the subscription covers, or will cover once a
+    /// change queued in a frozen period is applied; `None` once removed.
+    pub fn range(&self) -> Option<(u64, u64)> {
+        let st = self.mm.itree().state.lock();
+        st.nodes
+            .get(&self.node.core.id)
+            .map(|ns| (ns.start, ns.last))
+    }
+
+    /// Moves the subscription to `[start, start + length)`. Deferred while the tree is
+    /// frozen; takes effect no later than the next `read_begin`. Never waits, so it may be
+    /// called from inside callbacks.
+    pub fn update(&self, start: u64, length: u64) -> Result<(), IntervalError> {
+        let last = last_of(start, length)?;
+        let itree = self.mm.itree();
+        let mut st = itree.state.lock();
+        update_locked(itree, &mut st, self.node.core.id, start, last)
+    }
+
+    /// Splits the subscription atomically with respect to invalidations: it moves to
+    /// `left` and a new subscription with state `right_state` covers `right` (both
+    /// `(start, length)`; they must not overlap). For munmap punching a hole.
+    pub fn split(
+        &self,
+        left: (u64, u64),
+        right: (u64, u64),
+        right_state: T,
+    ) -> Result<IntervalSubscription<T>, IntervalError> {
+        split(&self.mm, self.node.core.id, left, right, right_state)
+    }
+
+    /// Removes the subscription. After it returns, its `invalidate` is not running and
+    /// will not be called. Without a `release` op it may wait for the invalidations of the
+    /// current frozen period to end; with one it never waits and `release` runs once the
+    /// subscription is out of the tree and unused (possibly later, on another thread).
+    ///
+    /// # Panics
+    /// A subscriber without `release` removed from inside a callback of the same address
+    /// space, or while holding one of its `InvalidateGuard`s: that would wait for itself
+    /// forever (Linux deadlocks there).
+    pub fn remove(mut self) {
+        self.remove_inner();
+    }
+
+    fn remove_inner(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        remove_node(&self.mm, &(self.node.clone() as StdArc<dyn ErasedNode>));
+    }
+
+    /// The address space.
+    pub fn subscriptions(&self) -> &Subscriptions {
+        &self.mm
+    }
+}
+
+fn remove_node(mm: &Subscriptions, node: &StdArc<dyn ErasedNode>) {
+    let itree = mm.itree();
+    let core = node.core();
+    let outcome = {
+        let mut st = itree.state.lock();
+        remove_locked(&mut st, core.id)
+    };
+    match outcome {
+        RemoveOutcome::Already => {}
+        RemoveOutcome::Done => {
+            if core.has_release {
+                node.release();
+            }
+        }
+        RemoveOutcome::Deferred(seq) => {
+            if core.has_release {
+                return; // released at the end of the frozen period
+            }
+            assert!(
+                !mm.srcu().held_by_current_thread(),
+                "an interval subscription without a release op was removed from inside a \
+                 callback of its address space (or while holding one of its \
+                 InvalidateGuards): remove would wait for itself forever. Implement \
+                 IntervalSubscriber::release (HAS_RELEASE = true) to remove from callbacks"
+            );
+            // Re-read seq under the lock each time (the 2022 fix).
+            let mut st = itree.state.lock();
+            while st.seq == seq {
+                st = itree.cv.wait(st);
+            }
+        }
+    }
+}
+
+impl<T: IntervalSubscriber> Drop for IntervalSubscription<T> {
+    fn drop(&mut self) {
+        self.remove_inner();
+    }
+}
+
+/// What an interval `invalidate` callback may do besides tearing down: remove, move or split
+/// its own subscription, and reach the address space.
+pub struct IntervalContext<'a, T: IntervalSubscriber> {
+    mm: &'a Subscriptions,
+    node: &'a StdArc<Node<T>>,
+    cur_seq: u64,
+}
+
+impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
+    /// The address space (e.g. to insert new subscriptions: insertion never waits).
+    pub fn subscriptions(&self) -> &'a Subscriptions {
+        self.mm
+    }
+
+    /// The odd sequence value of this invalidation.
+    pub fn cur_seq(&self) -> u64 {
+        self.cur_seq
+    }
+
+    /// Removes this subscription; `release` runs once it is out of the tree and unused.
+    ///
+    /// # Panics
+    /// If `T` has no `release` op (see [`IntervalSubscriber::HAS_RELEASE`]).
+    pub fn remove_self(&mut self) {
+        assert!(
+            T::HAS_RELEASE,
+            "remove_self needs IntervalSubscriber::release (HAS_RELEASE = true): without it \
+             removal must wait for the running invalidation, i.e. for itself"
+        );
+        remove_node(self.mm, &(self.node.clone() as StdArc<dyn ErasedNode>));
+    }
+
+    /// Moves this subscription (deferred until the end of the frozen period).
+    pub fn update_self(&mut self, start: u64, length: u64) -> Result<(), IntervalError> {
+        let last = last_of(start, length)?;
+        let itree = self.mm.itree();
+        let mut st = itree.state.lock();
+        update_locked(itree, &mut st, self.node.core.id, start, last)
+    }
+
+    /// Splits this subscription (see [`IntervalSubscription::split`]).
+    pub fn split_self(
+        &mut self,
+        left: (u64, u64),
+        right: (u64, u64),
+        right_state: T,
+    ) -> Result<IntervalSubscription<T>, IntervalError> {
+        split(self.mm, self.node.core.id, left, right, right_state)
+    }
+}
+
+fn new_node<T: IntervalSubscriber>(st: &mut ItreeState, state: T) -> StdArc<Node<T>> {
+    let id = st.next_id;
+    st.next_id += 1;
+    StdArc::new(Node {
+        core: NodeCore {
+            id,
+            seq: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            has_release: T::HAS_RELEASE,
+        },
+        user: Mutex::new(state),
+    })
+}
+
+fn split<T: IntervalSubscriber>(
+    mm: &Subscriptions,
+    id: u64,
+    left: (u64, u64),
+    right: (u64, u64),
+    right_state: T,
+) -> Result<IntervalSubscription<T>, IntervalError> {
+    let left_last = last_of(left.0, left.1)?;
+    let right_last = last_of(right.0, right.1)?;
+    if left.0 <= right_last && right.0 <= left_last {
+        return Err(IntervalError::SplitOverlap);
+    }
+    let itree = mm.itree();
+    let mut st = itree.state.lock();
+    if st.released {
+        return Err(IntervalError::Released);
+    }
+    update_locked(itree, &mut st, id, left.0, left_last)?;
+    let node = new_node(&mut st, right_state);
+    insert_locked(itree, &mut st, node.clone(), right.0, right_last);
+    // The halves were one subscription: the new one must not accept a fill that the old
+    // one would have rejected.
+    let old_seq = st.nodes[&id].node.core().seq.load(Relaxed);
+    node.core.seq.fetch_max(old_seq, Release);
+    drop(st);
+    Ok(IntervalSubscription {
+        mm: mm.clone(),
+        node,
+        done: false,
+    })
+}
+
+impl Subscriptions {
+    /// Subscribes `state` to invalidations overlapping `[start, start + length)`
+    /// (Linux's `mmu_interval_notifier_insert`). Never waits for invalidations (except,
+    /// once per address space, the very first insert, which waits for the ones in flight),
+    /// so it may be called from inside callbacks once the address space has one interval
+    /// subscription. When it returns, the subscription may not be in the tree yet; fill
+    /// through [`read_begin`](IntervalSubscription::read_begin), which waits if needed.
+    ///
+    /// Errors: zero length, `start + length - 1` overflowing, a released address space.
+    pub fn insert_interval<T: IntervalSubscriber>(
+        &self,
+        start: u64,
+        length: u64,
+        state: T,
+    ) -> Result<IntervalSubscription<T>, IntervalError> {
+        let last = last_of(start, length)?;
+        enable(self)?;
+        let itree = self.itree();
+        let mut st = itree.state.lock();
+        // The 2020 fix: check that the address space is alive, not merely allocated.
+        if st.released {
+            return Err(IntervalError::Released);
+        }
+        let node = new_node(&mut st, state);
+        insert_locked(itree, &mut st, node.clone(), start, last);
+        drop(st);
+        Ok(IntervalSubscription {
+            mm: self.clone(),
+            node,
+            done: false,
+        })
+    }
+
+    /// The interval part of address-space release: refuse new subscriptions, then one
+    /// blockable `Release` invalidation over the whole space.
+    pub(crate) fn release_intervals(&self) {
+        let itree = self.itree();
+        itree.state.lock().released = true;
+        if !itree.enabled() {
+            return;
+        }
+        let range = Range::everything(crate::Event::Release);
+        let active = inv_start(self, &range).expect("a blockable invalidation cannot fail");
+        drop(active);
+    }
+}
