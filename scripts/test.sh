@@ -36,4 +36,4 @@ if [ -z "${LOOM_MAX_PREEMPTIONS:-}" ] && [ "${CI:-}" != "true" ]; then
   export LOOM_MAX_PREEMPTIONS=3
 fi
 RUSTFLAGS="--cfg loom" cargo test -p mmu-notifier --release --target-dir target/loom \
-  --test loom_srcu --test loom_core
+  --test loom_srcu --test loom_core --test loom_interval
