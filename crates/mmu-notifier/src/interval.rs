@@ -183,8 +183,6 @@ pub(crate) struct NodeCore {
     id: u64,
     /// The subscription's sequence (`invalidate_seq`).
     seq: AtomicU64,
-    /// Set under the interval lock once removal was requested.
-    removed: AtomicBool,
     has_release: bool,
 }
 
@@ -278,6 +276,11 @@ pub(crate) struct Itree {
     seq: AtomicU64,
     /// Set by the first insert; invalidations skip the interval part until then.
     enabled: AtomicBool,
+    /// Set once the grace period after `enabled` has passed: every in-flight invalidation
+    /// counts itself in `active`. Inserts wait for it.
+    ready: AtomicBool,
+    /// Serialises that first enabling.
+    enable_lock: Mutex<()>,
 }
 
 impl Itree {
@@ -295,6 +298,8 @@ impl Itree {
             cv: Condvar::new(),
             seq: AtomicU64::new(2),
             enabled: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+            enable_lock: Mutex::new(()),
         }
     }
 
@@ -419,16 +424,23 @@ fn apply_deferred(st: &mut ItreeState) -> Vec<StdArc<dyn ErasedNode>> {
 /// Enables the interval part of invalidations for this address space (the first insert).
 fn enable(mm: &Subscriptions) -> Result<(), IntervalError> {
     let itree = mm.itree();
-    if itree.enabled() {
+    // Acquire: pairs with the Release below; the grace period happened-before.
+    if itree.ready.load(Acquire) {
         return Ok(());
     }
     if mm.srcu().held_by_current_thread() {
         return Err(IntervalError::FirstInsertInCallback);
     }
+    let _once = itree.enable_lock.lock();
+    if itree.ready.load(Acquire) {
+        return Ok(());
+    }
     itree.enabled.store(true, Release);
     // Invalidations that began before they could see `enabled` did not count themselves
     // in `active`; wait them out, so that every invalidation still in flight is counted.
+    // Concurrent first inserts wait on `enable_lock` meanwhile.
     mm.srcu().synchronize();
+    itree.ready.store(true, Release);
     Ok(())
 }
 
@@ -536,7 +548,6 @@ fn remove_locked(st: &mut ItreeState, id: u64) -> RemoveOutcome {
     if ns.pending == Some(Pending::Remove) {
         return RemoveOutcome::Already;
     }
-    ns.node.core().removed.store(true, Relaxed);
     if frozen {
         match ns.pending {
             Some(Pending::Insert) => {
@@ -815,7 +826,6 @@ fn new_node<T: IntervalSubscriber>(st: &mut ItreeState, state: T) -> StdArc<Node
         core: NodeCore {
             id,
             seq: AtomicU64::new(0),
-            removed: AtomicBool::new(false),
             has_release: T::HAS_RELEASE,
         },
         user: Mutex::new(state),
@@ -891,12 +901,15 @@ impl Subscriptions {
     /// blockable `Release` invalidation over the whole space.
     pub(crate) fn release_intervals(&self) {
         let itree = self.itree();
-        itree.state.lock().released = true;
-        if !itree.enabled() {
+        if std::mem::replace(&mut itree.state.lock().released, true) || !itree.enabled() {
             return;
         }
+        // Inside a read-side section like every invalidation, so that misuse from its
+        // callbacks is caught the same way.
+        let _read = self.srcu().read_lock();
         let range = Range::everything(crate::Event::Release);
-        let active = inv_start(self, &range).expect("a blockable invalidation cannot fail");
-        drop(active);
+        if let Ok(active) = inv_start(self, &range) {
+            drop(active);
+        }
     }
 }
