@@ -66,7 +66,6 @@
 //! - Split (munmap punching a hole) updates one subscription and inserts another under one
 //!   hold of the lock, so every invalidation sees either the whole or both halves.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc as StdArc;
 
@@ -178,12 +177,33 @@ fn last_of(start: u64, length: u64) -> Result<u64, IntervalError> {
         .ok_or(IntervalError::Overflow { start, length })
 }
 
-/// The part of a subscription the protocol touches without knowing `T`.
+/// The part of a subscription the protocol touches without knowing `T`. Sixteen bytes: with
+/// the `Arc` header, the user lock's word and the tree entry (56 bytes), a subscription
+/// costs 96 bytes beyond the subscriber's own state.
 pub(crate) struct NodeCore {
-    id: u64,
     /// The subscription's sequence (`invalidate_seq`).
     seq: AtomicU64,
-    has_release: bool,
+    /// Where it sits: a [`NodeKey`] in bits, [`NOT_IN_TREE`] (its insertion is deferred) or
+    /// [`REMOVED`]. Only read and written under the interval lock (Relaxed suffices).
+    pos: AtomicU64,
+}
+
+const NOT_IN_TREE: u64 = u64::MAX;
+const REMOVED: u64 = u64::MAX - 1;
+
+impl NodeCore {
+    fn pos(&self) -> u64 {
+        self.pos.load(Relaxed)
+    }
+    fn set_pos(&self, pos: u64) {
+        self.pos.store(pos, Relaxed);
+    }
+    fn key(&self) -> Option<NodeKey> {
+        match self.pos() {
+            NOT_IN_TREE | REMOVED => None,
+            bits => Some(NodeKey::from_bits(bits)),
+        }
+    }
 }
 
 struct Node<T> {
@@ -195,6 +215,7 @@ struct Node<T> {
 /// `Node<T>` with `T` erased, as the tree stores it.
 pub(crate) trait ErasedNode: Send + Sync {
     fn core(&self) -> &NodeCore;
+    fn has_release(&self) -> bool;
     /// Locks the user lock (try-lock when not blockable), sets the sequence, calls
     /// `invalidate`. False when the subscriber could not proceed without blocking.
     fn invalidate(self: StdArc<Self>, mm: &Subscriptions, range: &Range, cur_seq: u64) -> bool;
@@ -204,6 +225,10 @@ pub(crate) trait ErasedNode: Send + Sync {
 impl<T: IntervalSubscriber> ErasedNode for Node<T> {
     fn core(&self) -> &NodeCore {
         &self.core
+    }
+
+    fn has_release(&self) -> bool {
+        T::HAS_RELEASE
     }
 
     fn invalidate(self: StdArc<Self>, mm: &Subscriptions, range: &Range, cur_seq: u64) -> bool {
@@ -240,32 +265,42 @@ impl<T: IntervalSubscriber> ErasedNode for Node<T> {
     }
 }
 
-/// What a subscription is waiting for at the end of the frozen period.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pending {
-    Insert,
-    Update,
+fn same(a: &StdArc<dyn ErasedNode>, b: &dyn ErasedNode) -> bool {
+    std::ptr::eq(a.core(), b.core())
+}
+
+/// A change queued while the tree is frozen. Each subscription has at most one; a later
+/// change of the same subscription rewrites it (that is how changes collapse).
+enum DeferredOp {
+    /// Insert at `[start, last]`.
+    Insert(u64, u64),
+    /// Move to `[start, last]`.
+    Update(u64, u64),
     Remove,
 }
 
-struct NodeState {
-    /// Where the node sits in the tree, if it does.
-    key: Option<NodeKey>,
-    /// The closed interval it covers, or will cover once its pending change applies.
-    start: u64,
-    last: u64,
-    pending: Option<Pending>,
+struct Deferred {
     node: StdArc<dyn ErasedNode>,
+    op: DeferredOp,
 }
 
 pub(crate) struct ItreeState {
     seq: u64,
     active: u64,
     tree: IntervalTree<StdArc<dyn ErasedNode>>,
-    nodes: HashMap<u64, NodeState>,
-    deferred: Vec<u64>,
+    deferred: Vec<Deferred>,
+    /// Live subscriptions (in the tree or about to be).
+    count: usize,
     released: bool,
-    next_id: u64,
+}
+
+impl ItreeState {
+    fn frozen(&self) -> bool {
+        self.seq & 1 == 1
+    }
+    fn pending(&self, node: &dyn ErasedNode) -> Option<usize> {
+        self.deferred.iter().position(|d| same(&d.node, node))
+    }
 }
 
 /// The interval half of an address space's subscriptions.
@@ -290,10 +325,9 @@ impl Itree {
                 seq: 2,
                 active: 0,
                 tree: IntervalTree::new(),
-                nodes: HashMap::new(),
                 deferred: Vec::new(),
+                count: 0,
                 released: false,
-                next_id: 1,
             }),
             cv: Condvar::new(),
             seq: AtomicU64::new(2),
@@ -321,7 +355,7 @@ impl Itree {
     /// Counters for [`Stats`](crate::Stats).
     pub(crate) fn counts(&self) -> (usize, u64) {
         let st = self.state.lock();
-        (st.nodes.len(), st.seq)
+        (st.count, st.seq)
     }
 }
 
@@ -352,7 +386,7 @@ pub(crate) fn inv_start<'a>(
             .for_each_overlap(range.start(), range.end() - 1, |_, _, _, n| {
                 hits.push(n.clone())
             });
-        if !hits.is_empty() && st.seq & 1 == 0 {
+        if !hits.is_empty() && !st.frozen() {
             let odd = st.seq | 1;
             itree.set_seq(&mut st, odd);
         }
@@ -373,7 +407,7 @@ fn inv_end(mm: &Subscriptions) {
     let releases = {
         let mut st = itree.state.lock();
         st.active -= 1;
-        if st.active > 0 || st.seq & 1 == 0 {
+        if st.active > 0 || !st.frozen() {
             return;
         }
         let even = st.seq + 1;
@@ -391,29 +425,21 @@ fn inv_end(mm: &Subscriptions) {
 /// subscriptions whose `release` must now run.
 fn apply_deferred(st: &mut ItreeState) -> Vec<StdArc<dyn ErasedNode>> {
     let mut releases = Vec::new();
-    let deferred = std::mem::take(&mut st.deferred);
-    for id in deferred {
-        let Some(ns) = st.nodes.get_mut(&id) else {
-            continue;
-        };
-        match ns.pending.take() {
-            None => {}
-            Some(Pending::Insert) => {
-                ns.key = st.tree.insert(ns.start, ns.last, ns.node.clone()).ok();
+    for Deferred { node, op } in std::mem::take(&mut st.deferred) {
+        let core = node.core();
+        if let Some(k) = core.key() {
+            st.tree.remove(k);
+        }
+        match op {
+            DeferredOp::Insert(start, last) | DeferredOp::Update(start, last) => {
+                let key = st.tree.insert(start, last, node.clone());
+                core.set_pos(key.map_or(NOT_IN_TREE, NodeKey::to_bits));
             }
-            Some(Pending::Update) => {
-                if let Some(k) = ns.key.take() {
-                    st.tree.remove(k);
-                }
-                ns.key = st.tree.insert(ns.start, ns.last, ns.node.clone()).ok();
-            }
-            Some(Pending::Remove) => {
-                if let Some(k) = ns.key.take() {
-                    st.tree.remove(k);
-                }
-                let ns = st.nodes.remove(&id).expect("present above");
-                if ns.node.core().has_release {
-                    releases.push(ns.node);
+            DeferredOp::Remove => {
+                core.set_pos(REMOVED);
+                st.count -= 1;
+                if node.has_release() {
+                    releases.push(node);
                 }
             }
         }
@@ -444,88 +470,78 @@ fn enable(mm: &Subscriptions) -> Result<(), IntervalError> {
     Ok(())
 }
 
-/// Inserts a node under the lock, following the insert rules; returns its sequence.
-fn insert_locked(
-    itree: &Itree,
-    st: &mut ItreeState,
-    node: StdArc<dyn ErasedNode>,
-    start: u64,
-    last: u64,
-) {
-    let id = node.core().id;
-    let seq;
-    let key;
-    let mut pending = None;
-    if st.active > 0 {
-        if st.seq & 1 == 1 {
+/// Inserts a node under the lock, following the insert rules.
+fn insert_locked(itree: &Itree, st: &mut ItreeState, node: StdArc<dyn ErasedNode>, start: u64, last: u64) {
+    st.count += 1;
+    let core = node.core();
+    let seq = if st.active > 0 {
+        if st.frozen() {
             // Frozen: defer; read_begin waits until this seq is released.
-            pending = Some(Pending::Insert);
-            st.deferred.push(id);
-            key = None;
+            core.set_pos(NOT_IN_TREE);
+            st.deferred.push(Deferred {
+                node: node.clone(),
+                op: DeferredOp::Insert(start, last),
+            });
         } else {
             // Invalidations in flight may cover the new range: freeze and take that seq.
             let odd = st.seq | 1;
             itree.set_seq(st, odd);
-            key = st.tree.insert(start, last, node.clone()).ok();
+            let key = st.tree.insert(start, last, node.clone());
+            core.set_pos(key.map_or(NOT_IN_TREE, NodeKey::to_bits));
         }
-        seq = st.seq;
+        st.seq
     } else {
-        key = st.tree.insert(start, last, node.clone()).ok();
-        seq = st.seq - 1;
-    }
-    node.core().seq.store(seq, Release);
-    st.nodes.insert(
-        id,
-        NodeState {
-            key,
-            start,
-            last,
-            pending,
-            node,
-        },
-    );
+        let key = st.tree.insert(start, last, node.clone());
+        core.set_pos(key.map_or(NOT_IN_TREE, NodeKey::to_bits));
+        st.seq - 1
+    };
+    core.seq.store(seq, Release);
 }
 
 /// Moves a node under the lock, following the update rules.
 fn update_locked(
     itree: &Itree,
     st: &mut ItreeState,
-    id: u64,
+    node: &StdArc<dyn ErasedNode>,
     start: u64,
     last: u64,
 ) -> Result<(), IntervalError> {
-    let frozen = st.seq & 1 == 1;
-    let active = st.active > 0;
-    let cur = st.seq;
-    let ns = st.nodes.get_mut(&id).ok_or(IntervalError::Removed)?;
-    if ns.pending == Some(Pending::Remove) {
-        return Err(IntervalError::Removed); // remove wins over update
+    let core = node.core();
+    if core.pos() == REMOVED {
+        return Err(IntervalError::Removed);
     }
-    ns.start = start;
-    ns.last = last;
-    if frozen {
-        match ns.pending {
-            Some(Pending::Insert) | Some(Pending::Update) => {} // last update wins
-            None => {
-                ns.pending = Some(Pending::Update);
-                st.deferred.push(id);
-            }
-            Some(Pending::Remove) => unreachable!("handled above"),
-        }
-        // The move takes effect no later than the next read_begin: make it wait.
-        ns.node.core().seq.fetch_max(cur, Release);
+    let cur = st.seq;
+    if let Some(i) = st.pending(&**node) {
+        // Frozen, with a change already queued: rewrite it (last update wins), unless it
+        // is a removal (remove wins over update).
+        let op = &mut st.deferred[i].op;
+        *op = match op {
+            DeferredOp::Remove => return Err(IntervalError::Removed),
+            DeferredOp::Insert(..) => DeferredOp::Insert(start, last),
+            DeferredOp::Update(..) => DeferredOp::Update(start, last),
+        };
+        core.seq.fetch_max(cur, Release);
         return Ok(());
     }
-    let node = ns.node.clone();
-    if let Some(k) = ns.key.take() {
+    if st.frozen() {
+        st.deferred.push(Deferred {
+            node: node.clone(),
+            op: DeferredOp::Update(start, last),
+        });
+        // The move takes effect no later than the next read_begin: make it wait.
+        core.seq.fetch_max(cur, Release);
+        return Ok(());
+    }
+    if let Some(k) = core.key() {
         st.tree.remove(k);
     }
-    let key = st.tree.insert(start, last, node.clone()).ok();
-    st.nodes.get_mut(&id).expect("present").key = key;
-    if active {
+    let key = st.tree.insert(start, last, node.clone());
+    core.set_pos(key.map_or(NOT_IN_TREE, NodeKey::to_bits));
+    if st.active > 0 {
+        // An invalidation in flight may cover the new range.
         let odd = cur | 1;
         itree.set_seq(st, odd);
-        node.core().seq.fetch_max(odd, Release);
+        core.seq.fetch_max(odd, Release);
     }
     Ok(())
 }
@@ -540,40 +556,56 @@ enum RemoveOutcome {
     Already,
 }
 
-fn remove_locked(st: &mut ItreeState, id: u64) -> RemoveOutcome {
-    let frozen = st.seq & 1 == 1;
-    let Some(ns) = st.nodes.get_mut(&id) else {
-        return RemoveOutcome::Already;
-    };
-    if ns.pending == Some(Pending::Remove) {
+fn remove_locked(st: &mut ItreeState, node: &StdArc<dyn ErasedNode>) -> RemoveOutcome {
+    let core = node.core();
+    if core.pos() == REMOVED {
         return RemoveOutcome::Already;
     }
-    if frozen {
-        match ns.pending {
-            Some(Pending::Insert) => {
+    if let Some(i) = st.pending(&**node) {
+        return match st.deferred[i].op {
+            DeferredOp::Remove => RemoveOutcome::Already,
+            DeferredOp::Insert(..) => {
                 // Never reached the tree: cancel the insert.
-                st.nodes.remove(&id);
-                st.deferred.retain(|&d| d != id);
+                st.deferred.remove(i);
+                core.set_pos(REMOVED);
+                st.count -= 1;
                 RemoveOutcome::Done
             }
-            Some(Pending::Update) => {
-                ns.pending = Some(Pending::Remove); // remove wins; already on the list
+            DeferredOp::Update(..) => {
+                st.deferred[i].op = DeferredOp::Remove; // remove wins
                 RemoveOutcome::Deferred(st.seq)
             }
-            None => {
-                ns.pending = Some(Pending::Remove);
-                st.deferred.push(id);
-                RemoveOutcome::Deferred(st.seq)
-            }
-            Some(Pending::Remove) => unreachable!("handled above"),
-        }
-    } else {
-        let ns = st.nodes.remove(&id).expect("present");
-        if let Some(k) = ns.key {
-            st.tree.remove(k);
-        }
-        RemoveOutcome::Done
+        };
     }
+    if st.frozen() {
+        st.deferred.push(Deferred {
+            node: node.clone(),
+            op: DeferredOp::Remove,
+        });
+        return RemoveOutcome::Deferred(st.seq);
+    }
+    if let Some(k) = core.key() {
+        st.tree.remove(k);
+    }
+    core.set_pos(REMOVED);
+    st.count -= 1;
+    RemoveOutcome::Done
+}
+
+/// The closed interval a node covers, or will cover once its queued change applies.
+fn range_locked(st: &ItreeState, node: &StdArc<dyn ErasedNode>) -> Option<(u64, u64)> {
+    let core = node.core();
+    if core.pos() == REMOVED {
+        return None;
+    }
+    if let Some(i) = st.pending(&**node) {
+        match st.deferred[i].op {
+            DeferredOp::Insert(s, l) | DeferredOp::Update(s, l) => return Some((s, l)),
+            DeferredOp::Remove => return None,
+        }
+    }
+    let (s, l, _) = st.tree.get(core.key()?)?;
+    Some((s, l))
 }
 
 /// An opaque sequence value from [`IntervalSubscription::read_begin`], to be checked with
@@ -594,7 +626,6 @@ pub struct IntervalSubscription<T: IntervalSubscriber> {
 impl<T: IntervalSubscriber> std::fmt::Debug for IntervalSubscription<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IntervalSubscription")
-            .field("id", &self.node.core.id)
             .field("range", &self.range())
             .field("seq", &self.node.core.seq.load(Relaxed))
             .finish()
@@ -675,9 +706,11 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
     /// change queued in a frozen period is applied; `None` once removed.
     pub fn range(&self) -> Option<(u64, u64)> {
         let st = self.mm.itree().state.lock();
-        st.nodes
-            .get(&self.node.core.id)
-            .map(|ns| (ns.start, ns.last))
+        range_locked(&st, &self.erased())
+    }
+
+    fn erased(&self) -> StdArc<dyn ErasedNode> {
+        self.node.clone()
     }
 
     /// Moves the subscription to `[start, start + length)`. Deferred while the tree is
@@ -687,7 +720,7 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
         let last = last_of(start, length)?;
         let itree = self.mm.itree();
         let mut st = itree.state.lock();
-        update_locked(itree, &mut st, self.node.core.id, start, last)
+        update_locked(itree, &mut st, &self.erased(), start, last)
     }
 
     /// Splits the subscription atomically with respect to invalidations: it moves to
@@ -699,7 +732,7 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
         right: (u64, u64),
         right_state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
-        split(&self.mm, self.node.core.id, left, right, right_state)
+        split(&self.mm, &self.erased(), left, right, right_state)
     }
 
     /// Removes the subscription. After it returns, its `invalidate` is not running and
@@ -719,7 +752,7 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        remove_node(&self.mm, &(self.node.clone() as StdArc<dyn ErasedNode>));
+        remove_node(&self.mm, &self.erased());
     }
 
     /// The address space.
@@ -730,20 +763,19 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
 
 fn remove_node(mm: &Subscriptions, node: &StdArc<dyn ErasedNode>) {
     let itree = mm.itree();
-    let core = node.core();
     let outcome = {
         let mut st = itree.state.lock();
-        remove_locked(&mut st, core.id)
+        remove_locked(&mut st, node)
     };
     match outcome {
         RemoveOutcome::Already => {}
         RemoveOutcome::Done => {
-            if core.has_release {
+            if node.has_release() {
                 node.release();
             }
         }
         RemoveOutcome::Deferred(seq) => {
-            if core.has_release {
+            if node.has_release() {
                 return; // released at the end of the frozen period
             }
             assert!(
@@ -797,7 +829,8 @@ impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
             "remove_self needs IntervalSubscriber::release (HAS_RELEASE = true): without it \
              removal must wait for the running invalidation, i.e. for itself"
         );
-        remove_node(self.mm, &(self.node.clone() as StdArc<dyn ErasedNode>));
+        let node: StdArc<dyn ErasedNode> = self.node.clone();
+        remove_node(self.mm, &node);
     }
 
     /// Moves this subscription (deferred until the end of the frozen period).
@@ -805,7 +838,8 @@ impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
         let last = last_of(start, length)?;
         let itree = self.mm.itree();
         let mut st = itree.state.lock();
-        update_locked(itree, &mut st, self.node.core.id, start, last)
+        let node: StdArc<dyn ErasedNode> = self.node.clone();
+        update_locked(itree, &mut st, &node, start, last)
     }
 
     /// Splits this subscription (see [`IntervalSubscription::split`]).
@@ -815,18 +849,16 @@ impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
         right: (u64, u64),
         right_state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
-        split(self.mm, self.node.core.id, left, right, right_state)
+        let node: StdArc<dyn ErasedNode> = self.node.clone();
+        split(self.mm, &node, left, right, right_state)
     }
 }
 
-fn new_node<T: IntervalSubscriber>(st: &mut ItreeState, state: T) -> StdArc<Node<T>> {
-    let id = st.next_id;
-    st.next_id += 1;
+fn new_node<T: IntervalSubscriber>(state: T) -> StdArc<Node<T>> {
     StdArc::new(Node {
         core: NodeCore {
-            id,
             seq: AtomicU64::new(0),
-            has_release: T::HAS_RELEASE,
+            pos: AtomicU64::new(NOT_IN_TREE),
         },
         user: Mutex::new(state),
     })
@@ -834,7 +866,7 @@ fn new_node<T: IntervalSubscriber>(st: &mut ItreeState, state: T) -> StdArc<Node
 
 fn split<T: IntervalSubscriber>(
     mm: &Subscriptions,
-    id: u64,
+    old: &StdArc<dyn ErasedNode>,
     left: (u64, u64),
     right: (u64, u64),
     right_state: T,
@@ -849,12 +881,12 @@ fn split<T: IntervalSubscriber>(
     if st.released {
         return Err(IntervalError::Released);
     }
-    update_locked(itree, &mut st, id, left.0, left_last)?;
-    let node = new_node(&mut st, right_state);
+    update_locked(itree, &mut st, old, left.0, left_last)?;
+    let node = new_node(right_state);
     insert_locked(itree, &mut st, node.clone(), right.0, right_last);
     // The halves were one subscription: the new one must not accept a fill that the old
     // one would have rejected.
-    let old_seq = st.nodes[&id].node.core().seq.load(Relaxed);
+    let old_seq = old.core().seq.load(Relaxed);
     node.core.seq.fetch_max(old_seq, Release);
     drop(st);
     Ok(IntervalSubscription {
@@ -887,7 +919,7 @@ impl Subscriptions {
         if st.released {
             return Err(IntervalError::Released);
         }
-        let node = new_node(&mut st, state);
+        let node = new_node(state);
         insert_locked(itree, &mut st, node.clone(), start, last);
         drop(st);
         Ok(IntervalSubscription {
