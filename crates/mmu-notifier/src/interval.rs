@@ -471,7 +471,13 @@ fn enable(mm: &Subscriptions) -> Result<(), IntervalError> {
 }
 
 /// Inserts a node under the lock, following the insert rules.
-fn insert_locked(itree: &Itree, st: &mut ItreeState, node: StdArc<dyn ErasedNode>, start: u64, last: u64) {
+fn insert_locked(
+    itree: &Itree,
+    st: &mut ItreeState,
+    node: StdArc<dyn ErasedNode>,
+    start: u64,
+    last: u64,
+) {
     st.count += 1;
     let core = node.core();
     let seq = if st.active > 0 {

@@ -2,7 +2,14 @@
 #![allow(missing_docs, dead_code)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NodeKey(u32, u32);
-impl NodeKey { pub fn to_bits(self) -> u64 { (self.0 as u64) << 32 | self.1 as u64 } pub fn from_bits(b: u64) -> Self { NodeKey((b >> 32) as u32, b as u32) } }
+impl NodeKey {
+    pub fn to_bits(self) -> u64 {
+        (self.0 as u64) << 32 | self.1 as u64
+    }
+    pub fn from_bits(b: u64) -> Self {
+        NodeKey((b >> 32) as u32, b as u32)
+    }
+}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InvalidInterval;
 pub struct IntervalTree<V> {
@@ -39,7 +46,12 @@ impl<V> IntervalTree<V> {
             _ => None,
         }
     }
-    pub fn get(&self, k: NodeKey) -> Option<(u64, u64, &V)> { match self.v.get(k.0 as usize) { Some(Some(e)) if e.3 == k.1 => Some((e.0, e.1, &e.2)), _ => None } }
+    pub fn get(&self, k: NodeKey) -> Option<(u64, u64, &V)> {
+        match self.v.get(k.0 as usize) {
+            Some(Some(e)) if e.3 == k.1 => Some((e.0, e.1, &e.2)),
+            _ => None,
+        }
+    }
     pub fn for_each_overlap(
         &self,
         start: u64,
