@@ -50,8 +50,7 @@
 
 mod error;
 mod interval;
-#[path = "itree_stub.rs"]
-mod itree;
+pub mod itree;
 mod list;
 mod range;
 mod srcu;

@@ -1,0 +1,1057 @@
+//! An interval tree over closed `u64` ranges: the index the interval subscribers live in
+//! (the counterpart of Linux's `interval_tree`, an augmented red-black tree).
+//!
+//! # Structure
+//!
+//! [`IntervalTree`] is an AVL tree kept in an arena. Every entry owns one *slot* index,
+//! `1..2^31`, into two parallel vectors:
+//!
+//! - `nodes`, 40 bytes per entry: `start`, `last`, the subtree maximum `max` and the two
+//!   child links (the fields every descent reads, first), then the parent link and the
+//!   slot's generation (for removal, which climbs from the entry towards the root). A
+//!   child link is a `u32` slot index (0 is the empty link) whose top bit carries the
+//!   node's AVL balance: set in the left link when the left subtree is one level taller,
+//!   in the right link when the right one is, in neither when both are equally tall.
+//! - `values`: `Some(value)` while the slot is occupied.
+//!
+//! Freed slots are chained into a free list (through the dead node's left link) and reused
+//! with their generation bumped, so a [`NodeKey`] — slot index plus generation — is a
+//! stable handle that keeps working while other entries come and go, and that is reliably
+//! refused once its own entry has been removed. Each tree starts its generations at a
+//! different base, so a key from another tree is almost always refused as well.
+//!
+//! Index 0 is a sentinel node (all zero) that is never linked into the tree, so an empty
+//! link reads as a subtree whose maximum is 0 and maxima are recomputed without branches.
+//!
+//! Insertion walks down from the root, remembers the path on a fixed-size stack and
+//! retraces it; removal starts at the entry itself and climbs the parent links, so it
+//! never searches. An AVL tree of fewer than 2^31 nodes is at most 44 levels tall, so
+//! every stack is a small array and nothing recurses.
+//!
+//! # Order and augmentation invariants
+//!
+//! - **Order.** An in-order walk visits entries ascending by `(start, index)`: the slot
+//!   index breaks ties, so duplicate intervals are distinct, totally ordered entries.
+//! - **Balance.** At every node the heights of the two subtrees differ by at most one, and
+//!   the balance bits say which one (if either) is taller.
+//! - **Augmentation.** Every node's `max` is the largest `last` in its subtree:
+//!   `max(n) = max(last(n), max(left(n)), max(right(n)))` — Linux's `__subtree_last`.
+//!   Insertion raises `max` on its way down; a rotation hands the old subtree root's `max`
+//!   to the new subtree root (same set of entries) and recomputes the demoted node's;
+//!   removal fixes `max` bottom-up along the climb — a node's `max` can only change if it
+//!   equalled the removed `last` — and stops once neither the height nor the `max` of a
+//!   subtree at or above the removed entry's position changed.
+//!
+//! The augmentation lets an overlap query for `[qs, ql]` skip every subtree whose `max` is
+//! below `qs` (nothing in it ends late enough) and stop at the first node, in order, whose
+//! `start` is above `ql` (nothing from there on starts early enough), which makes the
+//! query O(log n + k) for k results in practice, and [`IntervalTree::overlaps_any`]
+//! O(log n).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The empty link, and the index of the all-zero sentinel node.
+const NIL: u32 = 0;
+/// The bits of a link that hold a slot index.
+const IDX_MASK: u32 = 0x7FFF_FFFF;
+/// The bit of a link that says "this side is the taller one".
+const HEAVY: u32 = 0x8000_0000;
+/// Balance value: neither side is taller (the sides themselves are 0 = left, 1 = right).
+const EVEN: usize = 2;
+/// Room for any root-to-leaf path: an AVL tree of fewer than 2^31 nodes is at most
+/// 44 levels tall.
+const MAX_HEIGHT: usize = 48;
+
+/// Where each new tree's generations start (spread by the golden-ratio increment), so
+/// that keys of different trees rarely coincide.
+static GENERATION_BASE: AtomicU32 = AtomicU32::new(0);
+
+/// Stable handle to an entry of an [`IntervalTree`].
+///
+/// A key stays valid until its entry is removed; after that the tree refuses it (its slot
+/// may hold a new entry, but with a different generation). Generations are 32 bits, so a
+/// key could only be confused with a later entry after 2^32 reuses of the same slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeKey {
+    index: u32,
+    generation: u32,
+}
+
+impl NodeKey {
+    /// The key packed into a `u64` (slot index in the high half, generation in the low
+    /// half), e.g. to keep it in an atomic. The top bit is always clear (slot indices are
+    /// below 2^31), so values from 2^63 up are free for a caller's own sentinels.
+    pub fn to_bits(self) -> u64 {
+        (self.index as u64) << 32 | self.generation as u64
+    }
+
+    /// The key [`to_bits`](Self::to_bits) packed. Any `u64` is accepted: one that no tree
+    /// handed out is simply a key that every tree refuses (or, by a 2^-32 chance, one that
+    /// names some other entry of a tree).
+    pub fn from_bits(bits: u64) -> Self {
+        Self {
+            index: (bits >> 32) as u32,
+            generation: bits as u32,
+        }
+    }
+}
+
+/// The error [`IntervalTree::insert`] returns for an interval whose `start` is after its
+/// `last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid interval: start {start:#x} is after last {last:#x}")]
+pub struct InvalidInterval {
+    /// The `start` that was passed.
+    pub start: u64,
+    /// The `last` that was passed.
+    pub last: u64,
+}
+
+/// One entry's place in the tree. The fields a descent reads come first.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+struct Node {
+    start: u64,
+    last: u64,
+    /// The largest `last` in this node's subtree.
+    max: u64,
+    /// Left and right child indices; the top bit of each is the AVL balance.
+    link: [u32; 2],
+    /// The parent's index, [`NIL`] for the root and for free slots.
+    parent: u32,
+    /// The generation of the entry in this slot, or of the next one if it is free.
+    gen: u32,
+}
+
+impl Node {
+    #[inline(always)]
+    fn child(&self, d: usize) -> u32 {
+        self.link[d] & IDX_MASK
+    }
+
+    /// The taller side (0 = left, 1 = right), or [`EVEN`].
+    #[inline(always)]
+    fn heavy(&self) -> usize {
+        if self.link[0] & HEAVY != 0 {
+            0
+        } else if self.link[1] & HEAVY != 0 {
+            1
+        } else {
+            EVEN
+        }
+    }
+
+    #[inline(always)]
+    fn set_heavy(&mut self, h: usize) {
+        self.link[0] &= IDX_MASK;
+        self.link[1] &= IDX_MASK;
+        if h < 2 {
+            self.link[h] |= HEAVY;
+        }
+    }
+
+    /// Replaces the child on side `d`, keeping the balance bit.
+    #[inline(always)]
+    fn set_child(&mut self, d: usize, c: u32) {
+        self.link[d] = (self.link[d] & HEAVY) | c;
+    }
+
+    /// The side `c` hangs on (`c` must be a child).
+    #[inline(always)]
+    fn side_of(&self, c: u32) -> usize {
+        (self.child(0) != c) as usize
+    }
+}
+
+/// A set of closed intervals `[start, last]` over `u64`, each with a value, that finds
+/// every interval overlapping a query range in O(log n + k).
+///
+/// Duplicate intervals are allowed: every [`insert`](Self::insert) makes a new entry with
+/// its own [`NodeKey`]. See the [module documentation](self) for the structure.
+///
+/// ```
+/// use mmu_notifier::itree::IntervalTree;
+///
+/// let mut t = IntervalTree::new();
+/// let a = t.insert(0x1000, 0x1fff, "a")?;
+/// let _b = t.insert(0x3000, 0x4fff, "b")?;
+/// let mut hits = Vec::new();
+/// t.for_each_overlap(0x1800, 0x3000, |_, s, l, v| hits.push((s, l, *v)));
+/// assert_eq!(hits, [(0x1000, 0x1fff, "a"), (0x3000, 0x4fff, "b")]);
+/// assert_eq!(t.remove(a), Some("a"));
+/// assert_eq!(t.remove(a), None);
+/// assert!(!t.overlaps_any(0, 0x2fff));
+/// # Ok::<(), mmu_notifier::itree::InvalidInterval>(())
+/// ```
+#[derive(Clone)]
+pub struct IntervalTree<V> {
+    /// The entries' nodes; index 0 is the sentinel (pushed with the first entry).
+    nodes: Vec<Node>,
+    /// Values, parallel to `nodes`; `None` for free slots and the sentinel.
+    values: Vec<Option<V>>,
+    root: u32,
+    /// Head of the free-slot list, [`NIL`] when empty.
+    free: u32,
+    len: usize,
+    /// The generation of a slot's first entry.
+    gen_base: u32,
+}
+
+impl<V> Default for IntervalTree<V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<V: fmt::Debug> fmt::Debug for IntervalTree<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|(_, s, l, v)| (s..=l, v)))
+            .finish()
+    }
+}
+
+impl<V> IntervalTree<V> {
+    /// An empty tree. Allocates nothing until the first insertion.
+    pub fn new() -> Self {
+        Self {
+            nodes: Vec::new(),
+            values: Vec::new(),
+            root: NIL,
+            free: NIL,
+            len: 0,
+            gen_base: GENERATION_BASE.fetch_add(0x9E37_79B9, Ordering::Relaxed),
+        }
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the tree has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Approximate heap bytes one entry takes beyond its value: its 40-byte node. (The
+    /// value is kept as an `Option<V>`, which costs nothing more for types with a niche
+    /// such as `Arc`, `Box` or references, and up to `align_of::<V>()` bytes otherwise;
+    /// vector growth slack is not counted.)
+    pub fn bytes_per_entry() -> usize {
+        std::mem::size_of::<Node>()
+    }
+
+    /// Inserts the closed interval `[start, last]` with `value`, and returns the new
+    /// entry's key. O(log n).
+    ///
+    /// An interval equal to an existing one makes a second, distinct entry.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInterval`] if `start > last`; the tree is then unchanged.
+    ///
+    /// # Panics
+    ///
+    /// If the tree already holds 2^31 − 1 entries (about 86 GB of nodes).
+    pub fn insert(&mut self, start: u64, last: u64, value: V) -> Result<NodeKey, InvalidInterval> {
+        if start > last {
+            return Err(InvalidInterval { start, last });
+        }
+        let (idx, generation) = self.alloc(start, last, value);
+        self.len += 1;
+        let key = NodeKey {
+            index: idx,
+            generation,
+        };
+        if self.root == NIL {
+            self.root = idx;
+            return Ok(key);
+        }
+        let mut path = [NIL; MAX_HEIGHT];
+        let mut dirs = 0u64;
+        let mut depth = 0;
+        let mut n = self.root;
+        loop {
+            let node = &mut self.nodes[n as usize];
+            if node.max < last {
+                node.max = last;
+            }
+            let d = ((start > node.start) | ((start == node.start) & (idx > n))) as usize;
+            path[depth] = n;
+            dirs |= (d as u64) << depth;
+            depth += 1;
+            let c = node.child(d);
+            if c == NIL {
+                node.set_child(d, idx);
+                self.nodes[idx as usize].parent = n;
+                break;
+            }
+            n = c;
+        }
+        self.insert_retrace(&path, dirs, depth);
+        Ok(key)
+    }
+
+    /// Removes the entry `key` names and returns its value, or `None` if the key is stale
+    /// (its entry was already removed) or does not belong to this tree. O(log n).
+    pub fn remove(&mut self, key: NodeKey) -> Option<V> {
+        let z = key.index;
+        match self.nodes.get(z as usize) {
+            Some(m) if m.gen == key.generation && z != NIL => {}
+            _ => return None,
+        }
+        let value = self.values[z as usize].take()?;
+        let zn = self.nodes[z as usize];
+        let zp = zn.parent;
+        let [zl, zr] = [zn.child(0), zn.child(1)];
+        // Read z's side early, so the miss on its parent overlaps the successor walk.
+        // (For the root this reads the sentinel, harmlessly.)
+        let zside = self.nodes[zp as usize].side_of(z);
+
+        // Where the climb starts: the node whose subtree on side `d` lost one level
+        // of height (at most), and `zpos`, the node now at z's position (NIL if none).
+        let (p, d, zpos, below_last);
+        if zl != NIL && zr != NIL {
+            // Two children: the successor s (leftmost of the right subtree) leaves its
+            // place to its right child and takes z's place, links and balance.
+            let (mut sp, mut s) = (z, zr);
+            loop {
+                let l = self.nodes[s as usize].child(0);
+                if l == NIL {
+                    break;
+                }
+                (sp, s) = (s, l);
+            }
+            let sr = self.nodes[s as usize].child(1);
+            let mut link = zn.link;
+            if s == zr {
+                // s keeps its right subtree; z's right side shrank.
+                link[1] = (link[1] & HEAVY) | sr;
+                (p, d) = (s, 1);
+            } else {
+                self.nodes[sp as usize].set_child(0, sr);
+                if sr != NIL {
+                    self.nodes[sr as usize].parent = sp;
+                }
+                self.nodes[zr as usize].parent = s;
+                (p, d) = (sp, 0);
+            }
+            let sn = &mut self.nodes[s as usize];
+            sn.link = link;
+            // The subtrees below z's position lost s, not z.
+            below_last = sn.last;
+            sn.max = zn.max;
+            self.nodes[zl as usize].parent = s;
+            self.nodes[s as usize].parent = zp;
+            self.hook_side(zp, zside, s);
+            zpos = s;
+        } else {
+            // At most one child: it takes z's place (one of zl, zr is NIL = 0).
+            let c = zl | zr;
+            if c != NIL {
+                self.nodes[c as usize].parent = zp;
+            }
+            d = zside;
+            self.hook_side(zp, zside, c);
+            (p, zpos, below_last) = (zp, NIL, zn.last);
+        }
+        self.remove_retrace(p, d, zpos, zn.last, below_last);
+
+        self.len -= 1;
+        self.nodes[z as usize] = Node {
+            link: [self.free, NIL],
+            gen: key.generation.wrapping_add(1),
+            ..Node::default()
+        };
+        self.free = z;
+        Some(value)
+    }
+
+    /// The interval and value of the entry `key` names, or `None` for a stale or foreign
+    /// key. O(1).
+    pub fn get(&self, key: NodeKey) -> Option<(u64, u64, &V)> {
+        match self.nodes.get(key.index as usize) {
+            Some(m) if m.gen == key.generation => {
+                let value = self.values[key.index as usize].as_ref()?;
+                let n = &self.nodes[key.index as usize];
+                Some((n.start, n.last, value))
+            }
+            _ => None,
+        }
+    }
+
+    /// The value of the entry `key` names, mutably, or `None` for a stale or foreign key.
+    /// O(1). (The interval itself cannot change: remove and insert again.)
+    pub fn get_mut(&mut self, key: NodeKey) -> Option<&mut V> {
+        match self.nodes.get(key.index as usize) {
+            Some(m) if m.gen == key.generation => self.values[key.index as usize].as_mut(),
+            _ => None,
+        }
+    }
+
+    /// Calls `f(key, start, last, value)` for every entry that overlaps the closed range
+    /// `[start, last]` (shares at least one point with it), ascending by start; entries
+    /// with equal starts come in a fixed order (by slot). O(log n + k) for k results.
+    ///
+    /// A query with `start > last` is empty and matches nothing.
+    pub fn for_each_overlap(
+        &self,
+        start: u64,
+        last: u64,
+        mut f: impl FnMut(NodeKey, u64, u64, &V),
+    ) {
+        if start > last || self.root == NIL || self.nodes[self.root as usize].max < start {
+            return;
+        }
+        let nodes = &self.nodes[..];
+        // An in-order walk that skips subtrees whose max is below `start` and stops at
+        // the first node that starts after `last`. `stack` holds the nodes whose left
+        // subtree is being walked: they come next in order.
+        let mut stack = [NIL; MAX_HEIGHT];
+        let mut sp = 0;
+        let mut n = self.root;
+        'descend: loop {
+            // Invariant: n is a node whose subtree's max reaches `start`. The left/right
+            // choice is data-dependent and unpredictable, so it is made without a
+            // branch; the branches left are taken about once per query.
+            loop {
+                let node = &nodes[n as usize];
+                let [l, r] = [node.child(0), node.child(1)];
+                // Both children's maxima are loaded, in parallel: one of them decides,
+                // the other is the next node's max.
+                let (lmax, rmax) = (nodes[l as usize].max, nodes[r as usize].max);
+                let go_left = (l != NIL) & (lmax >= start);
+                let past = node.start > last;
+                // With nothing on the left, n is the next node in order: it either ends
+                // the walk (`past`) or may match. That is rare, so it gets a branch;
+                // but `go_left` must not (the compiler would split a plain `&&`), hence
+                // the lookup: bit `go_left | past << 1 | ends_late << 2` of 0b0101_0100
+                // is set exactly when !go_left && (past || ends_late).
+                let ends_late = node.last >= start;
+                let case = go_left as u32 | (past as u32) << 1 | (ends_late as u32) << 2;
+                if (0b0101_0100 >> case) & 1 != 0 {
+                    if past {
+                        return;
+                    }
+                    let (key, value) = self.entry(n);
+                    f(key, node.start, node.last, value);
+                }
+                stack[sp] = n;
+                sp += go_left as usize;
+                let (next, next_max) = if go_left { (l, lmax) } else { (r, rmax) };
+                if (next == NIL) | (next_max < start) {
+                    break;
+                }
+                n = next;
+            }
+            // Climb to the next node in order whose right subtree may still match.
+            while sp > 0 {
+                sp -= 1;
+                n = stack[sp];
+                let node = &nodes[n as usize];
+                if node.start > last {
+                    // This node, its right subtree and every node left on the stack start
+                    // after the query.
+                    return;
+                }
+                if node.last >= start {
+                    let (key, value) = self.entry(n);
+                    f(key, node.start, node.last, value);
+                }
+                let r = node.child(1);
+                if r != NIL && nodes[r as usize].max >= start {
+                    n = r;
+                    continue 'descend;
+                }
+            }
+            return;
+        }
+    }
+
+    /// Whether any entry overlaps the closed range `[start, last]`. O(log n).
+    ///
+    /// A query with `start > last` is empty and overlaps nothing.
+    pub fn overlaps_any(&self, start: u64, last: u64) -> bool {
+        if start > last {
+            return false;
+        }
+        let nodes = &self.nodes[..];
+        let mut n = self.root;
+        // If the left subtree has an entry ending at or after `start`, it holds an overlap
+        // unless that entry starts after `last` — and then so does everything from this
+        // node on. Otherwise nothing on the left can overlap, and neither this node nor
+        // the right subtree can if this node starts after `last`. The choice is made
+        // without a branch (see `for_each_overlap`).
+        while n != NIL {
+            let node = &nodes[n as usize];
+            if node.max < start {
+                return false;
+            }
+            if (node.start <= last) & (node.last >= start) {
+                return true;
+            }
+            let [l, r] = [node.child(0), node.child(1)];
+            let go_left = (l != NIL) & (nodes[l as usize].max >= start);
+            if !go_left & (node.start > last) {
+                return false;
+            }
+            n = if go_left { l } else { r };
+        }
+        false
+    }
+
+    /// Every entry as `(key, start, last, value)`, ascending by start (equal starts in the
+    /// same order as [`for_each_overlap`](Self::for_each_overlap)).
+    pub fn iter(&self) -> impl Iterator<Item = (NodeKey, u64, u64, &V)> + '_ {
+        Iter {
+            tree: self,
+            stack: [NIL; MAX_HEIGHT],
+            sp: 0,
+            next: self.root,
+            remaining: self.len,
+        }
+    }
+
+    /// Checks every structural invariant and panics with a description of the first one
+    /// that is broken: order by `(start, index)`, AVL balance and its bits, subtree
+    /// maxima, parent links, `len`, the slots and the free list. O(n); for tests.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) {
+        assert_eq!(
+            self.nodes.len(),
+            self.values.len(),
+            "nodes and values differ in length"
+        );
+        if self.nodes.is_empty() {
+            assert_eq!(self.root, NIL);
+            assert_eq!(self.len, 0);
+            return;
+        }
+        let s = &self.nodes[0];
+        assert!(
+            s.start == 0 && s.last == 0 && s.max == 0 && s.link == [0, 0] && s.parent == 0,
+            "sentinel modified: {s:?}"
+        );
+        assert!(self.values[0].is_none(), "sentinel slot occupied");
+        assert_eq!(
+            self.nodes[self.root as usize].parent, NIL,
+            "root has a parent"
+        );
+        let mut seen = vec![false; self.nodes.len()];
+        let mut prev: Option<(u64, u32)> = None;
+        let (_, count) = self.check_subtree(self.root, &mut seen, &mut prev);
+        assert_eq!(count, self.len, "reachable entries != len");
+        let occupied = self.values.iter().filter(|v| v.is_some()).count();
+        assert_eq!(occupied, self.len, "occupied slots != len");
+        let mut f = self.free;
+        let mut free = 0;
+        while f != NIL {
+            assert!(self.values[f as usize].is_none(), "free slot {f} occupied");
+            assert!(!seen[f as usize], "free slot {f} is in the tree");
+            seen[f as usize] = true;
+            free += 1;
+            assert!(free < self.nodes.len(), "free list cycles");
+            f = self.nodes[f as usize].link[0];
+        }
+        assert_eq!(
+            free + self.len + 1,
+            self.nodes.len(),
+            "slots leaked from the free list"
+        );
+    }
+
+    /// Returns (height, entry count) of the subtree at `n`, checking it.
+    fn check_subtree(
+        &self,
+        n: u32,
+        seen: &mut [bool],
+        prev: &mut Option<(u64, u32)>,
+    ) -> (u32, usize) {
+        if n == NIL {
+            return (0, 0);
+        }
+        assert!(!seen[n as usize], "node {n} reached twice");
+        seen[n as usize] = true;
+        assert!(
+            self.values[n as usize].is_some(),
+            "node {n} in the tree has a vacant slot"
+        );
+        let node = self.nodes[n as usize];
+        assert!(node.start <= node.last, "node {n}: start > last");
+        assert!(
+            node.link[0] & node.link[1] & HEAVY == 0,
+            "node {n}: both sides marked taller"
+        );
+        for d in 0..2 {
+            let c = node.child(d);
+            if c != NIL {
+                assert_eq!(
+                    self.nodes[c as usize].parent, n,
+                    "node {c}: wrong parent link"
+                );
+            }
+        }
+        let (hl, cl) = self.check_subtree(node.child(0), seen, prev);
+        let key = (node.start, n);
+        if let Some(p) = *prev {
+            assert!(p < key, "order broken: {p:?} before {key:?}");
+        }
+        *prev = Some(key);
+        let (hr, cr) = self.check_subtree(node.child(1), seen, prev);
+        let expect = match hl.cmp(&hr) {
+            std::cmp::Ordering::Greater => 0,
+            std::cmp::Ordering::Less => 1,
+            std::cmp::Ordering::Equal => EVEN,
+        };
+        assert!(
+            hl.abs_diff(hr) <= 1,
+            "node {n}: unbalanced, heights {hl} and {hr}"
+        );
+        assert_eq!(
+            node.heavy(),
+            expect,
+            "node {n}: wrong balance bits (heights {hl}, {hr})"
+        );
+        assert_eq!(node.max, self.compute_max(n), "node {n}: wrong subtree max");
+        (1 + hl.max(hr), 1 + cl + cr)
+    }
+
+    /// Takes a slot for a new, unlinked node; returns its index and generation.
+    fn alloc(&mut self, start: u64, last: u64, value: V) -> (u32, u32) {
+        if self.free != NIL {
+            let idx = self.free;
+            let n = &mut self.nodes[idx as usize];
+            self.free = n.link[0];
+            *n = Node {
+                start,
+                last,
+                max: last,
+                link: [NIL; 2],
+                parent: NIL,
+                gen: n.gen,
+            };
+            self.values[idx as usize] = Some(value);
+            return (idx, n.gen);
+        }
+        if self.nodes.is_empty() {
+            self.nodes.push(Node::default());
+            self.values.push(None);
+        }
+        let idx = self.nodes.len();
+        assert!(
+            idx <= IDX_MASK as usize,
+            "IntervalTree is full (2^31 - 1 entries)"
+        );
+        self.nodes.push(Node {
+            start,
+            last,
+            max: last,
+            link: [NIL; 2],
+            parent: NIL,
+            gen: self.gen_base,
+        });
+        self.values.push(Some(value));
+        (idx as u32, self.gen_base)
+    }
+
+    /// The key and value of an entry in the tree.
+    #[inline]
+    fn entry(&self, n: u32) -> (NodeKey, &V) {
+        let key = NodeKey {
+            index: n,
+            generation: self.nodes[n as usize].gen,
+        };
+        match &self.values[n as usize] {
+            Some(value) => (key, value),
+            None => unreachable!("node {n} in the tree has a vacant slot"),
+        }
+    }
+
+    /// `max(last, max(left), max(right))` of node `n` (the sentinel's max is 0).
+    #[inline(always)]
+    fn compute_max(&self, n: u32) -> u64 {
+        let node = &self.nodes[n as usize];
+        let l = self.nodes[node.child(0) as usize].max;
+        let r = self.nodes[node.child(1) as usize].max;
+        node.last.max(l).max(r)
+    }
+
+    /// Makes `new` the child of `parent` that `old` was (the root when `parent` is NIL).
+    #[inline(always)]
+    fn hook(&mut self, parent: u32, old: u32, new: u32) {
+        if parent == NIL {
+            self.root = new;
+        } else {
+            let pn = &mut self.nodes[parent as usize];
+            let d = pn.side_of(old);
+            pn.set_child(d, new);
+        }
+    }
+
+    /// Makes `new` the child of `parent` on side `d` (the root when `parent` is NIL).
+    #[inline(always)]
+    fn hook_side(&mut self, parent: u32, d: usize, new: u32) {
+        if parent == NIL {
+            self.root = new;
+        } else {
+            self.nodes[parent as usize].set_child(d, new);
+        }
+    }
+
+    /// Lifts `p`'s child on side `d` above `p` and returns it. Maxima and parent links are
+    /// kept exact (provided the children's maxima are), except that the caller hooks the
+    /// returned node into `p`'s old parent; balance bits are the caller's job too.
+    #[inline(always)]
+    fn rotate(&mut self, p: u32, d: usize) -> u32 {
+        let c = self.nodes[p as usize].child(d);
+        let inner = self.nodes[c as usize].child(1 - d);
+        self.nodes[p as usize].set_child(d, inner);
+        if inner != NIL {
+            self.nodes[inner as usize].parent = p;
+        }
+        let pmax = self.nodes[p as usize].max;
+        let cn = &mut self.nodes[c as usize];
+        cn.set_child(1 - d, p);
+        cn.max = pmax;
+        self.nodes[c as usize].parent = self.nodes[p as usize].parent;
+        self.nodes[p as usize].parent = c;
+        self.nodes[p as usize].max = self.compute_max(p);
+        c
+    }
+
+    /// `p` is two levels taller on side `e` than on the other: rotate it back into
+    /// balance and hook the new subtree root where `p` was. Returns the new subtree root
+    /// and whether the subtree got shorter than it was before rebalancing (always true
+    /// after an insertion).
+    fn rebalance(&mut self, p: u32, e: usize) -> (u32, bool) {
+        let pp = self.nodes[p as usize].parent;
+        let c = self.nodes[p as usize].child(e);
+        let ch = self.nodes[c as usize].heavy();
+        let (top, shorter) = if ch == 1 - e {
+            let g = self.nodes[c as usize].child(1 - e);
+            let gh = self.nodes[g as usize].heavy();
+            self.rotate(c, 1 - e);
+            self.nodes[p as usize].set_child(e, g);
+            self.rotate(p, e);
+            self.nodes[p as usize].set_heavy(if gh == e { 1 - e } else { EVEN });
+            self.nodes[c as usize].set_heavy(if gh == 1 - e { e } else { EVEN });
+            self.nodes[g as usize].set_heavy(EVEN);
+            (g, true)
+        } else {
+            self.rotate(p, e);
+            if ch == e {
+                self.nodes[p as usize].set_heavy(EVEN);
+                self.nodes[c as usize].set_heavy(EVEN);
+                (c, true)
+            } else {
+                // Only after a removal: the sibling was even.
+                self.nodes[p as usize].set_heavy(e);
+                self.nodes[c as usize].set_heavy(1 - e);
+                (c, false)
+            }
+        };
+        self.hook(pp, p, top);
+        (top, shorter)
+    }
+
+    /// After a leaf was hung below `path[depth - 1]`: restore the balance upwards.
+    /// (Maxima were raised on the way down.)
+    fn insert_retrace(&mut self, path: &[u32; MAX_HEIGHT], dirs: u64, depth: usize) {
+        let mut i = depth;
+        while i > 0 {
+            i -= 1;
+            let p = path[i];
+            let d = ((dirs >> i) & 1) as usize;
+            let h = self.nodes[p as usize].heavy();
+            if h == EVEN {
+                // Taller by one on side d; so is the whole subtree.
+                self.nodes[p as usize].set_heavy(d);
+            } else if h != d {
+                self.nodes[p as usize].set_heavy(EVEN);
+                return;
+            } else {
+                self.rebalance(p, d);
+                return;
+            }
+        }
+    }
+
+    /// After `p`'s subtree on side `d` lost an entry (and one level of height): climb,
+    /// fixing maxima and balance. `zpos` is the node now at the removed entry's position
+    /// (NIL if that position is gone); subtrees at or above it lost an entry whose last
+    /// was `removed_last`, those strictly below it one whose last was `below_last`.
+    fn remove_retrace(
+        &mut self,
+        mut p: u32,
+        mut d: usize,
+        zpos: u32,
+        removed_last: u64,
+        below_last: u64,
+    ) {
+        let mut shrunk = true;
+        let mut above = zpos == NIL;
+        while p != NIL {
+            above |= p == zpos;
+            let gone = if above { removed_last } else { below_last };
+            let old_max = self.nodes[p as usize].max;
+            // Only a max that came from the entry that left can change.
+            let new_max = if old_max > gone {
+                old_max
+            } else {
+                self.compute_max(p)
+            };
+            self.nodes[p as usize].max = new_max;
+            let mut top = p;
+            if shrunk {
+                let h = self.nodes[p as usize].heavy();
+                if h == d {
+                    self.nodes[p as usize].set_heavy(EVEN);
+                } else if h == EVEN {
+                    self.nodes[p as usize].set_heavy(1 - d);
+                    shrunk = false;
+                } else {
+                    (top, shrunk) = self.rebalance(p, 1 - d);
+                }
+            }
+            // The subtree root's max is new_max either way (a rotation passes it on).
+            if !shrunk && new_max == old_max && above {
+                return;
+            }
+            let parent = self.nodes[top as usize].parent;
+            if parent != NIL {
+                d = self.nodes[parent as usize].side_of(top);
+            }
+            p = parent;
+        }
+    }
+}
+
+/// In-order iterator with an explicit stack.
+struct Iter<'a, V> {
+    tree: &'a IntervalTree<V>,
+    stack: [u32; MAX_HEIGHT],
+    sp: usize,
+    next: u32,
+    remaining: usize,
+}
+
+impl<'a, V> Iterator for Iter<'a, V> {
+    type Item = (NodeKey, u64, u64, &'a V);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let nodes = &self.tree.nodes;
+        while self.next != NIL {
+            self.stack[self.sp] = self.next;
+            self.sp += 1;
+            self.next = nodes[self.next as usize].child(0);
+        }
+        if self.sp == 0 {
+            return None;
+        }
+        self.sp -= 1;
+        let n = self.stack[self.sp];
+        let node = &nodes[n as usize];
+        self.next = node.child(1);
+        self.remaining -= 1;
+        let (key, value) = self.tree.entry(n);
+        Some((key, node.start, node.last, value))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining, Some(self.remaining))
+    }
+}
+
+impl<V> ExactSizeIterator for Iter<'_, V> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overlaps<V: Clone>(t: &IntervalTree<V>, s: u64, l: u64) -> Vec<(u64, u64, V)> {
+        let mut v = Vec::new();
+        t.for_each_overlap(s, l, |_, a, b, x| v.push((a, b, x.clone())));
+        v
+    }
+
+    #[test]
+    fn empty_tree() {
+        let t: IntervalTree<u32> = IntervalTree::new();
+        assert!(t.is_empty());
+        assert_eq!(t.len(), 0);
+        assert!(overlaps(&t, 0, u64::MAX).is_empty());
+        assert!(!t.overlaps_any(0, u64::MAX));
+        assert_eq!(t.iter().count(), 0);
+        t.check_invariants();
+        let d: IntervalTree<u32> = IntervalTree::default();
+        assert!(d.is_empty());
+        assert_eq!(format!("{d:?}"), "[]");
+    }
+
+    #[test]
+    fn node_is_small() {
+        assert_eq!(std::mem::size_of::<Node>(), 40);
+        assert_eq!(IntervalTree::<u64>::bytes_per_entry(), 40);
+    }
+
+    #[test]
+    fn duplicates_are_distinct_entries() {
+        let mut t = IntervalTree::new();
+        let keys: Vec<_> = (0..10).map(|i| t.insert(5, 9, i).unwrap()).collect();
+        t.check_invariants();
+        assert_eq!(t.len(), 10);
+        let mut got: Vec<_> = overlaps(&t, 9, 9).into_iter().map(|x| x.2).collect();
+        got.sort();
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+        for (i, k) in keys.iter().enumerate().step_by(2) {
+            assert_eq!(t.remove(*k), Some(i));
+            t.check_invariants();
+        }
+        let mut got: Vec<_> = t.iter().map(|x| *x.3).collect();
+        got.sort();
+        assert_eq!(got, [1, 3, 5, 7, 9]);
+        assert!(t.overlaps_any(0, 5));
+        assert!(!t.overlaps_any(10, 20));
+        assert!(!t.overlaps_any(0, 4));
+    }
+
+    #[test]
+    fn zero_and_max_bounds() {
+        let mut t = IntervalTree::new();
+        let z = t.insert(0, 0, 'z').unwrap();
+        let m = t.insert(7, u64::MAX, 'm').unwrap();
+        let all = t.insert(0, u64::MAX, 'a').unwrap();
+        let top = t.insert(u64::MAX, u64::MAX, 't').unwrap();
+        t.check_invariants();
+        assert_eq!(t.get(z), Some((0, 0, &'z')));
+        assert_eq!(t.get(m), Some((7, u64::MAX, &'m')));
+        assert_eq!(overlaps(&t, 0, 0), [(0, 0, 'z'), (0, u64::MAX, 'a')]);
+        assert_eq!(
+            overlaps(&t, u64::MAX, u64::MAX),
+            [
+                (0, u64::MAX, 'a'),
+                (7, u64::MAX, 'm'),
+                (u64::MAX, u64::MAX, 't')
+            ]
+        );
+        assert_eq!(overlaps(&t, 1, 6), [(0, u64::MAX, 'a')]);
+        assert_eq!(overlaps(&t, 0, u64::MAX).len(), 4);
+        assert!(t.overlaps_any(u64::MAX, u64::MAX));
+        assert_eq!(t.remove(all), Some('a'));
+        assert_eq!(t.remove(top), Some('t'));
+        t.check_invariants();
+        assert!(!t.overlaps_any(1, 6));
+        assert!(t.overlaps_any(1, 7));
+        assert_eq!(overlaps(&t, u64::MAX, u64::MAX), [(7, u64::MAX, 'm')]);
+    }
+
+    #[test]
+    fn stale_and_foreign_keys() {
+        let mut t = IntervalTree::new();
+        let a = t.insert(10, 20, 1).unwrap();
+        assert_eq!(t.remove(a), Some(1));
+        assert_eq!(t.remove(a), None);
+        assert_eq!(t.get(a), None);
+        let b = t.insert(10, 20, 2).unwrap();
+        // The slot is reused, but the stale key still misses.
+        assert_eq!(b.index, a.index);
+        assert_ne!(b, a);
+        assert_eq!(t.remove(a), None);
+        assert_eq!(t.get_mut(a), None);
+        *t.get_mut(b).unwrap() = 3;
+        assert_eq!(t.get(b), Some((10, 20, &3)));
+        // Out-of-range, sentinel and other trees' keys.
+        assert_eq!(
+            t.remove(NodeKey {
+                index: 999,
+                generation: 0
+            }),
+            None
+        );
+        assert_eq!(
+            t.remove(NodeKey {
+                index: 0,
+                generation: 0
+            }),
+            None
+        );
+        let mut other = IntervalTree::new();
+        let o = other.insert(10, 20, 9).unwrap();
+        assert_eq!(t.get(o), None);
+        assert_eq!(t.remove(o), None);
+        assert_eq!(t.len(), 1);
+        t.check_invariants();
+    }
+
+    #[test]
+    fn key_bits_round_trip() {
+        let mut t = IntervalTree::new();
+        let keys: Vec<_> = (0..100u64)
+            .map(|i| t.insert(i, i + 1, i).unwrap())
+            .collect();
+        for k in keys {
+            let bits = k.to_bits();
+            assert_eq!(bits >> 63, 0);
+            assert_eq!(NodeKey::from_bits(bits), k);
+        }
+        assert_eq!(t.get(NodeKey::from_bits(u64::MAX)), None);
+        assert_eq!(t.remove(NodeKey::from_bits(u64::MAX - 1)), None);
+    }
+
+    #[test]
+    fn invalid_interval_is_an_error() {
+        let mut t = IntervalTree::new();
+        let e = t.insert(5, 4, ()).unwrap_err();
+        assert_eq!(e, InvalidInterval { start: 5, last: 4 });
+        assert_eq!(
+            e.to_string(),
+            "invalid interval: start 0x5 is after last 0x4"
+        );
+        let _: &dyn std::error::Error = &e;
+        assert!(t.is_empty());
+        t.check_invariants();
+        // An empty query matches nothing.
+        t.insert(0, 100, ()).unwrap();
+        assert!(!t.overlaps_any(50, 49));
+        let mut hit = false;
+        t.for_each_overlap(50, 49, |_, _, _, _| hit = true);
+        assert!(!hit);
+    }
+
+    #[test]
+    fn sequential_inserts_and_removals_stay_balanced() {
+        let mut t = IntervalTree::new();
+        let keys: Vec<_> = (0..1000u64)
+            .map(|i| t.insert(i * 10, i * 10 + 15, i).unwrap())
+            .collect();
+        t.check_invariants();
+        let it: Vec<_> = t.iter().map(|x| *x.3).collect();
+        assert_eq!(it, (0..1000).collect::<Vec<_>>());
+        assert_eq!(t.iter().size_hint(), (1000, Some(1000)));
+        assert_eq!(
+            overlaps(&t, 100, 105)
+                .into_iter()
+                .map(|x| x.2)
+                .collect::<Vec<_>>(),
+            [9, 10]
+        );
+        for (i, k) in keys.iter().enumerate().rev() {
+            assert_eq!(t.remove(*k), Some(i as u64));
+            if i % 97 == 0 {
+                t.check_invariants();
+            }
+        }
+        assert!(t.is_empty());
+        t.check_invariants();
+    }
+
+    #[test]
+    fn debug_lists_entries() {
+        let mut t = IntervalTree::new();
+        t.insert(3, 4, "b").unwrap();
+        t.insert(1, 2, "a").unwrap();
+        assert_eq!(format!("{t:?}"), r#"[(1..=2, "a"), (3..=4, "b")]"#);
+    }
+}
