@@ -309,8 +309,6 @@ pub(crate) struct Itree {
     cv: Condvar,
     /// Mirror of `state.seq` for lock-free `read_begin` (written under the lock).
     seq: AtomicU64,
-    /// Set by the first insert; invalidations skip the interval part until then.
-    enabled: AtomicBool,
     /// Set once the grace period after `enabled` has passed: every in-flight invalidation
     /// counts itself in `active`. Inserts wait for it.
     ready: AtomicBool,
@@ -331,18 +329,14 @@ impl Itree {
             }),
             cv: Condvar::new(),
             seq: AtomicU64::new(2),
-            enabled: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             enable_lock: Mutex::new(()),
         }
     }
 
-    /// Whether invalidations must run the interval part. Acquire: pairs with the Release
-    /// store in `enable`, made before the grace period that waits out invalidations that
-    /// read `false`.
-    #[inline]
+    /// Whether the first insert has completed.
     pub(crate) fn enabled(&self) -> bool {
-        self.enabled.load(Acquire)
+        self.ready.load(Acquire)
     }
 
     fn set_seq(&self, st: &mut ItreeState, seq: u64) {
@@ -461,11 +455,11 @@ fn enable(mm: &Subscriptions) -> Result<(), IntervalError> {
     if itree.ready.load(Acquire) {
         return Ok(());
     }
-    itree.enabled.store(true, Release);
-    // Invalidations that began before they could see `enabled` did not count themselves
-    // in `active`; wait them out, so that every invalidation still in flight is counted.
-    // Concurrent first inserts wait on `enable_lock` meanwhile.
-    mm.srcu().synchronize();
+    // Invalidations learn that they must run the interval part from the published list
+    // snapshot. Publishing one with the flag set waits for a grace period: invalidations
+    // that loaded an older snapshot (and so did not count themselves in `active`) have all
+    // ended when it returns. Concurrent first inserts wait on `enable_lock` meanwhile.
+    mm.publish_itree_enabled();
     itree.ready.store(true, Release);
     Ok(())
 }

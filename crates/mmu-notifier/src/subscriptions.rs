@@ -56,6 +56,9 @@ struct SnapEntry {
 /// An immutable list of subscribers, published through `MmInner::list`.
 struct Snapshot {
     entries: Box<[SnapEntry]>,
+    /// Invalidations must run the interval part (set once, by the first interval insert).
+    /// Kept here so that the fast path reads one cache line.
+    itree: bool,
 }
 
 /// A snapshot that has been unpublished and waits for a grace period before it is freed.
@@ -110,6 +113,8 @@ struct State {
     released: bool,
     /// `release` has finished (a second, concurrent `release` waits for it).
     release_done: bool,
+    /// Published snapshots tell invalidations to run the interval part.
+    itree_enabled: bool,
     next_id: u64,
 }
 
@@ -196,6 +201,7 @@ impl Subscriptions {
     pub fn new() -> Self {
         let empty = Box::into_raw(Box::new(Snapshot {
             entries: Box::new([]),
+            itree: false,
         }));
         Self {
             inner: Arc::new(MmInner {
@@ -271,7 +277,7 @@ impl Subscriptions {
         let range = range.with_blockable(true);
         let (read, snap) = self.read();
         // Interval subscriptions first (rule 8); a blockable one cannot fail.
-        let itree = if self.inner.itree.enabled() {
+        let itree = if snap.itree {
             interval::inv_start(self, &range).ok()
         } else {
             None
@@ -310,7 +316,7 @@ impl Subscriptions {
         let (read, snap) = self.read();
         // Interval subscriptions first; if one cannot proceed, the interval part has
         // already ended and list subscribers are not called.
-        let itree = if self.inner.itree.enabled() {
+        let itree = if snap.itree {
             Some(interval::inv_start(self, &range)?)
         } else {
             None
@@ -403,11 +409,25 @@ impl Subscriptions {
                 ops: e.ops,
             })
             .collect();
-        let new = Box::into_raw(Box::new(Snapshot { entries }));
+        let new = Box::into_raw(Box::new(Snapshot {
+            entries,
+            itree: state.itree_enabled,
+        }));
         // AcqRel: Release publishes the new snapshot's contents to readers' Acquire load;
         // Acquire makes the old one's contents ours to free. Writers are serialised by
         // `state`, so the swap returns exactly the snapshot the previous writer published.
         RetiredSnapshot(self.inner.list.swap(new, AcqRel))
+    }
+
+    /// Publishes a snapshot that makes invalidations run the interval part, and waits for
+    /// a grace period (the first interval insert).
+    pub(crate) fn publish_itree_enabled(&self) {
+        let old = {
+            let mut state = self.inner.state.lock();
+            state.itree_enabled = true;
+            self.publish(&state)
+        };
+        self.retire_sync(old);
     }
 
     /// Waits for a grace period, then frees `old`.
