@@ -177,9 +177,8 @@ fn last_of(start: u64, length: u64) -> Result<u64, IntervalError> {
         .ok_or(IntervalError::Overflow { start, length })
 }
 
-/// The part of a subscription the protocol touches without knowing `T`. Sixteen bytes: with
-/// the `Arc` header, the user lock's word and the tree entry (56 bytes), a subscription
-/// costs 96 bytes beyond the subscriber's own state.
+/// The part of a subscription the protocol touches without knowing `T`: sixteen bytes (see
+/// [`IntervalSubscription::memory_overhead`] for the whole cost of a subscription).
 pub(crate) struct NodeCore {
     /// The subscription's sequence (`invalidate_seq`).
     seq: AtomicU64,
@@ -758,6 +757,18 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
     /// The address space.
     pub fn subscriptions(&self) -> &Subscriptions {
         &self.mm
+    }
+
+    /// Bytes one subscription costs beyond the subscriber's own state `T`: the shared
+    /// allocation's reference counts, the protocol's sixteen-byte header and the user
+    /// lock, plus its interval-tree entry and the tree's pointer back to it. (Vector growth
+    /// slack in the tree is not counted.)
+    pub fn memory_overhead() -> usize {
+        let counts = 2 * std::mem::size_of::<usize>();
+        let node = std::mem::size_of::<Node<T>>() - std::mem::size_of::<T>();
+        let tree = IntervalTree::<StdArc<dyn ErasedNode>>::bytes_per_entry()
+            + std::mem::size_of::<Option<StdArc<dyn ErasedNode>>>();
+        counts + node + tree
     }
 }
 

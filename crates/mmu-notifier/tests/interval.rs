@@ -683,3 +683,20 @@ fn concurrent_fills_and_invalidations_never_install_a_stale_value() {
     writer.join().unwrap();
     assert!(retries > 0, "the race was never exercised");
 }
+
+#[test]
+fn a_subscription_costs_under_100_bytes_beyond_its_state() {
+    struct Word(#[allow(dead_code)] u64);
+    impl IntervalSubscriber for Word {
+        fn invalidate(
+            &mut self,
+            _: &Range,
+            _: &mut IntervalContext<'_, Self>,
+        ) -> Result<(), WouldBlock> {
+            Ok(())
+        }
+    }
+    let bytes = IntervalSubscription::<Word>::memory_overhead();
+    println!("interval subscription overhead: {bytes} bytes");
+    assert!(bytes < 100, "{bytes} bytes per subscription");
+}
