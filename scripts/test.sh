@@ -29,7 +29,8 @@ step "cargo test (unit, integration, doc tests)"
 cargo test --workspace
 
 step "core tests again with symmetric (fence) barriers instead of membarrier"
-MMU_NOTIFIER_SYMMETRIC_BARRIERS=1 cargo test -p mmu-notifier --test rules --test srcu_stress
+MMU_NOTIFIER_SYMMETRIC_BARRIERS=1 cargo test -p mmu-notifier \
+  --test rules --test srcu_stress --test interval --test interval_props
 
 step "loom models (RUSTFLAGS=--cfg loom)"
 # A separate target dir keeps the loom build from invalidating the normal one. The search

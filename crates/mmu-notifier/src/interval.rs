@@ -894,11 +894,9 @@ fn split<T: IntervalSubscriber>(
     }
     update_locked(itree, &mut st, old, left.0, left_last)?;
     let node = new_node(right_state);
+    // The new half follows the insert rules, under the same hold of the lock as the move:
+    // an invalidation sees either the whole subscription or both halves.
     insert_locked(itree, &mut st, node.clone(), right.0, right_last);
-    // The halves were one subscription: the new one must not accept a fill that the old
-    // one would have rejected.
-    let old_seq = old.core().seq.load(Relaxed);
-    node.core.seq.fetch_max(old_seq, Release);
     drop(st);
     Ok(IntervalSubscription {
         mm: mm.clone(),
