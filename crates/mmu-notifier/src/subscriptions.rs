@@ -611,6 +611,14 @@ impl Subscriptions {
     /// [`Shared::put`]) gives the reference back; the last one removes the subscriber and
     /// frees it after a grace period, asynchronously (see [`synchronize`](Self::synchronize)).
     ///
+    /// Concurrent first `get`s of one type may each call `alloc`; one instance is
+    /// registered and shared, the others are dropped unused. `alloc` runs with no lock of
+    /// this address space held, so it may itself call `get` for another type.
+    ///
+    /// Errors: [`GetError::TooManyUsers`] past [`SharedSubscriber::MAX_USERS`]; the
+    /// registration errors of [`register`](Self::register) (a released address space, a
+    /// first `get` from inside a callback); whatever `alloc` returns.
+    ///
     /// A `put` without a matching `get` cannot be written: the handle is consumed.
     ///
     /// ```compile_fail
