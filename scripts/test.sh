@@ -34,8 +34,8 @@ MMU_NOTIFIER_SYMMETRIC_BARRIERS=1 cargo test -p mmu-notifier \
 
 step "loom models (RUSTFLAGS=--cfg loom)"
 # A separate target dir keeps the loom build from invalidating the normal one. The search
-# is bounded to 3 preemptions per execution (the usual CI bound; a few seconds here); set
+# is bounded to 4 preemptions per execution (about 20 s here); set
 # LOOM_MAX_PREEMPTIONS to search deeper (unbounded, the list models take tens of minutes).
-export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}"
+export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-4}"
 RUSTFLAGS="--cfg loom" cargo test -p mmu-notifier --release --target-dir target/loom \
   --test loom_srcu --test loom_core --test loom_interval
