@@ -953,3 +953,29 @@ fn concurrent_releases_both_return_after_every_release_ran() {
         .collect();
     ts.into_iter().for_each(|t| t.join().unwrap());
 }
+
+#[test]
+fn register_inside_a_callback_is_an_error_and_leaves_nothing_registered() {
+    struct Registers(Mutex<Option<Subscriptions>>, Mutex<Option<String>>);
+    impl ListSubscriber for Registers {
+        fn ops(&self) -> Ops {
+            Ops::INVALIDATE_RANGE_START
+        }
+        fn invalidate_range_start(&self, _: &Range) -> Result<(), WouldBlock> {
+            let mm = self.0.lock().unwrap().clone().unwrap();
+            let l = log();
+            let err = mm
+                .register(Arc::new(Recorder::new("inner", START_END, &l)))
+                .unwrap_err();
+            *self.1.lock().unwrap() = Some(err.to_string());
+            Ok(())
+        }
+    }
+    let mm = Subscriptions::new();
+    let s = Arc::new(Registers(Mutex::new(Some(mm.clone())), Mutex::new(None)));
+    let _r = mm.register(s.clone()).unwrap();
+    drop(mm.invalidate_range_start(range(Event::Clear)));
+    let msg = s.1.lock().unwrap().take().unwrap();
+    assert!(msg.contains("wait for itself"), "{msg}");
+    assert_eq!(mm.stats().list_subscribers, 1, "nothing was published");
+}

@@ -179,3 +179,22 @@ fn a_section_held_in_a_thread_local_destructor_is_not_handed_to_another_thread()
     sync.join().unwrap();
     t.join().unwrap();
 }
+
+#[test]
+fn a_panicking_deferred_callback_does_not_stop_the_others() {
+    let srcu = Srcu::new();
+    let ran = Arc::new(AtomicUsize::new(0));
+    srcu.call(|| panic!("a deferred callback fails"));
+    let r = ran.clone();
+    srcu.call(move || {
+        r.fetch_add(1, SeqCst);
+    });
+    srcu.barrier();
+    assert_eq!(ran.load(SeqCst), 1);
+    let r = ran.clone();
+    srcu.call(move || {
+        r.fetch_add(1, SeqCst);
+    });
+    srcu.barrier();
+    assert_eq!(ran.load(SeqCst), 2, "the worker still runs callbacks");
+}
