@@ -131,8 +131,13 @@ impl Range {
         self
     }
 
+    #[inline]
     pub(crate) fn with_blockable(mut self, blockable: bool) -> Self {
-        self.blockable = blockable;
+        // Only store when it changes: ranges are built blockable, and a byte store into a
+        // value that is then copied as whole words stalls store forwarding on the fast path.
+        if self.blockable != blockable {
+            self.blockable = blockable;
+        }
         self
     }
 

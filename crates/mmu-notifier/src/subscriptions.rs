@@ -61,6 +61,14 @@ struct Snapshot {
     itree: bool,
 }
 
+impl Snapshot {
+    /// Nobody to call: no list subscriber and no interval part.
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && !self.itree
+    }
+}
+
 /// A snapshot that has been unpublished and waits for a grace period before it is freed.
 struct RetiredSnapshot(*mut Snapshot);
 
@@ -276,21 +284,14 @@ impl Subscriptions {
     pub fn invalidate_range_start(&self, range: Range) -> InvalidateGuard<'_> {
         let range = range.with_blockable(true);
         let (read, snap) = self.read();
-        // Interval subscriptions first (rule 8); a blockable one cannot fail.
-        let itree = if snap.itree {
-            interval::inv_start(self, &range).ok()
-        } else {
+        // The fast path (nobody to call) stays inline; the rest is out of line. The guard
+        // is built once, in place: building it first and moving it costs a store-forwarding
+        // stall that doubles the fast path.
+        let itree = if snap.is_empty() {
             None
+        } else {
+            self.start_callbacks(snap, &range)
         };
-        for e in snap.entries.iter() {
-            if e.ops.contains(Ops::INVALIDATE_RANGE_START)
-                && e.sub.invalidate_range_start(&range).is_err()
-            {
-                self.report_bug(format_args!(
-                    "invalidate_range_start failed in a blockable range {range:?}"
-                ));
-            }
-        }
         InvalidateGuard {
             mm: self,
             itree,
@@ -299,6 +300,26 @@ impl Subscriptions {
             range,
             _not_send: PhantomData,
         }
+    }
+
+    #[inline(never)]
+    fn start_callbacks(&self, snap: &Snapshot, range: &Range) -> Option<ItreeActive<'_>> {
+        // Interval subscriptions first (rule 8); a blockable one cannot fail.
+        let itree = if snap.itree {
+            interval::inv_start(self, range).ok()
+        } else {
+            None
+        };
+        for e in snap.entries.iter() {
+            if e.ops.contains(Ops::INVALIDATE_RANGE_START)
+                && e.sub.invalidate_range_start(range).is_err()
+            {
+                self.report_bug(format_args!(
+                    "invalidate_range_start failed in a blockable range {range:?}"
+                ));
+            }
+        }
+        itree
     }
 
     /// Non-blocking [`invalidate_range_start`](Self::invalidate_range_start): subscribers
@@ -767,15 +788,24 @@ impl std::fmt::Debug for InvalidateGuard<'_> {
     }
 }
 
-impl Drop for InvalidateGuard<'_> {
-    #[inline]
-    fn drop(&mut self) {
+impl InvalidateGuard<'_> {
+    #[inline(never)]
+    fn end_callbacks(&mut self) {
         // Interval end first, then list subscribers, in the order start called them.
         drop(self.itree.take());
         for e in self.snap.entries.iter() {
             if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
                 e.sub.invalidate_range_end(&self.range);
             }
+        }
+    }
+}
+
+impl Drop for InvalidateGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if !self.snap.is_empty() {
+            self.end_callbacks();
         }
     }
 }
