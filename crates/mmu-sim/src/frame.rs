@@ -1,0 +1,132 @@
+//! Physical frames: a fixed pool with reference counts, a generation per frame (bumped on
+//! every free, so a stale translation is detectable), and one word of data per frame (the
+//! "stamp" that lets tests follow a page's contents through copies and migrations).
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+
+use parking_lot::Mutex;
+
+use crate::error::SimError;
+
+/// A frame number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pfn(pub u32);
+
+/// A frame as a secondary saw it: its number and the generation it had then. If the frame
+/// has been freed since, [`FrameAllocator::generation`] differs and any access through this
+/// translation is a use-after-free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrameRef {
+    /// The frame.
+    pub pfn: Pfn,
+    /// Its generation when the translation was made.
+    pub generation: u64,
+}
+
+struct Frame {
+    refs: AtomicU32,
+    generation: AtomicU64,
+    data: AtomicU64,
+}
+
+/// A pool of frames. Allocation hands out a frame with one reference; [`put`](Self::put)
+/// drops one and frees the frame (bumping its generation) when the last goes.
+pub struct FrameAllocator {
+    frames: Box<[Frame]>,
+    free: Mutex<Vec<u32>>,
+}
+
+impl std::fmt::Debug for FrameAllocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameAllocator")
+            .field("frames", &self.frames.len())
+            .field("free", &self.free.lock().len())
+            .finish()
+    }
+}
+
+impl FrameAllocator {
+    /// A pool of `n` frames, all free.
+    pub fn new(n: u32) -> Self {
+        Self {
+            frames: (0..n)
+                .map(|_| Frame {
+                    refs: AtomicU32::new(0),
+                    generation: AtomicU64::new(0),
+                    data: AtomicU64::new(0),
+                })
+                .collect(),
+            // Pop from the end: hand out low numbers first.
+            free: Mutex::new((0..n).rev().collect()),
+        }
+    }
+
+    /// Allocates a frame holding `data`, with one reference.
+    pub fn alloc(&self, data: u64) -> Result<Pfn, SimError> {
+        let pfn = self.free.lock().pop().ok_or(SimError::OutOfMemory)?;
+        let f = &self.frames[pfn as usize];
+        f.data.store(data, Relaxed);
+        // Release: the data is visible to whoever learns the frame through its count.
+        f.refs.store(1, Release);
+        Ok(Pfn(pfn))
+    }
+
+    fn frame(&self, pfn: Pfn) -> &Frame {
+        &self.frames[pfn.0 as usize]
+    }
+
+    /// Takes another reference on an allocated frame.
+    pub fn get(&self, pfn: Pfn) {
+        let old = self.frame(pfn).refs.fetch_add(1, Relaxed);
+        debug_assert!(old > 0, "get of a free frame {pfn:?}");
+    }
+
+    /// Drops a reference; the last one frees the frame and bumps its generation.
+    pub fn put(&self, pfn: Pfn) {
+        let f = self.frame(pfn);
+        let old = f.refs.fetch_sub(1, AcqRel);
+        assert!(old > 0, "put of a free frame {pfn:?}");
+        if old == 1 {
+            f.generation.fetch_add(1, Release);
+            self.free.lock().push(pfn.0);
+        }
+    }
+
+    /// References held on the frame (0 when free).
+    pub fn refs(&self, pfn: Pfn) -> u32 {
+        self.frame(pfn).refs.load(Acquire)
+    }
+
+    /// The frame's current generation.
+    pub fn generation(&self, pfn: Pfn) -> u64 {
+        self.frame(pfn).generation.load(Acquire)
+    }
+
+    /// A [`FrameRef`] for the frame as it is now.
+    pub fn frame_ref(&self, pfn: Pfn) -> FrameRef {
+        FrameRef {
+            pfn,
+            generation: self.generation(pfn),
+        }
+    }
+
+    /// Whether a translation made at `r` still names the same allocation.
+    pub fn is_current(&self, r: FrameRef) -> bool {
+        self.generation(r.pfn) == r.generation && self.refs(r.pfn) > 0
+    }
+
+    /// Reads the frame's data word.
+    pub fn read(&self, pfn: Pfn) -> u64 {
+        self.frame(pfn).data.load(Acquire)
+    }
+
+    /// Writes the frame's data word.
+    pub fn write(&self, pfn: Pfn, data: u64) {
+        self.frame(pfn).data.store(data, Release);
+    }
+
+    /// Frames currently free.
+    pub fn free_frames(&self) -> usize {
+        self.free.lock().len()
+    }
+}
