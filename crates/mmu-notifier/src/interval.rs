@@ -716,10 +716,7 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
     /// frozen; takes effect no later than the next `read_begin`. Never waits, so it may be
     /// called from inside callbacks.
     pub fn update(&self, start: u64, length: u64) -> Result<(), IntervalError> {
-        let last = last_of(start, length)?;
-        let itree = self.mm.itree();
-        let mut st = itree.state.lock();
-        update_locked(itree, &mut st, &self.erased(), start, last)
+        update(&self.mm, &self.erased(), start, length)
     }
 
     /// Splits the subscription atomically with respect to invalidations: it moves to
@@ -840,17 +837,12 @@ impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
             "remove_self needs IntervalSubscriber::release (HAS_RELEASE = true): without it \
              removal must wait for the running invalidation, i.e. for itself"
         );
-        let node: StdArc<dyn ErasedNode> = self.node.clone();
-        remove_node(self.mm, &node);
+        remove_node(self.mm, &self.erased());
     }
 
     /// Moves this subscription (deferred until the end of the frozen period).
     pub fn update_self(&mut self, start: u64, length: u64) -> Result<(), IntervalError> {
-        let last = last_of(start, length)?;
-        let itree = self.mm.itree();
-        let mut st = itree.state.lock();
-        let node: StdArc<dyn ErasedNode> = self.node.clone();
-        update_locked(itree, &mut st, &node, start, last)
+        update(self.mm, &self.erased(), start, length)
     }
 
     /// Splits this subscription (see [`IntervalSubscription::split`]).
@@ -860,9 +852,25 @@ impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
         right: (u64, u64),
         right_state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
-        let node: StdArc<dyn ErasedNode> = self.node.clone();
-        split(self.mm, &node, left, right, right_state)
+        split(self.mm, &self.erased(), left, right, right_state)
     }
+
+    fn erased(&self) -> StdArc<dyn ErasedNode> {
+        self.node.clone()
+    }
+}
+
+/// Moves `node` to `[start, start + length)` (the handle's and the callback's `update`).
+fn update(
+    mm: &Subscriptions,
+    node: &StdArc<dyn ErasedNode>,
+    start: u64,
+    length: u64,
+) -> Result<(), IntervalError> {
+    let last = last_of(start, length)?;
+    let itree = mm.itree();
+    let mut st = itree.state.lock();
+    update_locked(itree, &mut st, node, start, last)
 }
 
 fn new_node<T: IntervalSubscriber>(state: T) -> StdArc<Node<T>> {

@@ -342,6 +342,17 @@ impl Subscriptions {
         } else {
             None
         };
+        // From here on the guard exists: on failure its drop is exactly the required
+        // unwinding (the interval part ends, then `end` runs on every subscriber that has
+        // one), and the caller gets no guard.
+        let guard = InvalidateGuard {
+            mm: self,
+            itree,
+            _read: read,
+            snap,
+            range,
+            _not_send: PhantomData,
+        };
         let mut failed = false;
         for e in snap.entries.iter() {
             if e.ops.contains(Ops::INVALIDATE_RANGE_START)
@@ -357,23 +368,10 @@ impl Subscriptions {
             }
         }
         if failed {
-            drop(itree);
-            for e in snap.entries.iter() {
-                if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
-                    e.sub.invalidate_range_end(&range);
-                }
-            }
-            drop(read);
+            drop(guard);
             return Err(WouldBlock);
         }
-        Ok(InvalidateGuard {
-            mm: self,
-            itree,
-            _read: read,
-            snap,
-            range,
-            _not_send: PhantomData,
-        })
+        Ok(guard)
     }
 
     /// Reclaim aging: clears the accessed state of `[start, end)` in every secondary (with
