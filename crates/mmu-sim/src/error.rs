@@ -13,6 +13,10 @@ pub enum SimError {
     /// No mapping at the address (EFAULT, or SIGSEGV with SEGV_MAPERR).
     #[error("bad address {0:#x}: not mapped")]
     Fault(u64),
+    /// The page cannot be moved or taken now: shared with another owner, not present,
+    /// or the zero page (EBUSY).
+    #[error("page at {0:#x} is busy")]
+    Busy(u64),
     /// The mapping does not allow the access (EACCES, or SIGSEGV with SEGV_ACCERR).
     #[error("permission denied at {0:#x}")]
     Permission(u64),

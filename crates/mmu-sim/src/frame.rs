@@ -31,9 +31,21 @@ struct Frame {
 
 /// A pool of frames. Allocation hands out a frame with one reference; [`put`](Self::put)
 /// drops one and frees the frame (bumping its generation) when the last goes.
+///
+/// Frame 0 is the shared zero page ([`ZERO_PAGE`](Self::ZERO_PAGE)): always allocated,
+/// never freed, not reference counted (as in Linux). The pool also holds the swap space:
+/// reference-counted slots holding one data word each, shared by forked address spaces.
 pub struct FrameAllocator {
     frames: Box<[Frame]>,
     free: Mutex<Vec<u32>>,
+    swap: Mutex<Swap>,
+}
+
+#[derive(Default)]
+struct Swap {
+    /// (data, references) per slot; a free slot has no references.
+    slots: Vec<(u64, u32)>,
+    free: Vec<u32>,
 }
 
 impl std::fmt::Debug for FrameAllocator {
@@ -46,19 +58,76 @@ impl std::fmt::Debug for FrameAllocator {
 }
 
 impl FrameAllocator {
-    /// A pool of `n` frames, all free.
+    /// The shared zero page: mapped read-only by read faults on anonymous private memory.
+    pub const ZERO_PAGE: Pfn = Pfn(0);
+
+    /// A pool of `n` frames, all free (plus the zero page). At most `u32::MAX - 1`.
     pub fn new(n: u32) -> Self {
+        let n = n.min(u32::MAX - 1);
         Self {
-            frames: (0..n)
-                .map(|_| Frame {
-                    refs: AtomicU32::new(0),
+            frames: (0..=n)
+                .map(|i| Frame {
+                    refs: AtomicU32::new(u32::from(i == 0)),
                     generation: AtomicU64::new(0),
                     data: AtomicU64::new(0),
                 })
                 .collect(),
             // Pop from the end: hand out low numbers first.
-            free: Mutex::new((0..n).rev().collect()),
+            free: Mutex::new((1..=n).rev().collect()),
+            swap: Mutex::new(Swap::default()),
         }
+    }
+
+    /// Whether `pfn` is the zero page.
+    pub fn is_zero_page(pfn: Pfn) -> bool {
+        pfn == Self::ZERO_PAGE
+    }
+
+    /// Stores `data` in a new swap slot with one reference.
+    pub fn swap_store(&self, data: u64) -> u32 {
+        let mut s = self.swap.lock();
+        match s.free.pop() {
+            Some(slot) => {
+                s.slots[slot as usize] = (data, 1);
+                slot
+            }
+            None => {
+                s.slots.push((data, 1));
+                (s.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The data in a swap slot.
+    pub fn swap_load(&self, slot: u32) -> u64 {
+        self.swap.lock().slots[slot as usize].0
+    }
+
+    /// References held on a swap slot.
+    pub fn swap_refs(&self, slot: u32) -> u32 {
+        self.swap.lock().slots[slot as usize].1
+    }
+
+    /// Takes another reference on a swap slot (fork).
+    pub fn swap_dup(&self, slot: u32) {
+        self.swap.lock().slots[slot as usize].1 += 1;
+    }
+
+    /// Drops a reference on a swap slot; the last frees it.
+    pub fn swap_put(&self, slot: u32) {
+        let mut s = self.swap.lock();
+        let e = &mut s.slots[slot as usize];
+        assert!(e.1 > 0, "put of a free swap slot {slot}");
+        e.1 -= 1;
+        if e.1 == 0 {
+            s.free.push(slot);
+        }
+    }
+
+    /// Swap slots in use.
+    pub fn swap_used(&self) -> usize {
+        let s = self.swap.lock();
+        s.slots.len() - s.free.len()
     }
 
     /// Allocates a frame holding `data`, with one reference.
@@ -75,14 +144,21 @@ impl FrameAllocator {
         &self.frames[pfn.0 as usize]
     }
 
-    /// Takes another reference on an allocated frame.
+    /// Takes another reference on an allocated frame (nothing for the zero page).
     pub fn get(&self, pfn: Pfn) {
+        if Self::is_zero_page(pfn) {
+            return;
+        }
         let old = self.frame(pfn).refs.fetch_add(1, Relaxed);
         debug_assert!(old > 0, "get of a free frame {pfn:?}");
     }
 
-    /// Drops a reference; the last one frees the frame and bumps its generation.
+    /// Drops a reference; the last one frees the frame and bumps its generation (nothing
+    /// for the zero page).
     pub fn put(&self, pfn: Pfn) {
+        if Self::is_zero_page(pfn) {
+            return;
+        }
         let f = self.frame(pfn);
         let old = f.refs.fetch_sub(1, AcqRel);
         assert!(old > 0, "put of a free frame {pfn:?}");
@@ -120,9 +196,17 @@ impl FrameAllocator {
         self.frame(pfn).data.load(Acquire)
     }
 
-    /// Writes the frame's data word.
+    /// Writes the frame's data word (the zero page stays zero).
     pub fn write(&self, pfn: Pfn, data: u64) {
+        if Self::is_zero_page(pfn) {
+            return;
+        }
         self.frame(pfn).data.store(data, Release);
+    }
+
+    /// Frames in the pool, not counting the zero page.
+    pub fn capacity(&self) -> usize {
+        self.frames.len() - 1
     }
 
     /// Frames currently free.

@@ -22,14 +22,21 @@
 //! ```
 #![deny(missing_docs)]
 
+mod checker;
 mod error;
+mod file;
 mod frame;
 mod mm;
 mod pagetable;
 mod vma;
 
+pub use checker::{CheckedSecondary, Checker, SecondaryKind, Violation, ViolationKind};
 pub use error::SimError;
+pub use file::File;
 pub use frame::{FrameAllocator, FrameRef, Pfn};
-pub use mm::{AddressSpace, MMAP_MIN_ADDR};
-pub use pagetable::{pte_index, Leaf, LeafGuard, PageTable, Pte, PAGE_SIZE, TASK_SIZE};
-pub use vma::{Prot, Vma, VmaMap};
+pub use mm::{
+    AddressSpace, Advice, MapKind, MremapFlags, OomReap, PageState, ReclaimStats, SnapshotMode,
+    MMAP_MIN_ADDR,
+};
+pub use pagetable::{pte_index, Leaf, LeafGuard, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
+pub use vma::{Backing, Prot, Vma, VmaMap};

@@ -3,28 +3,52 @@
 //! every change of a translation is announced to.
 //!
 //! # Locking (as in Linux)
-//! - `mmap`: a read/write lock over the VMA layout. Faults take it for reading (so they
-//!   run in parallel); layout changes (`mmap`, `munmap`, exit) take it for writing.
-//! - page-table locks: one per last-level table; taken to read or change entries.
+//! - `mmap`: a read/write lock over the VMA layout. Faults, get-user-pages, snapshots,
+//!   `madvise`, reclaim, migration, soft-dirty reset and device-exclusive access take it
+//!   for reading, so they run in parallel; layout changes (`mmap`, `munmap`, `mprotect`,
+//!   `mremap`, `fork`, exit) take it for writing. The OOM reaper only tries to take it.
+//! - page-table locks: one per last-level table; taken to read or change its entries.
 //! - Notifier callbacks run with the mmap lock held as Linux holds it, but never with a
-//!   page-table lock held: a subscriber may fault pages in through [`AddressSpace::fault`]
-//!   from its own threads, and may read entries with [`AddressSpace::pte`].
+//!   page-table lock held. So a callback may read entries ([`AddressSpace::pte`]), and a
+//!   secondary may take its own lock and then a page-table lock (install and access
+//!   checks do); it must not take the mmap lock inside a callback (Linux's rule too: a
+//!   callback under `munmap` would deadlock on it). Secondaries fault pages in from their
+//!   own threads.
 //!
 //! # Ordering of an invalidation
-//! `invalidate_range_start` returns before any entry in the range changes and before any
-//! frame in it is freed; the TLB flush (which calls `arch_invalidate_secondary_tlbs`)
-//! follows the clearing of the entries; frames are freed after the flush, before
-//! `invalidate_range_end` (the spec allows either side of `end`).
+//! Every operation that changes or drops a translation brackets the change with an
+//! invalidation: `invalidate_range_start` returns before any entry in the range changes
+//! and before any frame in it is freed; the TLB flush (which calls
+//! `arch_invalidate_secondary_tlbs`) follows the clearing or downgrading of the entries;
+//! frames are freed after the flush, before `invalidate_range_end` (the spec allows either
+//! side of `end`).
+//!
+//! # Busy entries
+//! An operation that must copy a page's data while no one writes it (COW break,
+//! migration, swap-out) turns the entry *busy* under the page-table lock, flushes, copies,
+//! and installs the result under the lock again. A fault that meets a busy entry waits
+//! for it (Linux waits on a migration entry or the page lock). The busy entry's frame
+//! reference belongs to the operation that set it: a concurrent zap (`madvise`) just
+//! clears the entry, and the owner, finding its entry gone when it comes back, drops the
+//! frames it holds.
 
-use std::sync::Arc;
+mod layout;
+mod reclaim;
 
-use mmu_notifier::{Event, Range, Subscriptions};
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::{Arc, OnceLock};
+
+use mmu_notifier::{Event, InvalidateGuard, Range, Subscriptions, WouldBlock};
 use parking_lot::RwLock;
 
+use crate::checker::Checker;
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, FrameRef, Pfn};
-use crate::pagetable::{pte_index, PageTable, Pte, PAGE_SIZE, TASK_SIZE};
-use crate::vma::{Prot, Vma, VmaMap};
+use crate::pagetable::{pte_index, LeafGuard, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
+use crate::vma::{Vma, VmaMap};
+
+pub use layout::{MapKind, MremapFlags};
+pub use reclaim::{Advice, OomReap, ReclaimStats};
 
 /// Lowest address `mmap` hands out without a hint (like `mmap_min_addr`).
 pub const MMAP_MIN_ADDR: u64 = 0x10000;
@@ -35,6 +59,10 @@ pub struct AddressSpace {
     pt: PageTable,
     frames: Arc<FrameAllocator>,
     notifier: Subscriptions,
+    /// False only to measure the cost of the notifier calls: then none is made.
+    notify: bool,
+    checker: OnceLock<Arc<Checker>>,
+    exited: AtomicBool,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -46,7 +74,36 @@ impl std::fmt::Debug for AddressSpace {
     }
 }
 
-fn check_range(addr: u64, len: u64) -> Result<u64, SimError> {
+/// What [`AddressSpace::snapshot`] reports for one page (as `hmm_range_fault` does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// No frame mapped (never touched, swapped out, or device-exclusive).
+    None,
+    /// The shared zero page, read-only.
+    Zero(FrameRef),
+    /// A frame.
+    Present {
+        /// The frame as it is now.
+        frame: FrameRef,
+        /// Whether the primary allows writes through its entry.
+        writable: bool,
+    },
+}
+
+/// Whether [`AddressSpace::snapshot`] faults pages in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SnapshotMode {
+    /// Report what is there; fault nothing.
+    Peek,
+    /// Fault in pages that are not present (as `HMM_PFN_REQ_FAULT`).
+    Fault,
+    /// Fault in pages that are not present or not writable (as `HMM_PFN_REQ_WRITE`).
+    FaultWrite,
+}
+
+/// Checks an address and length as `munmap` does (EINVAL for unaligned, empty,
+/// overflowing or beyond user space); returns the page-aligned end.
+pub(crate) fn check_range(addr: u64, len: u64) -> Result<u64, SimError> {
     if addr % PAGE_SIZE != 0 {
         return Err(SimError::InvalidArgument("address not page aligned"));
     }
@@ -65,15 +122,77 @@ fn check_range(addr: u64, len: u64) -> Result<u64, SimError> {
     Ok(end)
 }
 
+pub(crate) fn page(addr: u64) -> Range {
+    let a = addr & !(PAGE_SIZE - 1);
+    Range::new(a, a + PAGE_SIZE, Event::Clear).expect("one page")
+}
+
+/// One invalidation in progress, made by the primary: the notifier's guard (its drop is
+/// `invalidate_range_end`) and the checker's window.
+pub(crate) struct Invalidation<'a> {
+    mm: &'a AddressSpace,
+    op: &'static str,
+    window: Option<u64>,
+    // Declared last: dropped after the window closes.
+    _guard: Option<InvalidateGuard<'a>>,
+}
+
+impl Invalidation<'_> {
+    /// The TLB flush of `[start, end)` after entries in it were cleared or downgraded.
+    pub(crate) fn flush(&self, start: u64, end: u64) {
+        if self.mm.notify {
+            self.mm
+                .notifier
+                .arch_invalidate_secondary_tlbs(start, end.min(TASK_SIZE));
+        }
+        if let Some(c) = self.mm.checker.get() {
+            c.flushed(self.mm, start, end.min(TASK_SIZE), self.op);
+        }
+    }
+}
+
+impl Drop for Invalidation<'_> {
+    fn drop(&mut self) {
+        if let (Some(c), Some(id)) = (self.mm.checker.get(), self.window) {
+            c.closing(id);
+        }
+        // `guard` drops next: invalidate_range_end.
+    }
+}
+
 impl AddressSpace {
     /// An empty address space drawing frames from `frames`.
     pub fn new(frames: Arc<FrameAllocator>) -> Arc<Self> {
+        Self::build(frames, true)
+    }
+
+    /// An address space that makes no notifier call at all, to measure what the calls
+    /// cost (the `fault_munmap` benchmark). Nothing can subscribe to it usefully.
+    pub fn without_notifier(frames: Arc<FrameAllocator>) -> Arc<Self> {
+        Self::build(frames, false)
+    }
+
+    fn build(frames: Arc<FrameAllocator>, notify: bool) -> Arc<Self> {
         Arc::new(Self {
             mmap: RwLock::new(VmaMap::default()),
             pt: PageTable::new(),
             frames,
             notifier: Subscriptions::new(),
+            notify,
+            checker: OnceLock::new(),
+            exited: AtomicBool::new(false),
         })
+    }
+
+    /// Attaches the coherence checker (once); it is told of every invalidation and flush
+    /// from now on. Returns the checker back if one is already attached.
+    pub fn attach_checker(&self, checker: Arc<Checker>) -> Result<(), Arc<Checker>> {
+        self.checker.set(checker)
+    }
+
+    /// The attached checker.
+    pub fn checker(&self) -> Option<&Arc<Checker>> {
+        self.checker.get()
     }
 
     /// The notifier subscriptions of this address space (for secondaries to subscribe).
@@ -91,116 +210,348 @@ impl AddressSpace {
         self.pt.pte(addr)
     }
 
+    /// Runs `f` on the entry for `addr` with its page-table lock held (an absent table
+    /// reads as an empty entry).
+    pub(crate) fn with_pte_locked<R>(&self, addr: u64, f: impl FnOnce(Pte) -> R) -> R {
+        match self.pt.leaf(addr) {
+            Some(leaf) => f(leaf.lock()[pte_index(addr)]),
+            None => f(Pte::default()),
+        }
+    }
+
     /// A snapshot of the mappings.
     pub fn vmas(&self) -> Vec<Vma> {
-        self.mmap.read().iter().copied().collect()
+        self.mmap.read().iter().cloned().collect()
     }
 
-    /// Maps `len` bytes of anonymous private memory with `prot`, at the lowest free
-    /// address. Returns its start.
-    pub fn mmap_anon(&self, len: u64, prot: Prot) -> Result<u64, SimError> {
-        if len == 0 {
-            return Err(SimError::InvalidArgument("zero length"));
+    // ----- invalidations ------------------------------------------------------------
+
+    /// Starts a blockable invalidation of `range` for the primary operation `op`.
+    pub(crate) fn invalidate(&self, range: Range, op: &'static str) -> Invalidation<'_> {
+        let guard = self
+            .notify
+            .then(|| self.notifier.invalidate_range_start(range));
+        Invalidation {
+            mm: self,
+            op,
+            window: self.checker.get().map(|c| c.opened(&range, op)),
+            _guard: guard,
         }
-        let len = len
-            .checked_next_multiple_of(PAGE_SIZE)
-            .ok_or(SimError::InvalidArgument("length overflows"))?;
-        let mut vmas = self.mmap.write();
-        let start = vmas
-            .find_gap(len, MMAP_MIN_ADDR, TASK_SIZE)
-            .ok_or(SimError::OutOfMemory)?;
-        vmas.insert(Vma {
-            start,
-            end: start + len,
-            prot,
-        });
-        Ok(start)
     }
 
-    /// Unmaps `[addr, addr + len)` (Linux's `munmap`): one `Unmap` invalidation over the
-    /// whole range, across every mapping in it. Unmapping nothing is not an error.
-    pub fn munmap(&self, addr: u64, len: u64) -> Result<(), SimError> {
-        let end = check_range(addr, len)?;
-        let mut vmas = self.mmap.write();
-        if vmas.overlapping(addr, end).next().is_none() {
-            return Ok(());
-        }
-        vmas.remove_range(addr, end);
-        let range = Range::new(addr, end, Event::Unmap).expect("checked non-empty");
-        self.zap(range);
-        Ok(())
+    /// Starts a non-blockable invalidation; `Err` if a subscriber would have to sleep.
+    pub(crate) fn try_invalidate(
+        &self,
+        range: Range,
+        op: &'static str,
+    ) -> Result<Invalidation<'_>, WouldBlock> {
+        let guard = if self.notify {
+            Some(self.notifier.try_invalidate_range_start(range)?)
+        } else {
+            None
+        };
+        Ok(Invalidation {
+            mm: self,
+            op,
+            window: self.checker.get().map(|c| c.opened(&range, op)),
+            _guard: guard,
+        })
     }
 
-    /// Clears every entry in `range` inside an invalidation of it, flushes, and frees the
-    /// frames. The caller holds the mmap lock for writing.
-    fn zap(&self, range: Range) {
-        let inv = self.notifier.invalidate_range_start(range);
-        let mut freed: Vec<Pfn> = Vec::new();
-        self.pt
-            .for_each_leaf(range.start(), range.end(), |_, leaf, idx| {
-                for pte in &mut leaf[idx] {
-                    if let Some(pfn) = pte.pfn() {
-                        freed.push(pfn);
-                    }
-                    *pte = Pte::default();
-                }
-            });
-        // The TLB flush after clearing entries.
-        if !freed.is_empty() {
-            self.notifier
-                .arch_invalidate_secondary_tlbs(range.start(), range.end());
-        }
-        for pfn in freed {
-            self.frames.put(pfn);
-        }
-        drop(inv);
-    }
+    // ----- faults -------------------------------------------------------------------
 
     /// A page fault at `addr` (a CPU access, or get-user-pages for a secondary): maps a
-    /// frame if none is mapped, marks the entry accessed (and dirty on a write), and
-    /// returns the frame without pinning it.
+    /// frame if none is mapped (the zero page for a read of untouched anonymous private
+    /// memory), breaks COW on a write to a shared or zero page, swaps in, restores a
+    /// device-exclusive page, marks the entry accessed (and dirty on a write), and returns
+    /// the frame without pinning it.
     pub fn fault(&self, addr: u64, write: bool) -> Result<FrameRef, SimError> {
         let vmas = self.mmap.read();
-        let vma = vmas.find(addr).ok_or(SimError::Fault(addr))?;
-        if !vma.prot.read || (write && !vma.prot.write) {
-            return Err(SimError::Permission(addr));
-        }
-        let leaf = self.pt.leaf_or_alloc(addr);
-        let mut ptes = leaf.lock();
-        let pte = &mut ptes[pte_index(addr)];
-        if !pte.present() {
-            let pfn = self.frames.alloc(0)?;
-            *pte = Pte::new(pfn, vma.prot.write);
-        } else if write && !pte.writable() {
-            return Err(SimError::Permission(addr));
-        }
-        pte.touch(write);
-        let pfn = pte.pfn().expect("present");
+        let (ptes, i) = self.fault_locked(&vmas, addr, write)?;
+        let pfn = ptes[i].pfn().expect("fault leaves the entry present");
         Ok(self.frames.frame_ref(pfn))
     }
 
     /// Reads the data word of the page at `addr` as the CPU would (faulting it in).
     pub fn read(&self, addr: u64) -> Result<u64, SimError> {
-        let r = self.fault(addr, false)?;
-        Ok(self.frames.read(r.pfn))
+        let vmas = self.mmap.read();
+        let (ptes, i) = self.fault_locked(&vmas, addr, false)?;
+        Ok(self.frames.read(ptes[i].pfn().expect("present")))
     }
 
     /// Writes the data word of the page at `addr` as the CPU would (faulting it in).
     pub fn write(&self, addr: u64, value: u64) -> Result<(), SimError> {
-        let r = self.fault(addr, true)?;
-        self.frames.write(r.pfn, value);
+        let vmas = self.mmap.read();
+        let (ptes, i) = self.fault_locked(&vmas, addr, true)?;
+        self.frames.write(ptes[i].pfn().expect("present"), value);
         Ok(())
     }
 
-    /// Process exit (Linux's `exit_mmap`): the notifier release first, then one `Unmap`
-    /// invalidation over all of user space, freeing every frame.
-    pub fn exit(&self) {
-        self.notifier.release();
-        let mut vmas = self.mmap.write();
-        let all: Vec<Vma> = vmas.iter().copied().collect();
-        for v in all {
-            vmas.remove_range(v.start, v.end);
+    /// Get-user-pages without pinning: faults in `n` pages from `start` (for writing if
+    /// `write`, breaking COW) and returns their frames. Nothing keeps them mapped: a
+    /// secondary that keeps one must be subscribed to hear when it goes.
+    pub fn get_user_pages(
+        &self,
+        start: u64,
+        n: u64,
+        write: bool,
+    ) -> Result<Vec<FrameRef>, SimError> {
+        let end = check_range(start, n.saturating_mul(PAGE_SIZE))?;
+        let vmas = self.mmap.read();
+        (start..end)
+            .step_by(PAGE_SIZE as usize)
+            .map(|a| {
+                let (ptes, i) = self.fault_locked(&vmas, a, write)?;
+                Ok(self.frames.frame_ref(ptes[i].pfn().expect("present")))
+            })
+            .collect()
+    }
+
+    /// A per-page snapshot of `[start, end)` as `hmm_range_fault` reports it, faulting
+    /// pages in first as `mode` asks. Unmapped addresses are `Fault` (EFAULT); faulting
+    /// where the mapping forbids the access is `Permission`.
+    pub fn snapshot(
+        &self,
+        start: u64,
+        end: u64,
+        mode: SnapshotMode,
+    ) -> Result<Vec<PageState>, SimError> {
+        if end <= start {
+            return Err(SimError::InvalidArgument("empty range"));
         }
-        self.zap(Range::new(0, TASK_SIZE, Event::Unmap).expect("non-empty"));
+        check_range(start, end - start)?;
+        let vmas = self.mmap.read();
+        let mut out = Vec::with_capacity(((end - start) / PAGE_SIZE) as usize);
+        for a in (start..end).step_by(PAGE_SIZE as usize) {
+            let vma = vmas.find(a).ok_or(SimError::Fault(a))?;
+            let pte = self.pt.pte(a);
+            let want_write = mode == SnapshotMode::FaultWrite;
+            let must_fault =
+                mode != SnapshotMode::Peek && (!pte.present() || (want_write && !pte.writable()));
+            let pte = if must_fault {
+                let (ptes, i) = self.fault_locked(&vmas, a, want_write)?;
+                ptes[i]
+            } else if !vma.prot.read {
+                Pte::default()
+            } else {
+                pte
+            };
+            out.push(match pte.pfn() {
+                None => PageState::None,
+                Some(p) if FrameAllocator::is_zero_page(p) => {
+                    PageState::Zero(self.frames.frame_ref(p))
+                }
+                Some(p) => PageState::Present {
+                    frame: self.frames.frame_ref(p),
+                    writable: pte.writable() && vma.prot.write,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// The fault handler: returns with the entry for `addr` present (and writable if
+    /// `write`) and its page-table lock held. The caller holds the mmap lock for reading.
+    fn fault_locked<'a>(
+        &'a self,
+        vmas: &VmaMap,
+        addr: u64,
+        write: bool,
+    ) -> Result<(LeafGuard<'a>, usize), SimError> {
+        let addr = addr & !(PAGE_SIZE - 1);
+        let vma = vmas.find(addr).ok_or(SimError::Fault(addr))?;
+        if !vma.prot.read || (write && !vma.prot.write) {
+            return Err(SimError::Permission(addr));
+        }
+        let leaf = self.pt.leaf_or_alloc(addr);
+        let i = pte_index(addr);
+        loop {
+            let mut ptes = leaf.lock();
+            let pte = ptes[i];
+            match pte.kind() {
+                PteKind::None => {
+                    ptes[i] = self.new_page(vma, addr, write)?;
+                }
+                PteKind::Present(pfn) => {
+                    if write && !pte.writable() {
+                        // Upgrading needs no invalidation (nothing stale can exist); a
+                        // page shared with another owner must be copied first.
+                        let reuse = vma.shared
+                            || (!FrameAllocator::is_zero_page(pfn) && self.frames.refs(pfn) == 1);
+                        if !reuse {
+                            drop(ptes);
+                            self.break_cow(vma, addr, pte)?;
+                            continue;
+                        }
+                        ptes[i] = pte.with_writable(true);
+                    }
+                }
+                PteKind::Busy(_) => {
+                    drop(ptes);
+                    std::thread::yield_now();
+                    continue;
+                }
+                PteKind::Swap(slot) => {
+                    drop(ptes);
+                    self.swap_in(vma, addr, pte, slot)?;
+                    continue;
+                }
+                PteKind::Exclusive(_) => {
+                    drop(ptes);
+                    self.restore_exclusive(addr);
+                    continue;
+                }
+            }
+            ptes[i].touch(write);
+            return Ok((ptes, i));
+        }
+    }
+
+    /// The entry for a first touch of `addr` (called under its page-table lock).
+    fn new_page(&self, vma: &Vma, addr: u64, write: bool) -> Result<Pte, SimError> {
+        Ok(match (vma.file_page(addr), vma.shared) {
+            (Some((file, index)), true) => Pte::new(file.get_page(index)?, vma.prot.write),
+            (Some((file, index)), false) if !write => Pte::new(file.get_page(index)?, false),
+            (Some((file, index)), false) => {
+                let cached = file.get_page(index)?;
+                let copy = self.frames.alloc(self.frames.read(cached));
+                self.frames.put(cached);
+                Pte::new(copy?, true)
+            }
+            (None, _) if !write => Pte::new(FrameAllocator::ZERO_PAGE, false),
+            (None, _) => Pte::new(self.frames.alloc(0)?, true),
+        })
+    }
+
+    /// Write fault on a page shared with another owner (Linux's `wp_page_copy`): copy it
+    /// to a new frame inside a `Clear` invalidation of the page.
+    fn break_cow(&self, vma: &Vma, addr: u64, seen: Pte) -> Result<(), SimError> {
+        let old = seen.pfn().expect("present");
+        let new = self.frames.alloc(self.frames.read(old))?;
+        let inv = self.invalidate(page(addr), "cow break");
+        let leaf = self.pt.leaf(addr).expect("faulted");
+        let i = pte_index(addr);
+        let mut ptes = leaf.lock();
+        // Someone else may have broken it, or zapped it, since.
+        if ptes[i].pfn() != Some(old) || ptes[i].writable() {
+            drop(ptes);
+            self.frames.put(new);
+            return Ok(());
+        }
+        let busy = ptes[i].to_busy();
+        ptes[i] = busy;
+        drop(ptes);
+        inv.flush(addr, addr + PAGE_SIZE);
+        // Copy again now that no one can write the old frame (a shared-table TLB could
+        // until the flush).
+        self.frames.write(new, self.frames.read(old));
+        let mut ptes = leaf.lock();
+        if ptes[i] == busy {
+            ptes[i] = busy.to_present(new).with_writable(vma.prot.write);
+            drop(ptes);
+        } else {
+            // Zapped while busy: the page is gone; drop our copy.
+            drop(ptes);
+            self.frames.put(new);
+        }
+        self.frames.put(old);
+        drop(inv);
+        Ok(())
+    }
+
+    /// Fault on a swap entry: read the slot into a new frame (Linux's `do_swap_page`; no
+    /// invalidation: nothing was mapped).
+    fn swap_in(&self, vma: &Vma, addr: u64, seen: Pte, slot: u32) -> Result<(), SimError> {
+        let pfn = self.frames.alloc(self.frames.swap_load(slot))?;
+        let leaf = self.pt.leaf(addr).expect("has a swap entry");
+        let mut ptes = leaf.lock();
+        let i = pte_index(addr);
+        if ptes[i] == seen {
+            // Writable only if no forked copy shares the slot.
+            let exclusive = self.frames.swap_refs(slot) == 1;
+            ptes[i] = seen
+                .to_present(pfn)
+                .with_writable(vma.prot.write && exclusive);
+            drop(ptes);
+            self.frames.swap_put(slot);
+        } else {
+            drop(ptes);
+            self.frames.put(pfn);
+        }
+        Ok(())
+    }
+
+    /// CPU access to a device-exclusive page: an `Exclusive` invalidation without an
+    /// owner tells the device it lost the page, then the entry is restored.
+    fn restore_exclusive(&self, addr: u64) {
+        let p = page(addr);
+        let range = Range::new(p.start(), p.end(), Event::Exclusive).expect("one page");
+        let inv = self.invalidate(range, "exclusive restore");
+        if let Some(leaf) = self.pt.leaf(addr) {
+            let mut ptes = leaf.lock();
+            let i = pte_index(addr);
+            if let PteKind::Exclusive(pfn) = ptes[i].kind() {
+                ptes[i] = ptes[i].to_present(pfn);
+            }
+        }
+        drop(inv);
+    }
+
+    // ----- teardown -------------------------------------------------------------------
+
+    /// Clears every entry of `[start, end)` (the caller has started an invalidation of
+    /// it), flushes, and frees what the entries held. Busy entries are cleared without
+    /// touching their frame: it belongs to the operation that made them busy.
+    pub(crate) fn zap(&self, inv: &Invalidation<'_>, start: u64, end: u64) {
+        let mut frames: Vec<Pfn> = Vec::new();
+        let mut slots: Vec<u32> = Vec::new();
+        self.pt.for_each_leaf(start, end, |_, leaf, idx| {
+            for pte in &mut leaf[idx] {
+                match pte.kind() {
+                    PteKind::None => continue,
+                    PteKind::Present(p) | PteKind::Exclusive(p) => frames.push(p),
+                    PteKind::Swap(s) => slots.push(s),
+                    PteKind::Busy(_) => {}
+                }
+                *pte = Pte::default();
+            }
+        });
+        if !frames.is_empty() {
+            inv.flush(start, end);
+        }
+        for p in frames {
+            self.frames.put(p);
+        }
+        for s in slots {
+            self.frames.swap_put(s);
+        }
+    }
+
+    /// Process exit (Linux's `exit_mmap`): the notifier release first, then one `Unmap`
+    /// invalidation over the whole address space, freeing every frame. Later calls do
+    /// nothing; dropping the last handle exits too.
+    pub fn exit(&self) {
+        if self.exited.swap(true, AcqRel) {
+            return;
+        }
+        if self.notify {
+            self.notifier.release();
+        }
+        let mut vmas = self.mmap.write();
+        *vmas = VmaMap::default();
+        let inv = self.invalidate(Range::everything(Event::Unmap), "exit");
+        self.zap(&inv, 0, TASK_SIZE);
+        drop(inv);
+    }
+
+    /// Whether [`exit`](Self::exit) has run.
+    pub fn has_exited(&self) -> bool {
+        self.exited.load(Acquire)
+    }
+}
+
+impl Drop for AddressSpace {
+    fn drop(&mut self) {
+        self.exit();
     }
 }

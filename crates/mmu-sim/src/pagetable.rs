@@ -3,6 +3,7 @@
 //! in `free_pgtables`); each last-level table has its own lock, the *page-table lock*, so
 //! faults on different 2 MiB regions run in parallel.
 
+use std::ops::ControlFlow;
 use std::sync::OnceLock;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -15,9 +16,30 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const TASK_SIZE: u64 = 1 << 47;
 const ENTRIES: usize = 512;
 
-/// A page-table entry: flag bits and a frame number.
+/// A page-table entry: flag bits, a kind, and a frame (or swap slot) number.
+///
+/// A present entry maps a frame. The other non-empty kinds keep a frame or slot for the
+/// primary while no access may go through the entry: a swap entry (the page's data is in
+/// a swap slot), a busy entry (the page is being copied, migrated or written out; faults
+/// wait for it, like Linux's migration entries), and a device-exclusive entry (a device
+/// owns the page; a CPU fault restores it first).
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Pte(u64);
+
+/// What a [`Pte`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PteKind {
+    /// Nothing mapped.
+    None,
+    /// A frame, accessible as the flags say.
+    Present(Pfn),
+    /// The page's data is in this swap slot.
+    Swap(u32),
+    /// The frame is in transition (copy, migration, swap-out); faults wait.
+    Busy(Pfn),
+    /// A device has exclusive access to the frame; CPU access restores it first.
+    Exclusive(Pfn),
+}
 
 impl Pte {
     const PRESENT: u64 = 1 << 0;
@@ -25,12 +47,40 @@ impl Pte {
     const ACCESSED: u64 = 1 << 2;
     const DIRTY: u64 = 1 << 3;
     const SOFT_DIRTY: u64 = 1 << 4;
+    const LAZYFREE: u64 = 1 << 7;
+    const FLAGS: u64 =
+        Self::WRITABLE | Self::ACCESSED | Self::DIRTY | Self::SOFT_DIRTY | Self::LAZYFREE;
+    const KIND_SHIFT: u32 = 5;
+    const KIND_MASK: u64 = 0b11 << Self::KIND_SHIFT;
+    const KIND_SWAP: u64 = 1;
+    const KIND_BUSY: u64 = 2;
+    const KIND_EXCLUSIVE: u64 = 3;
 
     /// A present entry for `pfn`.
     pub fn new(pfn: Pfn, writable: bool) -> Self {
         let mut p = Pte(((pfn.0 as u64) << 32) | Self::PRESENT);
         p.set(Self::WRITABLE, writable);
         p
+    }
+    /// A swap entry for `slot`, keeping this entry's soft-dirty bit.
+    pub fn to_swap(self, slot: u32) -> Self {
+        Pte(((slot as u64) << 32)
+            | (Self::KIND_SWAP << Self::KIND_SHIFT)
+            | (self.0 & Self::SOFT_DIRTY))
+    }
+    /// The same frame, busy (keeps the flags, so it can be restored).
+    pub fn to_busy(self) -> Self {
+        Pte((self.0 & !(Self::PRESENT | Self::KIND_MASK)) | (Self::KIND_BUSY << Self::KIND_SHIFT))
+    }
+    /// The same frame, owned exclusively by a device (keeps the flags).
+    pub fn to_exclusive(self) -> Self {
+        Pte((self.0 & !(Self::PRESENT | Self::KIND_MASK))
+            | (Self::KIND_EXCLUSIVE << Self::KIND_SHIFT))
+    }
+    /// A busy or exclusive entry made present again, with its flags; `pfn` replaces the
+    /// frame (a migration's new frame, or the same one).
+    pub fn to_present(self, pfn: Pfn) -> Self {
+        Pte(((pfn.0 as u64) << 32) | (self.0 & Self::FLAGS) | Self::PRESENT)
     }
     fn has(self, bit: u64) -> bool {
         self.0 & bit != 0
@@ -41,6 +91,23 @@ impl Pte {
         } else {
             self.0 &= !bit;
         }
+    }
+    /// What the entry holds.
+    pub fn kind(self) -> PteKind {
+        let n = (self.0 >> 32) as u32;
+        if self.present() {
+            return PteKind::Present(Pfn(n));
+        }
+        match (self.0 & Self::KIND_MASK) >> Self::KIND_SHIFT {
+            Self::KIND_SWAP => PteKind::Swap(n),
+            Self::KIND_BUSY => PteKind::Busy(Pfn(n)),
+            Self::KIND_EXCLUSIVE => PteKind::Exclusive(Pfn(n)),
+            _ => PteKind::None,
+        }
+    }
+    /// Whether the entry is empty.
+    pub fn is_none(self) -> bool {
+        self.0 == 0
     }
     /// Whether the entry maps a frame.
     pub fn present(self) -> bool {
@@ -66,28 +133,79 @@ impl Pte {
     pub fn pfn(self) -> Option<Pfn> {
         self.present().then_some(Pfn((self.0 >> 32) as u32))
     }
+    /// The frame the entry holds a reference on (present, busy or exclusive).
+    pub fn frame(self) -> Option<Pfn> {
+        match self.kind() {
+            PteKind::Present(p) | PteKind::Busy(p) | PteKind::Exclusive(p) => Some(p),
+            PteKind::None | PteKind::Swap(_) => None,
+        }
+    }
     /// Marks an access (and a write, which also sets dirty and soft-dirty).
     pub fn touch(&mut self, write: bool) {
         self.set(Self::ACCESSED, true);
         if write {
             self.set(Self::DIRTY, true);
             self.set(Self::SOFT_DIRTY, true);
+            self.set(Self::LAZYFREE, false);
         }
+    }
+    /// Whether `madvise(MADV_FREE)` marked the page free-able and it was not written
+    /// since: reclaim may then drop it instead of swapping it out.
+    pub fn lazyfree(self) -> bool {
+        self.has(Self::LAZYFREE)
+    }
+    /// The entry marked free-able (`MADV_FREE`): old, clean and lazy-free.
+    pub fn to_lazyfree(mut self) -> Self {
+        self.set(Self::ACCESSED, false);
+        self.set(Self::DIRTY, false);
+        self.set(Self::LAZYFREE, true);
+        self
+    }
+    /// Whether two entries hold the same thing with the same permission (accessed and
+    /// dirty bits aside), as Linux's `pte_same` is used after retaking the lock.
+    pub fn same_mapping(self, other: Pte) -> bool {
+        self.kind() == other.kind() && self.writable() == other.writable()
+    }
+    /// The entry with its write permission set or cleared.
+    pub fn with_writable(mut self, writable: bool) -> Self {
+        self.set(Self::WRITABLE, writable);
+        self
+    }
+    /// The entry with its accessed bit cleared.
+    pub fn old(mut self) -> Self {
+        self.set(Self::ACCESSED, false);
+        self
+    }
+    /// The entry with its dirty bit cleared.
+    pub fn clean(mut self) -> Self {
+        self.set(Self::DIRTY, false);
+        self
+    }
+    /// The entry with its soft-dirty bit cleared.
+    pub fn soft_clean(mut self) -> Self {
+        self.set(Self::SOFT_DIRTY, false);
+        self
     }
 }
 
 impl std::fmt::Debug for Pte {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.pfn() {
-            None => write!(f, "Pte(none)"),
-            Some(p) => write!(
+        let flags = format!(
+            "{}{}{}{}",
+            if self.writable() { " W" } else { " RO" },
+            if self.accessed() { " A" } else { "" },
+            if self.dirty() { " D" } else { "" },
+            if self.soft_dirty() { " SD" } else { "" },
+        );
+        match self.kind() {
+            PteKind::None => write!(f, "Pte(none)"),
+            PteKind::Present(p) => write!(f, "Pte({p:?}{flags})"),
+            PteKind::Busy(p) => write!(f, "Pte(busy {p:?}{flags})"),
+            PteKind::Exclusive(p) => write!(f, "Pte(exclusive {p:?}{flags})"),
+            PteKind::Swap(s) => write!(
                 f,
-                "Pte({:?}{}{}{}{})",
-                p,
-                if self.writable() { " W" } else { " RO" },
-                if self.accessed() { " A" } else { "" },
-                if self.dirty() { " D" } else { "" },
-                if self.soft_dirty() { " SD" } else { "" },
+                "Pte(swap {s}{})",
+                if self.soft_dirty() { " SD" } else { "" }
             ),
         }
     }
@@ -178,6 +296,31 @@ impl PageTable {
         end: u64,
         mut f: impl FnMut(u64, &mut LeafGuard<'_>, std::ops::Range<usize>),
     ) {
+        self.walk_leaves(start, end, |base, leaf, idx| {
+            f(base, &mut leaf.lock(), idx);
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// The start of the first existing last-level table overlapping `[start, end)`,
+    /// clipped to `start` (Linux's "first populated entry" at page-table granularity).
+    pub fn first_populated(&self, start: u64, end: u64) -> Option<u64> {
+        let mut first = None;
+        self.walk_leaves(start, end, |base, _, _| {
+            first = Some(base.max(start));
+            ControlFlow::Break(())
+        });
+        first
+    }
+
+    /// The walk behind [`for_each_leaf`](Self::for_each_leaf): unlocked tables, in address
+    /// order, until `f` breaks.
+    fn walk_leaves(
+        &self,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(u64, &Leaf, std::ops::Range<usize>) -> ControlFlow<()>,
+    ) {
         let end = end.min(TASK_SIZE);
         if start >= end {
             return;
@@ -219,7 +362,9 @@ impl PageTable {
                     } else {
                         ENTRIES
                     };
-                    f(base, &mut leaf.lock(), lo..hi);
+                    if f(base, leaf, lo..hi).is_break() {
+                        return;
+                    }
                 }
             }
         }

@@ -1,6 +1,10 @@
 //! Virtual memory areas: the layout half of an address space.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::file::File;
+use crate::pagetable::PAGE_SIZE;
 
 /// Access a mapping allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -29,8 +33,23 @@ impl Prot {
     };
 }
 
+/// What a mapping's pages come from.
+#[derive(Clone, Debug)]
+pub enum Backing {
+    /// Anonymous memory: zero-filled on first use.
+    Anon,
+    /// A file's page cache, from byte `offset` at the mapping's start. Shared anonymous
+    /// memory is a mapping of an unnamed file, as in Linux.
+    File {
+        /// The file.
+        file: Arc<File>,
+        /// Byte offset of the mapping's first page in the file.
+        offset: u64,
+    },
+}
+
 /// One mapping `[start, end)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Vma {
     /// First address (page aligned).
     pub start: u64,
@@ -38,6 +57,73 @@ pub struct Vma {
     pub end: u64,
     /// Allowed access.
     pub prot: Prot,
+    /// `MAP_SHARED` (writes go to the backing pages) rather than `MAP_PRIVATE` (writes
+    /// copy them first).
+    pub shared: bool,
+    /// Where the pages come from.
+    pub backing: Backing,
+}
+
+impl PartialEq for Vma {
+    fn eq(&self, o: &Self) -> bool {
+        let same_backing = match (&self.backing, &o.backing) {
+            (Backing::Anon, Backing::Anon) => true,
+            (Backing::File { file: a, offset: x }, Backing::File { file: b, offset: y }) => {
+                Arc::ptr_eq(a, b) && x == y
+            }
+            _ => false,
+        };
+        self.start == o.start
+            && self.end == o.end
+            && self.prot == o.prot
+            && self.shared == o.shared
+            && same_backing
+    }
+}
+
+impl Eq for Vma {}
+
+impl Vma {
+    /// The file and page index backing `addr` (inside the mapping), if file backed.
+    pub fn file_page(&self, addr: u64) -> Option<(&Arc<File>, u64)> {
+        match &self.backing {
+            Backing::Anon => None,
+            Backing::File { file, offset } => {
+                Some((file, (offset + (addr - self.start)) / PAGE_SIZE))
+            }
+        }
+    }
+
+    /// Whether this is a private mapping whose pages are copied on write (Linux's
+    /// `is_cow_mapping`: every private mapping may be made writable).
+    pub fn is_cow(&self) -> bool {
+        !self.shared
+    }
+
+    /// The part of this mapping from `at` on (`at` inside it).
+    fn tail(&self, at: u64) -> Vma {
+        let backing = match &self.backing {
+            Backing::Anon => Backing::Anon,
+            Backing::File { file, offset } => Backing::File {
+                file: file.clone(),
+                offset: offset + (at - self.start),
+            },
+        };
+        Vma {
+            start: at,
+            backing,
+            ..self.clone()
+        }
+    }
+
+    /// This mapping moved to start at `new_start` with length `len`.
+    pub(crate) fn moved(&self, new_start: u64, len: u64) -> Vma {
+        Vma {
+            start: new_start,
+            end: new_start + len,
+            ..self.clone()
+        }
+    }
 }
 
 /// The mappings of an address space, by start address; they never overlap.
@@ -73,14 +159,14 @@ impl VmaMap {
 
     /// Splits the mapping containing `addr` (if any, and if `addr` is inside it) in two.
     pub fn split_at(&mut self, addr: u64) {
-        let Some(v) = self.find(addr).copied() else {
+        let Some(v) = self.find(addr).cloned() else {
             return;
         };
         if v.start == addr {
             return;
         }
+        self.vmas.insert(addr, v.tail(addr));
         self.vmas.insert(v.start, Vma { end: addr, ..v });
-        self.vmas.insert(addr, Vma { start: addr, ..v });
     }
 
     /// Removes every mapping inside `[start, end)` (split at both ends first), returning
@@ -105,6 +191,24 @@ impl VmaMap {
             candidate = candidate.max(v.end);
         }
         (candidate.checked_add(len)? <= ceiling).then_some(candidate)
+    }
+
+    /// The mapping starting at `start`, to change in place (the caller keeps the map
+    /// ordered and non-overlapping).
+    pub(crate) fn get_mut(&mut self, start: u64) -> Option<&mut Vma> {
+        self.vmas.get_mut(&start)
+    }
+
+    /// Whether `[start, end)` is entirely covered by mappings.
+    pub fn covers(&self, start: u64, end: u64) -> bool {
+        let mut at = start;
+        for v in self.overlapping(start, end) {
+            if v.start > at {
+                return false;
+            }
+            at = v.end;
+        }
+        at >= end
     }
 
     /// All mappings, in order.
