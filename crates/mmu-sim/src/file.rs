@@ -69,6 +69,11 @@ impl File {
         Ok(pfn)
     }
 
+    /// The cached frame of page `index`, if any (no reference taken).
+    pub(crate) fn cached(&self, index: u64) -> Option<Pfn> {
+        self.pages.lock().get(&index).copied()
+    }
+
     /// Reads the data word of the page at byte `offset` (page aligned), as `pread` would.
     pub fn read(&self, offset: u64) -> Result<u64, SimError> {
         let index = page_index(offset)?;

@@ -296,6 +296,11 @@ impl AddressSpace {
         n: u64,
         write: bool,
     ) -> Result<Vec<FrameRef>, SimError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // The page containing an unaligned start, as Linux.
+        let start = start & !(PAGE_SIZE - 1);
         let end = check_range(start, n.saturating_mul(PAGE_SIZE))?;
         let vmas = self.mmap.read();
         (start..end)
@@ -528,16 +533,18 @@ impl AddressSpace {
     }
 
     /// Process exit (Linux's `exit_mmap`): the notifier release first, then one `Unmap`
-    /// invalidation over the whole address space, freeing every frame. Later calls do
-    /// nothing; dropping the last handle exits too.
+    /// invalidation over the whole address space, freeing every frame. Dropping the last
+    /// handle exits too. Release happens once; a later call (or the drop) unmaps whatever
+    /// was mapped since, so nothing leaks.
     pub fn exit(&self) {
-        if self.exited.swap(true, AcqRel) {
-            return;
-        }
-        if self.notify {
+        let again = self.exited.swap(true, AcqRel);
+        if self.notify && !again {
             self.notifier.release();
         }
         let mut vmas = self.mmap.write();
+        if again && vmas.is_empty() {
+            return;
+        }
         *vmas = VmaMap::default();
         let inv = self.invalidate(Range::everything(Event::Unmap), "exit");
         self.zap(&inv, 0, TASK_SIZE);

@@ -265,6 +265,9 @@ impl PageTable {
 
     /// The last-level table covering `va`, if it exists.
     pub fn leaf(&self, va: u64) -> Option<&Leaf> {
+        if va >= TASK_SIZE {
+            return None;
+        }
         let l3 = self.root.slots[idx(va, 3)].get()?;
         let l2 = l3.slots[idx(va, 2)].get()?;
         l2.slots[idx(va, 1)].get().map(|b| &**b)

@@ -635,7 +635,6 @@ fn file_mappings_share_with_the_file_or_copy_on_write() {
 }
 
 #[test]
-#[ignore = "bug: reclaim drops the private (COW) copy of a MAP_PRIVATE file page as if it were clean page cache: the write is lost"]
 fn reclaim_keeps_what_was_written_to_a_private_file_mapping() {
     let mm = space(64);
     let file = File::new(mm.frames().clone());
@@ -905,7 +904,6 @@ fn mprotect_errors_and_permissions() {
 }
 
 #[test]
-#[ignore = "bug: mprotect of a wrapping range or one beyond TASK_SIZE returns EINVAL; Linux returns ENOMEM"]
 fn mprotect_of_an_overflowing_range_is_enomem_like_linux() {
     // Linux do_mprotect_pkey: `end = start + PAGE_ALIGN(len); if (end <= start) return
     // -ENOMEM;` and a range past the last mapping finds no VMA: -ENOMEM.
@@ -982,7 +980,6 @@ fn madvise_errors() {
 }
 
 #[test]
-#[ignore = "bug: madvise of a range beyond TASK_SIZE (not wrapping) returns EINVAL; Linux finds no VMA there and returns ENOMEM"]
 fn madvise_beyond_user_space_is_enomem_like_linux() {
     // Linux do_madvise rejects only unaligned starts, lengths that round to zero and
     // wrapping ends (EINVAL); the walk then finds no VMA: -ENOMEM.
@@ -1044,7 +1041,6 @@ fn mremap_errors() {
 }
 
 #[test]
-#[ignore = "bug: mremap checks the old range's arithmetic before looking it up: an unmapped start with a wrapping, beyond-TASK_SIZE or zero old length gives EINVAL where Linux gives EFAULT"]
 fn mremap_of_nothing_mapped_is_efault_whatever_the_old_length_like_linux() {
     // Linux's mremap checks only the start's alignment and the new length before
     // vma_lookup(addr), which fails with EFAULT when nothing is mapped there.
@@ -1077,7 +1073,6 @@ fn mremap_after_an_mprotect_round_trip_sees_one_mapping_like_linux() {
 }
 
 #[test]
-#[ignore = "bug: mremap grows a file mapping whose offset + new length overflows (Linux: EINVAL); the next fault then overflows computing the page index (panic in debug builds)"]
 fn mremap_of_a_file_mapping_whose_offset_would_overflow_is_einval() {
     let mm = space(16);
     let file = File::new(mm.frames().clone());
@@ -1258,7 +1253,6 @@ fn snapshot_and_get_user_pages_errors() {
 }
 
 #[test]
-#[ignore = "bug: get_user_pages rejects a zero page count and an unaligned start with EINVAL; Linux's GUP returns 0 pages for nr_pages 0 and takes the page containing an unaligned start"]
 fn get_user_pages_of_zero_pages_or_an_unaligned_start_is_like_linux() {
     let mm = space(16);
     let a = stamped(&mm, 1);
@@ -1358,7 +1352,6 @@ fn reclaim_age_and_migrate_errors() {
 }
 
 #[test]
-#[ignore = "bug: test_young does not check the address is in user space: an address >= 2^48 aliases a mapped page's entry and reports it young"]
 fn test_young_of_an_address_outside_user_space_is_false() {
     let mm = space(16);
     let a = stamped(&mm, 1);
@@ -1433,7 +1426,6 @@ fn out_of_frames_is_enomem_and_loses_nothing() {
 }
 
 #[test]
-#[ignore = "bug: an address space accepts mmap after exit(); frames faulted into it are never freed (exit and drop do nothing the second time)"]
 fn nothing_mapped_after_exit_can_leak() {
     let frames = Arc::new(FrameAllocator::new(8));
     let mm = AddressSpace::new(frames.clone());

@@ -141,17 +141,21 @@ impl AddressSpace {
     /// invalidation from its first populated table to its end in the range; entries lose
     /// write permission if the new protection has none (they regain it by faulting).
     ///
-    /// A zero length does nothing (as Linux). Errors: EINVAL for an unaligned or
-    /// overflowing range, ENOMEM if part of it is not mapped (nothing is changed then).
+    /// A zero length does nothing (as Linux). Errors: EINVAL for an unaligned address,
+    /// ENOMEM for a wrapping range or one not entirely mapped (nothing is changed then).
     pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<(), SimError> {
-        if len == 0 {
-            return if addr % PAGE_SIZE == 0 {
-                Ok(())
-            } else {
-                Err(SimError::InvalidArgument("address not page aligned"))
-            };
+        if addr % PAGE_SIZE != 0 {
+            return Err(SimError::InvalidArgument("address not page aligned"));
         }
-        let end = check_range(addr, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // As Linux: a wrapping or out-of-user-space range has no mapping (ENOMEM).
+        let end = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .and_then(|l| addr.checked_add(l))
+            .filter(|&e| e <= TASK_SIZE)
+            .ok_or(SimError::OutOfMemory)?;
         let mut vmas = self.mmap.write();
         if !vmas.covers(addr, end) {
             return Err(SimError::OutOfMemory);
@@ -194,9 +198,12 @@ impl AddressSpace {
     /// the emptied old mapping, which fires a second `Unmap` over it). Returns the new
     /// start.
     ///
-    /// Errors as Linux: EINVAL for an unaligned address, zero lengths, `fixed` without
-    /// `may_move`, or overlapping old and new ranges; EFAULT if the old range is not
-    /// inside one mapping; ENOMEM if it cannot grow and may not move.
+    /// Errors as Linux, in Linux's order: EINVAL for an unaligned address, a zero new
+    /// length, `fixed` without `may_move`, an unaligned, out-of-range or overlapping
+    /// `fixed` target; EFAULT if nothing is mapped at `old_addr` or the old range goes
+    /// past its mapping; EINVAL for a zero old length (Linux's duplication of a shared
+    /// mapping is not simulated) or a file offset that would overflow; ENOMEM if it
+    /// cannot grow and may not move.
     pub fn mremap(
         &self,
         old_addr: u64,
@@ -204,8 +211,9 @@ impl AddressSpace {
         new_len: u64,
         flags: MremapFlags,
     ) -> Result<u64, SimError> {
-        let old_end = check_range(old_addr, old_len)?;
-        let old_len = old_end - old_addr;
+        if old_addr % PAGE_SIZE != 0 {
+            return Err(SimError::InvalidArgument("address not page aligned"));
+        }
         if new_len == 0 {
             return Err(SimError::InvalidArgument("zero new length"));
         }
@@ -218,16 +226,29 @@ impl AddressSpace {
                 "MREMAP_FIXED without MREMAP_MAYMOVE",
             ));
         }
+        let fixed = match flags.fixed {
+            Some(new_addr) => Some((new_addr, check_range(new_addr, new_len)?)),
+            None => None,
+        };
         let mut vmas = self.mmap.write();
         let vma = vmas
             .find(old_addr)
             .ok_or(SimError::Fault(old_addr))?
             .clone();
-        if old_end > vma.end {
-            return Err(SimError::Fault(vma.end));
+        let old_len = old_len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .filter(|&l| l <= vma.end - old_addr)
+            .ok_or(SimError::Fault(vma.end))?;
+        if old_len == 0 {
+            return Err(SimError::InvalidArgument("zero old length"));
         }
-        if let Some(new_addr) = flags.fixed {
-            let new_end = check_range(new_addr, new_len)?;
+        let old_end = old_addr + old_len;
+        if let Backing::File { offset, .. } = &vma.backing {
+            (offset + (old_addr - vma.start))
+                .checked_add(new_len)
+                .ok_or(SimError::InvalidArgument("file offset overflows"))?;
+        }
+        if let Some((new_addr, new_end)) = fixed {
             if new_addr < old_end && old_addr < new_end {
                 return Err(SimError::InvalidArgument("old and new ranges overlap"));
             }

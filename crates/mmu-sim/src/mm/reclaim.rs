@@ -64,7 +64,12 @@ impl AddressSpace {
         if len == 0 {
             return Ok(());
         }
-        let end = check_range(addr, len)?;
+        // As Linux: a length that overflows when rounded, or a wrapping end, is EINVAL;
+        // a range reaching beyond user space just has no mapping there (ENOMEM below).
+        let end = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .and_then(|l| addr.checked_add(l))
+            .ok_or(SimError::InvalidArgument("range overflows"))?;
         let vmas = self.mmap.read();
         let holes = !vmas.covers(addr, end);
         for vma in vmas.overlapping(addr, end) {
@@ -174,8 +179,12 @@ impl AddressSpace {
         if ptes[i].pfn() != Some(pfn) {
             return false;
         }
-        if vma.file_page(addr).is_some() {
-            // Clean in the page cache: just unmap.
+        if vma
+            .file_page(addr)
+            .is_some_and(|(file, index)| file.cached(index) == Some(pfn))
+        {
+            // The page cache's own page, clean there: just unmap. (A private copy of a
+            // file page is anonymous memory and is swapped like any other.)
             ptes[i] = Pte::default();
             drop(ptes);
             inv.flush(addr, addr + PAGE_SIZE);
@@ -226,7 +235,10 @@ impl AddressSpace {
     /// Whether the page at `addr` was used since it was last aged, by the CPU or a
     /// secondary (`test_young`); clears nothing.
     pub fn test_young(&self, addr: u64) -> bool {
-        let _vmas = self.mmap.read();
+        let vmas = self.mmap.read();
+        if vmas.find(addr).is_none() {
+            return false;
+        }
         let pte = self.pt.pte(addr);
         pte.present()
             && (pte.accessed()
@@ -239,12 +251,12 @@ impl AddressSpace {
     /// `Clear` invalidation of the page; the data follows. Returns the new frame.
     ///
     /// Errors: EFAULT if not mapped; EBUSY if the page is not present, is the zero page,
-    /// is a file page, or is shared with a forked copy (the simulation has no reverse
+    /// is in the page cache, or is shared with a forked copy (the simulation has no reverse
     /// map to find the other owner's entry).
     pub fn migrate(&self, addr: u64) -> Result<FrameRef, SimError> {
         let vmas = self.mmap.read();
-        let vma = vmas.find(addr).ok_or(SimError::Fault(addr))?;
-        let old = self.migratable(vma, addr)?;
+        vmas.find(addr).ok_or(SimError::Fault(addr))?;
+        let old = self.migratable(addr)?;
         let new = self.frames.alloc(0)?;
         let inv = self.invalidate(page(addr), "migrate");
         let moved = self.move_page(&inv, addr, old, new);
@@ -281,7 +293,7 @@ impl AddressSpace {
         let mut moved = Vec::new();
         for vma in vmas.overlapping(start, end) {
             for a in (vma.start.max(start)..vma.end.min(end)).step_by(PAGE_SIZE as usize) {
-                let Ok(old) = self.migratable(vma, a) else {
+                let Ok(old) = self.migratable(a) else {
                     continue;
                 };
                 let new = self.frames.alloc(0)?;
@@ -294,12 +306,12 @@ impl AddressSpace {
         Ok(moved)
     }
 
-    fn migratable(&self, vma: &Vma, addr: u64) -> Result<Pfn, SimError> {
+    fn migratable(&self, addr: u64) -> Result<Pfn, SimError> {
         match self.pt.pte(addr).pfn() {
             Some(p)
-                if !FrameAllocator::is_zero_page(p)
-                    && vma.file_page(addr).is_none()
-                    && self.frames.refs(p) == 1 =>
+                // One reference: only this entry has it (a page-cache page also has
+                // the cache's reference, a forked page the other entry's).
+                if !FrameAllocator::is_zero_page(p) && self.frames.refs(p) == 1 =>
             {
                 Ok(p)
             }
