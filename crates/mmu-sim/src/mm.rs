@@ -406,6 +406,13 @@ impl AddressSpace {
                     self.restore_exclusive(addr);
                     continue;
                 }
+                // Only while an mprotect away from PROT_NONE is between the VMA and the
+                // entries (it holds the mmap lock for writing, so never seen here); made
+                // readable as that mprotect would.
+                PteKind::ProtNone(p) => {
+                    ptes[i] = pte.to_present(p);
+                    continue;
+                }
             }
             ptes[i].touch(write);
             return Ok((ptes, i));
@@ -418,13 +425,17 @@ impl AddressSpace {
             (Some((file, index)), true) => Pte::new(file.get_page(index)?, vma.prot.write),
             (Some((file, index)), false) if !write => Pte::new(file.get_page(index)?, false),
             (Some((file, index)), false) => {
+                vma.mark_anon();
                 let cached = file.get_page(index)?;
                 let copy = self.frames.alloc(self.frames.read(cached));
                 self.frames.put(cached);
                 Pte::new(copy?, true)
             }
             (None, _) if !write => Pte::new(FrameAllocator::ZERO_PAGE, false),
-            (None, _) => Pte::new(self.frames.alloc(0)?, true),
+            (None, _) => {
+                vma.mark_anon();
+                Pte::new(self.frames.alloc(0)?, true)
+            }
         })
     }
 
@@ -433,6 +444,7 @@ impl AddressSpace {
     fn break_cow(&self, vma: &Vma, addr: u64, seen: Pte) -> Result<(), SimError> {
         let old = seen.pfn().expect("present");
         let new = self.frames.alloc(self.frames.read(old))?;
+        vma.mark_anon();
         let inv = self.invalidate(page(addr), "cow break");
         let leaf = self.pt.leaf(addr).expect("faulted");
         let i = pte_index(addr);
@@ -514,7 +526,9 @@ impl AddressSpace {
             for pte in &mut leaf[idx] {
                 match pte.kind() {
                     PteKind::None => continue,
-                    PteKind::Present(p) | PteKind::Exclusive(p) => frames.push(p),
+                    PteKind::Present(p) | PteKind::Exclusive(p) | PteKind::ProtNone(p) => {
+                        frames.push(p)
+                    }
                     PteKind::Swap(s) => slots.push(s),
                     PteKind::Busy(_) => {}
                 }

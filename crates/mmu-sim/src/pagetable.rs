@@ -4,6 +4,7 @@
 //! faults on different 2 MiB regions run in parallel.
 
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -39,6 +40,9 @@ pub enum PteKind {
     Busy(Pfn),
     /// A device has exclusive access to the frame; CPU access restores it first.
     Exclusive(Pfn),
+    /// The frame stays but nothing may access it (`PROT_NONE`): not present to any
+    /// hardware walking the table; `mprotect` makes it present again.
+    ProtNone(Pfn),
 }
 
 impl Pte {
@@ -47,14 +51,15 @@ impl Pte {
     const ACCESSED: u64 = 1 << 2;
     const DIRTY: u64 = 1 << 3;
     const SOFT_DIRTY: u64 = 1 << 4;
-    const LAZYFREE: u64 = 1 << 7;
+    const LAZYFREE: u64 = 1 << 8;
     const FLAGS: u64 =
         Self::WRITABLE | Self::ACCESSED | Self::DIRTY | Self::SOFT_DIRTY | Self::LAZYFREE;
     const KIND_SHIFT: u32 = 5;
-    const KIND_MASK: u64 = 0b11 << Self::KIND_SHIFT;
+    const KIND_MASK: u64 = 0b111 << Self::KIND_SHIFT;
     const KIND_SWAP: u64 = 1;
     const KIND_BUSY: u64 = 2;
     const KIND_EXCLUSIVE: u64 = 3;
+    const KIND_PROT_NONE: u64 = 4;
 
     /// A present entry for `pfn`.
     pub fn new(pfn: Pfn, writable: bool) -> Self {
@@ -76,6 +81,13 @@ impl Pte {
     pub fn to_exclusive(self) -> Self {
         Pte((self.0 & !(Self::PRESENT | Self::KIND_MASK))
             | (Self::KIND_EXCLUSIVE << Self::KIND_SHIFT))
+    }
+    /// The same frame, inaccessible (`PROT_NONE`; keeps the flags but write permission).
+    pub fn to_prot_none(self) -> Self {
+        Pte(
+            (self.0 & !(Self::PRESENT | Self::KIND_MASK | Self::WRITABLE))
+                | (Self::KIND_PROT_NONE << Self::KIND_SHIFT),
+        )
     }
     /// A busy or exclusive entry made present again, with its flags; `pfn` replaces the
     /// frame (a migration's new frame, or the same one).
@@ -102,6 +114,7 @@ impl Pte {
             Self::KIND_SWAP => PteKind::Swap(n),
             Self::KIND_BUSY => PteKind::Busy(Pfn(n)),
             Self::KIND_EXCLUSIVE => PteKind::Exclusive(Pfn(n)),
+            Self::KIND_PROT_NONE => PteKind::ProtNone(Pfn(n)),
             _ => PteKind::None,
         }
     }
@@ -136,7 +149,10 @@ impl Pte {
     /// The frame the entry holds a reference on (present, busy or exclusive).
     pub fn frame(self) -> Option<Pfn> {
         match self.kind() {
-            PteKind::Present(p) | PteKind::Busy(p) | PteKind::Exclusive(p) => Some(p),
+            PteKind::Present(p)
+            | PteKind::Busy(p)
+            | PteKind::Exclusive(p)
+            | PteKind::ProtNone(p) => Some(p),
             PteKind::None | PteKind::Swap(_) => None,
         }
     }
@@ -201,6 +217,7 @@ impl std::fmt::Debug for Pte {
             PteKind::None => write!(f, "Pte(none)"),
             PteKind::Present(p) => write!(f, "Pte({p:?}{flags})"),
             PteKind::Busy(p) => write!(f, "Pte(busy {p:?}{flags})"),
+            PteKind::ProtNone(p) => write!(f, "Pte(prot-none {p:?}{flags})"),
             PteKind::Exclusive(p) => write!(f, "Pte(exclusive {p:?}{flags})"),
             PteKind::Swap(s) => write!(
                 f,
@@ -214,6 +231,11 @@ impl std::fmt::Debug for Pte {
 /// A last-level table: 512 entries behind the page-table lock.
 pub struct Leaf {
     ptes: Mutex<[Pte; ENTRIES]>,
+    /// Whether the table is in use (Linux: the middle-level entry is not none). Set by
+    /// the first fault into it, cleared when `munmap` frees it; the memory itself is kept
+    /// (an interior level is never deallocated, so lock-free readers stay valid).
+    /// Written only under the mmap lock (any side), read under it for writing.
+    live: AtomicBool,
 }
 
 /// A held page-table lock over one last-level table.
@@ -277,11 +299,29 @@ impl PageTable {
     pub fn leaf_or_alloc(&self, va: u64) -> &Leaf {
         let l3 = self.root.slots[idx(va, 3)].get_or_init(|| Box::new(Dir::new()));
         let l2 = l3.slots[idx(va, 2)].get_or_init(|| Box::new(Dir::new()));
-        l2.slots[idx(va, 1)].get_or_init(|| {
+        let leaf = l2.slots[idx(va, 1)].get_or_init(|| {
             Box::new(Leaf {
                 ptes: Mutex::new([Pte::default(); ENTRIES]),
+                live: AtomicBool::new(false),
             })
-        })
+        });
+        // Relaxed: ordered with `free_tables` and `first_populated` by the mmap lock.
+        if !leaf.live.load(Relaxed) {
+            leaf.live.store(true, Relaxed);
+        }
+        leaf
+    }
+
+    /// Frees (marks unused) every last-level table overlapping `[start, end)` that no
+    /// mapping overlaps any more (Linux's `free_pgtables` after `munmap`); its entries
+    /// are all empty by then. The caller holds the mmap lock for writing.
+    pub(crate) fn free_tables(&self, start: u64, end: u64, in_use: impl Fn(u64, u64) -> bool) {
+        self.walk_leaves(start, end, |base, leaf, _| {
+            if !in_use(base, base + (PAGE_SIZE << 9)) && leaf.lock().iter().all(|p| p.is_none()) {
+                leaf.live.store(false, Relaxed);
+            }
+            ControlFlow::Continue(())
+        });
     }
 
     /// The entry for `va` (none when no table covers it). Takes the page-table lock.
@@ -309,7 +349,10 @@ impl PageTable {
     /// clipped to `start` (Linux's "first populated entry" at page-table granularity).
     pub fn first_populated(&self, start: u64, end: u64) -> Option<u64> {
         let mut first = None;
-        self.walk_leaves(start, end, |base, _, _| {
+        self.walk_leaves(start, end, |base, leaf, _| {
+            if !leaf.live.load(Relaxed) {
+                return ControlFlow::Continue(());
+            }
             first = Some(base.max(start));
             ControlFlow::Break(())
         });

@@ -1,6 +1,7 @@
 //! Virtual memory areas: the layout half of an address space.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::file::File;
@@ -62,6 +63,9 @@ pub struct Vma {
     pub shared: bool,
     /// Where the pages come from.
     pub backing: Backing,
+    /// Whether a private anonymous page was ever created in the mapping (Linux: it has
+    /// an `anon_vma`). Shared by the pieces of a split mapping, as Linux shares it.
+    pub(crate) anon_vma: Arc<AtomicBool>,
 }
 
 impl PartialEq for Vma {
@@ -92,6 +96,49 @@ impl Vma {
                 Some((file, (offset + (addr - self.start)) / PAGE_SIZE))
             }
         }
+    }
+
+    /// Whether a private anonymous page was ever created in this mapping (Linux: it has
+    /// an `anon_vma`); `fork` copies only such private mappings.
+    pub fn has_anon_vma(&self) -> bool {
+        self.anon_vma.load(Relaxed)
+    }
+
+    /// Records that a private anonymous page is being created in the mapping. Relaxed:
+    /// read under the mmap lock held for writing, which orders it.
+    pub(crate) fn mark_anon(&self) {
+        if !self.anon_vma.load(Relaxed) {
+            self.anon_vma.store(true, Relaxed);
+        }
+    }
+
+    /// A copy for a forked child: same layout, its own `anon_vma` state.
+    pub(crate) fn fork_copy(&self) -> Vma {
+        Vma {
+            anon_vma: Arc::new(AtomicBool::new(self.has_anon_vma())),
+            ..self.clone()
+        }
+    }
+
+    /// Whether `next` (which starts where this ends) could be the same mapping: same
+    /// protection, sharing and backing (the file continuing at the right offset), and
+    /// compatible anonymous state.
+    pub(crate) fn can_merge(&self, next: &Vma) -> bool {
+        let backing = match (&self.backing, &next.backing) {
+            (Backing::Anon, Backing::Anon) => true,
+            (Backing::File { file: a, offset: x }, Backing::File { file: b, offset: y }) => {
+                Arc::ptr_eq(a, b) && x.checked_add(self.end - self.start) == Some(*y)
+            }
+            _ => false,
+        };
+        let anon = Arc::ptr_eq(&self.anon_vma, &next.anon_vma)
+            || !self.has_anon_vma()
+            || !next.has_anon_vma();
+        self.end == next.start
+            && self.prot == next.prot
+            && self.shared == next.shared
+            && backing
+            && anon
     }
 
     /// Whether this is a private mapping whose pages are copied on write (Linux's
@@ -197,6 +244,27 @@ impl VmaMap {
     /// ordered and non-overlapping).
     pub(crate) fn get_mut(&mut self, start: u64) -> Option<&mut Vma> {
         self.vmas.get_mut(&start)
+    }
+
+    /// Merges the mapping starting at `at` into the one ending there, if they are
+    /// compatible (Linux's `vma_merge`).
+    pub(crate) fn merge_at(&mut self, at: u64) {
+        let Some(next) = self.vmas.get(&at) else {
+            return;
+        };
+        let Some((_, prev)) = self.vmas.range(..at).next_back() else {
+            return;
+        };
+        if !prev.can_merge(next) {
+            return;
+        }
+        let next = self.vmas.remove(&at).expect("present");
+        let prev_start = self.find(at - 1).expect("adjacent").start;
+        let prev = self.vmas.get_mut(&prev_start).expect("present");
+        if next.has_anon_vma() {
+            prev.anon_vma = next.anon_vma.clone();
+        }
+        prev.end = next.end;
     }
 
     /// Whether `[start, end)` is entirely covered by mappings.

@@ -1060,7 +1060,6 @@ fn mremap_of_nothing_mapped_is_efault_whatever_the_old_length_like_linux() {
 }
 
 #[test]
-#[ignore = "bug: mprotect splits a VMA and restoring the protection does not merge it back, so a later mremap of the whole range fails with EFAULT where Linux (which merges) succeeds"]
 fn mremap_after_an_mprotect_round_trip_sees_one_mapping_like_linux() {
     let mm = space(16);
     let a = stamped(&mm, 4);

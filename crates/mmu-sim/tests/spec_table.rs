@@ -749,7 +749,6 @@ fn mprotect_without_page_tables_or_without_a_change_fires_nothing() {
 }
 
 #[test]
-#[ignore = "bug: munmap never frees page tables (Linux's free_pgtables does), so a later mprotect of a remapped, untouched range still fires ProtectionVma"]
 fn mprotect_after_munmap_freed_the_tables_fires_nothing() {
     let rig = Rig::new();
     let a = rig.map_at(B, 4 * P, Prot::READ_WRITE);
@@ -767,7 +766,6 @@ fn mprotect_after_munmap_freed_the_tables_fires_nothing() {
 }
 
 #[test]
-#[ignore = "bug: mprotect(PROT_NONE) only revokes write: the entries stay present, so a secondary walking the primary's tables can still read the pages after the flush"]
 fn mprotect_to_none_leaves_no_accessible_entry_at_the_flush() {
     let rig = Rig::new();
     let a = rig.map_at(B, 2 * P, Prot::READ_WRITE);
@@ -844,7 +842,6 @@ fn fork_is_protection_page_on_the_parent_over_each_touched_private_vma_only() {
 }
 
 #[test]
-#[ignore = "bug (documented deviation): fork fires ProtectionPage on a private mapping whose only entries are zero-page reads; Linux copies (and invalidates) only mappings with an anon_vma"]
 fn fork_of_a_private_mapping_with_only_zero_page_entries_fires_nothing() {
     let rig = Rig::new();
     let a = rig.map_at(B, 4 * P, Prot::READ_WRITE);

@@ -111,6 +111,7 @@ impl AddressSpace {
             prot,
             shared,
             backing,
+            anon_vma: Default::default(),
         });
         Ok(start)
     }
@@ -134,6 +135,8 @@ impl AddressSpace {
         let inv = self.invalidate(Range::new(start, end, Event::Unmap).expect("non-empty"), op);
         self.zap(&inv, start, end);
         drop(inv);
+        self.pt
+            .free_tables(start, end, |s, e| vmas.overlapping(s, e).next().is_some());
     }
 
     /// Linux's `mprotect`: changes the access allowed to `[addr, addr + len)`. For each
@@ -167,7 +170,7 @@ impl AddressSpace {
             .filter(|v| v.prot != prot)
             .map(|v| (v.start, v.end))
             .collect();
-        for (s, e) in parts {
+        for &(s, e) in &parts {
             vmas.get_mut(s).expect("just listed").prot = prot;
             let Some(first) = self.pt.first_populated(s, e) else {
                 continue;
@@ -176,17 +179,26 @@ impl AddressSpace {
                 Range::new(first, e, Event::ProtectionVma).expect("non-empty"),
                 "mprotect",
             );
-            if !prot.write {
-                self.pt.for_each_leaf(first, e, |_, leaf, idx| {
-                    for pte in &mut leaf[idx] {
-                        if pte.writable() {
-                            *pte = pte.with_writable(false);
-                        }
+            // Entries lose what the new protection forbids: all access for PROT_NONE
+            // (not present to any hardware walking the table), else write permission;
+            // inaccessible entries become readable again (writes fault first).
+            self.pt.for_each_leaf(first, e, |_, leaf, idx| {
+                for pte in &mut leaf[idx] {
+                    match pte.kind() {
+                        PteKind::Present(_) if !prot.read => *pte = pte.to_prot_none(),
+                        PteKind::Present(_) if !prot.write => *pte = pte.with_writable(false),
+                        PteKind::ProtNone(p) if prot.read => *pte = pte.to_present(p),
+                        _ => {}
                     }
-                });
-            }
+                }
+            });
             inv.flush(first, e);
             drop(inv);
+        }
+        // Pieces that now match their neighbours become one mapping again, as in Linux.
+        for &(s, e) in parts.iter().rev() {
+            vmas.merge_at(e);
+            vmas.merge_at(s);
         }
         Ok(())
     }
@@ -312,9 +324,9 @@ impl AddressSpace {
             inv.flush(old, old + len);
         }
         drop(inv);
+        vmas.insert(moved);
         // Linux then unmaps the emptied old mapping (a second `Unmap` over it).
         self.unmap_locked(vmas, old, old + len, "mremap move");
-        vmas.insert(moved);
     }
 
     /// Linux's `fork`: a new address space with a copy of every mapping. Shared mappings
@@ -322,15 +334,16 @@ impl AddressSpace {
     /// `ProtectionPage` invalidation over the whole mapping on the parent while its
     /// entries are write-protected and shared with the child.
     ///
-    /// Linux does this for every private mapping that has an anonymous page table chain
-    /// (`anon_vma`); the simulation for every private mapping that has an entry.
+    /// As Linux, only private mappings in which an anonymous page was ever created (they
+    /// have an `anon_vma`) are copied; the child refaults the others from the zero page or
+    /// the page cache.
     pub fn fork(&self) -> Arc<AddressSpace> {
         let vmas = self.mmap.write();
         let child = AddressSpace::build(self.frames.clone(), self.notify);
         let mut child_vmas = child.mmap.write();
         for vma in vmas.iter() {
-            child_vmas.insert(vma.clone());
-            if !vma.is_cow() || !self.has_entries(vma.start, vma.end) {
+            child_vmas.insert(vma.fork_copy());
+            if !vma.is_cow() || !vma.has_anon_vma() {
                 continue;
             }
             let inv = self.invalidate(
@@ -361,6 +374,10 @@ impl AddressSpace {
                                 self.frames.swap_dup(s);
                                 pte
                             }
+                            PteKind::ProtNone(p) => {
+                                self.frames.get(p);
+                                pte
+                            }
                             // Entries are busy only under the mmap lock held for reading,
                             // which fork excludes.
                             PteKind::Busy(_) => continue,
@@ -376,14 +393,5 @@ impl AddressSpace {
         }
         drop(child_vmas);
         child
-    }
-
-    /// Whether any entry of `[start, end)` is not empty.
-    fn has_entries(&self, start: u64, end: u64) -> bool {
-        let mut any = false;
-        self.pt.for_each_leaf(start, end, |_, leaf, idx| {
-            any |= leaf[idx].iter().any(|p| !p.is_none());
-        });
-        any
     }
 }

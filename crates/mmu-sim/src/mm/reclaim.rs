@@ -362,7 +362,7 @@ impl AddressSpace {
                 for pte in &mut leaf[idx] {
                     match pte.kind() {
                         PteKind::Present(_) => *pte = pte.soft_clean().with_writable(false),
-                        PteKind::Swap(_) => *pte = pte.soft_clean(),
+                        PteKind::Swap(_) | PteKind::ProtNone(_) => *pte = pte.soft_clean(),
                         _ => {}
                     }
                 }
