@@ -5,8 +5,20 @@
 //! operations call the [`mmu_notifier`] subsystem exactly where Linux does (the event,
 //! the range, the blockable flag, and the order against page-table changes and frees).
 //!
-//! This first part has anonymous private mappings, `munmap`, page faults and exit; the
-//! other operations of SPEC 4 and the coherence checker come next.
+//! - Layout ([`AddressSpace::mmap`] of anonymous private/shared and file-backed memory
+//!   through a small page cache ([`File`]), `munmap`, `mprotect`, `mremap`, `fork` with
+//!   copy-on-write, exit) under the mmap lock held for writing.
+//! - Pages (faults with COW breaks, get-user-pages without pinning, the per-page
+//!   [`snapshot`](AddressSpace::snapshot) of `hmm_range_fault`, `madvise` DONTNEED/FREE,
+//!   reclaim with aging and swap, migration, soft-dirty reset, device-exclusive access and
+//!   its restore, the OOM reaper) under the mmap lock held for reading, with per-table
+//!   page-table locks, so they run in parallel.
+//! - The [`Checker`]: secondaries report their installs and make their accesses through
+//!   it, the primary reports its invalidation windows and flushes, and every stale
+//!   translation, use-after-free and lost write is counted with its operation, address,
+//!   secondary and seed.
+//!
+//! The module docs of `mm` (see [`AddressSpace`]) state the locking and ordering rules.
 //!
 //! ```
 //! use std::sync::Arc;
