@@ -394,22 +394,25 @@ impl Checker {
         self.checks.fetch_add(1, Relaxed);
         let addr = addr & !(PAGE_SIZE - 1);
         let what = if write.is_some() { "write" } else { "read" };
-        let window = self.window_at(addr);
-        if s.kind() == SecondaryKind::Shadow {
-            if let Some(op) = window {
-                self.report(
-                    ViolationKind::StaleTranslation,
-                    op,
-                    addr,
-                    s.name(),
-                    format!(
-                        "{what} through frame {:?} inside the invalidation",
-                        frame.pfn
-                    ),
-                );
-            }
-        }
         mm.with_pte_locked(addr, |pte| {
+            // Look the windows up with the page-table lock held: the primary opens a
+            // window before it changes an entry under this lock, so an entry seen changed
+            // here is always seen with its window.
+            let window = self.window_at(addr);
+            if s.kind() == SecondaryKind::Shadow {
+                if let Some(op) = window {
+                    self.report(
+                        ViolationKind::StaleTranslation,
+                        op,
+                        addr,
+                        s.name(),
+                        format!(
+                            "{what} through frame {:?} inside the invalidation",
+                            frame.pfn
+                        ),
+                    );
+                }
+            }
             let frames = mm.frames();
             if !frames.is_current(frame) {
                 self.report(
