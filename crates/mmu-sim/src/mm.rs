@@ -122,6 +122,26 @@ pub(crate) fn check_range(addr: u64, len: u64) -> Result<u64, SimError> {
     Ok(end)
 }
 
+/// The argument checks `mprotect` and `madvise` share (Linux's): EINVAL for an unaligned
+/// start; `None` for a zero length (nothing to do, not an error); else the end of the
+/// page-rounded range, or `wrapped` if it wraps.
+pub(crate) fn advised_range(
+    addr: u64,
+    len: u64,
+    wrapped: SimError,
+) -> Result<Option<u64>, SimError> {
+    if addr % PAGE_SIZE != 0 {
+        return Err(SimError::InvalidArgument("address not page aligned"));
+    }
+    if len == 0 {
+        return Ok(None);
+    }
+    len.checked_next_multiple_of(PAGE_SIZE)
+        .and_then(|l| addr.checked_add(l))
+        .map(Some)
+        .ok_or(wrapped)
+}
+
 pub(crate) fn page(addr: u64) -> Range {
     let a = addr & !(PAGE_SIZE - 1);
     Range::new(a, a + PAGE_SIZE, Event::Clear).expect("one page")

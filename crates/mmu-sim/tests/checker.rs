@@ -48,6 +48,30 @@ fn in_range(map: &BTreeMap<u64, (FrameRef, bool)>, s: u64, e: u64) -> Vec<(u64, 
         .collect()
 }
 
+/// An access through `entry` (the secondary's translation of `a`, if any), made with the
+/// secondary's lock held: a read through any translation, a write only through a writable
+/// one. Returns whether a translation was used.
+fn access_through(
+    checker: &Checker,
+    mm: &AddressSpace,
+    s: &dyn CheckedSecondary,
+    entry: Option<&(FrameRef, bool)>,
+    a: u64,
+    write: Option<u64>,
+) -> bool {
+    match (entry, write) {
+        (Some(&(f, _)), None) => {
+            checker.read(mm, s, a, f);
+            true
+        }
+        (Some(&(f, true)), Some(v)) => {
+            checker.write(mm, s, a, f, v);
+            true
+        }
+        _ => false,
+    }
+}
+
 // ----- Mirror: interval subscription ---------------------------------------------------
 
 struct MirrorState {
@@ -153,17 +177,7 @@ impl Device for Mirror {
     }
     fn access(&self, mm: &AddressSpace, a: u64, write: Option<u64>) -> bool {
         let g = self.sub.lock();
-        match (g.map.get(&a), write) {
-            (Some(&(f, _)), None) => {
-                self.checker.read(mm, self, a, f);
-                true
-            }
-            (Some(&(f, true)), Some(v)) => {
-                self.checker.write(mm, self, a, f, v);
-                true
-            }
-            _ => false,
-        }
+        access_through(&self.checker, mm, self, g.map.get(&a), a, write)
     }
 }
 
@@ -270,17 +284,7 @@ impl Device for Kvm {
     }
     fn access(&self, mm: &AddressSpace, a: u64, write: Option<u64>) -> bool {
         let s = self.state.lock().unwrap();
-        match (s.map.get(&a), write) {
-            (Some(&(f, _)), None) => {
-                self.checker.read(mm, self, a, f);
-                true
-            }
-            (Some(&(f, true)), Some(v)) => {
-                self.checker.write(mm, self, a, f, v);
-                true
-            }
-            _ => false,
-        }
+        access_through(&self.checker, mm, self, s.map.get(&a), a, write)
     }
 }
 
@@ -363,17 +367,7 @@ impl Device for Tlb {
     }
     fn access(&self, mm: &AddressSpace, a: u64, write: Option<u64>) -> bool {
         let t = self.entries.lock().unwrap();
-        match (t.get(&a), write) {
-            (Some(&(f, _)), None) => {
-                self.checker.read(mm, self, a, f);
-                true
-            }
-            (Some(&(f, true)), Some(v)) => {
-                self.checker.write(mm, self, a, f, v);
-                true
-            }
-            _ => false,
-        }
+        access_through(&self.checker, mm, self, t.get(&a), a, write)
     }
 }
 

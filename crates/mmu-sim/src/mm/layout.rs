@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use mmu_notifier::{Event, Range};
 
-use super::{check_range, AddressSpace, MMAP_MIN_ADDR};
+use super::{advised_range, check_range, AddressSpace, MMAP_MIN_ADDR};
 use crate::error::SimError;
 use crate::file::File;
 use crate::pagetable::{Pte, PteKind, PAGE_SIZE, TASK_SIZE};
@@ -147,18 +147,13 @@ impl AddressSpace {
     /// A zero length does nothing (as Linux). Errors: EINVAL for an unaligned address,
     /// ENOMEM for a wrapping range or one not entirely mapped (nothing is changed then).
     pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<(), SimError> {
-        if addr % PAGE_SIZE != 0 {
-            return Err(SimError::InvalidArgument("address not page aligned"));
-        }
-        if len == 0 {
-            return Ok(());
-        }
         // As Linux: a wrapping or out-of-user-space range has no mapping (ENOMEM).
-        let end = len
-            .checked_next_multiple_of(PAGE_SIZE)
-            .and_then(|l| addr.checked_add(l))
-            .filter(|&e| e <= TASK_SIZE)
-            .ok_or(SimError::OutOfMemory)?;
+        let Some(end) = advised_range(addr, len, SimError::OutOfMemory)? else {
+            return Ok(());
+        };
+        if end > TASK_SIZE {
+            return Err(SimError::OutOfMemory);
+        }
         let mut vmas = self.mmap.write();
         if !vmas.covers(addr, end) {
             return Err(SimError::OutOfMemory);

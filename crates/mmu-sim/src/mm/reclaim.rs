@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mmu_notifier::{Event, OwnerToken, Range};
 
-use super::{check_range, page, AddressSpace, Invalidation};
+use super::{advised_range, check_range, page, AddressSpace, Invalidation};
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, FrameRef, Pfn};
 use crate::pagetable::{pte_index, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
@@ -58,18 +58,12 @@ impl AddressSpace {
     /// overflowing range, or `Free` on a shared or file mapping; ENOMEM if part of the
     /// range is not mapped (the mapped parts are still advised, as Linux does).
     pub fn madvise(&self, addr: u64, len: u64, advice: Advice) -> Result<(), SimError> {
-        if addr % PAGE_SIZE != 0 {
-            return Err(SimError::InvalidArgument("address not page aligned"));
-        }
-        if len == 0 {
-            return Ok(());
-        }
         // As Linux: a length that overflows when rounded, or a wrapping end, is EINVAL;
         // a range reaching beyond user space just has no mapping there (ENOMEM below).
-        let end = len
-            .checked_next_multiple_of(PAGE_SIZE)
-            .and_then(|l| addr.checked_add(l))
-            .ok_or(SimError::InvalidArgument("range overflows"))?;
+        let Some(end) = advised_range(addr, len, SimError::InvalidArgument("range overflows"))?
+        else {
+            return Ok(());
+        };
         let vmas = self.mmap.read();
         let holes = !vmas.covers(addr, end);
         for vma in vmas.overlapping(addr, end) {
