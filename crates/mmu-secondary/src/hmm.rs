@@ -1,0 +1,1 @@
+//! HMM mirror (Linux's dmirror).

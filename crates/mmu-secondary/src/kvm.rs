@@ -1,0 +1,1 @@
+//! KVM-style shadow page table.

@@ -1,0 +1,153 @@
+//! # mmu-secondary
+//!
+//! The secondary MMUs of the seeds, each a small, readable model of how to write one with
+//! [`mmu_notifier`], running over the simulated primary of [`mmu_sim`] and checked by its
+//! [`Checker`](mmu_sim::Checker):
+//!
+//! Every secondary implements [`SecondaryMmu`]: a device fault that makes an address
+//! accessible through the secondary's own translation (retrying when it loses a race with
+//! an invalidation), and a device access through that translation. Accesses go through
+//! the address space's checker when one is attached, so every stale translation,
+//! use-after-free or lost write is counted.
+#![deny(missing_docs)]
+
+pub mod hmm;
+pub mod kvm;
+pub mod odp;
+pub mod sva;
+pub mod xpmem;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SimError};
+
+/// Why a device fault or access failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecondaryError {
+    /// The primary refused the fault (unmapped, protection, out of memory).
+    #[error("primary fault: {0}")]
+    Primary(#[from] SimError),
+    /// The fault kept losing races with invalidations until its deadline.
+    #[error("timed out retrying against invalidations")]
+    Timeout,
+    /// The address is outside what this secondary covers.
+    #[error("address {0:#x} is outside the secondary's range")]
+    OutOfRange(u64),
+    /// The secondary was shut down or its address space released.
+    #[error("the secondary is gone")]
+    Gone,
+}
+
+/// Counters every secondary keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SecondaryStats {
+    /// Translations installed.
+    pub fills: u64,
+    /// Fills abandoned and retried because an invalidation collided with them.
+    pub retries: u64,
+    /// Invalidation callbacks received.
+    pub invalidations: u64,
+    /// Non-blockable invalidations answered with `WouldBlock`.
+    pub would_blocks: u64,
+    /// Accesses made through a translation.
+    pub accesses: u64,
+}
+
+/// Atomic counters behind [`SecondaryStats`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    fills: AtomicU64,
+    retries: AtomicU64,
+    invalidations: AtomicU64,
+    would_blocks: AtomicU64,
+    accesses: AtomicU64,
+}
+
+impl Counters {
+    /// Counts a fill.
+    pub fn fill(&self) {
+        self.fills.fetch_add(1, Relaxed);
+    }
+    /// Counts a retry.
+    pub fn retry(&self) {
+        self.retries.fetch_add(1, Relaxed);
+    }
+    /// Counts an invalidation callback.
+    pub fn invalidation(&self) {
+        self.invalidations.fetch_add(1, Relaxed);
+    }
+    /// Counts a `WouldBlock` answer.
+    pub fn would_block(&self) {
+        self.would_blocks.fetch_add(1, Relaxed);
+    }
+    /// Counts an access.
+    pub fn access(&self) {
+        self.accesses.fetch_add(1, Relaxed);
+    }
+    /// A snapshot.
+    pub fn snapshot(&self) -> SecondaryStats {
+        SecondaryStats {
+            fills: self.fills.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            invalidations: self.invalidations.load(Relaxed),
+            would_blocks: self.would_blocks.load(Relaxed),
+            accesses: self.accesses.load(Relaxed),
+        }
+    }
+}
+
+/// A secondary MMU as a device driver sees it.
+pub trait SecondaryMmu: CheckedSecondary {
+    /// A device fault at `addr`: makes it accessible (writable if `write`) through the
+    /// secondary's own translation, faulting the primary without pinning and retrying
+    /// when an invalidation collides.
+    fn fault(&self, addr: u64, write: bool) -> Result<(), SecondaryError>;
+
+    /// A device access at `addr` through the secondary's translation, faulting first if it
+    /// has none (or only a read-only one for a write). Returns the data read, or the data
+    /// written.
+    fn access(&self, addr: u64, write: Option<u64>) -> Result<u64, SecondaryError>;
+
+    /// The counters.
+    fn stats(&self) -> SecondaryStats;
+}
+
+/// Reads or writes the page at `addr` through a translation to `frame`, as the device
+/// would, through the address space's checker when one is attached (so incoherent
+/// accesses are counted). Call it with the lock the secondary's invalidation takes held.
+pub fn device_access(
+    mm: &AddressSpace,
+    secondary: &dyn CheckedSecondary,
+    addr: u64,
+    frame: FrameRef,
+    write: Option<u64>,
+) -> u64 {
+    match (mm.checker(), write) {
+        (Some(c), Some(v)) => {
+            c.write(mm, secondary, addr, frame, v);
+            v
+        }
+        (Some(c), None) => c.read(mm, secondary, addr, frame),
+        (None, Some(v)) => {
+            mm.frames().write(frame.pfn, v);
+            v
+        }
+        (None, None) => mm.frames().read(frame.pfn),
+    }
+}
+
+/// Reports an install to the address space's checker, if one is attached. Call it with
+/// the secondary's lock held, just before making the translation visible.
+pub fn report_install(
+    mm: &AddressSpace,
+    secondary: &dyn CheckedSecondary,
+    addr: u64,
+    frame: FrameRef,
+    writable: bool,
+) {
+    if let Some(c) = mm.checker() {
+        c.check_install(mm, secondary, addr, frame, writable);
+    }
+}

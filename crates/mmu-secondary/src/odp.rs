@@ -1,0 +1,1 @@
+//! On-demand-paging memory region (registration cache).

@@ -1,0 +1,1 @@
+//! GRU / SVA-style secondary TLB over the primary's own tables.

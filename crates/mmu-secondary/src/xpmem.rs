@@ -1,0 +1,1 @@
+//! XPMEM-style exporter with a remote consumer.
