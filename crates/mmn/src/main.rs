@@ -1,11 +1,14 @@
 //! `mmn`: the mmu-notifier command.
 
+mod attach;
 mod demo;
+mod torture;
 
 use std::process::ExitCode;
 use std::sync::atomic::Ordering::Relaxed;
 
 use clap::{Parser, Subcommand};
+use mmu_secondary::broken::Broken;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +23,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Random primary operations and device accesses on several threads, with the
+    /// secondaries attached and every access checked. Prints a summary; exits 1 on any
+    /// violation, with the command that replays the run.
+    Torture {
+        /// How long to run, in seconds (the default budget: 10 s).
+        #[arg(long, conflicts_with = "ops")]
+        secs: Option<f64>,
+        /// How many operations to run in total, instead of a time budget.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        ops: Option<u64>,
+        /// Worker threads; with 1 the run is a pure function of the seed.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
+        threads: u64,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Secondaries to attach, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = attach::ALL)]
+        secondaries: Vec<String>,
+        /// Also attach a deliberately broken secondary; the run must then fail:
+        /// never-tears-down, ignores-retry, installs-during-invalidation, never-flushes.
+        #[arg(long)]
+        broken: Option<String>,
+        /// Print the report as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// A toy primary MMU remaps pages while threads fault them into a KVM-style secondary;
     /// every access is checked against the primary. Exits 1 on any violation.
     Demo {
@@ -41,8 +71,88 @@ enum Command {
     },
 }
 
+fn torture_main(
+    secs: Option<f64>,
+    ops: Option<u64>,
+    threads: u64,
+    seed: u64,
+    secondaries: Vec<String>,
+    broken: Option<String>,
+    json: bool,
+) -> ExitCode {
+    let budget = match (secs, ops) {
+        (_, Some(n)) => torture::Budget::Ops(n),
+        (Some(s), None) if s.is_finite() && s > 0.0 => torture::Budget::Secs(s),
+        (Some(_), None) => {
+            eprintln!("mmn torture: --secs must be a positive number of seconds");
+            return ExitCode::from(2);
+        }
+        (None, None) => torture::Budget::Secs(10.0),
+    };
+    let broken = match broken.as_deref().map(|b| (b, Broken::from_name(b))) {
+        None => None,
+        Some((_, Some(b))) => Some(b),
+        Some((name, None)) => {
+            let names: Vec<&str> = Broken::ALL.iter().map(|b| b.name()).collect();
+            eprintln!(
+                "mmn torture: unknown --broken {name:?}; one of: {}",
+                names.join(", ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let secondaries: Vec<String> = secondaries
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let options = torture::TortureOptions {
+        budget,
+        threads: threads as usize,
+        seed,
+        secondaries,
+        broken,
+        progress: !json,
+    };
+    let report = match torture::run(&options, attach::attach) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mmn torture: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!("{}", report.json(&options));
+    } else {
+        print!("{}", report.table());
+        let missing = report.missing_events();
+        if !missing.is_empty() {
+            println!("events that did not occur: {}", missing.join(", "));
+        }
+    }
+    if report.violation_count > 0 {
+        eprintln!(
+            "mmn torture: {} coherence violations (seed {}). Replay with:\n  {}",
+            report.violation_count,
+            seed,
+            torture::reproduce(&options, report.total_ops())
+        );
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Torture {
+            secs,
+            ops,
+            threads,
+            seed,
+            secondaries,
+            broken,
+            json,
+        } => torture_main(secs, ops, threads, seed, secondaries, broken, json),
         Command::Demo {
             secs,
             pages,

@@ -11,6 +11,7 @@
 //! use-after-free or lost write is counted.
 #![deny(missing_docs)]
 
+pub mod broken;
 pub mod hmm;
 pub mod kvm;
 pub mod odp;

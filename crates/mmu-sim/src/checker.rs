@@ -256,8 +256,12 @@ impl Checker {
                     addr,
                     s.name(),
                     format!(
-                        "still maps frame {:?} after invalidate_range_start({:?}) returned",
-                        f.pfn, range
+                        "still maps frame {:?} after invalidate_range_start({:#x}..{:#x}, {:?}) \
+                         returned",
+                        f.pfn,
+                        range.start(),
+                        range.end(),
+                        range.event()
                     ),
                 );
             }
