@@ -2,8 +2,10 @@
 
 use std::sync::Arc;
 
+use mmu_secondary::kvm::Kvm;
+use mmu_secondary::sva::SvaTlb;
 use mmu_secondary::SecondaryMmu;
-use mmu_sim::AddressSpace;
+use mmu_sim::{AddressSpace, PAGE_SIZE};
 
 /// Every secondary, the default of `--secondaries`.
 pub const ALL: &str = "kvm,sva,hmm,xpmem,odp";
@@ -15,6 +17,16 @@ pub fn attach(
     start: u64,
     len: u64,
 ) -> Result<Arc<dyn SecondaryMmu>, String> {
-    let _ = (mm, start, len);
-    Err(format!("unknown secondary {name:?}; known: {ALL}"))
+    let fail = |e: &dyn std::fmt::Display| format!("attaching {name}: {e}");
+    Ok(match name {
+        "kvm" => {
+            let kvm = Kvm::new(mm).map_err(|e| fail(&e))?;
+            // One memslot: guest frame 0 at the region's start.
+            kvm.add_memslot(0, len / PAGE_SIZE, start)
+                .map_err(|e| fail(&e))?;
+            kvm
+        }
+        "sva" => SvaTlb::new(mm).map_err(|e| fail(&e))?,
+        _ => return Err(format!("unknown secondary {name:?}; known: {ALL}")),
+    })
 }
