@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use mmu_secondary::kvm::Kvm;
+use mmu_secondary::odp::OdpRegion;
 use mmu_secondary::sva::SvaTlb;
+use mmu_secondary::xpmem::Xpmem;
 use mmu_secondary::SecondaryMmu;
 use mmu_sim::{AddressSpace, PAGE_SIZE};
 
@@ -27,6 +29,12 @@ pub fn attach(
             kvm
         }
         "sva" => SvaTlb::new(mm).map_err(|e| fail(&e))?,
+        "xpmem" => {
+            let x = Xpmem::new(mm).map_err(|e| fail(&e))?;
+            x.export(start, len).map_err(|e| fail(&e))?;
+            x
+        }
+        "odp" => OdpRegion::new(mm, start, len).map_err(|e| fail(&e))?,
         _ => return Err(format!("unknown secondary {name:?}; known: {ALL}")),
     })
 }
