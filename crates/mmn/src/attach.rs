@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use mmu_notifier::OwnerToken;
+use mmu_secondary::hmm::HmmMirror;
 use mmu_secondary::kvm::Kvm;
 use mmu_secondary::odp::OdpRegion;
 use mmu_secondary::sva::SvaTlb;
@@ -11,6 +13,9 @@ use mmu_sim::{AddressSpace, PAGE_SIZE};
 
 /// Every secondary, the default of `--secondaries`.
 pub const ALL: &str = "kvm,sva,hmm,xpmem,odp";
+
+/// The HMM mirror's device token (its own migrations carry it).
+pub const HMM_OWNER: OwnerToken = OwnerToken(0xD1);
 
 /// Attaches the secondary `name` to `mm`, covering `[start, start + len)`.
 pub fn attach(
@@ -29,6 +34,7 @@ pub fn attach(
             kvm
         }
         "sva" => SvaTlb::new(mm).map_err(|e| fail(&e))?,
+        "hmm" => HmmMirror::with_range(mm, HMM_OWNER, start, len).map_err(|e| fail(&e))?,
         "xpmem" => {
             let x = Xpmem::new(mm).map_err(|e| fail(&e))?;
             x.export(start, len).map_err(|e| fail(&e))?;

@@ -181,6 +181,13 @@ impl World {
                 let _ = mm.migrate_range(p, p + len, TORTURE_OWNER);
                 "migrate range"
             }
+            60 => {
+                // A device migrates pages to itself (the HMM mirror: its Migrate carries
+                // its owner token, and it keeps its translations through it).
+                let (_, d) = &self.devices[rng.below(self.devices.len() as u64) as usize];
+                let _ = d.migrate_to_device(p, n);
+                "device migrate"
+            }
             41..=44 => {
                 let child = mm.fork();
                 let _ = child.write(p, rng.next());
@@ -221,7 +228,7 @@ impl World {
                 let _ = mm.oom_reap();
                 "oom reap"
             }
-            60..=64 => {
+            61..=64 => {
                 let f = self.file_base + rng.below(FILE_PAGES) * PAGE_SIZE;
                 let _ = mm.write(f, rng.next());
                 let _ = mm.reclaim(f, f + PAGE_SIZE);

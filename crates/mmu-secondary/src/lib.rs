@@ -113,6 +113,15 @@ pub trait SecondaryMmu: CheckedSecondary {
 
     /// The counters.
     fn stats(&self) -> SecondaryStats;
+
+    /// Migrates `npages` pages from `start` to the device's own memory, if the secondary
+    /// has any (the HMM mirror does: its `Migrate` invalidation carries its owner token
+    /// and it keeps its translations through it). Returns the pages moved; the default
+    /// moves nothing.
+    fn migrate_to_device(&self, start: u64, npages: u64) -> Result<usize, SecondaryError> {
+        let _ = (start, npages);
+        Ok(0)
+    }
 }
 
 /// Reads or writes the page at `addr` through a translation to `frame`, as the device
