@@ -87,3 +87,50 @@ fn bad_options_are_usage_errors() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
 }
+
+#[test]
+fn all_five_secondaries_stay_coherent_and_every_event_and_retry_happens() {
+    let out = mmn(&["torture", "--secs", "4", "--seed", "3", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{stdout}");
+    assert!(stdout.contains("\"violation_count\":0"), "{stdout}");
+    for event in [
+        "Unmap",
+        "Clear",
+        "ProtectionVma",
+        "ProtectionPage",
+        "SoftDirty",
+        "Migrate",
+        "Exclusive",
+        "Release (list)",
+    ] {
+        assert!(
+            stdout.contains(&format!("\"{event}\":")),
+            "no {event}: {stdout}"
+        );
+    }
+    for secondary in ["kvm", "sva", "hmm", "xpmem", "odp"] {
+        let at = stdout
+            .find(&format!("\"{secondary}\":{{"))
+            .unwrap_or_else(|| panic!("no {secondary}: {stdout}"));
+        let rest = &stdout[at..];
+        let fills: u64 = field(rest, "fills");
+        assert!(fills > 0, "{secondary} never filled: {rest}");
+        assert!(
+            field(rest, "retries") > 0,
+            "{secondary} never retried: {rest}"
+        );
+    }
+}
+
+fn field(json: &str, name: &str) -> u64 {
+    let key = format!("\"{name}\":");
+    let at = json.find(&key).unwrap() + key.len();
+    json[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
