@@ -688,7 +688,7 @@ impl Kvm {
                     return Ok(());
                 }
             }
-            backoff(deadline)?;
+            crate::backoff(deadline)?;
         }
     }
 
@@ -877,7 +877,7 @@ impl Kvm {
         // The entries go first, so a deferred unregistration leaves nothing behind.
         self.mmu.retire();
         if let Some(reg) = self.registration.lock().take() {
-            unregister_outside_callbacks(reg);
+            crate::unregister_outside_callbacks(reg, "kvm-unregister");
         }
     }
 }
@@ -936,40 +936,4 @@ fn first_unmapped(mm: &AddressSpace, start: u64, end: u64) -> Option<u64> {
         at = at.max(v.end);
     }
     (at < end).then_some(at)
-}
-
-/// Between two attempts of a fault: gives up past the deadline, else lets the invalidation
-/// that beat us make progress.
-fn backoff(deadline: Option<Instant>) -> Result<(), SecondaryError> {
-    if deadline.is_some_and(|d| Instant::now() >= d) {
-        return Err(SecondaryError::Timeout);
-    }
-    std::thread::yield_now();
-    Ok(())
-}
-
-/// Unregisters, unless the current thread is inside a callback (or holds an invalidation)
-/// of the same address space: unregistering waits for a grace period, that is for every
-/// running callback, including ours. Then a helper thread does it; if none can be
-/// started the registration is leaked (its subscriber is already released: it holds
-/// nothing and installs nothing) rather than deadlocking.
-fn unregister_outside_callbacks(reg: ListRegistration) {
-    if !reg.subscriptions().srcu().held_by_current_thread() {
-        reg.unregister();
-        return;
-    }
-    let slot = Arc::new(Mutex::new(Some(reg)));
-    let theirs = slot.clone();
-    let spawned = std::thread::Builder::new()
-        .name("kvm-unregister".into())
-        .spawn(move || {
-            if let Some(reg) = theirs.lock().take() {
-                reg.unregister();
-            }
-        });
-    if spawned.is_err() {
-        if let Some(reg) = slot.lock().take() {
-            std::mem::forget(reg);
-        }
-    }
 }

@@ -161,3 +161,39 @@ pub fn report_install(
         c.check_install(mm, secondary, addr, frame, writable);
     }
 }
+
+/// Between two attempts of a fault that lost a race: gives up past the deadline, else lets
+/// the invalidation that won make progress.
+pub(crate) fn backoff(deadline: Option<std::time::Instant>) -> Result<(), SecondaryError> {
+    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+        return Err(SecondaryError::Timeout);
+    }
+    std::thread::yield_now();
+    Ok(())
+}
+
+/// Unregisters, unless the current thread is inside a callback (or holds an invalidation)
+/// of the same address space: unregistering waits for a grace period, that is for every
+/// running callback, including ours. Then a helper thread named `thread` does it; if none
+/// can be started the registration is leaked (its subscriber is already retired: it holds
+/// nothing and installs nothing) rather than deadlocking.
+pub(crate) fn unregister_outside_callbacks(reg: mmu_notifier::ListRegistration, thread: &str) {
+    if !reg.subscriptions().srcu().held_by_current_thread() {
+        reg.unregister();
+        return;
+    }
+    let slot = std::sync::Arc::new(parking_lot::Mutex::new(Some(reg)));
+    let theirs = slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name(thread.into())
+        .spawn(move || {
+            if let Some(reg) = theirs.lock().take() {
+                reg.unregister();
+            }
+        });
+    if spawned.is_err() {
+        if let Some(reg) = slot.lock().take() {
+            std::mem::forget(reg);
+        }
+    }
+}

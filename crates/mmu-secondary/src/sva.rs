@@ -338,7 +338,7 @@ impl SvaTlb {
             if self.insert(walk)? {
                 return Ok(walk.entry);
             }
-            backoff(deadline)?;
+            crate::backoff(deadline)?;
         }
     }
 
@@ -539,7 +539,7 @@ impl SvaTlb {
     pub fn shutdown(&self) {
         self.tlb.retire();
         if let Some(reg) = self.registration.lock().take() {
-            unregister_outside_callbacks(reg);
+            crate::unregister_outside_callbacks(reg, "sva-unregister");
         }
     }
 }
@@ -575,40 +575,5 @@ impl SecondaryMmu for SvaTlb {
 
     fn stats(&self) -> SecondaryStats {
         self.tlb.counters.snapshot()
-    }
-}
-
-/// Between two attempts: gives up past the deadline, else lets the primary progress.
-fn backoff(deadline: Option<Instant>) -> Result<(), SecondaryError> {
-    if deadline.is_some_and(|d| Instant::now() >= d) {
-        return Err(SecondaryError::Timeout);
-    }
-    std::thread::yield_now();
-    Ok(())
-}
-
-/// Unregisters, unless the current thread is inside a callback (or holds an invalidation)
-/// of the same address space: unregistering waits for a grace period, that is for every
-/// running callback, including ours. Then a helper thread does it; if none can be
-/// started the registration is leaked (its subscriber is already released: it caches
-/// nothing and inserts nothing) rather than deadlocking.
-fn unregister_outside_callbacks(reg: ListRegistration) {
-    if !reg.subscriptions().srcu().held_by_current_thread() {
-        reg.unregister();
-        return;
-    }
-    let slot = Arc::new(Mutex::new(Some(reg)));
-    let theirs = slot.clone();
-    let spawned = std::thread::Builder::new()
-        .name("sva-unregister".into())
-        .spawn(move || {
-            if let Some(reg) = theirs.lock().take() {
-                reg.unregister();
-            }
-        });
-    if spawned.is_err() {
-        if let Some(reg) = slot.lock().take() {
-            std::mem::forget(reg);
-        }
     }
 }
