@@ -67,16 +67,6 @@ impl Broken {
 
 type Table = BTreeMap<u64, (FrameRef, bool)>;
 
-fn drop_range(t: &mut Table, start: u64, end: u64) {
-    let gone: Vec<u64> = t
-        .range(start & !(PAGE_SIZE - 1)..end)
-        .map(|(&a, _)| a)
-        .collect();
-    for a in gone {
-        t.remove(&a);
-    }
-}
-
 struct MirrorState {
     table: Table,
     tears_down: bool,
@@ -89,7 +79,7 @@ impl IntervalSubscriber for MirrorState {
         _: &mut IntervalContext<'_, Self>,
     ) -> Result<(), WouldBlock> {
         if self.tears_down {
-            drop_range(&mut self.table, r.start(), r.end());
+            crate::take_pages(&mut self.table, r.start(), r.end());
         }
         Ok(())
     }
@@ -123,11 +113,10 @@ impl ListSubscriber for ListPart {
     fn invalidate_range_start(&self, r: &Range) -> Result<(), WouldBlock> {
         self.counters.invalidation();
         let mut t = self.state.table.lock();
-        let held: Vec<u64> = t.range(r.start()..r.end()).map(|(&a, _)| a).collect();
-        drop_range(&mut t, r.start(), r.end());
+        let held = crate::take_pages(&mut t, r.start(), r.end());
         // The bug: refill from the primary's table, which has not changed yet.
         if let Some(mm) = self.mm.upgrade() {
-            for a in held {
+            for a in held.into_keys() {
                 if let Some(pfn) = mm.pte(a).pfn() {
                     t.insert(a, (mm.frames().frame_ref(pfn), false));
                 }

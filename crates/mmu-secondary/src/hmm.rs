@@ -261,14 +261,7 @@ impl DeviceTable {
 
     /// Drops every entry of the pages overlapping `[start, end)`.
     fn drop_range(&mut self, start: u64, end: u64) {
-        let gone: Vec<u64> = self
-            .pages
-            .range(start & !(P - 1)..end)
-            .map(|(&a, _)| a)
-            .collect();
-        for a in gone {
-            self.pages.remove(&a);
-        }
+        crate::take_pages(&mut self.pages, start, end);
     }
 }
 

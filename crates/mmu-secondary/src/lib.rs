@@ -18,6 +18,7 @@ pub mod odp;
 pub mod sva;
 pub mod xpmem;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SimError};
@@ -196,4 +197,21 @@ pub(crate) fn unregister_outside_callbacks(reg: mmu_notifier::ListRegistration, 
             std::mem::forget(reg);
         }
     }
+}
+
+/// Removes and returns the entries of a page-keyed table for the pages overlapping
+/// `[start, end)` (two `split_off`s: no scan, no temporary list of keys).
+pub(crate) fn take_pages<V>(
+    table: &mut BTreeMap<u64, V>,
+    start: u64,
+    end: u64,
+) -> BTreeMap<u64, V> {
+    let start = start & !(mmu_sim::PAGE_SIZE - 1);
+    if end <= start {
+        return BTreeMap::new();
+    }
+    let mut taken = table.split_off(&start);
+    let mut above = taken.split_off(&end);
+    table.append(&mut above);
+    taken
 }

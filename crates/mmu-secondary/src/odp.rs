@@ -125,14 +125,7 @@ struct Chunk {
 
 impl Chunk {
     fn drop_range(&mut self, start: u64, end: u64) {
-        let gone: Vec<u64> = self
-            .pages
-            .range(page_of(start)..end)
-            .map(|(&a, _)| a)
-            .collect();
-        for a in gone {
-            self.pages.remove(&a);
-        }
+        crate::take_pages(&mut self.pages, start, end);
     }
 
     fn covers(&self, start: u64, end: u64) -> bool {

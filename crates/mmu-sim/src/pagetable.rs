@@ -317,7 +317,13 @@ impl PageTable {
     /// are all empty by then. The caller holds the mmap lock for writing.
     pub(crate) fn free_tables(&self, start: u64, end: u64, in_use: impl Fn(u64, u64) -> bool) {
         self.walk_leaves(start, end, |base, leaf, _| {
-            if !in_use(base, base + (PAGE_SIZE << 9)) && leaf.lock().iter().all(|p| p.is_none()) {
+            if !in_use(base, base + (PAGE_SIZE << 9)) {
+                // No mapping overlaps the table, so nothing can have an entry in it: the
+                // caller zapped its range, and entries exist only inside mappings.
+                debug_assert!(
+                    leaf.lock().iter().all(|p| p.is_none()),
+                    "freeing a used table"
+                );
                 leaf.live.store(false, Relaxed);
             }
             ControlFlow::Continue(())
