@@ -1,0 +1,561 @@
+//! The registration cache: registrations (an RDMA memory region, an io_uring fixed buffer,
+//! a DMA mapping) cached by address range and never handed out stale.
+//!
+//! # The protocol
+//!
+//! Each cached entry owns an interval subscription on the monitor's address space and a
+//! *validity flag*. The flag is set once, by the fill, under the subscription's user lock
+//! after `read_retry` said no invalidation ran; it is cleared by the subscription's
+//! `invalidate`, which runs under the same lock. A lookup only hands out an entry whose
+//! flag it reads set.
+//!
+//! - **Fill (a miss).** Insert the subscription, `read_begin`, make sure the memory is
+//!   watched (the monitor's registration system call, skipped when already watched), call
+//!   the user's `register`, take the user lock: if `read_retry` says an invalidation ran
+//!   since `read_begin`, deregister and start again (a bounded number of times); else set
+//!   the flag, unlock, and put the entry in the index. The subscription exists before
+//!   the memory is examined, so an unmap that happened before the registration but whose
+//!   event is applied after it invalidates the new entry: it can cost a miss, never a stale
+//!   hit.
+//! - **Invalidation in flight.** `read_begin` waits while the subscription is being
+//!   invalidated; the event gate (see `gate`) makes every lookup that starts after an
+//!   unmapping call returned wait until the monitor has applied that call's event.
+//! - **Hit.** Pass the gate, take the index lock, find the one range that can cover the
+//!   request, check the flag (Acquire, pairs with the Release clear and set), bump the
+//!   entry's reference count and its LRU position. An entry found invalid is dropped from
+//!   the index and the lookup goes on as a miss.
+//! - **Release.** A handle is a reference to the entry. When the last one goes (handles
+//!   and the index's), the subscription is removed and the user's `deregister` runs, on
+//!   that thread: a user thread, never the monitor thread, whose callbacks only ever
+//!   clear flags and never hold a reference. Entries are never dropped with the index
+//!   lock held.
+//! - **Bound.** The index holds at most `capacity` entries; inserting beyond evicts the
+//!   least recently used. An evicted entry still in use stays registered until its last
+//!   handle drops.
+//! - **Overlap.** Indexed ranges are disjoint. A miss overlapping valid entries registers
+//!   their union when it is watchable and registrable (so alternating overlapping requests
+//!   do not thrash), else just the request; either way the overlapped entries leave the
+//!   index.
+//!
+//! # What "never stale" means with userfaultfd
+//!
+//! The kernel reports munmap and mremap after the fact and madvise before the zap, and it
+//! tells nobody when an madvise has finished. Guaranteed: a lookup that starts after an
+//! unmapping, moving or madvise call has returned never gets an entry registered before
+//! that call started. A registration created *while* an madvise of the same range is
+//! running (the application uses memory it is freeing at that moment) may pin pages the
+//! madvise then drops; applications with such races can bracket their madvise with
+//! [`RegCache::invalidate`].
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering::Acquire, Ordering::Release};
+use std::sync::Arc;
+
+use mmu_notifier::{
+    Event, IntervalContext, IntervalSubscriber, IntervalSubscription, Range, WouldBlock,
+};
+use parking_lot::Mutex;
+
+use crate::error::Error;
+use crate::lru::LruIndex;
+use crate::monitor::{Monitor, Shared};
+
+/// Creates and destroys registrations of memory ranges (for example io_uring fixed
+/// buffers, RDMA memory regions, DMA mappings).
+pub trait Registrar: Send + Sync + 'static {
+    /// What a registration is (a buffer index, a memory-region key, ...).
+    type Registration: Send + Sync + 'static;
+    /// Why a registration failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Registers `[ptr, ptr + len)` (whole pages).
+    fn register(&self, ptr: *mut u8, len: usize) -> Result<Self::Registration, Self::Error>;
+
+    /// Releases a registration. Called on the thread that dropped the last handle to it (or
+    /// that evicted or invalidated it), never on the monitor thread and never with the
+    /// cache's lock held.
+    fn deregister(&self, registration: Self::Registration);
+}
+
+/// A [`Registrar`] made of two closures (see [`RegCache::with_fns`]).
+pub struct FnRegistrar<F, G> {
+    register: F,
+    deregister: G,
+}
+
+impl<F, G> fmt::Debug for FnRegistrar<F, G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FnRegistrar")
+    }
+}
+
+impl<T, E, F, G> Registrar for FnRegistrar<F, G>
+where
+    T: Send + Sync + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+    F: Fn(*mut u8, usize) -> Result<T, E> + Send + Sync + 'static,
+    G: Fn(T) + Send + Sync + 'static,
+{
+    type Registration = T;
+    type Error = E;
+    fn register(&self, ptr: *mut u8, len: usize) -> Result<T, E> {
+        (self.register)(ptr, len)
+    }
+    fn deregister(&self, registration: T) {
+        (self.deregister)(registration)
+    }
+}
+
+/// How the cache behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheConfig {
+    /// Most entries the index keeps (least recently used are evicted). Default 1024.
+    pub capacity: usize,
+    /// On a miss overlapping cached entries, try to register their union. Default true.
+    pub merge: bool,
+    /// Fills of one request that may collide with invalidations before `get` gives up with
+    /// [`Error::Contended`]. Default 64.
+    pub max_attempts: u32,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            capacity: 1024,
+            merge: true,
+            max_attempts: 64,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The default configuration with another capacity (at least 1).
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// The default configuration with merging on or off.
+    pub fn with_merge(mut self, merge: bool) -> Self {
+        self.merge = merge;
+        self
+    }
+}
+
+/// Counters of the cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Lookups answered from the index.
+    pub hits: u64,
+    /// Lookups that created a registration.
+    pub misses: u64,
+    /// Entries found invalidated by a lookup (each then counted as a miss).
+    pub invalidated_found: u64,
+    /// Fills that collided with an invalidation and started again.
+    pub retries: u64,
+    /// Entries evicted to respect the capacity.
+    pub evictions: u64,
+    /// Fills that registered the union with overlapping entries.
+    pub merges: u64,
+    /// Registrations created.
+    pub registered: u64,
+    /// Entries currently in the index.
+    pub entries: usize,
+}
+
+/// The subscriber state of one entry: clears the flag. That is all it may do (it runs on
+/// the monitor thread: no references to the entry, no deregistration, no blocking).
+struct Validity(Arc<AtomicBool>);
+
+impl IntervalSubscriber for Validity {
+    fn invalidate(
+        &mut self,
+        _: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        // Release: pairs with a lookup's Acquire; runs under the user lock, like the fill's
+        // set, so set and clear are totally ordered.
+        self.0.store(false, Release);
+        Ok(())
+    }
+}
+
+struct Entry<R: Registrar> {
+    start: u64,
+    end: u64,
+    valid: Arc<AtomicBool>,
+    registration: Option<R::Registration>,
+    subscription: Option<IntervalSubscription<Validity>>,
+    registrar: Arc<R>,
+    monitor: Arc<Shared>,
+}
+
+impl<R: Registrar> Drop for Entry<R> {
+    fn drop(&mut self) {
+        // First stop invalidations from reaching it (may wait for one in flight: this is a
+        // user thread), then release the registration.
+        if let Some(s) = self.subscription.take() {
+            s.remove();
+        }
+        if let Some(r) = self.registration.take() {
+            self.registrar.deregister(r);
+        }
+    }
+}
+
+/// A handle to a cached registration. The registration stays registered while any handle
+/// to it exists; [`is_valid`](Self::is_valid) tells whether the memory has changed since.
+pub struct CachedRegistration<R: Registrar> {
+    entry: Arc<Entry<R>>,
+}
+
+impl<R: Registrar> CachedRegistration<R> {
+    /// The registered range's start (page-aligned; it covers the requested range).
+    pub fn start(&self) -> *mut u8 {
+        self.entry.start as *mut u8
+    }
+
+    /// The registered range's length in bytes.
+    pub fn len(&self) -> usize {
+        (self.entry.end - self.entry.start) as usize
+    }
+
+    /// Never true: a registration covers at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether no invalidation has hit the range since it was registered (waiting, like a
+    /// lookup, for events being applied; false once the monitor has stopped). A handle
+    /// that went invalid must not be used for new I/O: ask the cache again.
+    pub fn is_valid(&self) -> bool {
+        self.entry.monitor.pass_gate().is_ok() && self.entry.valid.load(Acquire)
+    }
+
+    /// The registration.
+    pub fn registration(&self) -> &R::Registration {
+        self.entry
+            .registration
+            .as_ref()
+            .expect("present until the entry is dropped")
+    }
+}
+
+impl<R: Registrar> Clone for CachedRegistration<R> {
+    fn clone(&self) -> Self {
+        CachedRegistration {
+            entry: self.entry.clone(),
+        }
+    }
+}
+
+impl<R: Registrar> std::ops::Deref for CachedRegistration<R> {
+    type Target = R::Registration;
+    fn deref(&self) -> &R::Registration {
+        self.registration()
+    }
+}
+
+impl<R: Registrar> fmt::Debug for CachedRegistration<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedRegistration")
+            .field("start", &format_args!("{:#x}", self.entry.start))
+            .field("end", &format_args!("{:#x}", self.entry.end))
+            .field("valid", &self.is_valid())
+            .finish()
+    }
+}
+
+struct Index<R: Registrar> {
+    lru: LruIndex<Arc<Entry<R>>>,
+    stats: CacheStats,
+}
+
+/// A cache of registrations of this process's memory, kept coherent by a [`Monitor`].
+///
+/// ```no_run
+/// use mmu_uffd::{CacheConfig, Monitor, RegCache};
+/// let monitor = Monitor::new()?;
+/// // A registration here is just the address; a real one would be an RDMA key, an
+/// // io_uring buffer index, a DMA mapping...
+/// let cache = RegCache::with_fns(
+///     &monitor,
+///     CacheConfig::default(),
+///     |ptr, _len| Ok::<_, std::io::Error>(ptr as usize),
+///     |_reg| {},
+/// );
+/// let buf = vec![1u8; 1 << 16];
+/// let a = cache.get(buf.as_ptr(), buf.len())?;   // miss: registers
+/// let b = cache.get(buf.as_ptr(), 4096)?;        // hit
+/// assert_eq!(*a, *b);
+/// # Ok::<(), mmu_uffd::Error>(())
+/// ```
+pub struct RegCache<R: Registrar> {
+    monitor: Arc<Shared>,
+    registrar: Arc<R>,
+    config: CacheConfig,
+    index: Mutex<Index<R>>,
+}
+
+impl<R: Registrar> fmt::Debug for RegCache<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegCache")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl<F, G, T, E> RegCache<FnRegistrar<F, G>>
+where
+    T: Send + Sync + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+    F: Fn(*mut u8, usize) -> Result<T, E> + Send + Sync + 'static,
+    G: Fn(T) + Send + Sync + 'static,
+{
+    /// A cache whose registrations are made by `register` and released by `deregister`.
+    pub fn with_fns(monitor: &Monitor, config: CacheConfig, register: F, deregister: G) -> Self {
+        RegCache::new(
+            monitor,
+            config,
+            FnRegistrar {
+                register,
+                deregister,
+            },
+        )
+    }
+}
+
+impl<R: Registrar> RegCache<R> {
+    /// A cache on `monitor`'s address space. The cache works as long as the monitor runs;
+    /// once the monitor is dropped every entry is invalid and `get` fails with
+    /// [`Error::Stopped`].
+    pub fn new(monitor: &Monitor, config: CacheConfig, registrar: R) -> Self {
+        RegCache {
+            monitor: monitor.shared().clone(),
+            registrar: Arc::new(registrar),
+            config: CacheConfig {
+                capacity: config.capacity.max(1),
+                max_attempts: config.max_attempts.max(1),
+                ..config
+            },
+            index: Mutex::new(Index {
+                lru: LruIndex::default(),
+                stats: CacheStats::default(),
+            }),
+        }
+    }
+
+    /// A registration covering `[ptr, ptr + len)`: a cached one if a valid one exists, else
+    /// a new one (the memory is watched first). Never one that an unmap, move or madvise
+    /// of the range, returned before this call started, has made stale.
+    pub fn get(&self, ptr: *const u8, len: usize) -> Result<CachedRegistration<R>, Error> {
+        let start = ptr as u64;
+        let end = start
+            .checked_add(len as u64)
+            .filter(|_| len > 0)
+            .ok_or(Error::InvalidRange {
+                start,
+                len: len as u64,
+                reason: "the length is zero or the range overflows",
+            })?;
+        self.monitor.pass_gate()?;
+        let dead = {
+            let mut ix = self.index.lock();
+            match ix.lru.find_covering(start, end) {
+                Some(id) => {
+                    let entry = ix.lru.value(id);
+                    // Acquire: pairs with the Release clear in `Validity::invalidate`
+                    // (and, through the gate, with every invalidation applied before).
+                    if entry.valid.load(Acquire) {
+                        let handle = CachedRegistration {
+                            entry: entry.clone(),
+                        };
+                        ix.lru.touch(id);
+                        ix.stats.hits += 1;
+                        return Ok(handle);
+                    }
+                    ix.stats.invalidated_found += 1;
+                    Some(ix.lru.remove(id))
+                }
+                None => None,
+            }
+        };
+        drop(dead); // outside the lock: may deregister
+        self.fill(start, end)
+    }
+
+    #[cold]
+    fn fill(&self, start: u64, end: u64) -> Result<CachedRegistration<R>, Error> {
+        let (ps, pe) = self.monitor.page_range(start, end - start)?;
+        let mut attempts = 0;
+        'attempt: while attempts < self.config.max_attempts {
+            attempts += 1;
+            // Try the union with overlapping valid entries first, then the request alone.
+            let union = if self.config.merge {
+                self.union_with_overlaps(ps, pe)
+            } else {
+                (ps, pe)
+            };
+            let candidates: &[(u64, u64)] = if union != (ps, pe) {
+                &[union, (ps, pe)]
+            } else {
+                &[(ps, pe)]
+            };
+            for (i, &(s, e)) in candidates.iter().enumerate() {
+                let last = i + 1 == candidates.len();
+                match self.try_fill(s, e, !last) {
+                    Ok(Some(handle)) => return Ok(handle),
+                    Ok(None) => continue 'attempt, // collided with an invalidation
+                    Err(err) if !last => {
+                        tracing::debug!(
+                            "union {s:#x}..{e:#x} not registrable ({err}); registering the request alone"
+                        );
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        Err(Error::Contended {
+            start: ps,
+            end: pe,
+            attempts,
+        })
+    }
+
+    fn union_with_overlaps(&self, s: u64, e: u64) -> (u64, u64) {
+        let ix = self.index.lock();
+        ix.lru
+            .overlapping(s, e)
+            .into_iter()
+            .filter(|&id| ix.lru.value(id).valid.load(Acquire))
+            .map(|id| ix.lru.range(id))
+            .fold((s, e), |(a, b), (c, d)| (a.min(c), b.max(d)))
+    }
+
+    /// One fill attempt of `[s, e)`: `Ok(None)` if it collided with an invalidation.
+    fn try_fill(
+        &self,
+        s: u64,
+        e: u64,
+        merged: bool,
+    ) -> Result<Option<CachedRegistration<R>>, Error> {
+        let valid = Arc::new(AtomicBool::new(false));
+        let subscription = self
+            .monitor
+            .subscriptions()
+            .insert_interval(s, e - s, Validity(valid.clone()))
+            .map_err(|_| self.monitor.stopped_error())?;
+        let seq = subscription.read_begin();
+        self.monitor.watch(s, e - s)?;
+        let registration = self
+            .registrar
+            .register(s as *mut u8, (e - s) as usize)
+            .map_err(|source| Error::Register {
+                start: s,
+                end: e,
+                source: Box::new(source),
+            })?;
+        let entry = Arc::new(Entry {
+            start: s,
+            end: e,
+            valid,
+            registration: Some(registration),
+            subscription: None,
+            registrar: self.registrar.clone(),
+            monitor: self.monitor.clone(),
+        });
+        {
+            let guard = subscription.lock();
+            if guard.read_retry(seq) {
+                drop(guard);
+                drop(subscription);
+                drop(entry); // deregisters, on this thread
+                self.index.lock().stats.retries += 1;
+                return Ok(None);
+            }
+            // Under the user lock, after read_retry: an invalidation either ran before (and
+            // read_retry saw it) or runs after and clears this.
+            entry.valid.store(true, Release);
+        }
+        // The entry is not shared yet: attach its subscription.
+        let mut entry = entry;
+        Arc::get_mut(&mut entry)
+            .expect("the entry has not been shared yet")
+            .subscription = Some(subscription);
+        let handle = CachedRegistration {
+            entry: entry.clone(),
+        };
+        let removed = {
+            let mut ix = self.index.lock();
+            let mut removed = ix.lru.insert(s, e, entry);
+            if merged {
+                ix.stats.merges += 1;
+            }
+            while ix.lru.len() > self.config.capacity {
+                if let Some(v) = ix.lru.pop_lru() {
+                    removed.push(v);
+                    ix.stats.evictions += 1;
+                }
+            }
+            ix.stats.misses += 1;
+            ix.stats.registered += 1;
+            removed
+        };
+        drop(removed); // outside the lock: may deregister
+        Ok(Some(handle))
+    }
+
+    /// Invalidates every entry overlapping `[ptr, ptr + len)` now, on this thread (for
+    /// changes the kernel does not report, such as mprotect, or to bracket an madvise the
+    /// application races with its own use of the memory).
+    pub fn invalidate(&self, ptr: *const u8, len: usize) -> Result<(), Error> {
+        let start = ptr as u64;
+        let end = start
+            .checked_add(len as u64)
+            .filter(|_| len > 0)
+            .ok_or(Error::InvalidRange {
+                start,
+                len: len as u64,
+                reason: "the length is zero or the range overflows",
+            })?;
+        if let Ok(range) = Range::new(start, end, Event::Clear) {
+            drop(self.monitor.subscriptions().invalidate_range_start(range));
+        }
+        Ok(())
+    }
+
+    /// Removes every entry from the index (entries in use stay registered until their
+    /// handles drop).
+    pub fn clear(&self) {
+        let removed = self.index.lock().lru.drain();
+        drop(removed);
+    }
+
+    /// Entries in the index.
+    pub fn len(&self) -> usize {
+        self.index.lock().lru.len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> CacheStats {
+        let ix = self.index.lock();
+        CacheStats {
+            entries: ix.lru.len(),
+            ..ix.stats
+        }
+    }
+}
+
+impl<R: Registrar> Drop for RegCache<R> {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}

@@ -1,0 +1,165 @@
+//! The event gate: makes "munmap has returned" imply "the invalidation has been applied".
+//!
+//! # The problem
+//!
+//! The kernel blocks a thread that unmaps watched memory until the monitor has *read* the
+//! event, not until the monitor has *applied* it. Between the monitor's `read()` and the end
+//! of its `invalidate_range_start`/`end`, the unmapper may already have returned from
+//! `munmap`, mapped new memory at the same address and asked the cache for it: without
+//! more, that lookup could return the old, stale registration.
+//!
+//! # The protocol
+//!
+//! One word, `state`: bit 0 `BUSY`, bit 1 `STOPPED`, the rest an epoch count.
+//!
+//! - Monitor: when `poll` says events are pending, `begin` sets `BUSY` *before* the
+//!   `read()` that releases the unmappers; then it applies every event it read (each an
+//!   invalidation of the interval subscriptions); then `end` clears `BUSY` and advances the
+//!   epoch in one store. Several reads may happen inside one busy period.
+//! - Stop: `stop` sets `BUSY | STOPPED` for good (before the descriptor is closed, which
+//!   releases unmappers whose events will never be applied).
+//! - Readers (cache lookups, fills): `pass` loads `state`; if neither bit is set the lookup
+//!   proceeds. If `BUSY`, it waits until the word changes (the batch ended) and looks again;
+//!   if `STOPPED`, it fails.
+//!
+//! # Why it is enough (orderings)
+//!
+//! The unmapper returns from `munmap` only after the monitor's `read()` has handed over its
+//! event, and that hand-over goes through the kernel's wait-queue lock (released by the
+//! reader, acquired by the unmapper). `begin`'s store (SeqCst RMW) is sequenced before the
+//! `read()`, so it happens-before everything the unmapper does after `munmap` returns, and
+//! before anything that another thread does after synchronizing with the unmapper. Such a
+//! lookup therefore loads `BUSY` or a later value (read-after-write coherence). `BUSY`
+//! makes it wait; a later value was written by `end` with Release after the invalidation
+//! completed, and the lookup's Acquire load makes that invalidation (the entry's validity
+//! flag cleared under its user lock) visible. A lookup that raced with `munmap` (did not
+//! start after it returned) may still see the old entry: that is the ordinary
+//! linearization of two concurrent calls.
+//!
+//! The fast path costs one Acquire load of a word that changes only when events arrive.
+
+use std::sync::atomic::Ordering::{Acquire, SeqCst};
+
+use crate::sync::{spin_hint, AtomicU64, Condvar, Mutex};
+
+const BUSY: u64 = 1;
+const STOPPED: u64 = 2;
+const EPOCH: u64 = 4;
+
+/// What a reader learns at the gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pass {
+    /// No event is being applied: proceed.
+    Open,
+    /// The monitor has stopped: invalidations no longer arrive.
+    Stopped,
+}
+
+/// The gate between the monitor's event batches and the lookups.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    state: AtomicU64,
+    /// Readers that gave up spinning sleep here; `waiters` counts them so `end` only takes
+    /// the mutex when someone sleeps.
+    lock: Mutex<()>,
+    cv: Condvar,
+    waiters: AtomicU64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Gate {
+    pub(crate) fn new() -> Self {
+        Gate {
+            state: AtomicU64::new(0),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+            waiters: AtomicU64::new(0),
+        }
+    }
+
+    /// Monitor: events are pending and are about to be read.
+    pub(crate) fn begin(&self) {
+        // SeqCst RMW: ordered before the read() that follows (see the module docs); the
+        // kernel's lock hand-over carries it to the unmapper.
+        self.state.fetch_or(BUSY, SeqCst);
+    }
+
+    /// Monitor: every event read since `begin` has been applied.
+    pub(crate) fn end(&self) {
+        // Release (part of SeqCst): publishes the invalidations applied in this busy period
+        // to any lookup that loads the new value with Acquire. SeqCst also for the
+        // store-buffer pairing with a sleeping waiter (see `wake`). Clear BUSY and advance
+        // the epoch at once (state is BUSY here, so adding EPOCH - BUSY never borrows).
+        let prev = self.state.fetch_add(EPOCH - BUSY, SeqCst);
+        debug_assert!(prev & BUSY != 0, "gate end without begin");
+        self.wake();
+    }
+
+    /// The monitor stops for good: every later `pass` answers `Stopped`.
+    pub(crate) fn stop(&self) {
+        self.state.fetch_or(BUSY | STOPPED, SeqCst);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        // SeqCst pairs with the waiter's SeqCst increment before it re-checks the state:
+        // either the waiter sees the new state, or this sees the waiter and notifies it.
+        if self.waiters.load(SeqCst) != 0 {
+            let _g = self.lock.lock();
+            self.cv.notify_all();
+        }
+    }
+
+    /// Whether the monitor has stopped.
+    pub(crate) fn stopped(&self) -> bool {
+        self.state.load(Acquire) & STOPPED != 0
+    }
+
+    /// Reader: returns once no event batch is being applied (or the monitor has stopped).
+    #[inline]
+    pub(crate) fn pass(&self) -> Pass {
+        // Acquire: see the module docs.
+        let s = self.state.load(Acquire);
+        if s & (BUSY | STOPPED) == 0 {
+            return Pass::Open;
+        }
+        self.pass_slow(s)
+    }
+
+    #[cold]
+    fn pass_slow(&self, mut s: u64) -> Pass {
+        let mut spins = 0u32;
+        loop {
+            if s & STOPPED != 0 {
+                return Pass::Stopped;
+            }
+            if s & BUSY == 0 {
+                return Pass::Open;
+            }
+            // A batch is a few microseconds of in-memory work: spin a little first.
+            if spins < 200 {
+                spins += 1;
+                spin_hint();
+                s = self.state.load(Acquire);
+                continue;
+            }
+            let mut g = self.lock.lock();
+            self.waiters.fetch_add(1, SeqCst);
+            loop {
+                let now = self.state.load(SeqCst);
+                if now != s {
+                    s = now;
+                    break;
+                }
+                g = self.cv.wait(g);
+            }
+            self.waiters.fetch_sub(1, SeqCst);
+            drop(g);
+        }
+    }
+}

@@ -1,0 +1,553 @@
+//! The monitor: one userfaultfd and one thread that turn the kernel's non-cooperative events
+//! for this process's own memory into interval invalidations.
+//!
+//! # Registration
+//!
+//! Watched memory is registered in *write-protect* mode with nothing write-protected: the
+//! VMAs then deliver UNMAP, REMOVE and REMAP events, and no page fault is ever routed to
+//! the monitor (MISSING mode, which older monitors use, would make the monitor thread
+//! resolve every first touch). With the kernel's `WP_ASYNC` feature a WP-only registration
+//! is allowed on any memory type, so regular file mappings can be watched too; shmem
+//! (memfd, `MAP_SHARED | MAP_ANONYMOUS`) needs `WP_HUGETLBFS_SHMEM`. One descriptor serves
+//! every watched range.
+//!
+//! # Events and what they become
+//!
+//! | kernel event | when the monitor reads it | invalidation |
+//! |---|---|---|
+//! | UNMAP (munmap, `MAP_FIXED` over, mremap shrink) | after the pages are gone | `Unmap` of the unmapped range |
+//! | REMOVE (madvise `DONTNEED`/`FREE`/`REMOVE`) | before the zap | `Clear` of the range |
+//! | REMAP (mremap move) | after the move | `Unmap` of the old range |
+//! | FORK (only with [`MonitorConfig::fork_events`]) | during fork | none: the child's descriptor is closed |
+//!
+//! An UNMAP event covers the whole `munmap` call, also the parts that were not watched;
+//! invalidating those touches only subscriptions that overlap them. The kernel blocks the
+//! thread that caused an event until the monitor has *read* it; [`gate`](crate::gate)
+//! extends that to "until it has been applied", for lookups that start afterwards.
+//!
+//! # The monitor thread
+//!
+//! - It blocks every signal, and retries `EINTR` anyway: a signal storm costs nothing.
+//! - It never unmaps, frees or touches watched memory; it only reads events and runs the
+//!   invalidation callbacks (which must not unmap watched memory either: the kernel would
+//!   wait for the monitor, i.e. for itself).
+//! - Fork: without `fork_events` (the default) the child inherits no registration, so no
+//!   descriptor ever appears. With it, each FORK event brings the child's descriptor into
+//!   this process; it is closed at once, which releases the child's registrations.
+//! - Stop (drop, or a fatal error, or a panicking callback): the gate is closed for good,
+//!   every subscription gets a `Release` invalidation (nothing can be trusted once events
+//!   stop), and only then is the descriptor closed, which lets any unmapper still blocked
+//!   on an unread event continue.
+//!
+//! # The watched set
+//!
+//! The monitor remembers which ranges it registered, so a fill of memory that is already
+//! watched skips the system call. An UNMAP or REMAP removes the old range from the set
+//! *before* the invalidation runs, and bumps a generation that a concurrent `watch` checks
+//! before adding what it registered. A fill inserts its interval subscription *before* it
+//! consults the set: if the set is out of date because an unmap has not been applied yet,
+//! that unmap's invalidation is still to come and will hit the new subscription.
+
+use std::os::fd::RawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use mmu_notifier::{Event, Range, Subscriptions};
+
+use crate::error::Error;
+use crate::fork;
+use crate::gate::{Gate, Pass};
+use crate::ranges::RangeSet;
+use crate::sys::{self, feature, Message, RawMsg, Uffd};
+
+/// How the monitor is set up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MonitorConfig {
+    /// Ask for FORK events (needs `CAP_SYS_PTRACE`). Each fork then blocks until the
+    /// monitor has received the child's descriptor, which it closes at once. Off by default:
+    /// without it a child simply inherits no registration, which is cheaper.
+    pub fork_events: bool,
+}
+
+impl MonitorConfig {
+    /// The default configuration with FORK events on or off.
+    pub fn with_fork_events(mut self, on: bool) -> Self {
+        self.fork_events = on;
+        self
+    }
+}
+
+/// What this kernel lets the monitor watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Anonymous private memory (always).
+    pub anonymous: bool,
+    /// shmem: memfd and shared anonymous mappings (`WP_HUGETLBFS_SHMEM`, Linux 5.19).
+    pub shmem: bool,
+    /// Any other memory type, regular file mappings included (`WP_ASYNC`, Linux 6.7).
+    pub any_memory: bool,
+    /// FORK events are enabled on this monitor.
+    pub fork_events: bool,
+}
+
+/// Counters of what the monitor has done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MonitorStats {
+    /// Busy periods (one `poll` wake-up, one or more reads).
+    pub batches: u64,
+    /// UNMAP events.
+    pub unmaps: u64,
+    /// REMOVE events (madvise).
+    pub removes: u64,
+    /// REMAP events (mremap moves).
+    pub remaps: u64,
+    /// FORK events (each child descriptor closed).
+    pub forks: u64,
+    /// Page-fault messages: never expected (nothing is write-protected); each one was
+    /// answered by removing protection from the page, so the faulting thread went on.
+    pub unexpected_faults: u64,
+    /// Messages of an event type this code does not know.
+    pub unknown: u64,
+    /// Invalidations delivered to the subscriptions.
+    pub invalidations: u64,
+    /// `watch` calls answered from the watched set, without a system call.
+    pub watch_hits: u64,
+    /// UFFDIO_REGISTER system calls made by `watch`.
+    pub watch_registrations: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    unmaps: AtomicU64,
+    removes: AtomicU64,
+    remaps: AtomicU64,
+    forks: AtomicU64,
+    unexpected_faults: AtomicU64,
+    unknown: AtomicU64,
+    invalidations: AtomicU64,
+    watch_hits: AtomicU64,
+    watch_registrations: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+#[derive(Default)]
+struct Watched {
+    set: RangeSet,
+    /// Advanced by every removal from `set`.
+    generation: u64,
+}
+
+/// The state shared by the monitor handle, its thread and the caches built on it.
+pub(crate) struct Shared {
+    subs: Subscriptions,
+    pub(crate) gate: Gate,
+    /// The descriptor; `None` once the monitor stopped. Cloned out for a system call, so a
+    /// close never races with a `watch` that still uses the number.
+    uffd: parking_lot::Mutex<Option<Arc<Uffd>>>,
+    watched: parking_lot::Mutex<Watched>,
+    stats: Counters,
+    fork_generation: u64,
+    page: u64,
+    caps: Capabilities,
+    stopping: AtomicBool,
+    stop_reason: parking_lot::Mutex<Option<String>>,
+    wake: sys::EventFd,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor")
+            .field("capabilities", &self.caps)
+            .field("stopped", &self.gate.stopped())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Watches this process's own memory and delivers invalidations to the interval
+/// subscriptions of [`subscriptions`](Monitor::subscriptions). Dropping it stops the
+/// thread (joining it) and releases every subscription.
+///
+/// ```no_run
+/// use mmu_uffd::Monitor;
+/// let monitor = Monitor::new()?;           // fails clearly where userfaultfd is unavailable
+/// let buf = vec![0u8; 1 << 20];
+/// monitor.watch(buf.as_ptr(), buf.len())?; // unmaps/madvise of it now invalidate
+/// # Ok::<(), mmu_uffd::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Monitor {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Monitor {
+    /// Starts a monitor with the default configuration.
+    pub fn new() -> Result<Monitor, Error> {
+        Self::with_config(MonitorConfig::default())
+    }
+
+    /// Starts a monitor. Fails with [`Error::Unavailable`] (saying why) where userfaultfd
+    /// cannot be used, and [`Error::MissingFeature`] on kernels without write-protect mode
+    /// or the events it needs.
+    pub fn with_config(config: MonitorConfig) -> Result<Monitor, Error> {
+        let offered = Uffd::probe_features()?;
+        let mut wanted = feature::PAGEFAULT_FLAG_WP
+            | feature::EVENT_UNMAP
+            | feature::EVENT_REMOVE
+            | feature::EVENT_REMAP;
+        for bit in [
+            feature::PAGEFAULT_FLAG_WP,
+            feature::EVENT_UNMAP,
+            feature::EVENT_REMOVE,
+            feature::EVENT_REMAP,
+        ] {
+            if offered & bit == 0 {
+                return Err(Error::MissingFeature {
+                    feature: feature::name(bit),
+                });
+            }
+        }
+        if config.fork_events {
+            if offered & feature::EVENT_FORK == 0 {
+                return Err(Error::MissingFeature {
+                    feature: feature::name(feature::EVENT_FORK),
+                });
+            }
+            wanted |= feature::EVENT_FORK;
+        }
+        wanted |= offered & (feature::WP_HUGETLBFS_SHMEM | feature::WP_ASYNC);
+        let uffd = Arc::new(Uffd::open(wanted)?);
+        let caps = Capabilities {
+            anonymous: true,
+            shmem: wanted & feature::WP_HUGETLBFS_SHMEM != 0,
+            any_memory: wanted & feature::WP_ASYNC != 0,
+            fork_events: config.fork_events,
+        };
+        let shared = Arc::new(Shared {
+            subs: Subscriptions::new(),
+            gate: Gate::new(),
+            uffd: parking_lot::Mutex::new(Some(uffd.clone())),
+            watched: parking_lot::Mutex::new(Watched::default()),
+            stats: Counters::default(),
+            fork_generation: fork::generation(),
+            page: sys::page_size(),
+            caps,
+            stopping: AtomicBool::new(false),
+            stop_reason: parking_lot::Mutex::new(None),
+            wake: sys::EventFd::new().map_err(Error::Thread)?,
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("mmu-uffd-monitor".into())
+                .spawn(move || run(shared, uffd))
+                .map_err(Error::Thread)?
+        };
+        Ok(Monitor {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts watching `[ptr, ptr + len)` (widened to whole pages): from now on its
+    /// unmaps, madvise and moves invalidate the subscriptions that overlap them. Memory
+    /// already watched costs no system call. The registration lasts until the memory is
+    /// unmapped (new memory mapped at the same address is not watched until `watch` is
+    /// called for it) or until [`unwatch`](Self::unwatch).
+    pub fn watch(&self, ptr: *const u8, len: usize) -> Result<(), Error> {
+        self.shared.watch(ptr as u64, len as u64).map(|_| ())
+    }
+
+    /// Stops watching `[ptr, ptr + len)`: unregisters it, then, because its changes will
+    /// no longer be seen, invalidates it (`Clear`) on the calling thread, so no translation
+    /// survives that a later, unseen change could make stale.
+    pub fn unwatch(&self, ptr: *const u8, len: usize) -> Result<(), Error> {
+        self.shared.unwatch(ptr as u64, len as u64)
+    }
+
+    /// The address space whose interval subscriptions the monitor invalidates: insert
+    /// [`IntervalSubscriber`](mmu_notifier::IntervalSubscriber)s here for watched memory.
+    pub fn subscriptions(&self) -> &Subscriptions {
+        &self.shared.subs
+    }
+
+    /// What this monitor can watch.
+    pub fn capabilities(&self) -> Capabilities {
+        self.shared.caps
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MonitorStats {
+        self.shared.stats()
+    }
+
+    /// Whether the monitor has stopped, and why if it did not stop on request.
+    pub fn stopped(&self) -> Option<Option<String>> {
+        self.shared
+            .gate
+            .stopped()
+            .then(|| self.shared.stop_reason.lock().clone())
+    }
+
+    /// Stops the monitor (the same as dropping it).
+    pub fn shutdown(self) {}
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.wake.signal();
+        if let Some(t) = self.thread.take() {
+            // Dropped from one of its own callbacks: the thread stops after the current
+            // batch; joining would wait for ourselves.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn run(shared: Arc<Shared>, uffd: Arc<Uffd>) {
+    sys::block_all_signals();
+    let outcome = catch_unwind(AssertUnwindSafe(|| shared.serve(&uffd)));
+    let why = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("reading userfaultfd events failed: {e}")),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Some(format!(
+                "an invalidation callback panicked on the monitor thread: {msg}"
+            ))
+        }
+    };
+    if let Some(w) = &why {
+        tracing::error!("mmu-uffd monitor stopped: {w}");
+    }
+    drop(uffd);
+    shared.finish(why);
+}
+
+impl Shared {
+    /// The event loop (see the module docs).
+    fn serve(&self, uffd: &Uffd) -> std::io::Result<()> {
+        let mut buf = vec![RawMsg::ZERO; 64];
+        let fds: [RawFd; 2] = [uffd.raw(), self.wake.raw()];
+        loop {
+            let ready = sys::poll_readable(&fds)?;
+            if self.stopping.load(Acquire) {
+                return Ok(());
+            }
+            if !ready.contains(&0) {
+                continue;
+            }
+            bump(&self.stats.batches);
+            self.gate.begin();
+            let result = self.drain(uffd, &mut buf);
+            self.gate.end();
+            result?;
+        }
+    }
+
+    fn drain(&self, uffd: &Uffd, buf: &mut [RawMsg]) -> std::io::Result<()> {
+        loop {
+            let n = uffd.read(buf)?;
+            for m in &buf[..n] {
+                self.apply(uffd, m.decode());
+            }
+            if n < buf.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn apply(&self, uffd: &Uffd, msg: Message) {
+        match msg {
+            Message::Unmap { start, end } => {
+                bump(&self.stats.unmaps);
+                self.forget(start, end);
+                self.invalidate(start, end, Event::Unmap);
+            }
+            Message::Remove { start, end } => {
+                bump(&self.stats.removes);
+                self.invalidate(start, end, Event::Clear);
+            }
+            Message::Remap { from, to, len } => {
+                bump(&self.stats.remaps);
+                let old_end = from.saturating_add(len);
+                self.forget(from, old_end);
+                // The moved mapping keeps its registration (REMAP is enabled).
+                self.watched.lock().set.add(to, to.saturating_add(len));
+                self.invalidate(from, old_end, Event::Unmap);
+            }
+            Message::Fork { fd } => {
+                bump(&self.stats.forks);
+                sys::close_received(fd);
+            }
+            Message::Pagefault { address, .. } => {
+                bump(&self.stats.unexpected_faults);
+                let page = address & !(self.page - 1);
+                if let Err(e) = uffd.unprotect(page, self.page) {
+                    tracing::warn!("unexpected write-protect fault at {address:#x}: {e}");
+                }
+            }
+            Message::Unknown(kind) => {
+                bump(&self.stats.unknown);
+                tracing::warn!("unknown userfaultfd event {kind:#x}");
+            }
+        }
+    }
+
+    fn forget(&self, start: u64, end: u64) {
+        let mut w = self.watched.lock();
+        w.set.remove(start, end);
+        w.generation += 1;
+    }
+
+    fn invalidate(&self, start: u64, end: u64, event: Event) {
+        if let Ok(range) = Range::new(start, end, event) {
+            bump(&self.stats.invalidations);
+            drop(self.subs.invalidate_range_start(range));
+        }
+    }
+
+    fn finish(&self, why: Option<String>) {
+        *self.stop_reason.lock() = why;
+        // Order matters: lookups fail from here on; then every subscription is told that
+        // nothing will be kept coherent; only then are unmappers still blocked on unread
+        // events released (the descriptor closes when the last clone drops).
+        self.gate.stop();
+        self.subs.release();
+        self.uffd.lock().take();
+    }
+
+    /// Fails if the monitor cannot vouch for the memory any more.
+    pub(crate) fn check_alive(&self) -> Result<(), Error> {
+        if fork::current() != self.fork_generation {
+            return Err(Error::Forked);
+        }
+        if self.gate.stopped() {
+            return Err(self.stopped_error());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn stopped_error(&self) -> Error {
+        Error::Stopped {
+            why: self.stop_reason.lock().clone(),
+        }
+    }
+
+    /// Passes the event gate (see `gate`): waits while events are being applied.
+    #[inline]
+    pub(crate) fn pass_gate(&self) -> Result<(), Error> {
+        if fork::current() != self.fork_generation {
+            return Err(Error::Forked);
+        }
+        match self.gate.pass() {
+            Pass::Open => Ok(()),
+            Pass::Stopped => Err(self.stopped_error()),
+        }
+    }
+
+    /// `[start, start + len)` widened to whole pages.
+    pub(crate) fn page_range(&self, start: u64, len: u64) -> Result<(u64, u64), Error> {
+        let bad = |reason| Error::InvalidRange { start, len, reason };
+        if len == 0 {
+            return Err(bad("the length is zero"));
+        }
+        let end = start
+            .checked_add(len)
+            .and_then(|e| e.checked_add(self.page - 1))
+            .ok_or(bad("the range overflows the address space"))?;
+        Ok((start & !(self.page - 1), end & !(self.page - 1)))
+    }
+
+    /// See [`Monitor::watch`]; returns the page-aligned range.
+    pub(crate) fn watch(&self, start: u64, len: u64) -> Result<(u64, u64), Error> {
+        let (s, e) = self.page_range(start, len)?;
+        self.check_alive()?;
+        let generation = {
+            let w = self.watched.lock();
+            if w.set.covers(s, e) {
+                bump(&self.stats.watch_hits);
+                return Ok((s, e));
+            }
+            w.generation
+        };
+        let uffd = self
+            .uffd
+            .lock()
+            .clone()
+            .ok_or_else(|| self.stopped_error())?;
+        uffd.register_wp(s, e - s).map_err(|source| Error::Watch {
+            start: s,
+            end: e,
+            source,
+        })?;
+        bump(&self.stats.watch_registrations);
+        let mut w = self.watched.lock();
+        // An unmap applied meanwhile may have removed part of what was just registered:
+        // then do not claim it (the next watch registers again, which is harmless).
+        if w.generation == generation {
+            w.set.add(s, e);
+        }
+        Ok((s, e))
+    }
+
+    fn unwatch(&self, start: u64, len: u64) -> Result<(), Error> {
+        let (s, e) = self.page_range(start, len)?;
+        self.check_alive()?;
+        let uffd = self
+            .uffd
+            .lock()
+            .clone()
+            .ok_or_else(|| self.stopped_error())?;
+        uffd.unregister(s, e - s).map_err(|source| Error::Watch {
+            start: s,
+            end: e,
+            source,
+        })?;
+        self.forget(s, e);
+        self.invalidate(s, e, Event::Clear);
+        Ok(())
+    }
+
+    pub(crate) fn subscriptions(&self) -> &Subscriptions {
+        &self.subs
+    }
+
+    fn stats(&self) -> MonitorStats {
+        let c = &self.stats;
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        MonitorStats {
+            batches: l(&c.batches),
+            unmaps: l(&c.unmaps),
+            removes: l(&c.removes),
+            remaps: l(&c.remaps),
+            forks: l(&c.forks),
+            unexpected_faults: l(&c.unexpected_faults),
+            unknown: l(&c.unknown),
+            invalidations: l(&c.invalidations),
+            watch_hits: l(&c.watch_hits),
+            watch_registrations: l(&c.watch_registrations),
+        }
+    }
+}

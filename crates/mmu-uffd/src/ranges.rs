@@ -1,0 +1,112 @@
+//! A set of disjoint half-open address ranges: the memory the monitor has registered with
+//! userfaultfd, so that a fill does not repeat the registration system call for memory
+//! that is already watched.
+
+use std::collections::BTreeMap;
+
+/// Disjoint, non-adjacent `[start, end)` ranges keyed by start (adjacent ranges merge).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct RangeSet {
+    map: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// Whether `[start, end)` is entirely inside the set.
+    pub(crate) fn covers(&self, start: u64, end: u64) -> bool {
+        match self.map.range(..=start).next_back() {
+            Some((_, &e)) => e >= end,
+            None => false,
+        }
+    }
+
+    /// Adds `[start, end)`, merging with overlapping and adjacent ranges.
+    pub(crate) fn add(&mut self, mut start: u64, mut end: u64) {
+        if start >= end {
+            return;
+        }
+        if let Some((&s, &e)) = self.map.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        let absorbed: Vec<u64> = self.map.range(start..=end).map(|(&s, _)| s).collect();
+        for s in absorbed {
+            if let Some(e) = self.map.remove(&s) {
+                end = end.max(e);
+            }
+        }
+        self.map.insert(start, end);
+    }
+
+    /// Removes `[start, end)`, cutting ranges that stick out of it.
+    pub(crate) fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        if let Some((&s, &e)) = self.map.range(..start).next_back() {
+            if e > start {
+                self.map.insert(s, start);
+                if e > end {
+                    self.map.insert(end, e);
+                }
+            }
+        }
+        let inside: Vec<(u64, u64)> = self.map.range(start..end).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in inside {
+            self.map.remove(&s);
+            if e > end {
+                self.map.insert(end, e);
+            }
+        }
+    }
+
+    /// The ranges, in order.
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.map.iter().map(|(&s, &e)| (s, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RangeSet;
+    use proptest::prelude::*;
+
+    /// The reference: one bit per unit of a small space.
+    fn model_bits(ops: &[(bool, u64, u64)]) -> Vec<bool> {
+        let mut bits = vec![false; 64];
+        for &(add, s, e) in ops {
+            for b in bits.iter_mut().take(e as usize).skip(s as usize) {
+                *b = add;
+            }
+        }
+        bits
+    }
+
+    proptest! {
+        #[test]
+        fn behaves_like_a_bitmap(ops in proptest::collection::vec((any::<bool>(), 0u64..64, 0u64..64), 0..40)) {
+            let ops: Vec<(bool, u64, u64)> = ops.into_iter().map(|(a, x, y)| (a, x.min(y), x.max(y))).collect();
+            let mut set = RangeSet::default();
+            for &(add, s, e) in &ops {
+                if add { set.add(s, e) } else { set.remove(s, e) }
+            }
+            let bits = model_bits(&ops);
+            // Canonical form: disjoint, non-adjacent, non-empty.
+            let v: Vec<(u64, u64)> = set.iter().collect();
+            for w in v.windows(2) {
+                prop_assert!(w[0].1 < w[1].0, "not canonical: {:?}", v);
+            }
+            for &(s, e) in &v {
+                prop_assert!(s < e);
+            }
+            for s in 0..64u64 {
+                for e in s + 1..=64 {
+                    let want = bits[s as usize..e as usize].iter().all(|&b| b);
+                    prop_assert_eq!(set.covers(s, e), want, "covers({}, {}) in {:?}", s, e, v);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Shared helpers of the integration tests: memory mappings, a monitor or a skip.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use mmu_uffd::{CacheConfig, Error, Monitor, MonitorConfig, RegCache};
+
+pub const PAGE: usize = 4096;
+
+/// A monitor, or `None` with the reason printed: the test then skips (it cannot pass or
+/// fail without userfaultfd).
+pub fn monitor_or_skip(test: &str) -> Option<Monitor> {
+    monitor_with_or_skip(test, MonitorConfig::default())
+}
+
+pub fn monitor_with_or_skip(test: &str, config: MonitorConfig) -> Option<Monitor> {
+    match Monitor::with_config(config) {
+        Ok(m) => Some(m),
+        Err(e @ (Error::Unavailable { .. } | Error::MissingFeature { .. })) => {
+            eprintln!("SKIPPED {test}: {e}");
+            None
+        }
+        Err(e) => panic!("{test}: unexpected monitor error: {e}"),
+    }
+}
+
+/// `mmap` or panic.
+pub fn map(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut u8 {
+    // SAFETY: mmap with caller-chosen flags; MAP_FIXED callers pass addresses they own.
+    let p = unsafe { libc::mmap(addr as *mut _, len, prot, flags, fd, off) };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    p.cast()
+}
+
+pub const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+/// An anonymous private mapping of `pages` pages, touched.
+pub fn anon(pages: usize) -> *mut u8 {
+    let p = map(
+        0,
+        pages * PAGE,
+        RW,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    );
+    touch(p, pages * PAGE);
+    p
+}
+
+pub fn touch(p: *mut u8, len: usize) {
+    for off in (0..len).step_by(PAGE) {
+        // SAFETY: callers pass mappings of at least `len` writable bytes.
+        unsafe { p.add(off).write_volatile(0x5a) };
+    }
+}
+
+pub fn unmap(p: *mut u8, len: usize) {
+    // SAFETY: tests unmap only their own mappings.
+    let r = unsafe { libc::munmap(p.cast(), len) };
+    assert_eq!(r, 0, "munmap: {}", std::io::Error::last_os_error());
+}
+
+pub fn madvise(p: *mut u8, len: usize, advice: i32) {
+    // SAFETY: tests advise only their own mappings.
+    let r = unsafe { libc::madvise(p.cast(), len, advice) };
+    assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+}
+
+/// A memfd of `len` bytes.
+pub fn memfd(len: usize) -> i32 {
+    // SAFETY: the name is a valid C string.
+    let fd = unsafe { libc::memfd_create(c"mmu-uffd-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd was just created.
+    assert_eq!(unsafe { libc::ftruncate(fd, len as i64) }, 0);
+    fd
+}
+
+/// Registration counters of a test registrar.
+#[derive(Default)]
+pub struct Counts {
+    pub registered: AtomicUsize,
+    pub deregistered: AtomicUsize,
+    /// The thread names deregistrations ran on.
+    pub threads: parking_lot::Mutex<Vec<String>>,
+}
+
+pub type TestCache = RegCache<
+    mmu_uffd::FnRegistrar<
+        Box<dyn Fn(*mut u8, usize) -> Result<(usize, usize, usize), std::io::Error> + Send + Sync>,
+        Box<dyn Fn((usize, usize, usize)) + Send + Sync>,
+    >,
+>;
+
+/// A cache whose registration is (start, len, serial number).
+pub fn counting_cache(monitor: &Monitor, config: CacheConfig) -> (TestCache, Arc<Counts>) {
+    let counts = Arc::new(Counts::default());
+    let (c1, c2) = (counts.clone(), counts.clone());
+    let cache = RegCache::with_fns(
+        monitor,
+        config,
+        Box::new(move |p: *mut u8, len: usize| {
+            let n = c1.registered.fetch_add(1, Ordering::SeqCst);
+            Ok((p as usize, len, n))
+        })
+            as Box<
+                dyn Fn(*mut u8, usize) -> Result<(usize, usize, usize), std::io::Error>
+                    + Send
+                    + Sync,
+            >,
+        Box::new(move |_r: (usize, usize, usize)| {
+            c2.deregistered.fetch_add(1, Ordering::SeqCst);
+            c2.threads.lock().push(
+                std::thread::current()
+                    .name()
+                    .unwrap_or("unnamed")
+                    .to_string(),
+            );
+        }) as Box<dyn Fn((usize, usize, usize)) + Send + Sync>,
+    );
+    (cache, counts)
+}
