@@ -39,3 +39,4 @@ step "loom models (RUSTFLAGS=--cfg loom)"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-4}"
 RUSTFLAGS="--cfg loom" cargo test -p mmu-notifier --release --target-dir target/loom \
   --test loom_srcu --test loom_core --test loom_interval
+RUSTFLAGS="--cfg loom" cargo test -p mmu-uffd --release --target-dir target/loom --lib loom_model

@@ -1,1 +1,239 @@
-fn main() {}
+//! Registration-cache benchmarks: hit, miss, and munmap-to-invalidated latency.
+//!
+//! `cargo bench -p mmu-uffd --bench cache`. The first two are criterion benchmarks; the
+//! latency part measures, per munmap, the time from just before the call to the moment the
+//! invalidation callback runs on the monitor thread, side by side with a bare userfaultfd
+//! reader (a thread blocked in `read()`, timestamping when the event arrives: what a C
+//! monitor does) in alternating rounds of one run, and prints medians and the ratio.
+
+use std::hint::black_box;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
+use mmu_uffd::{CacheConfig, Monitor, RegCache};
+
+const PAGE: usize = 4096;
+
+fn anon(len: usize) -> *mut u8 {
+    // SAFETY: a fresh anonymous private mapping.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p.cast()
+}
+
+fn noop_cache(
+    monitor: &Monitor,
+    capacity: usize,
+) -> RegCache<impl mmu_uffd::Registrar<Registration = usize>> {
+    RegCache::with_fns(
+        monitor,
+        CacheConfig::default().with_capacity(capacity),
+        |p: *mut u8, _len: usize| Ok::<usize, std::io::Error>(p as usize),
+        |r: usize| {
+            black_box(r);
+        },
+    )
+}
+
+fn bench_hit_miss(c: &mut Criterion, monitor: &Monitor) {
+    // Hit: 64 cached 16-page buffers, look one up and drop the handle.
+    let cache = noop_cache(monitor, 1024);
+    let bufs: Vec<*mut u8> = (0..64).map(|_| anon(16 * PAGE)).collect();
+    for &b in &bufs {
+        drop(cache.get(b, 16 * PAGE).unwrap());
+    }
+    let mut i = 0;
+    c.bench_function("cache hit (get + drop, 64 entries)", |b| {
+        b.iter(|| {
+            i = (i + 7) & 63;
+            black_box(cache.get(black_box(bufs[i]), 8 * PAGE).unwrap());
+        })
+    });
+    assert!(cache.stats().misses == 64);
+
+    // Miss: 64 watched buffers through a 16-entry cache, in a cycle, so every lookup misses
+    // and evicts (deregisters) the least recently used entry. The memory is already watched,
+    // so this is the cache's own cost plus the no-op registration.
+    let small = noop_cache(monitor, 16);
+    let mut j = 0;
+    c.bench_function("cache miss (register + evict, memory watched)", |b| {
+        b.iter(|| {
+            j = (j + 1) & 63;
+            black_box(small.get(black_box(bufs[j]), 16 * PAGE).unwrap());
+        })
+    });
+    let st = small.stats();
+    assert!(st.hits == 0 && st.misses > 0, "{st:?}");
+    println!(
+        "  (miss run: {} misses, {} evictions, 0 hits)",
+        st.misses, st.evictions
+    );
+}
+
+/// An interval subscriber that records when its invalidation ran.
+struct Stamp(Arc<AtomicU64>, Instant);
+
+impl IntervalSubscriber for Stamp {
+    fn invalidate(
+        &mut self,
+        _: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        self.0
+            .store(self.1.elapsed().as_nanos() as u64, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// A bare reader: a userfaultfd registered like the monitor's, a thread blocked in read().
+struct Bare {
+    fd: RawFd,
+    seen: Arc<AtomicU64>,
+}
+
+fn bare(epoch: Instant) -> Option<Bare> {
+    const API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | 1) } as RawFd;
+    if fd < 0 {
+        return None;
+    }
+    // features: PAGEFAULT_FLAG_WP | EVENT_UNMAP
+    let mut api = [0xAAu64, 1 | (1 << 6), 0];
+    // SAFETY: UFFDIO_API reads and writes three u64.
+    if unsafe { libc::ioctl(fd, API as _, api.as_mut_ptr()) } < 0 {
+        return None;
+    }
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = seen.clone();
+    std::thread::spawn(move || loop {
+        let mut msg = [0u8; 32];
+        // SAFETY: reads one 32-byte message into a live buffer.
+        let n = unsafe { libc::read(fd, msg.as_mut_ptr().cast(), 32) };
+        if n == 32 {
+            s2.store(epoch.elapsed().as_nanos() as u64, Ordering::Release);
+        } else if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    });
+    Some(Bare { fd, seen })
+}
+
+impl Bare {
+    fn watch(&self, p: *mut u8, len: usize) {
+        const REGISTER: u64 = (3 << 30) | (32 << 16) | (0xAA << 8);
+        let mut reg = [p as u64, len as u64, 2, 0];
+        // SAFETY: UFFDIO_REGISTER reads and writes four u64.
+        let r = unsafe { libc::ioctl(self.fd, REGISTER as _, reg.as_mut_ptr()) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    }
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn p99(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() * 99 / 100]
+}
+
+fn latency(monitor: &Monitor) {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let Some(bare) = bare(epoch) else {
+        println!("bare userfaultfd reader unavailable: latency comparison skipped");
+        return;
+    };
+    let cache = noop_cache(monitor, 64);
+    let rounds = 2000;
+    let (mut ours, mut raw, mut to_invalid) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds * 2 {
+        let p = anon(4 * PAGE);
+        // SAFETY: touches the first page of the fresh mapping.
+        unsafe { p.write_volatile(1) };
+        if r % 2 == 0 {
+            let stamp = Arc::new(AtomicU64::new(0));
+            let sub = monitor
+                .subscriptions()
+                .insert_interval(p as u64, 4 * PAGE as u64, Stamp(stamp.clone(), epoch))
+                .unwrap();
+            let h = cache.get(p, 4 * PAGE).unwrap();
+            let t0 = epoch.elapsed().as_nanos() as u64;
+            // SAFETY: unmaps the mapping made above.
+            unsafe { libc::munmap(p.cast(), 4 * PAGE) };
+            // What a caller observes: the handle invalid right after munmap returned.
+            let valid = h.is_valid();
+            let t2 = epoch.elapsed().as_nanos() as u64;
+            assert!(!valid, "stale handle after munmap returned");
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while stamp.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+            ours.push(stamp.load(Ordering::Acquire).saturating_sub(t0));
+            to_invalid.push(t2 - t0);
+            drop(h);
+            drop(sub);
+        } else {
+            bare.watch(p, 4 * PAGE);
+            bare.seen.store(0, Ordering::Release);
+            let t0 = epoch.elapsed().as_nanos() as u64;
+            // SAFETY: unmaps the mapping made above.
+            unsafe { libc::munmap(p.cast(), 4 * PAGE) };
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while bare.seen.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+            raw.push(bare.seen.load(Ordering::Acquire).saturating_sub(t0));
+        }
+    }
+    let (mo, mr, mi) = (median(&mut ours), median(&mut raw), median(&mut to_invalid));
+    println!("munmap latency, {rounds} rounds each, alternating, median (p99):");
+    println!(
+        "  bare reader: munmap call -> event read                 {:6.2} us ({:.2})",
+        mr as f64 / 1e3,
+        p99(&mut raw) as f64 / 1e3
+    );
+    println!(
+        "  monitor:     munmap call -> invalidation callback ran   {:6.2} us ({:.2})",
+        mo as f64 / 1e3,
+        p99(&mut ours) as f64 / 1e3
+    );
+    println!(
+        "  cache:       munmap call -> handle seen invalid         {:6.2} us ({:.2})",
+        mi as f64 / 1e3,
+        p99(&mut to_invalid) as f64 / 1e3
+    );
+    println!("  ratio monitor / bare: {:.3}", mo as f64 / mr as f64);
+}
+
+fn main() {
+    let monitor = match Monitor::new() {
+        Ok(m) => m,
+        Err(e) => {
+            println!("SKIPPED cache benchmarks: {e}");
+            return;
+        }
+    };
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args();
+    bench_hit_miss(&mut c, &monitor);
+    c.final_summary();
+    latency(&monitor);
+}

@@ -48,7 +48,7 @@
 //! [`RegCache::invalidate`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering::Acquire, Ordering::Release};
+use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
 use std::sync::Arc;
 
 use mmu_notifier::{
@@ -59,6 +59,7 @@ use parking_lot::Mutex;
 use crate::error::Error;
 use crate::lru::LruIndex;
 use crate::monitor::{Monitor, Shared};
+use crate::sync::{self, AtomicBool};
 
 /// Creates and destroys registrations of memory ranges (for example io_uring fixed
 /// buffers, RDMA memory regions, DMA mappings).
@@ -167,7 +168,7 @@ pub struct CacheStats {
 
 /// The subscriber state of one entry: clears the flag. That is all it may do (it runs on
 /// the monitor thread: no references to the entry, no deregistration, no blocking).
-struct Validity(Arc<AtomicBool>);
+struct Validity(sync::Arc<AtomicBool>);
 
 impl IntervalSubscriber for Validity {
     fn invalidate(
@@ -185,7 +186,7 @@ impl IntervalSubscriber for Validity {
 struct Entry<R: Registrar> {
     start: u64,
     end: u64,
-    valid: Arc<AtomicBool>,
+    valid: sync::Arc<AtomicBool>,
     registration: Option<R::Registration>,
     subscription: Option<IntervalSubscription<Validity>>,
     registrar: Arc<R>,
@@ -442,7 +443,7 @@ impl<R: Registrar> RegCache<R> {
         e: u64,
         merged: bool,
     ) -> Result<Option<CachedRegistration<R>>, Error> {
-        let valid = Arc::new(AtomicBool::new(false));
+        let valid = sync::Arc::new(AtomicBool::new(false));
         let subscription = self
             .monitor
             .subscriptions()
@@ -557,5 +558,59 @@ impl<R: Registrar> RegCache<R> {
 impl<R: Registrar> Drop for RegCache<R> {
     fn drop(&mut self) {
         self.clear();
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    //! The fill protocol against an invalidation, with the library's real interval
+    //! subscription and this module's `Validity`. The primary's "pages" are a version
+    //! number; an UNMAP-style event changes them first and invalidates after (as the kernel
+    //! reports munmap after the fact). Whatever the interleaving, an entry left valid must
+    //! have registered the current pages.
+    use super::Validity;
+    use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Release};
+    use loom::sync::Arc;
+    use mmu_notifier::{Event, Range, Subscriptions};
+
+    #[test]
+    fn a_valid_entry_never_holds_old_pages() {
+        loom::model(|| {
+            let mm = Subscriptions::new();
+            let pages = Arc::new(AtomicU64::new(1));
+            let primary = {
+                let (mm, pages) = (mm.clone(), pages.clone());
+                loom::thread::spawn(move || {
+                    pages.store(2, Release); // munmap + new mmap at the same address
+                    let range = Range::new(0x1000, 0x2000, Event::Unmap).unwrap();
+                    drop(mm.invalidate_range_start(range)); // the event, applied
+                })
+            };
+            // The fill.
+            let valid = Arc::new(AtomicBool::new(false));
+            let sub = mm
+                .insert_interval(0x1000, 0x1000, Validity(valid.clone()))
+                .unwrap();
+            let mut registered = 0;
+            for _ in 0..2 {
+                let seq = sub.read_begin();
+                registered = pages.load(Acquire); // register: pin what is mapped now
+                let guard = sub.lock();
+                if guard.read_retry(seq) {
+                    continue; // deregister, start again
+                }
+                valid.store(true, Release);
+                break;
+            }
+            primary.join().unwrap();
+            if valid.load(Acquire) {
+                assert_eq!(
+                    registered,
+                    pages.load(Acquire),
+                    "a valid entry pins old pages"
+                );
+            }
+            drop(sub);
+        });
     }
 }

@@ -38,13 +38,15 @@
 //!
 //! The fast path costs one Acquire load of a word that changes only when events arrive.
 
-use std::sync::atomic::Ordering::{Acquire, SeqCst};
+use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
 
 use crate::sync::{spin_hint, AtomicU64, Condvar, Mutex};
 
 const BUSY: u64 = 1;
 const STOPPED: u64 = 2;
 const EPOCH: u64 = 4;
+/// Spins before sleeping (one under loom, whose spins are yields that multiply states).
+const SPINS: u32 = if cfg!(loom) { 1 } else { 200 };
 
 /// What a reader learns at the gate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,11 +61,11 @@ pub(crate) enum Pass {
 #[derive(Debug)]
 pub(crate) struct Gate {
     state: AtomicU64,
-    /// Readers that gave up spinning sleep here; `waiters` counts them so `end` only takes
-    /// the mutex when someone sleeps.
+    /// Readers that gave up spinning sleep here. They check `state` with `lock` held, and
+    /// `wake` takes `lock` after changing `state`, so a wake-up cannot fall between a
+    /// sleeper's check and its sleep.
     lock: Mutex<()>,
     cv: Condvar,
-    waiters: AtomicU64,
 }
 
 impl Default for Gate {
@@ -78,7 +80,6 @@ impl Gate {
             state: AtomicU64::new(0),
             lock: Mutex::new(()),
             cv: Condvar::new(),
-            waiters: AtomicU64::new(0),
         }
     }
 
@@ -91,11 +92,10 @@ impl Gate {
 
     /// Monitor: every event read since `begin` has been applied.
     pub(crate) fn end(&self) {
-        // Release (part of SeqCst): publishes the invalidations applied in this busy period
-        // to any lookup that loads the new value with Acquire. SeqCst also for the
-        // store-buffer pairing with a sleeping waiter (see `wake`). Clear BUSY and advance
-        // the epoch at once (state is BUSY here, so adding EPOCH - BUSY never borrows).
-        let prev = self.state.fetch_add(EPOCH - BUSY, SeqCst);
+        // Release: publishes the invalidations applied in this busy period to any lookup
+        // that loads the new value with Acquire. Clear BUSY and advance the epoch at once
+        // (state is BUSY here, so adding EPOCH - BUSY never borrows).
+        let prev = self.state.fetch_add(EPOCH - BUSY, Release);
         debug_assert!(prev & BUSY != 0, "gate end without begin");
         self.wake();
     }
@@ -107,12 +107,11 @@ impl Gate {
     }
 
     fn wake(&self) {
-        // SeqCst pairs with the waiter's SeqCst increment before it re-checks the state:
-        // either the waiter sees the new state, or this sees the waiter and notifies it.
-        if self.waiters.load(SeqCst) != 0 {
-            let _g = self.lock.lock();
-            self.cv.notify_all();
-        }
+        // Always through the lock (once per batch: cheap next to the system calls). A
+        // sleeper that checked `state` before this acquisition is already waiting and gets
+        // the notification; one that checks after sees the new state, ordered by the lock.
+        let _g = self.lock.lock();
+        self.cv.notify_all();
     }
 
     /// Whether the monitor has stopped.
@@ -142,24 +141,106 @@ impl Gate {
                 return Pass::Open;
             }
             // A batch is a few microseconds of in-memory work: spin a little first.
-            if spins < 200 {
+            if spins < SPINS {
                 spins += 1;
                 spin_hint();
                 s = self.state.load(Acquire);
                 continue;
             }
             let mut g = self.lock.lock();
-            self.waiters.fetch_add(1, SeqCst);
             loop {
-                let now = self.state.load(SeqCst);
+                let now = self.state.load(Acquire);
                 if now != s {
                     s = now;
                     break;
                 }
                 g = self.cv.wait(g);
             }
-            self.waiters.fetch_sub(1, SeqCst);
             drop(g);
         }
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_model {
+    //! The gate's promise, with the kernel's hand-over modelled as a Release/Acquire flag
+    //! (the wait-queue lock that `read()` releases and the unmapper acquires).
+    use super::{Gate, Pass};
+    use loom::sync::atomic::{AtomicBool, Ordering::Acquire, Ordering::Release};
+    use loom::sync::Arc;
+
+    /// A lookup that starts after munmap returned never sees the entry still valid.
+    #[test]
+    fn lookup_after_the_unmap_returned_sees_the_invalidation() {
+        loom::model(|| {
+            let gate = Arc::new(Gate::new());
+            let valid = Arc::new(AtomicBool::new(true));
+            let handed_over = Arc::new(AtomicBool::new(false));
+            let monitor = {
+                let (gate, valid, handed_over) = (gate.clone(), valid.clone(), handed_over.clone());
+                loom::thread::spawn(move || {
+                    gate.begin();
+                    handed_over.store(true, Release); // read(): the unmapper may return
+                    valid.store(false, Release); // the invalidation
+                    gate.end();
+                })
+            };
+            // The unmapper: blocked in munmap until the event is read.
+            while !handed_over.load(Acquire) {
+                loom::thread::yield_now();
+            }
+            assert_eq!(gate.pass(), Pass::Open);
+            assert!(!valid.load(Acquire), "stale hit after munmap returned");
+            monitor.join().unwrap();
+        });
+    }
+
+    /// Two batches back to back, a lookup racing with both: whatever it passes at, every
+    /// batch whose hand-over it observed has been applied.
+    #[test]
+    fn two_batches() {
+        loom::model(|| {
+            let gate = Arc::new(Gate::new());
+            let applied = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+            let handed = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+            let monitor = {
+                let (gate, applied, handed) = (gate.clone(), applied.clone(), handed.clone());
+                loom::thread::spawn(move || {
+                    for i in 0..2 {
+                        gate.begin();
+                        handed[i].store(true, Release);
+                        applied[i].store(true, Release);
+                        gate.end();
+                    }
+                })
+            };
+            let saw = [handed[0].load(Acquire), handed[1].load(Acquire)];
+            assert_eq!(gate.pass(), Pass::Open);
+            for i in 0..2 {
+                if saw[i] {
+                    assert!(
+                        applied[i].load(Acquire),
+                        "batch {i} handed over but not applied"
+                    );
+                }
+            }
+            monitor.join().unwrap();
+        });
+    }
+
+    /// Stopping wakes a waiter and makes it fail, and every later pass fails.
+    #[test]
+    fn stop_releases_waiters() {
+        loom::model(|| {
+            let gate = Arc::new(Gate::new());
+            gate.begin();
+            let waiter = {
+                let gate = gate.clone();
+                loom::thread::spawn(move || gate.pass())
+            };
+            gate.stop();
+            assert_eq!(waiter.join().unwrap(), Pass::Stopped);
+            assert_eq!(gate.pass(), Pass::Stopped);
+        });
     }
 }

@@ -4,7 +4,8 @@
 
 #[cfg(not(loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::AtomicU64;
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
+    pub(crate) use std::sync::Arc;
 
     /// A mutex without poisoning.
     #[derive(Debug, Default)]
@@ -45,7 +46,8 @@ mod imp {
 
 #[cfg(loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::AtomicU64;
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
+    pub(crate) use loom::sync::Arc;
 
     /// loom's mutex, unwrapped.
     #[derive(Debug)]
