@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
-use mmu_uffd::{CacheConfig, Monitor, RegCache};
+use mmu_uffd::{CacheConfig, Monitor, MonitorConfig, RegCache};
 
 const PAGE: usize = 4096;
 
@@ -152,10 +152,8 @@ fn p99(v: &mut [u64]) -> u64 {
     v[v.len() * 99 / 100]
 }
 
-fn latency(monitor: &Monitor) {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let Some(bare) = bare(epoch) else {
+fn latency(monitor: &Monitor, bare: Option<Bare>, epoch: Instant) {
+    let Some(bare) = bare else {
         println!("bare userfaultfd reader unavailable: latency comparison skipped");
         return;
     };
@@ -201,6 +199,23 @@ fn latency(monitor: &Monitor) {
             raw.push(bare.seen.load(Ordering::Acquire).saturating_sub(t0));
         }
     }
+    // The floor: munmap of the same kind of mapping, not watched by anyone.
+    let mut plain: Vec<u64> = (0..rounds)
+        .map(|_| {
+            let p = anon(4 * PAGE);
+            // SAFETY: touches the first page of the fresh mapping.
+            unsafe { p.write_volatile(1) };
+            let t0 = Instant::now();
+            // SAFETY: unmaps the mapping made above.
+            unsafe { libc::munmap(p.cast(), 4 * PAGE) };
+            t0.elapsed().as_nanos() as u64
+        })
+        .collect();
+    println!(
+        "  unwatched munmap, call -> return (the floor)            {:6.2} us ({:.2})",
+        median(&mut plain) as f64 / 1e3,
+        p99(&mut plain) as f64 / 1e3
+    );
     let (mo, mr, mi) = (median(&mut ours), median(&mut raw), median(&mut to_invalid));
     println!("munmap latency, {rounds} rounds each, alternating, median (p99):");
     println!(
@@ -221,19 +236,59 @@ fn latency(monitor: &Monitor) {
     println!("  ratio monitor / bare: {:.3}", mo as f64 / mr as f64);
 }
 
+/// Pins the calling thread to `cpu` (threads it creates afterwards inherit the mask).
+fn pin(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it;
+    // sched_setaffinity(0, ...) applies to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
 fn main() {
-    let monitor = match Monitor::new() {
+    // The latency depends on where the reader threads run relative to the unmapper; pin
+    // them like the C reference ("other core"): the monitor and bare reader threads are
+    // created on CPU 1, the unmapping thread then moves to CPU 0. MMU_UFFD_SAME_CPU=1
+    // keeps everything on CPU 0 instead.
+    let same = std::env::var_os("MMU_UFFD_SAME_CPU").is_some();
+    let pinned = pin(if same { 0 } else { 1 });
+    // MMU_UFFD_BUSY_POLL_US=N: the monitor keeps polling N us after each event.
+    let busy = std::env::var("MMU_UFFD_BUSY_POLL_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_micros)
+        .unwrap_or(Duration::ZERO);
+    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
         Ok(m) => m,
         Err(e) => {
             println!("SKIPPED cache benchmarks: {e}");
             return;
         }
     };
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let bare = bare(epoch);
+    let pinned = pinned && pin(0);
+    println!("monitor busy polling after each event: {busy:?}");
+    println!(
+        "placement: {}",
+        match (pinned, same) {
+            (false, _) => "not pinned (sched_setaffinity failed)",
+            (true, false) => "readers on CPU 1, unmapper on CPU 0",
+            (true, true) => "everything on CPU 0",
+        }
+    );
+    if std::env::var_os("MMU_UFFD_LATENCY_ONLY").is_some() {
+        latency(&monitor, bare, epoch);
+        return;
+    }
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     bench_hit_miss(&mut c, &monitor);
     c.final_summary();
-    latency(&monitor);
+    latency(&monitor, bare, epoch);
 }

@@ -29,9 +29,15 @@
 //!   that thread: a user thread, never the monitor thread, whose callbacks only ever
 //!   clear flags and never hold a reference. Entries are never dropped with the index
 //!   lock held.
-//! - **Bound.** The index holds at most `capacity` entries; inserting beyond evicts the
-//!   least recently used. An evicted entry still in use stays registered until its last
-//!   handle drops.
+//! - **Purge.** An invalidation also raises the cache's `dirty` flag. The next `get` (hit
+//!   or miss: one relaxed load when clean) or [`RegCache::purge_invalid`] removes every
+//!   invalid entry from the index on that user thread, so dead registrations do not keep
+//!   old pages pinned, nor hold a registrar's limited slots, until LRU eviction reaches
+//!   them.
+//! - **Bound.** The index holds at most `capacity` entries: a fill into a full index evicts
+//!   the least recently used *before* it registers, so a registrar with exactly
+//!   `capacity` slots never runs out because of the cache. An evicted entry still in use
+//!   stays registered until its last handle drops.
 //! - **Overlap.** Indexed ranges are disjoint. A miss overlapping valid entries registers
 //!   their union when it is watchable and registrable (so alternating overlapping requests
 //!   do not thrash), else just the request; either way the overlapped entries leave the
@@ -166,9 +172,13 @@ pub struct CacheStats {
     pub entries: usize,
 }
 
-/// The subscriber state of one entry: clears the flag. That is all it may do (it runs on
-/// the monitor thread: no references to the entry, no deregistration, no blocking).
-struct Validity(sync::Arc<AtomicBool>);
+/// The subscriber state of one entry: clears its flag and marks the cache dirty. That is
+/// all it may do (it runs on the monitor thread: no references to the entry, no
+/// deregistration, no blocking).
+struct Validity {
+    valid: sync::Arc<AtomicBool>,
+    dirty: sync::Arc<AtomicBool>,
+}
 
 impl IntervalSubscriber for Validity {
     fn invalidate(
@@ -178,7 +188,10 @@ impl IntervalSubscriber for Validity {
     ) -> Result<(), WouldBlock> {
         // Release: pairs with a lookup's Acquire; runs under the user lock, like the fill's
         // set, so set and clear are totally ordered.
-        self.0.store(false, Release);
+        self.valid.store(false, Release);
+        // Only a hint for the purge (which re-checks every flag): Release so that a purge
+        // that sees it also sees the cleared flag.
+        self.dirty.store(true, Release);
         Ok(())
     }
 }
@@ -298,6 +311,8 @@ pub struct RegCache<R: Registrar> {
     registrar: Arc<R>,
     config: CacheConfig,
     index: Mutex<Index<R>>,
+    /// Raised by invalidations of entries (see "Purge").
+    dirty: sync::Arc<AtomicBool>,
 }
 
 impl<R: Registrar> fmt::Debug for RegCache<R> {
@@ -346,6 +361,7 @@ impl<R: Registrar> RegCache<R> {
                 lru: LruIndex::default(),
                 stats: CacheStats::default(),
             }),
+            dirty: sync::Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -363,6 +379,9 @@ impl<R: Registrar> RegCache<R> {
                 reason: "the length is zero or the range overflows",
             })?;
         self.monitor.pass_gate()?;
+        if self.dirty.load(std::sync::atomic::Ordering::Relaxed) {
+            self.purge_invalid();
+        }
         let dead = {
             let mut ix = self.index.lock();
             match ix.lru.find_covering(start, end) {
@@ -447,10 +466,28 @@ impl<R: Registrar> RegCache<R> {
         let subscription = self
             .monitor
             .subscriptions()
-            .insert_interval(s, e - s, Validity(valid.clone()))
+            .insert_interval(
+                s,
+                e - s,
+                Validity {
+                    valid: valid.clone(),
+                    dirty: self.dirty.clone(),
+                },
+            )
             .map_err(|_| self.monitor.stopped_error())?;
         let seq = subscription.read_begin();
         self.monitor.watch(s, e - s)?;
+        // Make room before registering, so a registrar with `capacity` slots has one free.
+        let evicted = {
+            let mut ix = self.index.lock();
+            if ix.lru.len() >= self.config.capacity {
+                ix.stats.evictions += 1;
+                ix.lru.pop_lru()
+            } else {
+                None
+            }
+        };
+        drop(evicted); // outside the lock: may deregister
         let registration = self
             .registrar
             .register(s as *mut u8, (e - s) as usize)
@@ -507,6 +544,24 @@ impl<R: Registrar> RegCache<R> {
         };
         drop(removed); // outside the lock: may deregister
         Ok(Some(handle))
+    }
+
+    /// Removes every invalidated entry from the index now, on this thread (deregistering
+    /// those no handle holds); `get` does this by itself when an invalidation happened
+    /// since. Returns how many were removed.
+    pub fn purge_invalid(&self) -> usize {
+        if !self.dirty.swap(false, Acquire) {
+            return 0;
+        }
+        let dead = {
+            let mut ix = self.index.lock();
+            let dead = ix.lru.remove_where(|e| !e.valid.load(Acquire));
+            ix.stats.invalidated_found += dead.len() as u64;
+            dead
+        };
+        let n = dead.len();
+        drop(dead); // outside the lock: may deregister
+        n
     }
 
     /// Invalidates every entry overlapping `[ptr, ptr + len)` now, on this thread (for
@@ -588,9 +643,12 @@ mod loom_model {
             };
             // The fill.
             let valid = Arc::new(AtomicBool::new(false));
-            let sub = mm
-                .insert_interval(0x1000, 0x1000, Validity(valid.clone()))
-                .unwrap();
+            let dirty = Arc::new(AtomicBool::new(false));
+            let validity = Validity {
+                valid: valid.clone(),
+                dirty: dirty.clone(),
+            };
+            let sub = mm.insert_interval(0x1000, 0x1000, validity).unwrap();
             let mut registered = 0;
             for _ in 0..2 {
                 let seq = sub.read_begin();
@@ -609,6 +667,8 @@ mod loom_model {
                     pages.load(Acquire),
                     "a valid entry pins old pages"
                 );
+            } else {
+                assert!(dirty.load(Acquire), "an invalidated entry was not reported");
             }
             drop(sub);
         });

@@ -181,6 +181,24 @@ impl<V> LruIndex<V> {
         }
     }
 
+    /// Removes (and returns) every value for which `dead` holds.
+    pub(crate) fn remove_where(&mut self, mut dead: impl FnMut(&V) -> bool) -> Vec<V> {
+        let ids: Vec<SlotId> = self
+            .by_start
+            .iter()
+            .filter(|&&(_, i)| {
+                dead(
+                    self.slots[i as usize]
+                        .value
+                        .as_ref()
+                        .expect("indexed slots are occupied"),
+                )
+            })
+            .map(|&(_, i)| SlotId(i))
+            .collect();
+        ids.into_iter().map(|id| self.remove(id)).collect()
+    }
+
     /// Removes everything.
     pub(crate) fn drain(&mut self) -> Vec<V> {
         let mut out = Vec::with_capacity(self.len());

@@ -176,6 +176,7 @@ fn errno_name(e: &io::Error) -> String {
         Some(libc::ENOSYS) => "ENOSYS".into(),
         Some(libc::ENOENT) => "ENOENT".into(),
         Some(libc::EINVAL) => "EINVAL".into(),
+        Some(libc::ENOTTY) => "ENOTTY".into(),
         Some(n) => format!("errno {n}"),
         None => "error".into(),
     }
@@ -340,9 +341,9 @@ fn retry_eintr(mut f: impl FnMut() -> libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Waits until one of `fds` is readable (or hung up): their indices. Retries EINTR, so a
-/// signal storm only costs wake-ups.
-pub(crate) fn poll_readable(fds: &[RawFd]) -> io::Result<Vec<usize>> {
+/// Waits until one of `fds` is readable (or hung up): their indices. `wait` false only
+/// looks (no sleeping). Retries EINTR, so a signal storm only costs wake-ups.
+pub(crate) fn poll_readable(fds: &[RawFd], wait: bool) -> io::Result<Vec<usize>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -353,7 +354,13 @@ pub(crate) fn poll_readable(fds: &[RawFd]) -> io::Result<Vec<usize>> {
         .collect();
     loop {
         // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structures.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        let r = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                if wait { -1 } else { 0 },
+            )
+        };
         if r >= 0 {
             return Ok(pfds
                 .iter()

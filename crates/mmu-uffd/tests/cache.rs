@@ -373,3 +373,63 @@ fn never_stale_under_concurrent_recycling() {
         unmap(a as *mut u8, 2 * PAGE);
     }
 }
+
+/// Invalidated entries leave the index (and are deregistered, releasing their pages) at
+/// the next lookup of anything, not only when LRU eviction reaches them.
+#[test]
+fn invalidated_entries_are_purged_at_the_next_lookup() {
+    let Some(m) = monitor_or_skip("invalidated_entries_are_purged") else {
+        return;
+    };
+    let (cache, counts) = counting_cache(&m, CacheConfig::default());
+    let p = anon(2);
+    let other = anon(1);
+    drop(cache.get(p, 2 * PAGE).unwrap());
+    drop(cache.get(other, PAGE).unwrap());
+    unmap(p, 2 * PAGE);
+    assert_eq!(counts.deregistered.load(Ordering::SeqCst), 0);
+    drop(cache.get(other, PAGE).unwrap()); // a hit elsewhere purges
+    assert_eq!(counts.deregistered.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.len(), 1);
+    assert_eq!(cache.stats().invalidated_found, 1);
+    assert_eq!(cache.purge_invalid(), 0, "nothing left to purge");
+    unmap(other, PAGE);
+}
+
+/// A registrar with exactly `capacity` slots (io_uring's fixed-buffer table, an RDMA
+/// device's region limit) never runs out because of the cache: dead entries are purged and
+/// a full index evicts before registering.
+#[test]
+fn a_registrar_with_capacity_slots_never_runs_out() {
+    let Some(m) = monitor_or_skip("a_registrar_with_capacity_slots_never_runs_out") else {
+        return;
+    };
+    const SLOTS: usize = 4;
+    let free = Arc::new(parking_lot::Mutex::new((0..SLOTS).collect::<Vec<usize>>()));
+    let (f1, f2) = (free.clone(), free.clone());
+    let cache = RegCache::with_fns(
+        &m,
+        CacheConfig::default().with_capacity(SLOTS),
+        move |_p: *mut u8, _l: usize| {
+            f1.lock()
+                .pop()
+                .ok_or_else(|| std::io::Error::other("no free slot"))
+        },
+        move |slot: usize| f2.lock().push(slot),
+    );
+    // Buffers that die (unmapped) and buffers that stay, interleaved, many more than slots.
+    let keep: Vec<*mut u8> = (0..SLOTS + 2).map(|_| anon(1)).collect();
+    for round in 0..40 {
+        let p = anon(1);
+        drop(cache.get(p, PAGE).expect("a dead buffer's lookup"));
+        unmap(p, PAGE);
+        let k = keep[round % keep.len()];
+        drop(cache.get(k, PAGE).expect("a live buffer's lookup"));
+    }
+    assert!(cache.len() <= SLOTS);
+    drop(cache);
+    assert_eq!(free.lock().len(), SLOTS, "every slot came back");
+    for k in keep {
+        unmap(k, PAGE);
+    }
+}
