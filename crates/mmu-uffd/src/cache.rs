@@ -181,6 +181,11 @@ struct Validity {
 }
 
 impl IntervalSubscriber for Validity {
+    /// With a release op, removing the subscription never waits for an invalidation in
+    /// flight: dropping the last handle never blocks on the monitor thread. That is sound
+    /// because `invalidate` only touches the two flags, which this state owns.
+    const HAS_RELEASE: bool = true;
+
     fn invalidate(
         &mut self,
         _: &Range,
@@ -208,8 +213,9 @@ struct Entry<R: Registrar> {
 
 impl<R: Registrar> Drop for Entry<R> {
     fn drop(&mut self) {
-        // First stop invalidations from reaching it (may wait for one in flight: this is a
-        // user thread), then release the registration.
+        // First take it out of the tree (never waits: `Validity` has a release op; an
+        // invalidation still running on it only touches the flags it owns), then release
+        // the registration.
         if let Some(s) = self.subscription.take() {
             s.remove();
         }
