@@ -199,6 +199,29 @@ fn latency(monitor: &Monitor, bare: Option<Bare>, epoch: Instant) {
             raw.push(bare.seen.load(Ordering::Acquire).saturating_sub(t0));
         }
     }
+    // A miss on memory nobody watched yet: the monitor's UFFDIO_REGISTER system call is
+    // part of it. Buffers are unmapped after the timed loop.
+    let fresh_cache = noop_cache(monitor, 4096);
+    let fresh: Vec<*mut u8> = (0..rounds).map(|_| anon(4 * PAGE)).collect();
+    let mut first_miss: Vec<u64> = fresh
+        .iter()
+        .map(|&p| {
+            let t0 = Instant::now();
+            black_box(fresh_cache.get(p, 4 * PAGE).unwrap());
+            t0.elapsed().as_nanos() as u64
+        })
+        .collect();
+    assert_eq!(fresh_cache.stats().misses, rounds as u64);
+    println!(
+        "  miss on unwatched memory (watch syscall + register)     {:6.2} us ({:.2})",
+        median(&mut first_miss) as f64 / 1e3,
+        p99(&mut first_miss) as f64 / 1e3
+    );
+    drop(fresh_cache);
+    for p in fresh {
+        // SAFETY: unmaps the buffers made above.
+        unsafe { libc::munmap(p.cast(), 4 * PAGE) };
+    }
     // The floor: munmap of the same kind of mapping, not watched by anyone.
     let mut plain: Vec<u64> = (0..rounds)
         .map(|_| {
