@@ -529,6 +529,16 @@ impl Shared {
             source,
         })?;
         bump(&self.stats.watch_registrations);
+        // UFFDIO_REGISTER accepts a range with holes and registers only the mappings in
+        // it. A hole must neither be claimed as watched (memory mapped there later would
+        // not be) nor be accepted at all (the caller asked for all of it). msync(MS_ASYNC)
+        // is a no-op that walks the mappings and fails with ENOMEM at a hole; checking
+        // after registering means a hole made later comes with an UNMAP event.
+        sys::check_mapped(s, e - s).map_err(|source| Error::Watch {
+            start: s,
+            end: e,
+            source,
+        })?;
         let mut w = self.watched.lock();
         // An unmap applied meanwhile may have removed part of what was just registered:
         // then do not claim it (the next watch registers again, which is harmless).

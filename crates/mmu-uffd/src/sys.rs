@@ -459,3 +459,18 @@ impl Uffd {
         })
     }
 }
+
+/// Whether every page of `[start, start + len)` is mapped: `msync(MS_ASYNC)` does nothing
+/// but walk the mappings, and fails with ENOMEM where there is a hole.
+pub(crate) fn check_mapped(start: u64, len: u64) -> io::Result<()> {
+    // SAFETY: MS_ASYNC neither reads nor writes the memory; the kernel only validates the
+    // range against the process's mappings.
+    retry_eintr(|| unsafe { libc::msync(start as *mut libc::c_void, len as usize, libc::MS_ASYNC) })
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOMEM) => io::Error::new(
+                io::ErrorKind::NotFound,
+                "part of the range is not mapped (ENOMEM)",
+            ),
+            _ => e,
+        })
+}
