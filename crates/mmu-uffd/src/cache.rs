@@ -375,15 +375,7 @@ impl<R: Registrar> RegCache<R> {
     /// a new one (the memory is watched first). Never one that an unmap, move or madvise
     /// of the range, returned before this call started, has made stale.
     pub fn get(&self, ptr: *const u8, len: usize) -> Result<CachedRegistration<R>, Error> {
-        let start = ptr as u64;
-        let end = start
-            .checked_add(len as u64)
-            .filter(|_| len > 0)
-            .ok_or(Error::InvalidRange {
-                start,
-                len: len as u64,
-                reason: "the length is zero or the range overflows",
-            })?;
+        let (start, end) = byte_range(ptr, len)?;
         self.monitor.pass_gate()?;
         if self.dirty.load(std::sync::atomic::Ordering::Relaxed) {
             self.purge_invalid();
@@ -574,15 +566,7 @@ impl<R: Registrar> RegCache<R> {
     /// changes the kernel does not report, such as mprotect, or to bracket an madvise the
     /// application races with its own use of the memory).
     pub fn invalidate(&self, ptr: *const u8, len: usize) -> Result<(), Error> {
-        let start = ptr as u64;
-        let end = start
-            .checked_add(len as u64)
-            .filter(|_| len > 0)
-            .ok_or(Error::InvalidRange {
-                start,
-                len: len as u64,
-                reason: "the length is zero or the range overflows",
-            })?;
+        let (start, end) = byte_range(ptr, len)?;
         if let Ok(range) = Range::new(start, end, Event::Clear) {
             drop(self.monitor.subscriptions().invalidate_range_start(range));
         }
@@ -614,6 +598,20 @@ impl<R: Registrar> RegCache<R> {
             ..ix.stats
         }
     }
+}
+
+/// `[ptr, ptr + len)` as addresses, refusing an empty or overflowing range.
+fn byte_range(ptr: *const u8, len: usize) -> Result<(u64, u64), Error> {
+    let start = ptr as u64;
+    let end = start
+        .checked_add(len as u64)
+        .filter(|_| len > 0)
+        .ok_or(Error::InvalidRange {
+            start,
+            len: len as u64,
+            reason: "the length is zero or the range overflows",
+        })?;
+    Ok((start, end))
 }
 
 impl<R: Registrar> Drop for RegCache<R> {
