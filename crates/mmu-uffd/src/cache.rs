@@ -472,7 +472,10 @@ impl<R: Registrar> RegCache<R> {
                     dirty: self.dirty.clone(),
                 },
             )
-            .map_err(|_| self.monitor.stopped_error())?;
+            .map_err(|e| match e {
+                mmu_notifier::IntervalError::Released => self.monitor.stopped_error(),
+                other => Error::Subscription(other),
+            })?;
         let seq = subscription.read_begin();
         self.monitor.watch(s, e - s)?;
         // Make room before registering, so a registrar with `capacity` slots has one free.

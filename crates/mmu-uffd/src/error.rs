@@ -53,6 +53,13 @@ pub enum Error {
     /// and the child's memory is not watched.
     #[error("the monitor belongs to the parent process; this is a forked child (start a new monitor in the child)")]
     Forked,
+    /// Called on the monitor thread (from an invalidation callback) while it applies
+    /// events: waiting for the batch to end would wait for itself.
+    #[error("a lookup from inside an invalidation callback, on the monitor thread, would wait for itself")]
+    OnMonitorThread,
+    /// The address space refused the cache's interval subscription.
+    #[error("cannot subscribe the range: {0}")]
+    Subscription(#[source] mmu_notifier::IntervalError),
     /// The monitor thread could not be started.
     #[error("cannot start the monitor thread: {0}")]
     Thread(#[source] io::Error),

@@ -119,6 +119,19 @@ impl Gate {
         self.state.load(Acquire) & STOPPED != 0
     }
 
+    /// Reader, without waiting: `None` while a batch is being applied.
+    #[inline]
+    pub(crate) fn try_pass(&self) -> Option<Pass> {
+        let s = self.state.load(Acquire);
+        if s & STOPPED != 0 {
+            Some(Pass::Stopped)
+        } else if s & BUSY != 0 {
+            None
+        } else {
+            Some(Pass::Open)
+        }
+    }
+
     /// Reader: returns once no event batch is being applied (or the monitor has stopped).
     #[inline]
     pub(crate) fn pass(&self) -> Pass {

@@ -34,10 +34,25 @@
 //! - Fork: without `fork_events` (the default) the child inherits no registration, so no
 //!   descriptor ever appears. With it, each FORK event brings the child's descriptor into
 //!   this process; it is closed at once, which releases the child's registrations.
-//! - Stop (drop, or a fatal error, or a panicking callback): the gate is closed for good,
-//!   every subscription gets a `Release` invalidation (nothing can be trusted once events
-//!   stop), and only then is the descriptor closed, which lets any unmapper still blocked
-//!   on an unread event continue.
+//! - Stop (drop, or a fatal error, or a panicking callback): the gate is closed for good;
+//!   everything ever registered is unregistered (a forked child may hold a copy of the
+//!   descriptor, so closing ours would not end the registrations) and what is still queued
+//!   is read, which lets blocked unmappers continue; then every subscription gets a
+//!   `Release` invalidation (nothing can be trusted once events stop), and the descriptor
+//!   is closed.
+//! - Lookups from inside a callback (on the monitor thread, mid-batch) fail with
+//!   [`Error::OnMonitorThread`] instead of waiting for themselves.
+//!
+//! # Known limits
+//!
+//! - The kernel sends no event for `shmdt` of a SysV segment, for mprotect, nor for unmaps
+//!   made by the kernel itself: do not watch SysV shared memory; use
+//!   [`RegCache::invalidate`](crate::RegCache::invalidate) for changes it cannot see.
+//! - The monitor thread allocates while applying events (subscription bookkeeping). If
+//!   watched memory belongs to the allocator's own heap and a free on the monitor thread
+//!   makes the allocator trim it, that trim waits for the monitor: watch buffers that the
+//!   application maps itself (or that the allocator serves with their own mapping), not
+//!   arbitrary small heap objects. Polling and reading are allocation-free.
 //!
 //! # The watched set
 //!
@@ -154,6 +169,8 @@ fn bump(c: &AtomicU64) {
 #[derive(Default)]
 struct Watched {
     set: RangeSet,
+    /// Everything ever registered (not shrunk by unmaps): unregistered at stop.
+    ever: RangeSet,
     /// Advanced by every removal from `set`.
     generation: u64,
 }
@@ -172,6 +189,8 @@ pub(crate) struct Shared {
     caps: Capabilities,
     busy_poll: Duration,
     stopping: AtomicBool,
+    /// The monitor thread's id, for refusing to wait for the gate on it.
+    monitor_thread: std::sync::OnceLock<std::thread::ThreadId>,
     stop_reason: parking_lot::Mutex<Option<String>>,
     wake: sys::EventFd,
 }
@@ -256,6 +275,7 @@ impl Monitor {
             caps,
             busy_poll: config.busy_poll,
             stopping: AtomicBool::new(false),
+            monitor_thread: std::sync::OnceLock::new(),
             stop_reason: parking_lot::Mutex::new(None),
             wake: sys::EventFd::new().map_err(Error::Thread)?,
         });
@@ -338,6 +358,7 @@ impl Drop for Monitor {
 
 fn run(shared: Arc<Shared>, uffd: Arc<Uffd>) {
     sys::block_all_signals();
+    let _ = shared.monitor_thread.set(std::thread::current().id());
     let outcome = catch_unwind(AssertUnwindSafe(|| shared.serve(&uffd)));
     let why = match outcome {
         Ok(Ok(())) => None,
@@ -364,18 +385,18 @@ impl Shared {
     /// The event loop (see the module docs).
     fn serve(&self, uffd: &Uffd) -> std::io::Result<()> {
         let mut buf = vec![RawMsg::ZERO; 64];
-        let fds: [RawFd; 2] = [uffd.raw(), self.wake.raw()];
+        let (events_fd, wake_fd): (RawFd, RawFd) = (uffd.raw(), self.wake.raw());
         // Busy polling: only look (poll with no timeout) until `busy_poll` has passed since
         // the last event. The gate is only entered once poll says an event is pending, so
         // lookups are not slowed by the spinning.
         let mut last_event = Instant::now();
         loop {
             let spin = !self.busy_poll.is_zero() && last_event.elapsed() < self.busy_poll;
-            let ready = sys::poll_readable(&fds, !spin)?;
+            let (events, _wake) = sys::poll2(events_fd, wake_fd, !spin)?;
             if self.stopping.load(Acquire) {
                 return Ok(());
             }
-            if !ready.contains(&0) {
+            if !events {
                 if spin {
                     std::hint::spin_loop();
                 }
@@ -395,6 +416,14 @@ impl Shared {
     fn drain(&self, uffd: &Uffd, buf: &mut [RawMsg]) -> std::io::Result<()> {
         loop {
             let n = uffd.read(buf)?;
+            // Children's descriptors first, before any callback runs: a panicking callback
+            // must not leave a child's context open (its unmaps would wait forever).
+            for m in &buf[..n] {
+                if let Message::Fork { fd } = m.decode() {
+                    bump(&self.stats.forks);
+                    sys::close_received(fd);
+                }
+            }
             for m in &buf[..n] {
                 self.apply(uffd, m.decode());
             }
@@ -415,18 +444,18 @@ impl Shared {
                 bump(&self.stats.removes);
                 self.invalidate(start, end, Event::Clear);
             }
-            Message::Remap { from, to, len } => {
+            Message::Remap { from, to: _, len } => {
                 bump(&self.stats.remaps);
                 let old_end = from.saturating_add(len);
                 self.forget(from, old_end);
-                // The moved mapping keeps its registration (REMAP is enabled).
-                self.watched.lock().set.add(to, to.saturating_add(len));
+                // The moved mapping keeps its registration (REMAP is enabled), but it is not
+                // added to the watched set: the event is queued after the mmap lock is
+                // dropped, so the destination may already have been unmapped (and its
+                // UNMAP applied); claiming it here could claim memory mapped there later.
+                // The next `watch` of it registers again, which is harmless.
                 self.invalidate(from, old_end, Event::Unmap);
             }
-            Message::Fork { fd } => {
-                bump(&self.stats.forks);
-                sys::close_received(fd);
-            }
+            Message::Fork { .. } => {} // closed by `drain` before any callback ran
             Message::Pagefault { address, .. } => {
                 bump(&self.stats.unexpected_faults);
                 let page = address & !(self.page - 1);
@@ -460,6 +489,27 @@ impl Shared {
         // nothing will be kept coherent; only then are unmappers still blocked on unread
         // events released (the descriptor closes when the last clone drops).
         self.gate.stop();
+        // A forked child may hold a copy of the descriptor (fork without exec), so closing
+        // ours need not release the registrations: unregister everything ever registered,
+        // then read what is still queued, which releases blocked unmappers (and closes
+        // children's descriptors), all before any subscriber callback runs.
+        if let Some(uffd) = self.uffd.lock().clone() {
+            let ever = std::mem::take(&mut self.watched.lock().ever);
+            for (s, e) in ever.iter() {
+                let _ = uffd.unregister(s, e - s);
+            }
+            let mut buf = [RawMsg::ZERO; 16];
+            while let Ok(n) = uffd.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                for m in &buf[..n] {
+                    if let Message::Fork { fd } = m.decode() {
+                        sys::close_received(fd);
+                    }
+                }
+            }
+        }
         self.subs.release();
         self.uffd.lock().take();
     }
@@ -487,7 +537,16 @@ impl Shared {
         if fork::current() != self.fork_generation {
             return Err(Error::Forked);
         }
-        match self.gate.pass() {
+        let pass = match self.gate.try_pass() {
+            Some(p) => p,
+            None => {
+                if self.monitor_thread.get() == Some(&std::thread::current().id()) {
+                    return Err(Error::OnMonitorThread);
+                }
+                self.gate.pass()
+            }
+        };
+        match pass {
             Pass::Open => Ok(()),
             Pass::Stopped => Err(self.stopped_error()),
         }
@@ -542,6 +601,7 @@ impl Shared {
         let mut w = self.watched.lock();
         // An unmap applied meanwhile may have removed part of what was just registered:
         // then do not claim it (the next watch registers again, which is harmless).
+        w.ever.add(s, e);
         if w.generation == generation {
             w.set.add(s, e);
         }
@@ -562,6 +622,7 @@ impl Shared {
             source,
         })?;
         self.forget(s, e);
+        self.watched.lock().ever.remove(s, e);
         self.invalidate(s, e, Event::Clear);
         Ok(())
     }

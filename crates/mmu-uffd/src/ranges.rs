@@ -62,7 +62,6 @@ impl RangeSet {
     }
 
     /// The ranges, in order.
-    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.map.iter().map(|(&s, &e)| (s, e))
     }

@@ -341,33 +341,28 @@ fn retry_eintr(mut f: impl FnMut() -> libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Waits until one of `fds` is readable (or hung up): their indices. `wait` false only
-/// looks (no sleeping). Retries EINTR, so a signal storm only costs wake-ups.
-pub(crate) fn poll_readable(fds: &[RawFd], wait: bool) -> io::Result<Vec<usize>> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
+/// Waits until `a` or `b` is readable (or hung up): which ones. `wait` false only looks
+/// (no sleeping). Retries EINTR, so a signal storm only costs wake-ups. Allocation-free:
+/// the monitor thread must not call the allocator while it may be needed to read events
+/// (an allocator trimming watched memory would wait for the monitor).
+pub(crate) fn poll2(a: RawFd, b: RawFd, wait: bool) -> io::Result<(bool, bool)> {
+    let mut pfds = [
+        libc::pollfd {
+            fd: a,
             events: libc::POLLIN,
             revents: 0,
-        })
-        .collect();
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
     loop {
-        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structures.
-        let r = unsafe {
-            libc::poll(
-                pfds.as_mut_ptr(),
-                pfds.len() as libc::nfds_t,
-                if wait { -1 } else { 0 },
-            )
-        };
+        // SAFETY: `pfds` is a valid array of two pollfd structures.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, if wait { -1 } else { 0 }) };
         if r >= 0 {
-            return Ok(pfds
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.revents != 0)
-                .map(|(i, _)| i)
-                .collect());
+            return Ok((pfds[0].revents != 0, pfds[1].revents != 0));
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINTR) {

@@ -433,3 +433,45 @@ fn a_registrar_with_capacity_slots_never_runs_out() {
         unmap(k, PAGE);
     }
 }
+
+/// A lookup from inside an invalidation callback (the monitor thread, mid-batch) fails
+/// with `OnMonitorThread` instead of waiting for itself.
+#[test]
+fn a_lookup_from_a_callback_is_refused_not_deadlocked() {
+    use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
+    let Some(m) = monitor_or_skip("a_lookup_from_a_callback_is_refused") else {
+        return;
+    };
+    let (cache, _) = counting_cache(&m, CacheConfig::default());
+    let cache = Arc::new(cache);
+    let other = anon(1) as usize;
+    drop(cache.get(other as *const u8, PAGE).unwrap());
+    struct Nosy(Arc<TestCache>, usize, Arc<parking_lot::Mutex<Vec<String>>>);
+    impl IntervalSubscriber for Nosy {
+        fn invalidate(
+            &mut self,
+            _: &Range,
+            _: &mut IntervalContext<'_, Self>,
+        ) -> Result<(), WouldBlock> {
+            let r = self.0.get(self.1 as *const u8, PAGE).map(|_| ());
+            self.2.lock().push(format!("{r:?}"));
+            Ok(())
+        }
+    }
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let p = anon(1);
+    m.watch(p, PAGE).unwrap();
+    let sub = m
+        .subscriptions()
+        .insert_interval(
+            p as u64,
+            PAGE as u64,
+            Nosy(cache.clone(), other, seen.clone()),
+        )
+        .unwrap();
+    unmap(p, PAGE);
+    drop(cache.get(other as *const u8, PAGE).unwrap()); // passes the gate: batch applied
+    assert_eq!(*seen.lock(), vec!["Err(OnMonitorThread)".to_string()]);
+    drop(sub);
+    unmap(other as *mut u8, PAGE);
+}
