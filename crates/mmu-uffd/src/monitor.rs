@@ -54,14 +54,13 @@
 //!   application maps itself (or that the allocator serves with their own mapping), not
 //!   arbitrary small heap objects. Polling and reading are allocation-free.
 //!
-//! # The watched set
+//! # Registering
 //!
-//! The monitor remembers which ranges it registered, so a fill of memory that is already
-//! watched skips the system call. An UNMAP or REMAP removes the old range from the set
-//! *before* the invalidation runs, and bumps a generation that a concurrent `watch` checks
-//! before adding what it registered. A fill inserts its interval subscription *before* it
-//! consults the set: if the set is out of date because an unmap has not been applied yet,
-//! that unmap's invalidation is still to come and will hit the new subscription.
+//! `watch` always makes the registration system call (idempotent on memory already
+//! registered). An earlier version remembered what was registered to skip it, but the set
+//! could not know about an unmap whose event is not read yet and then claimed new memory
+//! mapped at that address. The monitor still remembers everything it ever registered, to
+//! unregister it at stop.
 
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -84,7 +83,10 @@ use crate::sys::{self, feature, Message, RawMsg, Uffd};
 pub struct MonitorConfig {
     /// Ask for FORK events (needs `CAP_SYS_PTRACE`). Each fork then blocks until the
     /// monitor has received the child's descriptor, which it closes at once. Off by default:
-    /// without it a child simply inherits no registration, which is cheaper.
+    /// without it a child simply inherits no registration, which is cheaper and safer. With
+    /// it, a fork that happens while the monitor thread is applying events can deadlock
+    /// under glibc: the forking thread holds the allocator's locks while the kernel waits
+    /// for the monitor to read the FORK event, and applying events allocates.
     pub fork_events: bool,
     /// Keep polling (without sleeping) for this long after the last event before the
     /// monitor thread sleeps again. A sleeping thread on an idle core takes tens of
@@ -142,8 +144,6 @@ pub struct MonitorStats {
     pub unknown: u64,
     /// Invalidations delivered to the subscriptions.
     pub invalidations: u64,
-    /// `watch` calls answered from the watched set, without a system call.
-    pub watch_hits: u64,
     /// UFFDIO_REGISTER system calls made by `watch`.
     pub watch_registrations: u64,
 }
@@ -158,21 +158,11 @@ struct Counters {
     unexpected_faults: AtomicU64,
     unknown: AtomicU64,
     invalidations: AtomicU64,
-    watch_hits: AtomicU64,
     watch_registrations: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
-}
-
-#[derive(Default)]
-struct Watched {
-    set: RangeSet,
-    /// Everything ever registered (not shrunk by unmaps): unregistered at stop.
-    ever: RangeSet,
-    /// Advanced by every removal from `set`.
-    generation: u64,
 }
 
 /// The state shared by the monitor handle, its thread and the caches built on it.
@@ -182,7 +172,8 @@ pub(crate) struct Shared {
     /// The descriptor; `None` once the monitor stopped. Cloned out for a system call, so a
     /// close never races with a `watch` that still uses the number.
     uffd: parking_lot::Mutex<Option<Arc<Uffd>>>,
-    watched: parking_lot::Mutex<Watched>,
+    /// Everything ever registered (not shrunk by unmaps): unregistered at stop.
+    registered: parking_lot::Mutex<RangeSet>,
     stats: Counters,
     fork_generation: u64,
     page: u64,
@@ -268,7 +259,7 @@ impl Monitor {
             subs: Subscriptions::new(),
             gate: Gate::new(),
             uffd: parking_lot::Mutex::new(Some(uffd.clone())),
-            watched: parking_lot::Mutex::new(Watched::default()),
+            registered: parking_lot::Mutex::new(RangeSet::default()),
             stats: Counters::default(),
             fork_generation: fork::generation(),
             page: sys::page_size(),
@@ -286,6 +277,9 @@ impl Monitor {
                 .spawn(move || run(shared, uffd))
                 .map_err(Error::Thread)?
         };
+        // Set here, not on the thread: `thread::current()` may allocate there, and nothing
+        // on the monitor thread may allocate before it can read a FORK event.
+        let _ = shared.monitor_thread.set(thread.thread().id());
         Ok(Monitor {
             shared,
             thread: Some(thread),
@@ -294,7 +288,7 @@ impl Monitor {
 
     /// Starts watching `[ptr, ptr + len)` (widened to whole pages): from now on its
     /// unmaps, madvise and moves invalidate the subscriptions that overlap them. Memory
-    /// already watched costs no system call. The registration lasts until the memory is
+    /// already registered is registered again (idempotent). The registration lasts until the memory is
     /// unmapped (new memory mapped at the same address is not watched until `watch` is
     /// called for it) or until [`unwatch`](Self::unwatch).
     pub fn watch(&self, ptr: *const u8, len: usize) -> Result<(), Error> {
@@ -358,7 +352,6 @@ impl Drop for Monitor {
 
 fn run(shared: Arc<Shared>, uffd: Arc<Uffd>) {
     sys::block_all_signals();
-    let _ = shared.monitor_thread.set(std::thread::current().id());
     let outcome = catch_unwind(AssertUnwindSafe(|| shared.serve(&uffd)));
     let why = match outcome {
         Ok(Ok(())) => None,
@@ -384,7 +377,8 @@ fn run(shared: Arc<Shared>, uffd: Arc<Uffd>) {
 impl Shared {
     /// The event loop (see the module docs).
     fn serve(&self, uffd: &Uffd) -> std::io::Result<()> {
-        let mut buf = vec![RawMsg::ZERO; 64];
+        // On the stack: no allocation between a FORK event and its read (see `sys::poll2`).
+        let mut buf = [RawMsg::ZERO; 64];
         let (events_fd, wake_fd): (RawFd, RawFd) = (uffd.raw(), self.wake.raw());
         // Busy polling: only look (poll with no timeout) until `busy_poll` has passed since
         // the last event. The gate is only entered once poll says an event is pending, so
@@ -437,7 +431,6 @@ impl Shared {
         match msg {
             Message::Unmap { start, end } => {
                 bump(&self.stats.unmaps);
-                self.forget(start, end);
                 self.invalidate(start, end, Event::Unmap);
             }
             Message::Remove { start, end } => {
@@ -447,12 +440,7 @@ impl Shared {
             Message::Remap { from, to: _, len } => {
                 bump(&self.stats.remaps);
                 let old_end = from.saturating_add(len);
-                self.forget(from, old_end);
-                // The moved mapping keeps its registration (REMAP is enabled), but it is not
-                // added to the watched set: the event is queued after the mmap lock is
-                // dropped, so the destination may already have been unmapped (and its
-                // UNMAP applied); claiming it here could claim memory mapped there later.
-                // The next `watch` of it registers again, which is harmless.
+                // The moved mapping keeps its registration (REMAP is enabled).
                 self.invalidate(from, old_end, Event::Unmap);
             }
             Message::Fork { .. } => {} // closed by `drain` before any callback ran
@@ -468,12 +456,6 @@ impl Shared {
                 tracing::warn!("unknown userfaultfd event {kind:#x}");
             }
         }
-    }
-
-    fn forget(&self, start: u64, end: u64) {
-        let mut w = self.watched.lock();
-        w.set.remove(start, end);
-        w.generation += 1;
     }
 
     fn invalidate(&self, start: u64, end: u64, event: Event) {
@@ -494,7 +476,7 @@ impl Shared {
         // then read what is still queued, which releases blocked unmappers (and closes
         // children's descriptors), all before any subscriber callback runs.
         if let Some(uffd) = self.uffd.lock().clone() {
-            let ever = std::mem::take(&mut self.watched.lock().ever);
+            let ever = std::mem::take(&mut *self.registered.lock());
             for (s, e) in ever.iter() {
                 let _ = uffd.unregister(s, e - s);
             }
@@ -569,14 +551,10 @@ impl Shared {
     pub(crate) fn watch(&self, start: u64, len: u64) -> Result<(u64, u64), Error> {
         let (s, e) = self.page_range(start, len)?;
         self.check_alive()?;
-        let generation = {
-            let w = self.watched.lock();
-            if w.set.covers(s, e) {
-                bump(&self.stats.watch_hits);
-                return Ok((s, e));
-            }
-            w.generation
-        };
+        // Always register: the call is idempotent for memory already registered, and a
+        // "watched" set consulted instead cannot know about an unmap whose event the kernel
+        // has not queued, or the monitor not read, yet: it would claim new memory mapped at
+        // that address meanwhile (a helper's test showed it). About 0.7 us per miss.
         let uffd = self
             .uffd
             .lock()
@@ -598,13 +576,7 @@ impl Shared {
             end: e,
             source,
         })?;
-        let mut w = self.watched.lock();
-        // An unmap applied meanwhile may have removed part of what was just registered:
-        // then do not claim it (the next watch registers again, which is harmless).
-        w.ever.add(s, e);
-        if w.generation == generation {
-            w.set.add(s, e);
-        }
+        self.registered.lock().add(s, e);
         Ok((s, e))
     }
 
@@ -621,8 +593,7 @@ impl Shared {
             end: e,
             source,
         })?;
-        self.forget(s, e);
-        self.watched.lock().ever.remove(s, e);
+        self.registered.lock().remove(s, e);
         self.invalidate(s, e, Event::Clear);
         Ok(())
     }
@@ -643,7 +614,6 @@ impl Shared {
             unexpected_faults: l(&c.unexpected_faults),
             unknown: l(&c.unknown),
             invalidations: l(&c.invalidations),
-            watch_hits: l(&c.watch_hits),
             watch_registrations: l(&c.watch_registrations),
         }
     }

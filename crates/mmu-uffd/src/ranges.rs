@@ -1,6 +1,5 @@
-//! A set of disjoint half-open address ranges: the memory the monitor has registered with
-//! userfaultfd, so that a fill does not repeat the registration system call for memory
-//! that is already watched.
+//! A set of disjoint half-open address ranges: the memory the monitor has ever registered
+//! with userfaultfd, to unregister at stop.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +11,7 @@ pub(crate) struct RangeSet {
 
 impl RangeSet {
     /// Whether `[start, end)` is entirely inside the set.
+    #[cfg(test)]
     pub(crate) fn covers(&self, start: u64, end: u64) -> bool {
         match self.map.range(..=start).next_back() {
             Some((_, &e)) => e >= end,
