@@ -52,6 +52,12 @@
 //! running (the application uses memory it is freeing at that moment) may pin pages the
 //! madvise then drops; applications with such races can bracket their madvise with
 //! [`RegCache::invalidate`].
+//!
+//! Likewise the kernel frees an unmapped address *before* it queues the UNMAP event: a
+//! thread that maps new memory at that address while another thread's munmap of it has
+//! not yet returned (an allocator handing a just-freed block's address to another thread)
+//! can, until the event is applied (microseconds), look up the old entry. Only a
+//! kernel-side notifier closes that window; userfaultfd reports after the fact.
 
 use std::fmt;
 use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
