@@ -56,8 +56,11 @@
 //! Likewise the kernel frees an unmapped address *before* it queues the UNMAP event: a
 //! thread that maps new memory at that address while another thread's munmap of it has
 //! not yet returned (an allocator handing a just-freed block's address to another thread)
-//! can, until the event is applied (microseconds), look up the old entry. Only a
-//! kernel-side notifier closes that window; userfaultfd reports after the fact.
+//! can, until the event is applied (microseconds), look up the old entry. A way to close
+//! it from user space, not applied yet (it costs a system call per lookup): while an event
+//! is queued but unread the kernel's `mmap_changing` count is raised, and
+//! `UFFDIO_WRITEPROTECT` of an empty range answers EAGAIN instead of EINVAL; a lookup could
+//! wait while it does (`tests/monitor.rs`, the ignored address-reuse test, shows the window).
 
 use std::fmt;
 use std::sync::atomic::{Ordering::Acquire, Ordering::Release};

@@ -86,7 +86,9 @@ pub struct MonitorConfig {
     /// without it a child simply inherits no registration, which is cheaper and safer. With
     /// it, a fork that happens while the monitor thread is applying events can deadlock
     /// under glibc: the forking thread holds the allocator's locks while the kernel waits
-    /// for the monitor to read the FORK event, and applying events allocates.
+    /// for the monitor to read the FORK event, and applying events allocates. (The same
+    /// hazard at thread start-up is closed: the constructor returns only once the thread
+    /// has done its start-up allocations.)
     pub fork_events: bool,
     /// Keep polling (without sleeping) for this long after the last event before the
     /// monitor thread sleeps again. A sleeping thread on an idle core takes tens of
@@ -270,13 +272,25 @@ impl Monitor {
             stop_reason: parking_lot::Mutex::new(None),
             wake: sys::EventFd::new().map_err(Error::Thread)?,
         });
+        // The thread's start-up allocates (the runtime's thread bookkeeping, glibc's
+        // per-thread arena). With FORK events a fork must not find it there: glibc's fork
+        // holds every malloc lock until the kernel returns, which it does only once the
+        // monitor has read the FORK event. So return only once the thread is past them.
+        let started = Arc::new(std::sync::Barrier::new(2));
         let thread = {
             let shared = shared.clone();
+            let started = started.clone();
             std::thread::Builder::new()
                 .name("mmu-uffd-monitor".into())
-                .spawn(move || run(shared, uffd))
+                .spawn(move || {
+                    // Attach this thread to a malloc arena now, not at its first callback.
+                    drop(std::hint::black_box(Box::new(0u64)));
+                    started.wait();
+                    run(shared, uffd)
+                })
                 .map_err(Error::Thread)?
         };
+        started.wait();
         // Set here, not on the thread: `thread::current()` may allocate there, and nothing
         // on the monitor thread may allocate before it can read a FORK event.
         let _ = shared.monitor_thread.set(thread.thread().id());

@@ -930,7 +930,7 @@ fn mremap_grow_in_place_invalidates_nothing() {
 }
 
 /// MREMAP_DONTUNMAP moves the pages and leaves the old range mapped (empty): the old range
-/// is invalidated (its pages are gone).
+/// is invalidated once (a REMAP, no UNMAP), and both ranges stay registered.
 #[test]
 fn mremap_dontunmap() {
     let _g = shared();
@@ -956,17 +956,18 @@ fn mremap_dontunmap() {
     assert_eq!(m.stats().remaps, 1);
     assert_eq!(read_byte(q), 0x5a);
     assert_eq!(read_byte(p), 0, "the old range is mapped and empty");
-    // Observe whether each range is still registered with the kernel.
+    // Both ranges are still registered with the kernel: the old (now empty) mapping kept
+    // its registration, the moved one carried it along.
     unmap(p, 4 * PAGE);
     unmap(q, 4 * PAGE);
     let s = fence(&cache);
-    let seen = log.take();
-    eprintln!("mremap_dontunmap: after unmapping old then new: {seen:x?}");
-    assert_eq!(seen.last(), Some(&s));
-    assert!(
-        seen.contains(&ev(q, 0, 4, Event::Unmap)),
-        "the moved memory must stay watched: {seen:x?}"
+    assert_eq!(
+        log.take(),
+        vec![ev(p, 0, 4, Event::Unmap), ev(q, 0, 4, Event::Unmap), s]
     );
+    // A move that keeps the old mapping is reported once (REMAP), not twice.
+    let st = m.stats();
+    assert_eq!((st.remaps, st.unmaps), (1, 3), "{st:?}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1101,16 +1102,17 @@ fn fork_events_close_the_childs_descriptor() {
     let (_all, log) = record_all(&m);
     let p = anon(4);
     let h = cache.get(p, 4 * PAGE).unwrap();
-    // Work around the deadlock shown by `fork_event_as_first_event_deadlocks`: let the
-    // monitor thread handle events (and so fill its malloc thread cache) before any fork.
-    fence(&cache);
-    fence(&cache);
-    log.take();
-    let fds = fd_count();
     let _dog = Watchdog::new(
         "fork_events_close_the_childs_descriptor (a fork waiting for its FORK event to be read)",
         Duration::from_secs(30),
     );
+    // Work around the deadlock shown by `fork_right_after_start_deadlocks`: let the
+    // monitor thread (and the watchdog's) finish starting, which allocates, before any
+    // fork.
+    fence(&cache);
+    fence(&cache);
+    log.take();
+    let fds = fd_count();
     for round in 1..=2u64 {
         // SAFETY: the child only runs `child_checks` (async-signal-safe calls, then _exit).
         let pid = unsafe { libc::fork() };
@@ -1145,51 +1147,71 @@ fn fork_events_close_the_childs_descriptor() {
     assert!(m.stopped().is_none());
 }
 
-/// Library bug: with `fork_events`, a fork right after `Monitor::with_config` returns
+/// Library bug (fixable: `with_config` can wait until its thread is past its start-up; the
+/// patch is in the report that came with this file): with `fork_events`, a fork right
+/// after `Monitor::with_config` returns
 /// deadlocks. `with_config` does not wait for the monitor thread to start; the thread's
-/// start-up (Rust's runtime registers the new thread, glibc sets up its malloc thread
-/// cache) allocates; glibc's `fork()` holds every malloc arena lock until the system call
-/// returns, and the kernel lets the call return only once the monitor has read the FORK
-/// event. The monitor thread waits on the arena lock (futex), the forking thread waits in
-/// `userfaultfd_event_wait_completion` (state D), for ever; only SIGKILL ends it.
-/// Observed first by `fork_events_close_the_childs_descriptor` on a loaded machine; made
-/// deterministic here by running both threads on one CPU, so the monitor thread cannot
-/// start before the fork. Aborts the test process after 10 s instead of hanging.
+/// start-up allocates (Rust's runtime, then the event buffer; glibc gives a new thread an
+/// arena, which takes the arena list lock); glibc's `fork()` holds the arena list lock and
+/// every arena lock until the system call returns, and the kernel lets the call return
+/// only once the monitor has read the FORK event. The monitor thread waits on the malloc
+/// lock (futex), the forking thread waits in `userfaultfd_event_wait_completion` (state
+/// D), for ever; only SIGKILL ends it. Observed first by
+/// `fork_events_close_the_childs_descriptor` on the loaded test machine (and in another
+/// session's run of it); made deterministic here: both threads on one CPU at the same
+/// SCHED_FIFO priority (the monitor thread inherits it), so the monitor thread cannot run
+/// before this thread blocks in fork. Aborts the test process after 10 s instead of
+/// hanging.
 #[test]
-#[ignore = "known limit, documented on MonitorConfig::fork_events: fork() with fork_events deadlocks when the monitor thread allocates before it has read the FORK event (glibc holds the malloc locks across fork); here: a fork right after Monitor::with_config"]
 fn fork_right_after_start_deadlocks() {
     let _g = exclusive();
-    // SAFETY: reads and then sets the calling thread's CPU mask (restored below); the
-    // monitor thread started next inherits the single-CPU mask.
-    let old_mask = unsafe {
+    // Started (and done allocating) before anything else: a thread that starts during the
+    // fork would hang on the malloc locks as well.
+    let _dog = Watchdog::new(
+        "fork_right_after_start_deadlocks: fork() never returned",
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    let p = anon(4);
+    // SAFETY: reads and then sets the calling thread's CPU mask and scheduling policy
+    // (both restored below, after fork); the monitor thread started next inherits both.
+    let (old_mask, old_policy, old_param) = unsafe {
         let mut old: libc::cpu_set_t = std::mem::zeroed();
-        assert_eq!(
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old),
-            0
-        );
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        assert_eq!(libc::sched_getaffinity(0, size, &mut old), 0);
         let mut one: libc::cpu_set_t = std::mem::zeroed();
         let cpu = (0..libc::CPU_SETSIZE as usize)
             .find(|&c| libc::CPU_ISSET(c, &old))
             .unwrap();
         libc::CPU_SET(cpu, &mut one);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one),
-            0
-        );
-        old
+        assert_eq!(libc::sched_setaffinity(0, size, &one), 0);
+        let mut param: libc::sched_param = std::mem::zeroed();
+        let mut policy = 0;
+        libc::pthread_getschedparam(libc::pthread_self(), &mut policy, &mut param);
+        let fifo = libc::sched_param { sched_priority: 1 };
+        let r = libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &fifo);
+        if r != 0 {
+            libc::sched_setaffinity(0, size, &old);
+            eprintln!("SKIPPED fork_right_after_start_deadlocks: no SCHED_FIFO (error {r})");
+            return;
+        }
+        (old, policy, param)
     };
-    let p = anon(4);
+    let restore = || {
+        // SAFETY: restores the mask and policy read above, for the calling thread.
+        unsafe {
+            libc::pthread_setschedparam(libc::pthread_self(), old_policy, &old_param);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &old_mask);
+        }
+    };
     let Some(m) = monitor_with_or_skip(
         "fork_right_after_start_deadlocks",
         MonitorConfig::default().with_fork_events(true),
     ) else {
+        restore();
         return;
     };
     m.watch(p, 4 * PAGE).unwrap();
-    let _dog = Watchdog::new(
-        "fork_right_after_start_deadlocks: fork() never returned",
-        Duration::from_secs(10),
-    );
     // SAFETY: the child only calls _exit.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
@@ -1197,8 +1219,7 @@ fn fork_right_after_start_deadlocks() {
         // SAFETY: async-signal-safe; no destructor runs in the child.
         unsafe { libc::_exit(0) };
     }
-    // SAFETY: restores the mask read above.
-    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &old_mask) };
+    restore();
     assert_eq!(wait_child(pid, Duration::from_secs(10)), 0);
     unmap(p, 4 * PAGE);
     assert_eq!(m.stats().forks, 1);
@@ -1236,7 +1257,8 @@ impl IntervalSubscriber for AllocatesDuringFork {
     }
 }
 
-/// Library bug (the general case of the one above): with `fork_events`, a fork that starts
+/// Known limit (documented on `MonitorConfig::fork_events`; the general case of the one
+/// above, not fixable by a handshake): with `fork_events`, a fork that starts
 /// while the monitor thread runs invalidation callbacks deadlocks as soon as a callback
 /// (or the notifier itself: `interval::inv_start` collects the overlapping subscriptions
 /// into a `Vec`) allocates past the thread cache: the FORK event cannot be read until the
@@ -1295,7 +1317,8 @@ fn fork_during_allocating_callback_deadlocks() {
 /// claimed back at once (`MAP_FIXED_NOREPLACE`; if something else took it meanwhile, the
 /// slot is given up). So no two threads ever reuse each other's addresses: the kernel
 /// reports an unmap only after the address is free again, and a thread that reused it
-/// in that window could be handed the old registration (see the report of this test file).
+/// in that window could be handed the old registration (see
+/// `threads_reusing_each_others_addresses_get_no_stale_handle`).
 struct Slots {
     free: std::collections::VecDeque<usize>,
 }
@@ -1489,6 +1512,93 @@ fn threads_unmap_and_remap_concurrently() {
     );
 }
 
+/// Known limit (documented in `cache.rs`, closable: see below): threads that reuse each
+/// other's addresses. The kernel frees an unmapped range, drops the mmap lock, and only then
+/// queues the UNMAP event; a thread that maps new memory there meanwhile can look up the
+/// old entry (a stale hit: its memory is then not even registered, so its own unmap or
+/// madvise is not reported either). Here four threads as in
+/// `threads_unmap_and_remap_concurrently`, but with the kernel choosing the addresses
+/// (it hands a just-freed range straight back): 2311 stale handles in 4000 rounds in one
+/// run on the 2-CPU test machine. The window can be closed from user space: the kernel
+/// counts events in flight per context (`mmap_changing`, raised before the range is freed,
+/// lowered when the raiser wakes after the read) and refuses `UFFDIO_WRITEPROTECT` with
+/// EAGAIN while it is not zero, so a lookup that probes it (an empty range: EINVAL when
+/// idle) and waits while it says EAGAIN, then passes the gate, cannot see the old entry;
+/// with that patch (in the report that came with this file) this test had 0 stale handles
+/// in each of 3 runs.
+#[test]
+#[ignore = "known limit (address reuse before the UNMAP event is queued), documented in cache.rs; closable with an mmap_changing probe (UFFDIO_WRITEPROTECT on an empty range answers EAGAIN while an event is in flight)"]
+fn threads_reusing_each_others_addresses_get_no_stale_handle() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 1000;
+    let _g = shared();
+    let Some(m) = monitor_or_skip("threads_reusing_each_others_addresses_get_no_stale_handle")
+    else {
+        return;
+    };
+    let (cache, _) = counting_cache(&m, CacheConfig::default());
+    let _dog = Watchdog::new(
+        "threads_reusing_each_others_addresses_get_no_stale_handle",
+        Duration::from_secs(60),
+    );
+    let stale = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (cache, stale) = (&cache, &stale);
+            s.spawn(move || {
+                let check = |fresh_ok: bool| {
+                    if !fresh_ok {
+                        stale.fetch_add(1, SeqCst);
+                    }
+                };
+                for round in 0..ROUNDS {
+                    let p = anon(4);
+                    let h = cache.get(p, 4 * PAGE).unwrap();
+                    // (A fresh handle may already be invalid: a late event of the address's
+                    // previous owner. That costs a miss, it is not stale.)
+                    check((h.start(), h.len()) == (p, 4 * PAGE));
+                    match (round + t) % 4 {
+                        0 => unmap(p, 4 * PAGE),
+                        1 => {
+                            unmap(at(p, 1), PAGE);
+                            unmap(p, PAGE);
+                            unmap(at(p, 2), 2 * PAGE);
+                        }
+                        2 => {
+                            madvise(p, PAGE, libc::MADV_DONTNEED);
+                            check(!h.is_valid());
+                            unmap(p, 4 * PAGE);
+                        }
+                        _ => {
+                            let dst = reserve(4);
+                            let q = mremap(
+                                p,
+                                4 * PAGE,
+                                4 * PAGE,
+                                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                                dst,
+                            )
+                            .unwrap();
+                            check(!h.is_valid());
+                            let hq = cache.get(q, 4 * PAGE).unwrap();
+                            unmap(q, 4 * PAGE);
+                            check(!hq.is_valid());
+                            continue;
+                        }
+                    }
+                    check(!h.is_valid());
+                }
+            });
+        }
+    });
+    let stale = stale.load(SeqCst);
+    eprintln!("stale handles: {stale} in {} rounds", THREADS * ROUNDS);
+    assert_eq!(
+        stale, 0,
+        "stale handles after the owner's own unmap/madvise returned"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Shutdown
 // ---------------------------------------------------------------------------------------
@@ -1673,24 +1783,22 @@ fn drop_while_an_unmapper_is_blocked() {
     ));
 }
 
-/// Library bug: `watch` answers from the monitor's watched set, which still holds a range
-/// whose unmap the kernel has already done but the monitor has not applied yet (the kernel
-/// frees the address, drops the mmap lock, and only then queues the UNMAP event and waits
-/// for it to be read). New memory mapped at that address in that window is reported as
-/// watched (`watch` returns `Ok`, `watch_hits` counts it) but is not registered with the
-/// kernel, so its unmap is never reported. Made deterministic by holding the monitor in a
-/// callback while the first unmap waits.
+/// Regression test (fixed in ea3d6d1: `watch` always registers). `watch` used to answer
+/// from a "watched set" that still held a range whose unmap the kernel had already done but
+/// the monitor had not applied yet (the kernel frees the address, drops the mmap lock, and
+/// only then queues the UNMAP event and waits for it to be read). New memory mapped at that
+/// address in that window was reported as watched (`watch` returned `Ok` without a system
+/// call) but was not registered with the kernel, so its unmap was never reported. Made
+/// deterministic by holding the monitor in a callback while the first unmap waits.
 ///
-/// Through the cache the same window gives: a thread maps memory where another thread's
-/// unmap is still unreported, `get` fills without registering (set hit), the thread's own
-/// munmap then produces no event and returns, and its handle stays valid (observed with
-/// four threads sharing the address space, about once per thousand rounds, in the trace
-/// quoted in the report).
+/// Through the cache the same window gave: a thread maps memory where another thread's
+/// unmap is still unreported, `get` fills without registering, the thread's own munmap then
+/// produces no event and returns, and its handle stays valid (seen with four threads
+/// sharing the address space, a few times per thousand rounds).
 #[test]
-fn watch_while_an_unmap_is_unreported_leaves_new_memory_unwatched() {
+fn watch_while_an_unmap_is_unreported_still_registers() {
     let _g = shared();
-    let Some(m) = monitor_or_skip("watch_while_an_unmap_is_unreported_leaves_new_memory_unwatched")
-    else {
+    let Some(m) = monitor_or_skip("watch_while_an_unmap_is_unreported_still_registers") else {
         return;
     };
     let (cache, _) = counting_cache(&m, CacheConfig::default());
@@ -1755,7 +1863,12 @@ fn watch_while_an_unmap_is_unreported_leaves_new_memory_unwatched() {
     within("the first unmap", Duration::from_secs(5), move || {
         t.join().unwrap()
     });
-    // Both earlier unmaps are applied now; the new memory was declared watched.
+    assert_eq!(
+        after.watch_registrations,
+        before.watch_registrations + 1,
+        "watch() must register the new memory"
+    );
+    // Both earlier unmaps are applied now.
     let s = fence(&cache);
     assert_eq!(
         log.take(),
@@ -1830,11 +1943,16 @@ fn panicking_callback_stops_the_monitor() {
         Duration::from_secs(5),
         move || unmap(qa as *mut u8, 2 * PAGE),
     );
+    // `stopped()` answers as soon as the gate is closed; the Release is delivered after
+    // that, on the monitor thread, which dropping the monitor joins.
+    drop(m);
     let seen = log.take();
     eprintln!("panicking_callback_stops_the_monitor: {seen:x?}");
     assert_eq!(seen.last(), Some(&(0, u64::MAX, Event::Release)));
-    assert!(seen.len() <= 2);
-    drop(m);
+    assert!(
+        seen.len() == 1 || seen == vec![ev(p, 0, 4, Event::Unmap), (0, u64::MAX, Event::Release)],
+        "{seen:x?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
