@@ -10,28 +10,6 @@ use std::sync::Arc;
 use common::*;
 use mmu_uffd::{CacheConfig, Error, RegCache};
 
-/// Replaces the mapping at `at` by a new anonymous one whose first word is `token`,
-/// atomically: the new memory is prepared elsewhere and moved over the old with
-/// `mremap(MREMAP_FIXED)` (which unmaps the old mapping first: an UNMAP event). Unlike
-/// munmap + mmap, no other thread (tests run in parallel) can take the address meanwhile,
-/// and nobody can see the new memory before it holds its token.
-fn replace_with(at: *mut u8, len: usize, token: u64) {
-    let fresh = map(0, len, RW, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
-    // SAFETY: the fresh mapping is at least 8 bytes, page-aligned.
-    unsafe { (fresh as *mut u64).write_volatile(token) };
-    // SAFETY: moves our own fresh mapping over our own old one.
-    let r = unsafe {
-        libc::mremap(
-            fresh.cast(),
-            len,
-            len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            at.cast::<libc::c_void>(),
-        )
-    };
-    assert_eq!(r, at.cast(), "mremap: {}", std::io::Error::last_os_error());
-}
-
 /// An address nothing in the test process maps (far below the mmap area).
 const NEVER_MAPPED: usize = 0x1000_0000_0000;
 

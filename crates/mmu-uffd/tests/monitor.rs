@@ -1650,31 +1650,6 @@ fn drop_releases_and_stops() {
     );
 }
 
-/// A subscriber that blocks the monitor thread in its `invalidate` of an `Unmap` until
-/// released.
-struct Blocker {
-    open: Arc<(Mutex<bool>, Condvar)>,
-    entered: Arc<AtomicBool>,
-}
-
-impl IntervalSubscriber for Blocker {
-    fn invalidate(
-        &mut self,
-        r: &Range,
-        _: &mut IntervalContext<'_, Self>,
-    ) -> Result<(), WouldBlock> {
-        if r.event() == Event::Unmap {
-            self.entered.store(true, SeqCst);
-            let (lock, cv) = &*self.open;
-            let mut open = lock.lock();
-            while !*open {
-                cv.wait(&mut open);
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Dropping the monitor while an unmapper is blocked on an unread event: the monitor is
 /// held in a callback, a second thread's munmap of watched memory therefore waits in the
 /// kernel, and the drop (which joins the monitor thread) waits too. Once the callback

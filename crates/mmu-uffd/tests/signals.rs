@@ -456,30 +456,6 @@ extern "C" fn count_usr1(_: libc::c_int) {
     USR1_HITS.fetch_add(1, Relaxed);
 }
 
-/// Holds the monitor thread in its `invalidate` of an `Unmap` until released.
-struct Blocker {
-    open: Arc<(Mutex<bool>, Condvar)>,
-    entered: Arc<AtomicBool>,
-}
-
-impl IntervalSubscriber for Blocker {
-    fn invalidate(
-        &mut self,
-        r: &Range,
-        _: &mut IntervalContext<'_, Self>,
-    ) -> Result<(), WouldBlock> {
-        if r.event() == Event::Unmap {
-            self.entered.store(true, SeqCst);
-            let (lock, cv) = &*self.open;
-            let mut open = lock.lock();
-            while !*open {
-                cv.wait(&mut open);
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A thread that waits in munmap for the monitor to read its event is not released by
 /// signals (the kernel waits killably: handlers run only once munmap completes), so a
 /// signal can never make munmap return before the monitor has the event; after the monitor
@@ -581,22 +557,6 @@ fn signals_do_not_cut_short_an_unmappers_wait() {
     assert!(m.stopped().is_none());
 }
 
-/// Moves a fresh mapping over `at` (unmapping the old one: an UNMAP event).
-fn replace(at: *mut u8, len: usize) {
-    let fresh = anon(len / PAGE);
-    // SAFETY: moves our own fresh mapping over our own old one.
-    let r = unsafe {
-        libc::mremap(
-            fresh.cast(),
-            len,
-            len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            at.cast::<libc::c_void>(),
-        )
-    };
-    assert_eq!(r, at.cast(), "mremap: {}", std::io::Error::last_os_error());
-}
-
 static PROF_HITS_2: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn count_prof_2(_: libc::c_int) {
@@ -637,7 +597,7 @@ fn sigprof_storm_loses_nothing() {
                         assert!(!h.is_valid(), "madvise lost during the storm");
                         let h = cache.get(at, 2 * PAGE).expect("lookup during the storm");
                         assert!(h.is_valid());
-                        replace(at, 2 * PAGE);
+                        replace_with(at, 2 * PAGE, 0);
                         assert!(!h.is_valid(), "an unmap lost during the storm");
                         rounds += 1;
                     }

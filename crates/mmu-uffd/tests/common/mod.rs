@@ -127,3 +127,50 @@ pub fn counting_cache(monitor: &Monitor, config: CacheConfig) -> (TestCache, Arc
     );
     (cache, counts)
 }
+
+/// Replaces the mapping at `at` by a new anonymous one whose first word is `token`,
+/// atomically: the new memory is prepared elsewhere and moved over the old with
+/// `mremap(MREMAP_FIXED)` (which unmaps the old mapping first: an UNMAP event). Unlike
+/// munmap + mmap, no other thread (tests run in parallel) can take the address meanwhile,
+/// and nobody can see the new memory before it holds its token.
+pub fn replace_with(at: *mut u8, len: usize, token: u64) {
+    let fresh = map(0, len, RW, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+    // SAFETY: the fresh mapping is at least 8 bytes, page-aligned.
+    unsafe { (fresh as *mut u64).write_volatile(token) };
+    // SAFETY: moves our own fresh mapping over our own old one.
+    let r = unsafe {
+        libc::mremap(
+            fresh.cast(),
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            at.cast::<libc::c_void>(),
+        )
+    };
+    assert_eq!(r, at.cast(), "mremap: {}", std::io::Error::last_os_error());
+}
+
+/// A subscriber that holds the monitor thread in its `invalidate` of an `Unmap` until
+/// `open` is set (and its condition variable notified); `entered` says it got there.
+pub struct Blocker {
+    pub open: Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
+    pub entered: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl mmu_notifier::IntervalSubscriber for Blocker {
+    fn invalidate(
+        &mut self,
+        r: &mmu_notifier::Range,
+        _: &mut mmu_notifier::IntervalContext<'_, Self>,
+    ) -> Result<(), mmu_notifier::WouldBlock> {
+        if r.event() == mmu_notifier::Event::Unmap {
+            self.entered.store(true, Ordering::SeqCst);
+            let (lock, cv) = &*self.open;
+            let mut open = lock.lock();
+            while !*open {
+                cv.wait(&mut open);
+            }
+        }
+        Ok(())
+    }
+}
