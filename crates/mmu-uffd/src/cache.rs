@@ -133,6 +133,22 @@ pub struct CacheConfig {
     /// Fills of one request that may collide with invalidations before `get` gives up with
     /// [`Error::Contended`]. Default 64.
     pub max_attempts: u32,
+    /// Close the address-reuse window (default true): before answering, every lookup and
+    /// query asks the kernel whether an unmap, move or madvise of watched memory is still
+    /// in flight, and waits while one is (see [`Monitor::sync`]). That costs one system
+    /// call per lookup.
+    ///
+    /// Turn it off only if no thread of the process can map memory at an address while
+    /// another thread's munmap (or mremap, or `MAP_FIXED`) of that address has not yet
+    /// returned: in practice, only if each thread owns its buffers' address ranges for
+    /// good. Allocators hand a just-freed address to the next thread that asks; with two
+    /// threads doing that in a loop, 40-70% of lookups returned the registration of the
+    /// previous mapping at the address when this check was off.
+    pub reuse_check: bool,
+    /// Fault injection for testing checkers: skip the event gate on lookups (stale hits
+    /// become likely). Never set it in a program that uses the registrations.
+    #[cfg(feature = "fault-injection")]
+    pub skip_gate: bool,
 }
 
 impl Default for CacheConfig {
@@ -141,6 +157,9 @@ impl Default for CacheConfig {
             capacity: 1024,
             merge: true,
             max_attempts: 64,
+            reuse_check: true,
+            #[cfg(feature = "fault-injection")]
+            skip_gate: false,
         }
     }
 }
@@ -155,6 +174,22 @@ impl CacheConfig {
     /// The default configuration with merging on or off.
     pub fn with_merge(mut self, merge: bool) -> Self {
         self.merge = merge;
+        self
+    }
+
+    /// The configuration with the address-reuse check on or off (see
+    /// [`reuse_check`](Self::reuse_check): off is only for threads that never reuse each
+    /// other's addresses).
+    pub fn with_reuse_check(mut self, on: bool) -> Self {
+        self.reuse_check = on;
+        self
+    }
+
+    /// Fault injection: the configuration with the event gate skipped on lookups, so that
+    /// a checker can show it catches the stale hits that follow.
+    #[cfg(feature = "fault-injection")]
+    pub fn with_gate_skipped(mut self) -> Self {
+        self.skip_gate = true;
         self
     }
 }
@@ -385,7 +420,7 @@ impl<R: Registrar> RegCache<R> {
     /// of the range, returned before this call started, has made stale.
     pub fn get(&self, ptr: *const u8, len: usize) -> Result<CachedRegistration<R>, Error> {
         let (start, end) = byte_range(ptr, len)?;
-        self.monitor.pass_gate()?;
+        self.pass_gate()?;
         if self.dirty.load(std::sync::atomic::Ordering::Relaxed) {
             self.purge_invalid();
         }
@@ -412,6 +447,21 @@ impl<R: Registrar> RegCache<R> {
         };
         drop(dead); // outside the lock: may deregister
         self.fill(start, end)
+    }
+
+    /// Every lookup and query starts here: waits until every event of calls that returned
+    /// before it has been applied (and, with `reuse_check`, every unmap in flight).
+    #[inline]
+    fn pass_gate(&self) -> Result<(), Error> {
+        #[cfg(feature = "fault-injection")]
+        if self.config.skip_gate {
+            return self.monitor.check_alive();
+        }
+        if self.config.reuse_check {
+            self.monitor.sync()
+        } else {
+            self.monitor.pass_gate()
+        }
     }
 
     #[cold]

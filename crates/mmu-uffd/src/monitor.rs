@@ -75,7 +75,7 @@ use crate::error::Error;
 use crate::fork;
 use crate::gate::{Gate, Pass};
 use crate::ranges::RangeSet;
-use crate::sys::{self, feature, Message, RawMsg, Uffd};
+use crate::sys::{self, feature, InFlight, Message, RawMsg, Uffd};
 
 /// How the monitor is set up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -173,7 +173,7 @@ pub(crate) struct Shared {
     pub(crate) gate: Gate,
     /// The descriptor; `None` once the monitor stopped. Cloned out for a system call, so a
     /// close never races with a `watch` that still uses the number.
-    uffd: parking_lot::Mutex<Option<Arc<Uffd>>>,
+    uffd: parking_lot::RwLock<Option<Arc<Uffd>>>,
     /// Everything ever registered (not shrunk by unmaps): unregistered at stop.
     registered: parking_lot::Mutex<RangeSet>,
     stats: Counters,
@@ -260,7 +260,7 @@ impl Monitor {
         let shared = Arc::new(Shared {
             subs: Subscriptions::new(),
             gate: Gate::new(),
-            uffd: parking_lot::Mutex::new(Some(uffd.clone())),
+            uffd: parking_lot::RwLock::new(Some(uffd.clone())),
             registered: parking_lot::Mutex::new(RangeSet::default()),
             stats: Counters::default(),
             fork_generation: fork::generation(),
@@ -327,9 +327,41 @@ impl Monitor {
         self.shared.caps
     }
 
-    /// Counters.
+    /// Counters, once every event of calls that returned before this one is counted
+    /// (see [`sync`](Self::sync); if the monitor has stopped, the final counts).
     pub fn stats(&self) -> MonitorStats {
+        let _ = self.shared.sync();
         self.shared.stats()
+    }
+
+    /// Waits until every event of the calls that returned before this one has been applied
+    /// to the subscriptions: unmaps, moves and madvise made by this thread, or by any
+    /// thread this one has synchronized with, *and* an unmap by any thread that has freed
+    /// an address but whose event is still on its way to the monitor (the kernel frees the
+    /// address first). After `sync` returns, no subscription still holds a translation
+    /// that such a call made stale.
+    ///
+    /// Costs one system call when nothing is in flight; waits (microseconds, while the
+    /// monitor reads and applies) otherwise. Fails if the monitor has stopped, or with
+    /// [`Error::OnMonitorThread`] when called from an invalidation callback that would wait
+    /// for itself.
+    ///
+    /// ```no_run
+    /// # let monitor = mmu_uffd::Monitor::new()?;
+    /// # let (ptr, len) = (std::ptr::null_mut::<libc::c_void>(), 4096);
+    /// // SAFETY: (example) unmaps memory this program mapped and no longer uses.
+    /// unsafe { libc::munmap(ptr, len) };
+    /// monitor.sync()?; // every subscription over [ptr, ptr + len) has been invalidated
+    /// # Ok::<(), mmu_uffd::Error>(())
+    /// ```
+    pub fn sync(&self) -> Result<(), Error> {
+        self.shared.sync()
+    }
+
+    /// Like [`sync`](Self::sync) without waiting: `Ok(true)` if every such event has been
+    /// applied at this moment, `Ok(false)` if one is still in flight or being applied.
+    pub fn try_sync(&self) -> Result<bool, Error> {
+        self.shared.try_sync()
     }
 
     /// Whether the monitor has stopped, and why if it did not stop on request.
@@ -489,7 +521,7 @@ impl Shared {
         // ours need not release the registrations: unregister everything ever registered,
         // then read what is still queued, which releases blocked unmappers (and closes
         // children's descriptors), all before any subscriber callback runs.
-        if let Some(uffd) = self.uffd.lock().clone() {
+        if let Some(uffd) = self.uffd.write().clone() {
             let ever = std::mem::take(&mut *self.registered.lock());
             for (s, e) in ever.iter() {
                 let _ = uffd.unregister(s, e - s);
@@ -507,7 +539,7 @@ impl Shared {
             }
         }
         self.subs.release();
-        self.uffd.lock().take();
+        self.uffd.write().take();
     }
 
     /// Fails if the monitor cannot vouch for the memory any more.
@@ -548,6 +580,80 @@ impl Shared {
         }
     }
 
+    /// Waits until the kernel has no event of this descriptor in flight (see
+    /// [`sys::Uffd::in_flight`]), then passes the gate.
+    ///
+    /// # Why this closes the address-reuse window
+    ///
+    /// An unmapping thread raises the kernel's in-flight count *before* it frees the
+    /// address, and lowers it only after the monitor has read its event (when it resumes).
+    /// A thread that maps new memory at the freed address does so after the free (both
+    /// hold the address space's lock), so its later probe either sees the count raised and
+    /// waits, or sees it lowered, which happened after the monitor's read and so after the
+    /// gate's `begin`; passing the gate then waits for that batch to be applied.
+    ///
+    /// Orderings: the unmapper lowers the count with a plain atomic decrement, after it
+    /// took the wait-queue lock that the monitor's read released, so the decrement is
+    /// ordered after the gate's `begin` on every architecture Linux runs on (the lock's
+    /// acquire orders it; release is cumulative). On our side, the Acquire fence after the
+    /// probe orders the gate's load after the kernel's read of the count (a load-load
+    /// barrier on weakly ordered CPUs, nothing on x86).
+    pub(crate) fn sync(&self) -> Result<(), Error> {
+        self.wait_quiet()?;
+        self.pass_gate()
+    }
+
+    /// See [`Monitor::try_sync`].
+    pub(crate) fn try_sync(&self) -> Result<bool, Error> {
+        self.check_alive()?;
+        if self.probe()? == InFlight::Changing {
+            return Ok(false);
+        }
+        std::sync::atomic::fence(Acquire);
+        match self.gate.try_pass() {
+            None => Ok(false),
+            Some(Pass::Open) => Ok(true),
+            Some(Pass::Stopped) => Err(self.stopped_error()),
+        }
+    }
+
+    fn probe(&self) -> Result<InFlight, Error> {
+        // Held across the system call: the descriptor cannot be closed (and its number
+        // reused) under the probe.
+        let uffd = self.uffd.read();
+        let uffd = uffd.as_ref().ok_or_else(|| self.stopped_error())?;
+        uffd.in_flight().map_err(|e| Error::Stopped {
+            why: Some(format!(
+                "probing userfaultfd for events in flight failed: {e}"
+            )),
+        })
+    }
+
+    /// Waits while an event is in flight (see [`sync`](Self::sync)).
+    pub(crate) fn wait_quiet(&self) -> Result<(), Error> {
+        self.check_alive()?;
+        let mut round = 0u32;
+        while self.probe()? == InFlight::Changing {
+            if self.monitor_thread.get() == Some(&std::thread::current().id()) {
+                return Err(Error::OnMonitorThread);
+            }
+            // The event's round trip is tens of microseconds: yield a few times, then
+            // sleep in growing steps (at most 1 ms), checking that the monitor still runs.
+            round += 1;
+            if round < 8 {
+                std::thread::yield_now();
+            } else {
+                let us = 5u64 << (round - 8).min(8);
+                std::thread::sleep(Duration::from_micros(us.min(1000)));
+            }
+            if self.gate.stopped() {
+                return Err(self.stopped_error());
+            }
+        }
+        std::sync::atomic::fence(Acquire);
+        Ok(())
+    }
+
     /// `[start, start + len)` widened to whole pages.
     pub(crate) fn page_range(&self, start: u64, len: u64) -> Result<(u64, u64), Error> {
         let bad = |reason| Error::InvalidRange { start, len, reason };
@@ -571,7 +677,7 @@ impl Shared {
         // that address meanwhile (a helper's test showed it). About 0.7 us per miss.
         let uffd = self
             .uffd
-            .lock()
+            .read()
             .clone()
             .ok_or_else(|| self.stopped_error())?;
         uffd.register_wp(s, e - s).map_err(|source| Error::Watch {
@@ -599,7 +705,7 @@ impl Shared {
         self.check_alive()?;
         let uffd = self
             .uffd
-            .lock()
+            .read()
             .clone()
             .ok_or_else(|| self.stopped_error())?;
         uffd.unregister(s, e - s).map_err(|source| Error::Watch {

@@ -469,3 +469,47 @@ pub(crate) fn check_mapped(start: u64, len: u64) -> io::Result<()> {
             _ => e,
         })
 }
+
+/// What the kernel says about events in flight on this descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InFlight {
+    /// An unmap, move, madvise or fork that reports to this descriptor has started and its
+    /// thread has not yet resumed after the monitor read its event.
+    Changing,
+    /// Nothing in flight at the moment of the call.
+    Quiet,
+}
+
+impl Uffd {
+    /// Asks the kernel whether any event of this descriptor is in flight.
+    ///
+    /// The kernel keeps a per-descriptor count, `mmap_changing`, raised by an unmapping,
+    /// moving, madvise or forking thread *before* it changes the address space and lowered
+    /// by that same thread once the monitor has read its event and it has resumed.
+    /// `UFFDIO_WRITEPROTECT` tests that count before anything else and answers `EAGAIN`
+    /// while it is raised; otherwise it validates the range, and an empty range answers
+    /// `EINVAL`. So a write-protect of nothing is a pure probe: it can change no page.
+    pub(crate) fn in_flight(&self) -> io::Result<InFlight> {
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange { start: 0, len: 0 },
+            mode: 0,
+        };
+        loop {
+            // SAFETY: UFFDIO_WRITEPROTECT reads one `struct uffdio_writeprotect`, alive for
+            // the call; an empty range is refused before any page is looked at.
+            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
+            if r >= 0 {
+                // No kernel accepts an empty range; treat it as "nothing in flight" rather
+                // than guessing.
+                return Ok(InFlight::Quiet);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => return Ok(InFlight::Changing),
+                Some(libc::EINVAL) => return Ok(InFlight::Quiet),
+                Some(libc::EINTR) => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+}
