@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -78,34 +78,6 @@ fn fence<R: Registrar>(cache: &RegCache<R>) -> Rec {
     unmap(s, PAGE);
     assert!(!h.is_valid(), "the sentinel's unmap was not applied");
     ev(s, 0, 1, Event::Unmap)
-}
-
-/// Aborts the test process if not dropped in time (a hang inside scoped threads cannot
-/// be unwound).
-struct Watchdog(Option<mpsc::Sender<()>>);
-
-impl Watchdog {
-    fn new(what: &'static str, limit: Duration) -> Watchdog {
-        let (tx, rx) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                // Straight to the descriptor: the harness's capture of eprintln! would be
-                // lost with the process.
-                let _ = writeln!(
-                    io::stderr(),
-                    "HANG: {what} did not finish within {limit:?}; aborting"
-                );
-                std::process::abort();
-            }
-        });
-        Watchdog(Some(tx))
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        drop(self.0.take());
-    }
 }
 
 const SLOT: usize = 4 * PAGE;

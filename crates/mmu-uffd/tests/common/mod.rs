@@ -1,8 +1,10 @@
 //! Shared helpers of the integration tests: memory mappings, a monitor or a skip.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use mmu_uffd::{CacheConfig, Error, Monitor, MonitorConfig, RegCache};
 
@@ -172,5 +174,48 @@ impl mmu_notifier::IntervalSubscriber for Blocker {
             }
         }
         Ok(())
+    }
+}
+
+/// An inaccessible anonymous mapping of `pages` pages at an address the kernel picks: a
+/// reservation to move or map memory over with `MAP_FIXED`/`MREMAP_FIXED`.
+pub fn reserve(pages: usize) -> *mut u8 {
+    map(
+        0,
+        pages * PAGE,
+        libc::PROT_NONE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+}
+
+/// Aborts the whole test process if it is not dropped within the given time: for tests
+/// whose failure mode is a hang (inside scoped threads, or in a system call), which no
+/// timeout can unwind. A hang is then a failure with a message, never a stuck run.
+pub struct Watchdog(Option<mpsc::Sender<()>>);
+
+impl Watchdog {
+    pub fn new(what: impl Into<String>, limit: Duration) -> Watchdog {
+        let what = what.into();
+        let (tx, rx) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                // Straight to the descriptor: the harness's capture of eprintln! would be
+                // lost with the process.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "HANG: {what} did not finish within {limit:?}; aborting"
+                );
+                std::process::abort();
+            }
+        });
+        Watchdog(Some(tx))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.0.take());
     }
 }
