@@ -34,6 +34,22 @@ impl IntervalSubscriber for Flag {
     }
 }
 
+/// A raw subscriber whose `invalidate` takes a while (as real work would): the window
+/// between the monitor reading an event and having applied it, which every query must
+/// wait out, is then wide open.
+struct Slow;
+
+impl IntervalSubscriber for Slow {
+    fn invalidate(
+        &mut self,
+        _: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        std::thread::sleep(Duration::from_micros(300));
+        Ok(())
+    }
+}
+
 /// Watches `[p, p + len)` and subscribes a [`Flag`] to it.
 fn flag_on(m: &Monitor, p: *mut u8, len: usize) -> (IntervalSubscription<Flag>, Arc<AtomicBool>) {
     m.watch(p, len).expect("watch");
@@ -62,6 +78,10 @@ fn purge_invalid_right_after_munmap_removes_the_entry() {
         let p = anon(2);
         let h = cache.get(p, 2 * PAGE).unwrap();
         assert_eq!(cache.len(), 1);
+        let _slow = m
+            .subscriptions()
+            .insert_interval(p as u64, (2 * PAGE) as u64, Slow)
+            .unwrap();
         unmap(p, 2 * PAGE);
         assert_eq!(
             cache.purge_invalid(),
@@ -104,6 +124,10 @@ fn is_valid_right_after_munmap_is_false() {
         let h = cache.get(p, 2 * PAGE).unwrap();
         let other = cache.get(p, PAGE).unwrap();
         assert!(h.is_valid());
+        let _slow = m
+            .subscriptions()
+            .insert_interval(p as u64, (2 * PAGE) as u64, Slow)
+            .unwrap();
         unmap(p, 2 * PAGE);
         assert!(!h.is_valid(), "round {round}: valid after munmap returned");
         assert!(!other.is_valid(), "round {round}");
