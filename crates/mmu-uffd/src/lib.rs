@@ -45,13 +45,16 @@
 
 #![deny(missing_docs)]
 
+mod applier;
 mod cache;
 mod error;
 mod fork;
 mod gate;
 mod lru;
 mod monitor;
+mod queue;
 mod ranges;
+mod reader;
 mod sync;
 mod sys;
 
