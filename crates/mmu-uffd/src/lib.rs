@@ -46,6 +46,8 @@
 #![deny(missing_docs)]
 
 mod cache;
+#[allow(dead_code)]
+mod coverage;
 mod error;
 mod fork;
 mod gate;
