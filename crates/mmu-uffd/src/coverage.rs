@@ -1,13 +1,14 @@
 //! A counted range map: how many cache entries need each address watched.
 //!
 //! The monitor registers memory with userfaultfd so that its unmaps, moves and madvise are
-//! reported; a registered range costs every madvise on it the round trip to the monitor
-//! (11-48 us instead of about 3 us). The cache therefore keeps memory watched only while
-//! some entry needs it: every entry [`acquire`](CoverageMap::acquire)s its range when it is
-//! filled and [`release`](CoverageMap::release)s it when it goes, and `release` reports the
-//! ranges whose count dropped to zero, the ones to unregister. A range stays registered
-//! while any entry needs it, is unregistered when the last one goes, and never while
-//! another still needs it, however the entries' ranges overlap.
+//! reported; a registered range makes every madvise on it wait for the monitor to read its
+//! event (the cache bench's madvise part: an order of magnitude slower). The cache
+//! therefore keeps memory watched only while some entry needs it: every entry
+//! [`acquire`](CoverageMap::acquire)s its range when it is filled and
+//! [`release`](CoverageMap::release)s it when it goes, and `release` reports the ranges
+//! whose count dropped to zero, the ones to unregister. A range stays registered while any
+//! entry needs it, is unregistered when the last one goes, and never while another still
+//! needs it, however the entries' ranges overlap.
 //!
 //! The map only counts: registering and unregistering are the caller's, under the same
 //! lock as the map update (else an unregister for a count that reached zero could undo a
