@@ -47,6 +47,8 @@
 
 mod applier;
 mod cache;
+#[allow(dead_code)]
+mod coverage;
 mod error;
 mod fork;
 mod gate;
