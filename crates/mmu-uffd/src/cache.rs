@@ -9,8 +9,9 @@
 //! `invalidate`, which runs under the same lock. A lookup only hands out an entry whose
 //! flag it reads set.
 //!
-//! - **Fill (a miss).** Insert the subscription, `read_begin`, make sure the memory is
-//!   watched (the monitor's registration system call, skipped when already watched), call
+//! - **Fill (a miss).** Insert the subscription, `read_begin`, take a watch lease on the
+//!   memory (the monitor's registration system call; the lease ends with the entry, and
+//!   memory no entry covers any more is unwatched), call
 //!   the user's `register`, take the user lock: if `read_retry` says an invalidation ran
 //!   since `read_begin`, deregister and start again (a bounded number of times); else set
 //!   the flag, unlock, and put the entry in the index. The subscription exists before
@@ -79,7 +80,7 @@ use parking_lot::Mutex;
 
 use crate::error::Error;
 use crate::lru::LruIndex;
-use crate::monitor::{Monitor, Shared};
+use crate::monitor::{Monitor, Shared, WatchLease};
 use crate::sync::{self, AtomicBool};
 
 /// Creates and destroys registrations of memory ranges (for example io_uring fixed
@@ -261,6 +262,8 @@ struct Entry<R: Registrar> {
     monitor: Arc<Shared>,
     /// How the entry's `is_valid` waits (the cache's configuration).
     gate: GateMode,
+    /// Keeps the range watched while the entry exists.
+    lease: Option<WatchLease>,
 }
 
 /// How lookups and queries wait for events (from [`CacheConfig`]).
@@ -310,6 +313,9 @@ impl<R: Registrar> Drop for Entry<R> {
         if let Some(r) = self.registration.take() {
             self.registrar.deregister(r);
         }
+        // Last: unwatch (if no other entry needs the range) only once the device no
+        // longer uses the pages.
+        drop(self.lease.take());
     }
 }
 
@@ -574,7 +580,7 @@ impl<R: Registrar> RegCache<R> {
                 other => Error::Subscription(other),
             })?;
         let seq = subscription.read_begin();
-        self.monitor.watch(s, e - s)?;
+        let lease = self.monitor.lease(s, e - s)?;
         // Make room before registering, so a registrar with `capacity` slots has one free.
         let evicted = {
             let mut ix = self.index.lock();
@@ -603,6 +609,7 @@ impl<R: Registrar> RegCache<R> {
             registrar: self.registrar.clone(),
             monitor: self.monitor.clone(),
             gate: self.gate,
+            lease: Some(lease),
         });
         {
             let guard = subscription.lock();

@@ -103,6 +103,7 @@ impl CoverageMap {
     }
 
     /// The count of the address `addr`.
+    #[cfg(test)]
     pub(crate) fn count_at(&self, addr: u64) -> u32 {
         match self.map.range(..=addr).next_back() {
             Some((_, &(e, c))) if addr < e => c,
@@ -111,16 +112,19 @@ impl CoverageMap {
     }
 
     /// Whether every count is zero.
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
     /// The number of segments.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
 
     /// The segments `(start, end, count)`, in order.
+    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64, u32)> + '_ {
         self.map.iter().map(|(&s, &(e, c))| (s, e, c))
     }

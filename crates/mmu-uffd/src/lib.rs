@@ -47,7 +47,6 @@
 
 mod applier;
 mod cache;
-#[allow(dead_code)]
 mod coverage;
 mod error;
 mod fork;

@@ -62,6 +62,18 @@
 //!   (`shmdt` sends no event), mprotect, and unmaps made by the kernel itself; use
 //!   [`RegCache::invalidate`](crate::RegCache::invalidate) for changes it cannot see.
 //!
+//! # Watch leases
+//!
+//! A registered range makes every madvise on it wait for the monitor, so memory should
+//! stay registered only while something needs it. [`Monitor::watch`] is explicit: the
+//! range stays watched until [`Monitor::unwatch`] or its unmap. The cache instead takes a
+//! *lease* per entry: the range is registered when the entry is filled, and when the last
+//! lease over a range ends (its entry evicted, purged or cleared, and its last handle
+//! dropped, after the registration was released) the parts that no other lease and no
+//! explicit watch cover are unregistered. One lock is held across each count change and
+//! its system call, so an unregister for a count that reached zero cannot undo a register
+//! made meanwhile for a new lease.
+//!
 //! # Registering
 //!
 //! `watch` always makes the registration system call (idempotent on memory already
@@ -79,6 +91,7 @@ use std::time::Duration;
 
 use mmu_notifier::{Event, Range, Subscriptions};
 
+use crate::coverage::CoverageMap;
 use crate::error::Error;
 use crate::gate::{Gate, Pass};
 use crate::queue::Queue;
@@ -161,6 +174,8 @@ pub struct MonitorStats {
     /// Reads that failed because this process had no descriptor slot for a forked child's
     /// context (EMFILE/ENFILE): the reader backed off and read the event again later.
     pub read_backoffs: u64,
+    /// Ranges unregistered because the last cache entry that needed them went.
+    pub unwatched: u64,
 }
 
 /// The counters behind [`MonitorStats`] (atomics: the reader bumps them without locks).
@@ -177,10 +192,33 @@ pub(crate) struct Counters {
     pub(crate) watch_registrations: AtomicU64,
     pub(crate) merged: AtomicU64,
     pub(crate) read_backoffs: AtomicU64,
+    pub(crate) unwatched: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
+}
+
+/// What must stay registered (see "Watch leases" in the module docs).
+#[derive(Default)]
+struct Leases {
+    /// How many leases (cache entries) need each address.
+    counts: CoverageMap,
+    /// Watched with `Monitor::watch`: kept until `unwatch`.
+    explicit: RangeSet,
+}
+
+/// Keeps a range watched while it lives (see "Watch leases" in the module docs).
+pub(crate) struct WatchLease {
+    shared: Arc<Shared>,
+    start: u64,
+    end: u64,
+}
+
+impl Drop for WatchLease {
+    fn drop(&mut self) {
+        self.shared.end_lease(self.start, self.end);
+    }
 }
 
 /// The state shared by the monitor handle, its thread and the caches built on it.
@@ -194,6 +232,9 @@ pub(crate) struct Shared {
     pub(crate) uffd: parking_lot::RwLock<Option<Arc<Uffd>>>,
     /// Everything ever registered (not shrunk by unmaps): unregistered at stop.
     pub(crate) registered: parking_lot::Mutex<RangeSet>,
+    /// What must stay registered: held across the register and unregister system calls,
+    /// so a range whose last lease ends cannot be unregistered under a new lease.
+    leases: parking_lot::Mutex<Leases>,
     pub(crate) stats: Counters,
     fork_generation: u64,
     pub(crate) page: u64,
@@ -290,6 +331,7 @@ impl Monitor {
             gate: Gate::new(),
             uffd: parking_lot::RwLock::new(Some(uffd.clone())),
             registered: parking_lot::Mutex::new(RangeSet::default()),
+            leases: parking_lot::Mutex::new(Leases::default()),
             stats: Counters::default(),
             fork_generation: fork::generation(),
             page: sys::page_size(),
@@ -572,19 +614,16 @@ impl Shared {
         Ok((start & !(self.page - 1), end & !(self.page - 1)))
     }
 
-    /// See [`Monitor::watch`]; returns the page-aligned range.
-    pub(crate) fn watch(&self, start: u64, len: u64) -> Result<(u64, u64), Error> {
-        let (s, e) = self.page_range(start, len)?;
-        self.check_alive()?;
+    /// Registers `[s, e)` (page-aligned) with the kernel. Callers hold `leases`.
+    fn register(&self, s: u64, e: u64) -> Result<(), Error> {
         // Always register: the call is idempotent for memory already registered, and a
         // "watched" set consulted instead cannot know about an unmap whose event the kernel
         // has not queued, or the monitor not read, yet: it would claim new memory mapped at
-        // that address meanwhile (a helper's test showed it). About 0.7 us per miss.
-        let uffd = self
-            .uffd
-            .read()
-            .clone()
-            .ok_or_else(|| self.stopped_error())?;
+        // that address meanwhile. About 0.7 us per miss.
+        // The read side is held across the system call: stop cannot unregister everything
+        // and close the descriptor in between.
+        let uffd = self.uffd.read();
+        let uffd = uffd.as_ref().ok_or_else(|| self.stopped_error())?;
         uffd.register_wp(s, e - s).map_err(|source| Error::Watch {
             start: s,
             end: e,
@@ -602,23 +641,74 @@ impl Shared {
             source,
         })?;
         self.registered.lock().add(s, e);
+        Ok(())
+    }
+
+    /// See [`Monitor::watch`]: an explicit watch, kept until `unwatch` or unmap.
+    pub(crate) fn watch(&self, start: u64, len: u64) -> Result<(u64, u64), Error> {
+        let (s, e) = self.page_range(start, len)?;
+        self.check_alive()?;
+        let mut leases = self.leases.lock();
+        self.register(s, e)?;
+        leases.explicit.add(s, e);
         Ok((s, e))
+    }
+
+    /// Watches `[start, start + len)` for as long as the returned lease lives (see
+    /// "Watch leases" in the module docs).
+    pub(crate) fn lease(self: &Arc<Self>, start: u64, len: u64) -> Result<WatchLease, Error> {
+        let (s, e) = self.page_range(start, len)?;
+        self.check_alive()?;
+        let mut leases = self.leases.lock();
+        self.register(s, e)?;
+        leases.counts.acquire(s, e);
+        Ok(WatchLease {
+            shared: self.clone(),
+            start: s,
+            end: e,
+        })
+    }
+
+    /// A lease ends: unregisters what no lease and no explicit watch needs any more.
+    fn end_lease(&self, s: u64, e: u64) {
+        let mut leases = self.leases.lock();
+        let mut freed = Vec::new();
+        leases.counts.release(s, e, &mut freed);
+        if freed.is_empty() {
+            return;
+        }
+        let uffd = self.uffd.read();
+        let Some(uffd) = uffd.as_ref() else {
+            return; // stopped: everything was unregistered
+        };
+        for (a, b) in freed {
+            for (x, y) in leases.explicit.uncovered(a, b) {
+                // Fails only for memory userfaultfd cannot hold, which was never
+                // registered; an unmapped range is fine (nothing to do).
+                if uffd.unregister(x, y - x).is_ok() {
+                    bump(&self.stats.unwatched);
+                }
+                self.registered.lock().remove(x, y);
+            }
+        }
     }
 
     fn unwatch(&self, start: u64, len: u64) -> Result<(), Error> {
         let (s, e) = self.page_range(start, len)?;
         self.check_alive()?;
-        let uffd = self
-            .uffd
-            .read()
-            .clone()
-            .ok_or_else(|| self.stopped_error())?;
-        uffd.unregister(s, e - s).map_err(|source| Error::Watch {
-            start: s,
-            end: e,
-            source,
-        })?;
-        self.registered.lock().remove(s, e);
+        {
+            let mut leases = self.leases.lock();
+            leases.explicit.remove(s, e);
+            let uffd = self.uffd.read();
+            let uffd = uffd.as_ref().ok_or_else(|| self.stopped_error())?;
+            uffd.unregister(s, e - s).map_err(|source| Error::Watch {
+                start: s,
+                end: e,
+                source,
+            })?;
+            self.registered.lock().remove(s, e);
+        }
+        // Entries over the range are invalidated, so their leases end at their purge.
         self.invalidate(s, e, Event::Clear);
         Ok(())
     }
@@ -650,6 +740,7 @@ impl Shared {
             watch_registrations: l(&c.watch_registrations),
             merged: l(&c.merged),
             read_backoffs: l(&c.read_backoffs),
+            unwatched: l(&c.unwatched),
         }
     }
 }
