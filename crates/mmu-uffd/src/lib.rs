@@ -45,13 +45,17 @@
 
 #![deny(missing_docs)]
 
+mod applier;
 mod cache;
+mod coverage;
 mod error;
 mod fork;
 mod gate;
 mod lru;
 mod monitor;
+mod queue;
 mod ranges;
+mod reader;
 mod sync;
 mod sys;
 

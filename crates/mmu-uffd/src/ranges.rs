@@ -1,5 +1,6 @@
 //! A set of disjoint half-open address ranges: the memory the monitor has ever registered
-//! with userfaultfd, to unregister at stop.
+//! with userfaultfd (to unregister at stop), and the memory watched explicitly with
+//! `Monitor::watch` (never unwatched because cache entries went).
 
 use std::collections::BTreeMap;
 
@@ -61,6 +62,26 @@ impl RangeSet {
         }
     }
 
+    /// The parts of `[start, end)` outside the set, in order.
+    pub(crate) fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut cur = start;
+        // The range that starts before `start` may cover its beginning.
+        if let Some((_, &e)) = self.map.range(..start).next_back() {
+            cur = cur.max(e);
+        }
+        for (&s, &e) in self.map.range(start..end) {
+            if cur < s {
+                out.push((cur, s));
+            }
+            cur = cur.max(e);
+        }
+        if cur < end {
+            out.push((cur, end));
+        }
+        out
+    }
+
     /// The ranges, in order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.map.iter().map(|(&s, &e)| (s, e))
@@ -105,6 +126,22 @@ mod tests {
                     let want = bits[s as usize..e as usize].iter().all(|&b| b);
                     prop_assert_eq!(set.covers(s, e), want, "covers({}, {}) in {:?}", s, e, v);
                 }
+            }
+            // `uncovered` is exactly the clear bits of the queried range.
+            let (qs, qe) = (ops.len() as u64 % 20, 40 + ops.len() as u64 % 24);
+            let mut got = [false; 64];
+            let gaps = set.uncovered(qs, qe);
+            for w in gaps.windows(2) {
+                prop_assert!(w[0].1 < w[1].0, "gaps not disjoint and ordered: {:?}", gaps);
+            }
+            for (s, e) in gaps {
+                prop_assert!(qs <= s && s < e && e <= qe);
+                for b in got.iter_mut().take(e as usize).skip(s as usize) {
+                    *b = true;
+                }
+            }
+            for i in qs..qe {
+                prop_assert_eq!(got[i as usize], !bits[i as usize], "unit {} of {:?}", i, v);
             }
         }
     }
