@@ -1,6 +1,9 @@
 //! Every query answers for the calls that returned before it: right after munmap returned
 //! (on the same thread, or on a thread that was told so), `purge_invalid`, `len`, `stats`,
-//! `is_valid`, `Monitor::try_sync` and `Monitor::sync` show the invalidation applied.
+//! `is_valid`, `Monitor::try_sync` and `Monitor::sync` show the invalidation applied. As
+//! documented, `len` and `stats` count the entries left in the index once the invalidated
+//! ones are removed (they purge, like `purge_invalid`), and count the removed ones in
+//! `invalidated_found`.
 //!
 //! The kernel lets munmap return once the monitor has *read* its event, not once it has
 //! applied it; each query must wait for (or, `try_sync`, report) the application. Each
@@ -105,6 +108,67 @@ fn purge_invalid_right_after_munmap_removes_the_entry() {
             released + 1,
             "round {round}"
         );
+    }
+}
+
+/// `len` right after munmap no longer counts the entry: it waits for the event like a
+/// lookup and removes the entries it invalidated (so `purge_invalid` finds nothing left).
+#[test]
+fn len_right_after_munmap_no_longer_counts_the_entry() {
+    let Some(m) = monitor_or_skip("len_right_after_munmap_no_longer_counts_the_entry") else {
+        return;
+    };
+    let _dog = Watchdog::new(
+        "len_right_after_munmap_no_longer_counts_the_entry",
+        Duration::from_secs(60),
+    );
+    let (cache, _) = counting_cache(&m, CacheConfig::default());
+    let keep = anon(1);
+    drop(cache.get(keep, PAGE).unwrap());
+    for round in 0..ROUNDS {
+        let p = anon(2);
+        let h = cache.get(p, 2 * PAGE).unwrap();
+        let _slow = m
+            .subscriptions()
+            .insert_interval(p as u64, (2 * PAGE) as u64, Slow)
+            .unwrap();
+        unmap(p, 2 * PAGE);
+        assert_eq!(cache.len(), 1, "round {round}: only `keep` is left");
+        assert!(!cache.is_empty());
+        assert_eq!(cache.purge_invalid(), 0, "round {round}: len did not purge");
+        assert!(!h.is_valid(), "round {round}");
+    }
+    assert_eq!(cache.stats().invalidated_found, ROUNDS as u64);
+    unmap(keep, PAGE);
+}
+
+/// `stats` right after munmap shows the entry gone from the index and counted as found
+/// invalidated.
+#[test]
+fn stats_right_after_munmap_count_the_entry_as_invalidated() {
+    let Some(m) = monitor_or_skip("stats_right_after_munmap_count_the_entry_as_invalidated") else {
+        return;
+    };
+    let _dog = Watchdog::new(
+        "stats_right_after_munmap_count_the_entry_as_invalidated",
+        Duration::from_secs(60),
+    );
+    let (cache, _) = counting_cache(&m, CacheConfig::default());
+    for round in 0..ROUNDS {
+        let p = anon(2);
+        let h = cache.get(p, 2 * PAGE).unwrap();
+        let _slow = m
+            .subscriptions()
+            .insert_interval(p as u64, (2 * PAGE) as u64, Slow)
+            .unwrap();
+        unmap(p, 2 * PAGE);
+        let st = cache.stats();
+        assert_eq!(
+            (st.entries, st.invalidated_found, st.misses, st.hits),
+            (0, round as u64 + 1, round as u64 + 1, 0),
+            "round {round}: {st:?}"
+        );
+        assert!(!h.is_valid(), "round {round}");
     }
 }
 
