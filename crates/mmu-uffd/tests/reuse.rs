@@ -381,7 +381,7 @@ fn never_stale(test: &str, threads: usize, release: Release) {
     );
     assert!(out.rounds >= 50, "too few rounds: {out:?}");
     assert!(
-        out.reused_from_another_thread >= 100,
+        out.reused_from_another_thread >= 20,
         "threads hardly reused each other's addresses: {out:?}"
     );
     // Not vacuous: enough lookups, and the second lookup of each range mostly hits.
