@@ -169,7 +169,10 @@ fn real_main(
             return ExitCode::from(2);
         }
     };
-    let broken = match broken.as_deref().map(|b| (b, real::BrokenCache::from_name(b))) {
+    let broken = match broken
+        .as_deref()
+        .map(|b| (b, real::BrokenCache::from_name(b)))
+    {
         None => None,
         Some((_, Some(b))) => Some(b),
         Some((name, None)) => {
@@ -240,7 +243,15 @@ fn main() -> ExitCode {
             secondaries,
             broken,
             json,
-        } => torture_main(secs, ops, threads.unwrap_or(2), seed, secondaries, broken, json),
+        } => torture_main(
+            secs,
+            ops,
+            threads.unwrap_or(2),
+            seed,
+            secondaries,
+            broken,
+            json,
+        ),
         Command::Demo {
             secs,
             pages,

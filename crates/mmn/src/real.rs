@@ -281,25 +281,14 @@ impl RealReport {
             self.stale_lookups
         );
         if let Some(first) = self.stale.first() {
-            let _ = writeln!(
-                out,
-                "first stale hit after {:.3} s",
-                first.at.as_secs_f64()
-            );
+            let _ = writeln!(out, "first stale hit after {:.3} s", first.at.as_secs_f64());
         }
         for s in &self.stale {
             let _ = writeln!(
                 out,
                 "  stale: thread {} {} page {:#x}: mapped frame {:#x}, registration #{} \
                  ({:#x}..{:#x}) pinned frame {:#x}",
-                s.thread,
-                s.kind,
-                s.addr,
-                s.mapped,
-                s.serial,
-                s.reg_start,
-                s.reg_end,
-                s.registered
+                s.thread, s.kind, s.addr, s.mapped, s.serial, s.reg_start, s.reg_end, s.registered
             );
         }
         for e in &self.error_samples {
@@ -783,9 +772,7 @@ impl World<'_> {
                 c.ops[OP_GROW] += 1;
                 let len = (pages + 1 + rng.below(4)) * page;
                 // SAFETY: grows this worker's own mapping (it may move).
-                let q = unsafe {
-                    libc::mremap(b.ptr.cast(), b.len, len, libc::MREMAP_MAYMOVE)
-                };
+                let q = unsafe { libc::mremap(b.ptr.cast(), b.len, len, libc::MREMAP_MAYMOVE) };
                 if q == libc::MAP_FAILED {
                     c.ops[OP_RESIZE_REFUSED] += 1;
                 } else {
