@@ -57,6 +57,19 @@
 //! Where userfaultfd, io_uring fixed buffers or frame numbers in pagemap (root only) are
 //! unavailable the run is skipped (`SKIPPED: <reason>`, exit status 0).
 //!
+//! # Moves and split mappings
+//!
+//! The cache watches (registers with userfaultfd) only the pages it registers, so a lookup
+//! of part of a raw mapping splits its VMA in two or three. The kernel then refuses to
+//! resize it with `mremap` (`EFAULT`: the old range must be one VMA), and a
+//! `MREMAP_FIXED` move of the whole buffer, which recent kernels carry out VMA by VMA,
+//! fails with `EFAULT` *after* moving the first part (uffd-registered VMAs are not moved
+//! in bulk), leaving the buffer in two places. So a worker watches all of half its new raw
+//! mappings itself (its later partial watches then change nothing) and moves only those;
+//! the others are only resized, and a refused resize is counted ("mremap resize refused").
+//! A move that fails all the same is counted and the buffer abandoned, never touched
+//! again.
+//!
 //! # Broken variants
 //!
 //! `--broken gate` skips the cache's event gate on lookups; `--broken reuse-check` turns
@@ -365,9 +378,8 @@ impl FixedBuffers {
     /// Fills (or, with the empty iovec, empties) `slot`.
     fn update(&self, slot: u16, iov: libc::iovec) -> io::Result<()> {
         // SAFETY: the kernel validates the iovec and pins the pages behind it (the empty
-        // iovec releases the slot); it never dereferences `iov_base` later in this
-        // process's name, and no I/O is ever submitted on this ring, so nothing is read or
-        // written through the registration whatever happens to the mapping afterwards.
+        // iovec releases the slot); no I/O is ever submitted on this ring, so nothing is
+        // read or written through a registration, whatever happens to the mapping later.
         unsafe {
             self.ring
                 .submitter()
