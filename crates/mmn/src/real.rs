@@ -97,7 +97,7 @@ use mimalloc::MiMalloc;
 use mmu_uffd::{CacheConfig, Error, Monitor, RegCache, Registrar};
 
 /// Entries the cache keeps (small, so that evictions happen too).
-pub const CAPACITY: usize = 64;
+pub const CAPACITY: usize = 16;
 /// A worker that has not finished a step for this long is reported as stuck.
 pub const STUCK_AFTER: Duration = Duration::from_secs(10);
 /// Buffers a worker holds at once.
@@ -1152,9 +1152,23 @@ pub fn run(o: &RealOptions) -> Result<RealReport, NotRun> {
         register_failures: buffers.failures.load(Relaxed),
         elapsed,
     };
-    // Deregisters every cached registration (on this thread), then the ring goes.
+    // Deregisters every cached registration (on this thread), then the ring goes; the
+    // monitor stops last. A hang there must not be silent either.
+    let (done, watch) = std::sync::mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(STUCK_AFTER) {
+            eprintln!(
+                "mmn torture --real: tearing down (dropping the cache, then the monitor) \
+                 made no progress for {} s",
+                STUCK_AFTER.as_secs()
+            );
+            std::process::exit(2);
+        }
+    });
     drop(world);
     drop(monitor);
+    let _ = done.send(());
+    let _ = guard.join();
     Ok(report)
 }
 
