@@ -42,7 +42,9 @@
 //!   after the registration, the address now maps other frames (new memory gets fresh
 //!   frames, the pinned ones are still held by the registration), so the comparison
 //!   differs. A `mremap` move keeps the frames but moves them to the new address, where
-//!   any registration of an earlier mapping holds other frames.
+//!   any registration of an earlier mapping holds other frames. (The one change not
+//!   flagged is harmless: pages moved away and back to the same address, where an old
+//!   registration's I/O would still reach the mapped pages.)
 //! - **Recording the right frames.** The frames are read after the pin, because a
 //!   long-term pin may migrate a page first (out of a movable zone). For pages of the
 //!   caller's own buffer (known through a thread-local: the registrar runs on the thread
@@ -63,8 +65,8 @@
 //! of part of a raw mapping splits its VMA in two or three. The kernel then refuses to
 //! resize it with `mremap` (`EFAULT`: the old range must be one VMA), and a
 //! `MREMAP_FIXED` move of the whole buffer, which recent kernels carry out VMA by VMA,
-//! fails with `EFAULT` *after* moving the first part (uffd-registered VMAs are not moved
-//! in bulk), leaving the buffer in two places. So a worker watches all of half its new raw
+//! fails with `EFAULT` *after* moving the first part (seen on Linux 6.18: uffd-registered
+//! VMAs are not moved in bulk), leaving the buffer in two places. So a worker watches all of half its new raw
 //! mappings itself (its later partial watches then change nothing) and moves only those;
 //! the others are only resized, and a refused resize is counted ("mremap resize refused").
 //! A move that fails all the same is counted and the buffer abandoned, never touched
@@ -86,9 +88,11 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io;
+use std::io::{self, IsTerminal as _};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -570,9 +574,11 @@ enum Phase {
     Mutate,
     Free,
     Done,
+    Supervise,
+    Teardown,
 }
 
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 9] = [
     "allocating",
     "writing its buffer",
     "in cache.get",
@@ -580,9 +586,11 @@ const PHASES: [&str; 7] = [
     "remapping/advising",
     "freeing",
     "done",
+    "supervising",
+    "tearing down (dropping the cache, then the monitor)",
 ];
 
-/// One worker's state as seen by the watchdog.
+/// One thread's state as seen by the watchdog.
 #[derive(Default)]
 struct Beat {
     steps: AtomicU64,
@@ -590,6 +598,132 @@ struct Beat {
     phase: AtomicU8,
     addr: AtomicUsize,
     len: AtomicUsize,
+    tid: AtomicI32,
+}
+
+/// What the watchdog watches: the workers' beats, then the main thread's (last).
+struct Watch {
+    beats: Vec<Beat>,
+    /// Threads that existed before the workers (the monitor's): described in a report.
+    others: Vec<i32>,
+    finished: AtomicBool,
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// The threads of this process other than the caller.
+fn other_threads() -> Vec<i32> {
+    let me = gettid();
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|t| *t != me)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The watchdog thread. Once a thread is stuck the process may be deadlocked on a lock
+/// that `malloc` needs (an allocator holding its lock while its munmap waits for the
+/// monitor), so the report is written without allocating, with `write(2)`, and the
+/// process leaves with `_exit` (no exit handlers, which may take locks too).
+fn watchdog(watch: &Watch) {
+    let mut last: Vec<(u64, Instant)> = watch
+        .beats
+        .iter()
+        .map(|b| (b.steps.load(Relaxed), Instant::now()))
+        .collect();
+    while !watch.finished.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        for (i, b) in watch.beats.iter().enumerate() {
+            let steps = b.steps.load(Relaxed);
+            if b.phase.load(Relaxed) == Phase::Done as u8 || steps != last[i].0 {
+                last[i] = (steps, Instant::now());
+            } else if last[i].1.elapsed() >= STUCK_AFTER && !watch.finished.load(Relaxed) {
+                report_stuck(watch, i, &last);
+            }
+        }
+    }
+}
+
+/// Says which thread is stuck and what every thread waits for, then exits with status 2.
+fn report_stuck(watch: &Watch, stuck: usize, last: &[(u64, Instant)]) -> ! {
+    use std::io::Write as _;
+    const SIZE: usize = 16 << 10;
+    let mut buf = [0u8; SIZE];
+    let mut out: &mut [u8] = &mut buf;
+    let workers = watch.beats.len() - 1;
+    let name = |i: usize, out: &mut &mut [u8]| {
+        if i == workers {
+            let _ = write!(out, "the main thread");
+        } else {
+            let _ = write!(out, "thread {i}");
+        }
+    };
+    let _ = write!(out, "mmn torture --real: ");
+    name(stuck, &mut out);
+    let _ = writeln!(
+        out,
+        " made no progress for {} s; every thread (kernel wait channel):",
+        STUCK_AFTER.as_secs()
+    );
+    for (i, b) in watch.beats.iter().enumerate() {
+        let tid = b.tid.load(Relaxed);
+        let _ = write!(out, "  ");
+        name(i, &mut out);
+        let mut wchan = [0u8; 128];
+        let _ = writeln!(
+            out,
+            " (tid {tid}): {}, last progress {:.1} s ago, buffer {:#x} + {:#x}; wchan {}",
+            PHASES.get(b.phase.load(Relaxed) as usize).unwrap_or(&"?"),
+            last[i].1.elapsed().as_secs_f64(),
+            b.addr.load(Relaxed),
+            b.len.load(Relaxed),
+            read_proc(tid, b"wchan", &mut wchan),
+        );
+    }
+    for &tid in &watch.others {
+        let (mut comm, mut wchan) = ([0u8; 64], [0u8; 128]);
+        let _ = writeln!(
+            out,
+            "  {} (tid {tid}): wchan {}",
+            read_proc(tid, b"comm", &mut comm),
+            read_proc(tid, b"wchan", &mut wchan),
+        );
+    }
+    let len = SIZE - out.len();
+    // SAFETY: writes the initialized prefix of `buf` to standard error, then ends the
+    // process without running exit handlers.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::_exit(2)
+    }
+}
+
+/// `/proc/self/task/<tid>/<file>`, read into `out` without allocating ("?" if unreadable).
+fn read_proc<'a>(tid: i32, file: &[u8], out: &'a mut [u8]) -> &'a str {
+    use std::io::Write as _;
+    let mut path = [0u8; 64];
+    let mut p: &mut [u8] = &mut path;
+    let _ = write!(p, "/proc/self/task/{tid}/");
+    let _ = p.write_all(file);
+    let _ = p.write_all(b"\0");
+    // SAFETY: `path` is NUL-terminated (the buffer is zeroed and longer than any path
+    // written); `out` is a writable buffer of `out.len()` bytes; the descriptor is closed.
+    let n = unsafe {
+        let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return "?";
+        }
+        let n = libc::read(fd, out.as_mut_ptr().cast(), out.len());
+        libc::close(fd);
+        n
+    };
+    let n = usize::try_from(n).unwrap_or(0).min(out.len());
+    std::str::from_utf8(&out[..n]).map(str::trim).unwrap_or("?")
 }
 
 impl Beat {
@@ -927,6 +1061,7 @@ impl World<'_> {
     }
 
     fn worker(&self, w: usize, seed: u64, beat: &Beat) -> Counts {
+        beat.tid.store(gettid(), Relaxed);
         let mut rng = Rng(seed);
         let mut c = Counts::default();
         let mut pool: Vec<Buf> = Vec::new();
@@ -1048,8 +1183,24 @@ pub fn run(o: &RealOptions) -> Result<RealReport, NotRun> {
         errors: AtomicU64::new(0),
         error_samples: Mutex::new(Vec::new()),
     };
-    let beats: Vec<Beat> = (0..threads).map(|_| Beat::default()).collect();
-    let bar = o.progress.then(|| progress_bar(o.secs));
+    let watch = Arc::new(Watch {
+        beats: (0..=threads).map(|_| Beat::default()).collect(),
+        others: other_threads(),
+        finished: AtomicBool::new(false),
+    });
+    let beats = &watch.beats[..threads];
+    let main_beat = &watch.beats[threads];
+    main_beat.tid.store(gettid(), Relaxed);
+    main_beat.phase.store(Phase::Supervise as u8, Relaxed);
+    let watchdog_thread = {
+        let watch = watch.clone();
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || watchdog(&watch))
+            .map_err(|e| NotRun::Failed(format!("cannot start the watchdog: {e}")))?
+    };
+    // No progress bar (nor its allocations) unless someone watches it.
+    let bar = (o.progress && std::io::stderr().is_terminal()).then(|| progress_bar(o.secs));
     let mut totals = Counts::default();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -1061,57 +1212,26 @@ pub fn run(o: &RealOptions) -> Result<RealReport, NotRun> {
                     .spawn_scoped(s, move || world.worker(w, seed, beat))
             })
             .collect();
-        // The supervisor: time budget, progress, watchdog.
-        let mut last: Vec<(u64, Instant)> = beats
-            .iter()
-            .map(|b| (b.steps.load(Relaxed), Instant::now()))
-            .collect();
+        // The supervisor: time budget and progress (the watchdog thread watches for hangs).
         loop {
             std::thread::sleep(Duration::from_millis(50));
+            main_beat.steps.fetch_add(1, Relaxed);
             let elapsed = world.started.elapsed();
             if elapsed.as_secs_f64() >= o.secs {
                 world.stop.store(true, Relaxed);
             }
-            let lookups: u64 = beats.iter().map(|b| b.lookups.load(Relaxed)).sum();
             if let Some(bar) = &bar {
+                let lookups: u64 = beats.iter().map(|b| b.lookups.load(Relaxed)).sum();
                 bar.set_position(elapsed.as_millis() as u64);
                 bar.set_message(format!(
                     "{lookups} lookups, {} stale",
                     world.stale_lookups.load(Relaxed)
                 ));
             }
-            let mut all_done = true;
-            for (w, b) in beats.iter().enumerate() {
-                let phase = b.phase.load(Relaxed);
-                if phase == Phase::Done as u8 {
-                    continue;
-                }
-                all_done = false;
-                let steps = b.steps.load(Relaxed);
-                if steps != last[w].0 {
-                    last[w] = (steps, Instant::now());
-                } else if last[w].1.elapsed() >= STUCK_AFTER {
-                    if let Some(bar) = &bar {
-                        bar.abandon();
-                    }
-                    let m = monitor.stats();
-                    eprintln!(
-                        "mmn torture --real: thread {w} made no progress for {} s: stuck {} \
-                         (buffer {:#x} + {:#x}); monitor: {} batches, {} unmaps, {} removes, \
-                         {} remaps; {lookups} lookups so far",
-                        STUCK_AFTER.as_secs(),
-                        PHASES.get(phase as usize).unwrap_or(&"?"),
-                        b.addr.load(Relaxed),
-                        b.len.load(Relaxed),
-                        m.batches,
-                        m.unmaps,
-                        m.removes,
-                        m.remaps,
-                    );
-                    std::process::exit(2);
-                }
-            }
-            if all_done {
+            if beats
+                .iter()
+                .all(|b| b.phase.load(Relaxed) == Phase::Done as u8)
+            {
                 break;
             }
         }
@@ -1153,22 +1273,13 @@ pub fn run(o: &RealOptions) -> Result<RealReport, NotRun> {
         elapsed,
     };
     // Deregisters every cached registration (on this thread), then the ring goes; the
-    // monitor stops last. A hang there must not be silent either.
-    let (done, watch) = std::sync::mpsc::channel::<()>();
-    let guard = std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(STUCK_AFTER) {
-            eprintln!(
-                "mmn torture --real: tearing down (dropping the cache, then the monitor) \
-                 made no progress for {} s",
-                STUCK_AFTER.as_secs()
-            );
-            std::process::exit(2);
-        }
-    });
+    // monitor stops last. The watchdog watches this too.
+    main_beat.phase.store(Phase::Teardown as u8, Relaxed);
+    main_beat.steps.fetch_add(1, Relaxed);
     drop(world);
     drop(monitor);
-    let _ = done.send(());
-    let _ = guard.join();
+    watch.finished.store(true, Relaxed);
+    let _ = watchdog_thread.join();
     Ok(report)
 }
 
