@@ -80,9 +80,14 @@
 //!
 //! # Hangs
 //!
-//! A watchdog (the main thread) watches each worker's progress counter: a worker that has
-//! not finished a step for 10 s is reported with what it was doing and on which address,
-//! and the process exits with status 2.
+//! A watchdog thread watches the progress counters of the workers and of the main thread
+//! (which supervises, then tears down): one that has not moved for 10 s is reported with,
+//! for every thread, what it was doing, on which buffer, and where the kernel has it
+//! waiting (`/proc/self/task/<tid>/wchan`, the monitor thread's too); then the process
+//! exits with status 2. The report allocates nothing and takes no lock: the hang this was
+//! built for has a thread blocked in `free()` (glibc trimming a watched heap, waiting for
+//! the monitor to read the event, while it holds its arena's lock) and the monitor thread
+//! blocked on a lock, so `malloc` may never return.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
