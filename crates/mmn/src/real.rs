@@ -83,7 +83,8 @@
 //! A watchdog thread watches the progress counters of the workers and of the main thread
 //! (which supervises, then tears down): one that has not moved for 10 s is reported with,
 //! for every thread, what it was doing, on which buffer, and where the kernel has it
-//! waiting (`/proc/self/task/<tid>/wchan`, the monitor thread's too); then the process
+//! waiting (`/proc/self/task/<tid>/wchan` and `syscall`: number, arguments, stack and
+//! instruction pointers; the monitor thread's too); then the process
 //! exits with status 2. The report allocates nothing and takes no lock: the hang this was
 //! built for has a thread blocked in `free()` (glibc trimming a watched heap, waiting for
 //! the monitor to read the event, while it holds its arena's lock) and the monitor thread
@@ -679,24 +680,27 @@ fn report_stuck(watch: &Watch, stuck: usize, last: &[(u64, Instant)]) -> ! {
         let tid = b.tid.load(Relaxed);
         let _ = write!(out, "  ");
         name(i, &mut out);
-        let mut wchan = [0u8; 128];
+        let (mut wchan, mut syscall) = ([0u8; 128], [0u8; 256]);
         let _ = writeln!(
             out,
-            " (tid {tid}): {}, last progress {:.1} s ago, buffer {:#x} + {:#x}; wchan {}",
+            " (tid {tid}): {}, last progress {:.1} s ago, buffer {:#x} + {:#x}; wchan {}; \
+             syscall {}",
             PHASES.get(b.phase.load(Relaxed) as usize).unwrap_or(&"?"),
             last[i].1.elapsed().as_secs_f64(),
             b.addr.load(Relaxed),
             b.len.load(Relaxed),
             read_proc(tid, b"wchan", &mut wchan),
+            read_proc(tid, b"syscall", &mut syscall),
         );
     }
     for &tid in &watch.others {
-        let (mut comm, mut wchan) = ([0u8; 64], [0u8; 128]);
+        let (mut comm, mut wchan, mut syscall) = ([0u8; 64], [0u8; 128], [0u8; 256]);
         let _ = writeln!(
             out,
-            "  {} (tid {tid}): wchan {}",
+            "  {} (tid {tid}): wchan {}; syscall {}",
             read_proc(tid, b"comm", &mut comm),
             read_proc(tid, b"wchan", &mut wchan),
+            read_proc(tid, b"syscall", &mut syscall),
         );
     }
     let len = SIZE - out.len();
