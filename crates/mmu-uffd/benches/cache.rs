@@ -1,6 +1,11 @@
-//! Registration-cache benchmarks: hit, miss, and munmap-to-invalidated latency.
+//! Registration-cache benchmarks: hit, miss, madvise on once-cached memory, and
+//! munmap-to-invalidated latency.
 //!
-//! `cargo bench -p mmu-uffd --bench cache`. The first two are criterion benchmarks; the
+//! `cargo bench -p mmu-uffd --bench cache`. Hit and miss are criterion benchmarks; the hit
+//! cost group puts the default cache (address-reuse check on), the opt-out, and an empty
+//! system call side by side. The madvise part times `madvise(MADV_DONTNEED)` of 16 pages on
+//! memory never cached, cached once and released, and explicitly unwatched, in alternating
+//! rounds, and prints medians and ratios (`MMU_UFFD_MADVISE_ONLY=1` runs only that). The
 //! latency part measures, per munmap, the time from just before the call to the moment the
 //! invalidation callback runs on the monitor thread, side by side with a bare userfaultfd
 //! reader (a thread blocked in `read()`, timestamping when the event arrives: what a C
@@ -38,14 +43,141 @@ fn noop_cache(
     monitor: &Monitor,
     capacity: usize,
 ) -> RegCache<impl mmu_uffd::Registrar<Registration = usize>> {
+    cache_with(monitor, CacheConfig::default().with_capacity(capacity))
+}
+
+fn cache_with(
+    monitor: &Monitor,
+    config: CacheConfig,
+) -> RegCache<impl mmu_uffd::Registrar<Registration = usize>> {
     RegCache::with_fns(
         monitor,
-        CacheConfig::default().with_capacity(capacity),
+        config,
         |p: *mut u8, _len: usize| Ok::<usize, std::io::Error>(p as usize),
         |r: usize| {
             black_box(r);
         },
     )
+}
+
+/// What a hit costs with the address-reuse check (one system call per lookup), without it,
+/// and the floor: an empty system call.
+fn bench_hit_cost(c: &mut Criterion, monitor: &Monitor) {
+    let checked = cache_with(monitor, CacheConfig::default().with_capacity(1024));
+    let unchecked = cache_with(
+        monitor,
+        CacheConfig::default()
+            .with_capacity(1024)
+            .with_reuse_check(false),
+    );
+    let bufs: Vec<*mut u8> = (0..64).map(|_| anon(16 * PAGE)).collect();
+    for &b in &bufs {
+        drop(checked.get(b, 16 * PAGE).unwrap());
+        drop(unchecked.get(b, 16 * PAGE).unwrap());
+    }
+    let mut g = c.benchmark_group("hit cost (get + drop, 64 entries)");
+    let mut i = 0;
+    g.bench_function("default (reuse check on)", |b| {
+        b.iter(|| {
+            i = (i + 7) & 63;
+            black_box(checked.get(black_box(bufs[i]), 8 * PAGE).unwrap());
+        })
+    });
+    g.bench_function("with_reuse_check(false)", |b| {
+        b.iter(|| {
+            i = (i + 7) & 63;
+            black_box(unchecked.get(black_box(bufs[i]), 8 * PAGE).unwrap());
+        })
+    });
+    g.bench_function("floor: getppid system call", |b| {
+        // SAFETY: getppid takes no arguments and cannot fail.
+        b.iter(|| black_box(unsafe { libc::syscall(libc::SYS_getppid) }))
+    });
+    g.finish();
+    for cache in [checked.stats(), unchecked.stats()] {
+        assert_eq!(cache.misses, 64, "{cache:?}");
+    }
+    drop((checked, unchecked));
+    for b in bufs {
+        // SAFETY: unmaps the buffers made above; no handle to them is left.
+        unsafe { libc::munmap(b.cast(), 16 * PAGE) };
+    }
+}
+
+/// Writes one byte to each of the `pages` pages at `p`, so that an madvise has pages to drop.
+fn touch(p: *mut u8, pages: usize) {
+    for i in 0..pages {
+        // SAFETY: `p` is a live read-write mapping of at least `pages` pages.
+        unsafe { p.add(i * PAGE).write_volatile(1) };
+    }
+}
+
+fn dontneed(p: *mut u8, len: usize) {
+    // SAFETY: `p` is a live private anonymous mapping of `len` bytes this bench owns.
+    let r = unsafe { libc::madvise(p.cast(), len, libc::MADV_DONTNEED) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// madvise(MADV_DONTNEED) of 16 pages on memory never cached, cached once and released
+/// (today still registered with userfaultfd, so every madvise waits for the monitor to read
+/// its REMOVE event), and explicitly unwatched; alternating rounds, pages re-touched before
+/// every call.
+fn madvise(monitor: &Monitor) {
+    const PAGES: usize = 16;
+    let len = PAGES * PAGE;
+    let cache = noop_cache(monitor, 64);
+    let never = anon(len);
+    let once = anon(len);
+    drop(cache.get(once, len).unwrap());
+    cache.clear();
+    let unwatched = anon(len);
+    drop(cache.get(unwatched, len).unwrap());
+    cache.clear();
+    monitor.unwatch(unwatched, len).unwrap();
+    let cases = [
+        ("never cached", never),
+        ("cached once, handle dropped, cache.clear()", once),
+        ("cached once, then monitor.unwatch", unwatched),
+    ];
+    // Whether the monitor sees (and the madvise waits for) an event, one call per case.
+    let seen: Vec<bool> = cases
+        .iter()
+        .map(|&(_, p)| {
+            let before = monitor.stats().removes;
+            touch(p, PAGES);
+            dontneed(p, len);
+            monitor.stats().removes > before
+        })
+        .collect();
+    let rounds = 2000;
+    let mut times: Vec<Vec<u64>> = vec![Vec::with_capacity(rounds); cases.len()];
+    for _ in 0..rounds {
+        for (k, &(_, p)) in cases.iter().enumerate() {
+            touch(p, PAGES);
+            let t0 = Instant::now();
+            dontneed(p, len);
+            times[k].push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    println!(
+        "madvise(MADV_DONTNEED) of {PAGES} pages, all re-touched before each call, \
+         {rounds} rounds alternating, median (p99), ratio to never cached:"
+    );
+    let medians: Vec<u64> = times.iter_mut().map(|t| median(t)).collect();
+    for (k, (name, _)) in cases.iter().enumerate() {
+        println!(
+            "  {name:<44} {:6.2} us ({:6.2})  x{:<6.2} monitor event: {}",
+            medians[k] as f64 / 1e3,
+            p99(&mut times[k]) as f64 / 1e3,
+            medians[k] as f64 / medians[0] as f64,
+            if seen[k] { "yes" } else { "no" }
+        );
+    }
+    drop(cache);
+    for (_, p) in cases {
+        // SAFETY: unmaps the buffers made above; no handle to them is left.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
 }
 
 fn bench_hit_miss(c: &mut Criterion, monitor: &Monitor) {
@@ -310,11 +442,17 @@ fn main() {
         latency(&monitor, bare, epoch);
         return;
     }
+    if std::env::var_os("MMU_UFFD_MADVISE_ONLY").is_some() {
+        madvise(&monitor);
+        return;
+    }
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     bench_hit_miss(&mut c, &monitor);
+    bench_hit_cost(&mut c, &monitor);
     c.final_summary();
+    madvise(&monitor);
     latency(&monitor, bare, epoch);
 }

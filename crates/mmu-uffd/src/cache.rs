@@ -53,14 +53,20 @@
 //! madvise then drops; applications with such races can bracket their madvise with
 //! [`RegCache::invalidate`].
 //!
-//! Likewise the kernel frees an unmapped address *before* it queues the UNMAP event: a
-//! thread that maps new memory at that address while another thread's munmap of it has
-//! not yet returned (an allocator handing a just-freed block's address to another thread)
-//! can, until the event is applied (microseconds), look up the old entry. A way to close
-//! it from user space, not applied yet (it costs a system call per lookup): while an event
-//! is queued but unread the kernel's `mmap_changing` count is raised, and
-//! `UFFDIO_WRITEPROTECT` of an empty range answers EAGAIN instead of EINVAL; a lookup could
-//! wait while it does (`tests/monitor.rs`, the ignored address-reuse test, shows the window).
+//! The kernel also frees an unmapped address *before* it queues the UNMAP event: a thread
+//! that maps new memory at that address while another thread's munmap of it has not yet
+//! returned (an allocator handing a just-freed block's address to another thread) could,
+//! until the event is applied, look up the old entry. With
+//! [`CacheConfig::reuse_check`] (the default) every lookup first asks the kernel whether
+//! any event is in flight and waits while one is (see [`Monitor::sync`]), which closes
+//! that window for one system call per lookup.
+//!
+//! # Every query passes the gate
+//!
+//! `get`, [`CachedRegistration::is_valid`], [`RegCache::purge_invalid`], [`RegCache::len`]
+//! and [`RegCache::stats`] all wait, as a lookup does, until the events of calls that
+//! returned before them have been applied: right after `munmap` returns, `purge_invalid`
+//! removes the entry and `is_valid` is false.
 
 use std::fmt;
 use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
@@ -253,6 +259,44 @@ struct Entry<R: Registrar> {
     subscription: Option<IntervalSubscription<Validity>>,
     registrar: Arc<R>,
     monitor: Arc<Shared>,
+    /// How the entry's `is_valid` waits (the cache's configuration).
+    gate: GateMode,
+}
+
+/// How lookups and queries wait for events (from [`CacheConfig`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GateMode {
+    /// Events in flight and events being applied (`reuse_check`, the default).
+    Sync,
+    /// Events being applied only.
+    Gate,
+    /// Fault injection: not at all.
+    #[cfg(feature = "fault-injection")]
+    Skip,
+}
+
+impl GateMode {
+    fn of(config: &CacheConfig) -> GateMode {
+        #[cfg(feature = "fault-injection")]
+        if config.skip_gate {
+            return GateMode::Skip;
+        }
+        if config.reuse_check {
+            GateMode::Sync
+        } else {
+            GateMode::Gate
+        }
+    }
+
+    #[inline]
+    fn pass(self, monitor: &Shared) -> Result<(), Error> {
+        match self {
+            GateMode::Sync => monitor.sync(),
+            GateMode::Gate => monitor.pass_gate(),
+            #[cfg(feature = "fault-injection")]
+            GateMode::Skip => monitor.check_alive(),
+        }
+    }
 }
 
 impl<R: Registrar> Drop for Entry<R> {
@@ -295,7 +339,7 @@ impl<R: Registrar> CachedRegistration<R> {
     /// lookup, for events being applied; false once the monitor has stopped). A handle
     /// that went invalid must not be used for new I/O: ask the cache again.
     pub fn is_valid(&self) -> bool {
-        self.entry.monitor.pass_gate().is_ok() && self.entry.valid.load(Acquire)
+        self.entry.gate.pass(&self.entry.monitor).is_ok() && self.entry.valid.load(Acquire)
     }
 
     /// The registration.
@@ -360,6 +404,7 @@ pub struct RegCache<R: Registrar> {
     monitor: Arc<Shared>,
     registrar: Arc<R>,
     config: CacheConfig,
+    gate: GateMode,
     index: Mutex<Index<R>>,
     /// Raised by invalidations of entries (see "Purge").
     dirty: sync::Arc<AtomicBool>,
@@ -369,7 +414,7 @@ impl<R: Registrar> fmt::Debug for RegCache<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegCache")
             .field("config", &self.config)
-            .field("stats", &self.stats())
+            .field("stats", &self.stats_now())
             .finish()
     }
 }
@@ -407,6 +452,7 @@ impl<R: Registrar> RegCache<R> {
                 max_attempts: config.max_attempts.max(1),
                 ..config
             },
+            gate: GateMode::of(&config),
             index: Mutex::new(Index {
                 lru: LruIndex::default(),
                 stats: CacheStats::default(),
@@ -422,7 +468,7 @@ impl<R: Registrar> RegCache<R> {
         let (start, end) = byte_range(ptr, len)?;
         self.pass_gate()?;
         if self.dirty.load(std::sync::atomic::Ordering::Relaxed) {
-            self.purge_invalid();
+            self.purge_dirty();
         }
         let dead = {
             let mut ix = self.index.lock();
@@ -453,15 +499,7 @@ impl<R: Registrar> RegCache<R> {
     /// before it has been applied (and, with `reuse_check`, every unmap in flight).
     #[inline]
     fn pass_gate(&self) -> Result<(), Error> {
-        #[cfg(feature = "fault-injection")]
-        if self.config.skip_gate {
-            return self.monitor.check_alive();
-        }
-        if self.config.reuse_check {
-            self.monitor.sync()
-        } else {
-            self.monitor.pass_gate()
-        }
+        self.gate.pass(&self.monitor)
     }
 
     #[cold]
@@ -564,6 +602,7 @@ impl<R: Registrar> RegCache<R> {
             subscription: None,
             registrar: self.registrar.clone(),
             monitor: self.monitor.clone(),
+            gate: self.gate,
         });
         {
             let guard = subscription.lock();
@@ -608,8 +647,17 @@ impl<R: Registrar> RegCache<R> {
 
     /// Removes every invalidated entry from the index now, on this thread (deregistering
     /// those no handle holds); `get` does this by itself when an invalidation happened
-    /// since. Returns how many were removed.
+    /// since. Waits first, like a lookup, for the events of calls that returned before it
+    /// (if the monitor has stopped, every entry is invalid and all are removed). Returns
+    /// how many were removed.
     pub fn purge_invalid(&self) -> usize {
+        // An error means the monitor stopped (every entry was released: purge them all)
+        // or this is the monitor's own thread (purge what is known).
+        let _ = self.pass_gate();
+        self.purge_dirty()
+    }
+
+    fn purge_dirty(&self) -> usize {
         if !self.dirty.swap(false, Acquire) {
             return 0;
         }
@@ -642,8 +690,10 @@ impl<R: Registrar> RegCache<R> {
         drop(removed);
     }
 
-    /// Entries in the index.
+    /// Entries in the index, after waiting (like a lookup) for the events of calls that
+    /// returned before it and removing the entries they invalidated.
     pub fn len(&self) -> usize {
+        self.purge_invalid();
         self.index.lock().lru.len()
     }
 
@@ -652,8 +702,15 @@ impl<R: Registrar> RegCache<R> {
         self.len() == 0
     }
 
-    /// Counters.
+    /// Counters, after waiting (like a lookup) for the events of calls that returned
+    /// before it and removing the entries they invalidated.
     pub fn stats(&self) -> CacheStats {
+        self.purge_invalid();
+        self.stats_now()
+    }
+
+    /// The counters as they are, without waiting.
+    fn stats_now(&self) -> CacheStats {
         let ix = self.index.lock();
         CacheStats {
             entries: ix.lru.len(),

@@ -3,55 +3,57 @@
 //! # The problem
 //!
 //! The kernel blocks a thread that unmaps watched memory until the monitor has *read* the
-//! event, not until the monitor has *applied* it. Between the monitor's `read()` and the end
-//! of its `invalidate_range_start`/`end`, the unmapper may already have returned from
-//! `munmap`, mapped new memory at the same address and asked the cache for it: without
-//! more, that lookup could return the old, stale registration.
+//! event, not until the monitor has *applied* it. The monitor reads on one thread (the
+//! reader) and applies on another (the applier): between the read and the end of the
+//! invalidation, the unmapper may already have returned from `munmap`, mapped new memory at
+//! the same address and asked the cache for it; without more, that lookup could return the
+//! old, stale registration.
 //!
 //! # The protocol
 //!
-//! One word, `state`: bit 0 `BUSY`, bit 1 `STOPPED`, the rest an epoch count.
+//! Two counters and a flag. Batches are numbered 1, 2, 3, ... by the reader; one batch is
+//! one `read()` of the descriptor.
 //!
-//! - Monitor: when `poll` says events are pending, `begin` sets `BUSY` *before* the
-//!   `read()` that releases the unmappers; then it applies every event it read (each an
-//!   invalidation of the interval subscriptions); then `end` clears `BUSY` and advances the
-//!   epoch in one store. Several reads may happen inside one busy period.
-//! - Stop: `stop` sets `BUSY | STOPPED` for good (before the descriptor is closed, which
-//!   releases unmappers whose events will never be applied).
-//! - Readers (cache lookups, fills): `pass` loads `state`; if neither bit is set the lookup
-//!   proceeds. If `BUSY`, it waits until the word changes (the batch ended) and looks again;
-//!   if `STOPPED`, it fails.
+//! - Reader: `begin` increments `begun` *before* the `read()` that releases the unmappers,
+//!   and returns the batch's number. It hands the messages and the number to the applier.
+//! - Applier: applies batches in order; after every message of batches up to `n` has been
+//!   applied (each an invalidation of the interval subscriptions) it calls
+//!   `applied_through(n)`, which stores `applied = n`.
+//! - Stop: `stop` sets `stopped` for good (before the descriptor is closed, which releases
+//!   unmappers whose events will never be applied).
+//! - Lookups (and every other query): `pass` loads `begun` = `b`, then waits until
+//!   `applied >= b`, or fails once `stopped`. A lookup waits only for the batches begun
+//!   before it looked, so a steady stream of events cannot starve it.
 //!
 //! # Why it is enough (orderings)
 //!
-//! The unmapper returns from `munmap` only after the monitor's `read()` has handed over its
+//! The unmapper returns from `munmap` only after the reader's `read()` has handed over its
 //! event, and that hand-over goes through the kernel's wait-queue lock (released by the
-//! reader, acquired by the unmapper). `begin`'s store (SeqCst RMW) is sequenced before the
-//! `read()`, so it happens-before everything the unmapper does after `munmap` returns, and
-//! before anything that another thread does after synchronizing with the unmapper. Such a
-//! lookup therefore loads `BUSY` or a later value (read-after-write coherence). `BUSY`
-//! makes it wait; a later value was written by `end` with Release after the invalidation
-//! completed, and the lookup's Acquire load makes that invalidation (the entry's validity
-//! flag cleared under its user lock) visible. A lookup that raced with `munmap` (did not
-//! start after it returned) may still see the old entry: that is the ordinary
-//! linearization of two concurrent calls.
+//! reader, acquired by the unmapper). `begin`'s increment (a SeqCst RMW) is sequenced before
+//! the `read()`, so it happens-before everything the unmapper does after `munmap` returns,
+//! and before anything another thread does after synchronizing with the unmapper. Such a
+//! lookup therefore loads `begun` at least at that batch's number (read-after-write
+//! coherence) and waits until `applied` reaches it. `applied_through` stores with Release
+//! after the invalidations of those batches completed, and the lookup loads `applied` with
+//! Acquire, which makes those invalidations (an entry's validity flag cleared under its
+//! user lock) visible. A lookup that raced with `munmap` (did not start after it returned)
+//! may still see the old entry: that is the ordinary linearization of two concurrent calls.
+//! The unmap by another thread whose event is not even queued yet is the cache's other
+//! check (`Shared::sync`).
 //!
-//! The fast path costs one Acquire load of a word that changes only when events arrive.
+//! The fast path costs two Acquire loads of words that change only when events arrive.
 
 use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
 
-use crate::sync::{spin_hint, AtomicU64, Condvar, Mutex};
+use crate::sync::{spin_hint, AtomicBool, AtomicU64, Condvar, Mutex};
 
-const BUSY: u64 = 1;
-const STOPPED: u64 = 2;
-const EPOCH: u64 = 4;
 /// Spins before sleeping (one under loom, whose spins are yields that multiply states).
 const SPINS: u32 = if cfg!(loom) { 1 } else { 200 };
 
 /// What a reader learns at the gate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pass {
-    /// No event is being applied: proceed.
+    /// Every batch begun before the call has been applied: proceed.
     Open,
     /// The monitor has stopped: invalidations no longer arrive.
     Stopped,
@@ -60,10 +62,14 @@ pub(crate) enum Pass {
 /// The gate between the monitor's event batches and the lookups.
 #[derive(Debug)]
 pub(crate) struct Gate {
-    state: AtomicU64,
-    /// Readers that gave up spinning sleep here. They check `state` with `lock` held, and
-    /// `wake` takes `lock` after changing `state`, so a wake-up cannot fall between a
-    /// sleeper's check and its sleep.
+    /// Batches whose `read()` has started (reader only).
+    begun: AtomicU64,
+    /// Every batch up to this number has been applied (applier only).
+    applied: AtomicU64,
+    stopped: AtomicBool,
+    /// Lookups that gave up spinning sleep here. They check the counters with `lock`
+    /// held, and `wake` takes `lock` after changing them, so a wake-up cannot fall between
+    /// a sleeper's check and its sleep.
     lock: Mutex<()>,
     cv: Condvar,
 }
@@ -77,99 +83,98 @@ impl Default for Gate {
 impl Gate {
     pub(crate) fn new() -> Self {
         Gate {
-            state: AtomicU64::new(0),
+            begun: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
             lock: Mutex::new(()),
             cv: Condvar::new(),
         }
     }
 
-    /// Monitor: events are pending and are about to be read.
-    pub(crate) fn begin(&self) {
+    /// Reader: a `read()` is about to hand over events; returns the batch's number.
+    /// Allocation-free and lock-free (the reader may never wait for a user thread).
+    pub(crate) fn begin(&self) -> u64 {
         // SeqCst RMW: ordered before the read() that follows (see the module docs); the
         // kernel's lock hand-over carries it to the unmapper.
-        self.state.fetch_or(BUSY, SeqCst);
+        self.begun.fetch_add(1, SeqCst) + 1
     }
 
-    /// Monitor: every event read since `begin` has been applied.
-    pub(crate) fn end(&self) {
-        // Release: publishes the invalidations applied in this busy period to any lookup
-        // that loads the new value with Acquire. Clear BUSY and advance the epoch at once
-        // (state is BUSY here, so adding EPOCH - BUSY never borrows).
-        let prev = self.state.fetch_add(EPOCH - BUSY, Release);
-        debug_assert!(prev & BUSY != 0, "gate end without begin");
+    /// Applier: every event of batches up to `batch` has been applied.
+    pub(crate) fn applied_through(&self, batch: u64) {
+        // Release: publishes the invalidations applied so far to any lookup that loads the
+        // new value with Acquire.
+        self.applied.store(batch, Release);
         self.wake();
     }
 
     /// The monitor stops for good: every later `pass` answers `Stopped`.
     pub(crate) fn stop(&self) {
-        self.state.fetch_or(BUSY | STOPPED, SeqCst);
+        self.stopped.store(true, SeqCst);
         self.wake();
     }
 
     fn wake(&self) {
         // Always through the lock (once per batch: cheap next to the system calls). A
-        // sleeper that checked `state` before this acquisition is already waiting and gets
-        // the notification; one that checks after sees the new state, ordered by the lock.
+        // sleeper that checked before this acquisition is already waiting and gets the
+        // notification; one that checks after sees the new value, ordered by the lock.
         let _g = self.lock.lock();
         self.cv.notify_all();
     }
 
     /// Whether the monitor has stopped.
     pub(crate) fn stopped(&self) -> bool {
-        self.state.load(Acquire) & STOPPED != 0
+        self.stopped.load(Acquire)
     }
 
-    /// Reader, without waiting: `None` while a batch is being applied.
+    /// Lookup, without waiting: `None` while a batch begun before the call is not applied.
     #[inline]
     pub(crate) fn try_pass(&self) -> Option<Pass> {
-        let s = self.state.load(Acquire);
-        if s & STOPPED != 0 {
+        let target = self.begun.load(Acquire);
+        if self.stopped.load(Acquire) {
             Some(Pass::Stopped)
-        } else if s & BUSY != 0 {
+        } else if self.applied.load(Acquire) < target {
             None
         } else {
             Some(Pass::Open)
         }
     }
 
-    /// Reader: returns once no event batch is being applied (or the monitor has stopped).
+    /// Lookup: returns once every batch begun before the call has been applied (or the
+    /// monitor has stopped).
     #[inline]
     pub(crate) fn pass(&self) -> Pass {
-        // Acquire: see the module docs.
-        let s = self.state.load(Acquire);
-        if s & (BUSY | STOPPED) == 0 {
+        // Acquire on both: see the module docs.
+        let target = self.begun.load(Acquire);
+        if self.applied.load(Acquire) >= target && !self.stopped.load(Acquire) {
             return Pass::Open;
         }
-        self.pass_slow(s)
+        self.pass_slow(target)
     }
 
     #[cold]
-    fn pass_slow(&self, mut s: u64) -> Pass {
-        let mut spins = 0u32;
+    fn pass_slow(&self, target: u64) -> Pass {
+        let done = || {
+            if self.stopped.load(Acquire) {
+                Some(Pass::Stopped)
+            } else if self.applied.load(Acquire) >= target {
+                Some(Pass::Open)
+            } else {
+                None
+            }
+        };
+        // A batch is a few microseconds of in-memory work: spin a little first.
+        for _ in 0..SPINS {
+            if let Some(p) = done() {
+                return p;
+            }
+            spin_hint();
+        }
+        let mut g = self.lock.lock();
         loop {
-            if s & STOPPED != 0 {
-                return Pass::Stopped;
+            if let Some(p) = done() {
+                return p;
             }
-            if s & BUSY == 0 {
-                return Pass::Open;
-            }
-            // A batch is a few microseconds of in-memory work: spin a little first.
-            if spins < SPINS {
-                spins += 1;
-                spin_hint();
-                s = self.state.load(Acquire);
-                continue;
-            }
-            let mut g = self.lock.lock();
-            loop {
-                let now = self.state.load(Acquire);
-                if now != s {
-                    s = now;
-                    break;
-                }
-                g = self.cv.wait(g);
-            }
-            drop(g);
+            g = self.cv.wait(g);
         }
     }
 }
@@ -192,10 +197,12 @@ mod loom_model {
             let monitor = {
                 let (gate, valid, handed_over) = (gate.clone(), valid.clone(), handed_over.clone());
                 loom::thread::spawn(move || {
-                    gate.begin();
+                    // Reader and applier on one loom thread: the hand-over to the applier
+                    // is program order here (the queue's lock in the real code).
+                    let batch = gate.begin();
                     handed_over.store(true, Release); // read(): the unmapper may return
                     valid.store(false, Release); // the invalidation
-                    gate.end();
+                    gate.applied_through(batch);
                 })
             };
             // The unmapper: blocked in munmap until the event is read.
@@ -220,10 +227,10 @@ mod loom_model {
                 let (gate, applied, handed) = (gate.clone(), applied.clone(), handed.clone());
                 loom::thread::spawn(move || {
                     for i in 0..2 {
-                        gate.begin();
+                        let batch = gate.begin();
                         handed[i].store(true, Release);
                         applied[i].store(true, Release);
-                        gate.end();
+                        gate.applied_through(batch);
                     }
                 })
             };
@@ -238,6 +245,57 @@ mod loom_model {
                 }
             }
             monitor.join().unwrap();
+        });
+    }
+
+    /// The real shape: the reader begins and reads batches while the applier, on another
+    /// thread, applies earlier ones (the queue between them is a mutex). A lookup that
+    /// observed batch 1's hand-over passes only once batch 1 is applied, even while
+    /// batch 2 is begun and not applied (and it does not wait for batch 2 if it looked
+    /// before batch 2 began).
+    #[test]
+    fn reader_and_applier_on_separate_threads() {
+        loom::model(|| {
+            let gate = Arc::new(Gate::new());
+            let applied = Arc::new(AtomicBool::new(false));
+            let handed = Arc::new(AtomicBool::new(false));
+            let queue = Arc::new(loom::sync::Mutex::new(0u64));
+            let reader = {
+                let (gate, handed, queue) = (gate.clone(), handed.clone(), queue.clone());
+                loom::thread::spawn(move || {
+                    for _ in 0..2 {
+                        let batch = gate.begin();
+                        if batch == 1 {
+                            handed.store(true, Release); // read(): batch 1's unmapper returns
+                        }
+                        *queue.lock().unwrap() = batch;
+                    }
+                })
+            };
+            let applier = {
+                let (gate, applied, queue) = (gate.clone(), applied.clone(), queue.clone());
+                loom::thread::spawn(move || {
+                    let mut done = 0;
+                    while done < 2 {
+                        let through = *queue.lock().unwrap();
+                        if through > done {
+                            if done == 0 {
+                                applied.store(true, Release); // batch 1's invalidation
+                            }
+                            gate.applied_through(through);
+                            done = through;
+                        } else {
+                            loom::thread::yield_now();
+                        }
+                    }
+                })
+            };
+            if handed.load(Acquire) {
+                assert_eq!(gate.pass(), Pass::Open);
+                assert!(applied.load(Acquire), "batch 1 handed over but not applied");
+            }
+            reader.join().unwrap();
+            applier.join().unwrap();
         });
     }
 

@@ -45,13 +45,18 @@
 
 #![deny(missing_docs)]
 
+mod applier;
 mod cache;
+#[allow(dead_code)]
+mod coverage;
 mod error;
 mod fork;
 mod gate;
 mod lru;
 mod monitor;
+mod queue;
 mod ranges;
+mod reader;
 mod sync;
 mod sys;
 

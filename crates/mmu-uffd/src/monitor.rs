@@ -25,34 +25,42 @@
 //! thread that caused an event until the monitor has *read* it; [`gate`](crate::gate)
 //! extends that to "until it has been applied", for lookups that start afterwards.
 //!
-//! # The monitor thread
+//! # The monitor's threads
 //!
-//! - It blocks every signal, and retries `EINTR` anyway: a signal storm costs nothing.
-//! - It never unmaps, frees or touches watched memory; it only reads events and runs the
-//!   invalidation callbacks (which must not unmap watched memory either: the kernel would
-//!   wait for the monitor, i.e. for itself).
+//! Two threads (see `queue`, `reader` and `applier` for their protocols):
+//!
+//! - The **reader** polls and reads events into a fixed buffer, closes forked children's
+//!   descriptors, and hands the invalidations to the applier. It never allocates, never
+//!   runs user code and never takes a lock a user thread may hold, so the threads it must
+//!   release can never be waiting for it: an allocator trimming watched heap memory, a
+//!   fork holding the allocator's locks, a callback that unmaps. It blocks every signal.
+//! - The **applier** runs the invalidations on [`Monitor::subscriptions`] (the user
+//!   callbacks run here; they may allocate). Lookups wait at the gate until it has applied
+//!   every event of calls that returned.
 //! - Fork: without `fork_events` (the default) the child inherits no registration, so no
 //!   descriptor ever appears. With it, each FORK event brings the child's descriptor into
-//!   this process; it is closed at once, which releases the child's registrations.
-//! - Stop (drop, or a fatal error, or a panicking callback): the gate is closed for good;
+//!   this process; the reader closes it at once, which releases the child's registrations.
+//!   If no descriptor slot is free (EMFILE), the reader backs off and reads again.
+//! - Stop (drop, a failed read, or a panicking callback): lookups fail from then on; every
+//!   subscription gets a `Release` invalidation (nothing can be trusted once events stop);
 //!   everything ever registered is unregistered (a forked child may hold a copy of the
-//!   descriptor, so closing ours would not end the registrations) and what is still queued
-//!   is read, which lets blocked unmappers continue; then every subscription gets a
-//!   `Release` invalidation (nothing can be trusted once events stop), and the descriptor
-//!   is closed.
-//! - Lookups from inside a callback (on the monitor thread, mid-batch) fail with
+//!   descriptor, so closing ours would not end the registrations); what is still queued is
+//!   read, which lets blocked unmappers continue; the descriptor is closed.
+//! - Lookups from inside a callback (on the applier, mid-batch) fail with
 //!   [`Error::OnMonitorThread`] instead of waiting for themselves.
 //!
-//! # Known limits
+//! # Which memory is safe to watch
 //!
-//! - The kernel sends no event for `shmdt` of a SysV segment, for mprotect, nor for unmaps
-//!   made by the kernel itself: do not watch SysV shared memory; use
+//! - Anonymous memory, private or shared, memfd, and (with `WP_ASYNC`, Linux 6.7) file
+//!   mappings; see [`Capabilities`].
+//! - Heap memory from the allocator: the reader never allocates, so an allocator that
+//!   trims watched memory (on any thread, the applier included) or a fork that holds the
+//!   allocator's locks cannot hang the process. Note that an allocator keeps most freed
+//!   blocks mapped: a registration of a freed block stays valid (it still names the same
+//!   pages) until the allocator really unmaps or trims them.
+//! - Not seen by the kernel's events, so not safe to rely on: SysV shared memory
+//!   (`shmdt` sends no event), mprotect, and unmaps made by the kernel itself; use
 //!   [`RegCache::invalidate`](crate::RegCache::invalidate) for changes it cannot see.
-//! - The monitor thread allocates while applying events (subscription bookkeeping). If
-//!   watched memory belongs to the allocator's own heap and a free on the monitor thread
-//!   makes the allocator trim it, that trim waits for the monitor: watch buffers that the
-//!   application maps itself (or that the allocator serves with their own mapping), not
-//!   arbitrary small heap objects. Polling and reading are allocation-free.
 //!
 //! # Registering
 //!
@@ -62,33 +70,32 @@
 //! mapped at that address. The monitor still remembers everything it ever registered, to
 //! unregister it at stop.
 
-use std::os::fd::RawFd;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mmu_notifier::{Event, Range, Subscriptions};
 
 use crate::error::Error;
-use crate::fork;
 use crate::gate::{Gate, Pass};
+use crate::queue::Queue;
 use crate::ranges::RangeSet;
-use crate::sys::{self, feature, InFlight, Message, RawMsg, Uffd};
+use crate::sys::{self, feature, InFlight, Uffd};
+use crate::{applier, fork, reader};
 
 /// How the monitor is set up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MonitorConfig {
     /// Ask for FORK events (needs `CAP_SYS_PTRACE`). Each fork then blocks until the
-    /// monitor has received the child's descriptor, which it closes at once. Off by default:
-    /// without it a child simply inherits no registration, which is cheaper and safer. With
-    /// it, a fork that happens while the monitor thread is applying events can deadlock
-    /// under glibc: the forking thread holds the allocator's locks while the kernel waits
-    /// for the monitor to read the FORK event, and applying events allocates. (The same
-    /// hazard at thread start-up is closed: the constructor returns only once the thread
-    /// has done its start-up allocations.)
+    /// monitor's reader has received the child's descriptor, which it closes at once. Off
+    /// by default: without it a child simply inherits no registration, which is cheaper.
+    /// (The reader never allocates, so a fork that holds the allocator's locks while it
+    /// waits cannot deadlock with it; the constructor returns only once the reader is past
+    /// its start-up allocations.)
     pub fork_events: bool,
     /// Keep polling (without sleeping) for this long after the last event before the
     /// monitor thread sleeps again. A sleeping thread on an idle core takes tens of
@@ -148,44 +155,64 @@ pub struct MonitorStats {
     pub invalidations: u64,
     /// UFFDIO_REGISTER system calls made by `watch`.
     pub watch_registrations: u64,
+    /// Invalidations that arrived while the hand-over queue was full and were merged into
+    /// one covering range (more was invalidated than needed; nothing was missed).
+    pub merged: u64,
+    /// Reads that failed because this process had no descriptor slot for a forked child's
+    /// context (EMFILE/ENFILE): the reader backed off and read the event again later.
+    pub read_backoffs: u64,
 }
 
+/// The counters behind [`MonitorStats`] (atomics: the reader bumps them without locks).
 #[derive(Default)]
-struct Counters {
-    batches: AtomicU64,
-    unmaps: AtomicU64,
-    removes: AtomicU64,
-    remaps: AtomicU64,
-    forks: AtomicU64,
-    unexpected_faults: AtomicU64,
-    unknown: AtomicU64,
-    invalidations: AtomicU64,
-    watch_registrations: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) batches: AtomicU64,
+    pub(crate) unmaps: AtomicU64,
+    pub(crate) removes: AtomicU64,
+    pub(crate) remaps: AtomicU64,
+    pub(crate) forks: AtomicU64,
+    pub(crate) unexpected_faults: AtomicU64,
+    pub(crate) unknown: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) watch_registrations: AtomicU64,
+    pub(crate) merged: AtomicU64,
+    pub(crate) read_backoffs: AtomicU64,
 }
 
-fn bump(c: &AtomicU64) {
+pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
 }
 
 /// The state shared by the monitor handle, its thread and the caches built on it.
 pub(crate) struct Shared {
-    subs: Subscriptions,
+    pub(crate) subs: Subscriptions,
     pub(crate) gate: Gate,
+    /// Reader to applier (see `queue`).
+    pub(crate) queue: Queue,
     /// The descriptor; `None` once the monitor stopped. Cloned out for a system call, so a
     /// close never races with a `watch` that still uses the number.
-    uffd: parking_lot::RwLock<Option<Arc<Uffd>>>,
+    pub(crate) uffd: parking_lot::RwLock<Option<Arc<Uffd>>>,
     /// Everything ever registered (not shrunk by unmaps): unregistered at stop.
-    registered: parking_lot::Mutex<RangeSet>,
-    stats: Counters,
+    pub(crate) registered: parking_lot::Mutex<RangeSet>,
+    pub(crate) stats: Counters,
     fork_generation: u64,
-    page: u64,
+    pub(crate) page: u64,
     caps: Capabilities,
-    busy_poll: Duration,
-    stopping: AtomicBool,
-    /// The monitor thread's id, for refusing to wait for the gate on it.
+    pub(crate) busy_poll: Duration,
+    /// Set by `Drop`, a failed read or a panicking callback: the applier then runs the
+    /// stop sequence (see `applier`).
+    pub(crate) stopping: AtomicBool,
+    /// Set by the applier once every subscription is released and everything ever
+    /// registered is unregistered: the reader then reads what is left and exits.
+    pub(crate) released: AtomicBool,
+    /// The errno of the read that failed, if one did (the reader cannot format it: that
+    /// would allocate).
+    pub(crate) read_errno: AtomicI32,
+    /// The applier's id (callbacks run there), for refusing to wait for the gate on it.
     monitor_thread: std::sync::OnceLock<std::thread::ThreadId>,
-    stop_reason: parking_lot::Mutex<Option<String>>,
-    wake: sys::EventFd,
+    pub(crate) stop_reason: parking_lot::Mutex<Option<String>>,
+    /// Wakes the reader from `poll` (stop).
+    pub(crate) wake: sys::EventFd,
 }
 
 impl std::fmt::Debug for Shared {
@@ -211,7 +238,8 @@ impl std::fmt::Debug for Shared {
 #[derive(Debug)]
 pub struct Monitor {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// The applier and the reader.
+    threads: Option<(JoinHandle<()>, JoinHandle<()>)>,
 }
 
 impl Monitor {
@@ -268,35 +296,54 @@ impl Monitor {
             caps,
             busy_poll: config.busy_poll,
             stopping: AtomicBool::new(false),
+            released: AtomicBool::new(false),
+            read_errno: AtomicI32::new(0),
+            queue: Queue::new(),
             monitor_thread: std::sync::OnceLock::new(),
             stop_reason: parking_lot::Mutex::new(None),
             wake: sys::EventFd::new().map_err(Error::Thread)?,
         });
-        // The thread's start-up allocates (the runtime's thread bookkeeping, glibc's
-        // per-thread arena). With FORK events a fork must not find it there: glibc's fork
-        // holds every malloc lock until the kernel returns, which it does only once the
-        // monitor has read the FORK event. So return only once the thread is past them.
-        let started = Arc::new(std::sync::Barrier::new(2));
-        let thread = {
+        // Applier first: the reader needs its handle to wake it.
+        let applier = {
             let shared = shared.clone();
-            let started = started.clone();
             std::thread::Builder::new()
-                .name("mmu-uffd-monitor".into())
-                .spawn(move || {
-                    // Attach this thread to a malloc arena now, not at its first callback.
-                    drop(std::hint::black_box(Box::new(0u64)));
-                    started.wait();
-                    run(shared, uffd)
-                })
+                .name("mmu-uffd-applier".into())
+                .spawn(move || applier::run(shared))
                 .map_err(Error::Thread)?
         };
+        let _ = shared.monitor_thread.set(applier.thread().id());
+        // The reader's start-up allocates (the runtime's thread bookkeeping, glibc's
+        // per-thread arena). With FORK events a fork must not find it there: glibc's fork
+        // holds every malloc lock until the kernel returns, which it does only once the
+        // reader has read the FORK event. So return only once the reader is past them; it
+        // never allocates afterwards.
+        let started = Arc::new(std::sync::Barrier::new(2));
+        let reader = {
+            let shared = shared.clone();
+            let started = started.clone();
+            let wake_applier = applier.thread().clone();
+            std::thread::Builder::new()
+                .name("mmu-uffd-reader".into())
+                .spawn(move || {
+                    sys::block_all_signals();
+                    started.wait();
+                    reader::run(&shared, &uffd, &wake_applier);
+                })
+        };
+        let reader = match reader {
+            Ok(r) => r,
+            Err(e) => {
+                // Stop the applier we started (it releases the subscriptions).
+                shared.stopping.store(true, Release);
+                applier.thread().unpark();
+                let _ = applier.join();
+                return Err(Error::Thread(e));
+            }
+        };
         started.wait();
-        // Set here, not on the thread: `thread::current()` may allocate there, and nothing
-        // on the monitor thread may allocate before it can read a FORK event.
-        let _ = shared.monitor_thread.set(thread.thread().id());
         Ok(Monitor {
             shared,
-            thread: Some(thread),
+            threads: Some((applier, reader)),
         })
     }
 
@@ -327,10 +374,11 @@ impl Monitor {
         self.shared.caps
     }
 
-    /// Counters, once every event of calls that returned before this one is counted
-    /// (see [`sync`](Self::sync); if the monitor has stopped, the final counts).
+    /// Counters. Events are counted when read, which is before the call that caused them
+    /// returns; `invalidations` is counted when applied: call [`sync`](Self::sync) first
+    /// for a count that includes every call that returned. (This never waits, so it can be
+    /// read while a callback holds the monitor.)
     pub fn stats(&self) -> MonitorStats {
-        let _ = self.shared.sync();
         self.shared.stats()
     }
 
@@ -382,166 +430,23 @@ impl Monitor {
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        self.shared
-            .stopping
-            .store(true, std::sync::atomic::Ordering::Release);
+        // Release: pairs with the threads' Acquire loads of `stopping`.
+        self.shared.stopping.store(true, Release);
         self.shared.wake.signal();
-        if let Some(t) = self.thread.take() {
-            // Dropped from one of its own callbacks: the thread stops after the current
-            // batch; joining would wait for ourselves.
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
+        if let Some((applier, reader)) = self.threads.take() {
+            applier.thread().unpark();
+            // Dropped from an invalidation callback, on the applier: it stops after the
+            // current batch, and the reader once the applier has released everything;
+            // joining either would wait for ourselves.
+            if applier.thread().id() != std::thread::current().id() {
+                let _ = applier.join();
+                let _ = reader.join();
             }
         }
     }
-}
-
-fn run(shared: Arc<Shared>, uffd: Arc<Uffd>) {
-    sys::block_all_signals();
-    let outcome = catch_unwind(AssertUnwindSafe(|| shared.serve(&uffd)));
-    let why = match outcome {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(format!("reading userfaultfd events failed: {e}")),
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into());
-            Some(format!(
-                "an invalidation callback panicked on the monitor thread: {msg}"
-            ))
-        }
-    };
-    if let Some(w) = &why {
-        tracing::error!("mmu-uffd monitor stopped: {w}");
-    }
-    drop(uffd);
-    shared.finish(why);
 }
 
 impl Shared {
-    /// The event loop (see the module docs).
-    fn serve(&self, uffd: &Uffd) -> std::io::Result<()> {
-        // On the stack: no allocation between a FORK event and its read (see `sys::poll2`).
-        let mut buf = [RawMsg::ZERO; 64];
-        let (events_fd, wake_fd): (RawFd, RawFd) = (uffd.raw(), self.wake.raw());
-        // Busy polling: only look (poll with no timeout) until `busy_poll` has passed since
-        // the last event. The gate is only entered once poll says an event is pending, so
-        // lookups are not slowed by the spinning.
-        let mut last_event = Instant::now();
-        loop {
-            let spin = !self.busy_poll.is_zero() && last_event.elapsed() < self.busy_poll;
-            let (events, _wake) = sys::poll2(events_fd, wake_fd, !spin)?;
-            if self.stopping.load(Acquire) {
-                return Ok(());
-            }
-            if !events {
-                if spin {
-                    std::hint::spin_loop();
-                }
-                continue;
-            }
-            if !self.busy_poll.is_zero() {
-                last_event = Instant::now();
-            }
-            bump(&self.stats.batches);
-            self.gate.begin();
-            let result = self.drain(uffd, &mut buf);
-            self.gate.end();
-            result?;
-        }
-    }
-
-    fn drain(&self, uffd: &Uffd, buf: &mut [RawMsg]) -> std::io::Result<()> {
-        loop {
-            let n = uffd.read(buf)?;
-            // Children's descriptors first, before any callback runs: a panicking callback
-            // must not leave a child's context open (its unmaps would wait forever).
-            for m in &buf[..n] {
-                if let Message::Fork { fd } = m.decode() {
-                    bump(&self.stats.forks);
-                    sys::close_received(fd);
-                }
-            }
-            for m in &buf[..n] {
-                self.apply(uffd, m.decode());
-            }
-            if n < buf.len() {
-                return Ok(());
-            }
-        }
-    }
-
-    fn apply(&self, uffd: &Uffd, msg: Message) {
-        match msg {
-            Message::Unmap { start, end } => {
-                bump(&self.stats.unmaps);
-                self.invalidate(start, end, Event::Unmap);
-            }
-            Message::Remove { start, end } => {
-                bump(&self.stats.removes);
-                self.invalidate(start, end, Event::Clear);
-            }
-            Message::Remap { from, to: _, len } => {
-                bump(&self.stats.remaps);
-                let old_end = from.saturating_add(len);
-                // The moved mapping keeps its registration (REMAP is enabled).
-                self.invalidate(from, old_end, Event::Unmap);
-            }
-            Message::Fork { .. } => {} // closed by `drain` before any callback ran
-            Message::Pagefault { address, .. } => {
-                bump(&self.stats.unexpected_faults);
-                let page = address & !(self.page - 1);
-                if let Err(e) = uffd.unprotect(page, self.page) {
-                    tracing::warn!("unexpected write-protect fault at {address:#x}: {e}");
-                }
-            }
-            Message::Unknown(kind) => {
-                bump(&self.stats.unknown);
-                tracing::warn!("unknown userfaultfd event {kind:#x}");
-            }
-        }
-    }
-
-    fn invalidate(&self, start: u64, end: u64, event: Event) {
-        if let Ok(range) = Range::new(start, end, event) {
-            bump(&self.stats.invalidations);
-            drop(self.subs.invalidate_range_start(range));
-        }
-    }
-
-    fn finish(&self, why: Option<String>) {
-        *self.stop_reason.lock() = why;
-        // Order matters: lookups fail from here on; then every subscription is told that
-        // nothing will be kept coherent; only then are unmappers still blocked on unread
-        // events released (the descriptor closes when the last clone drops).
-        self.gate.stop();
-        // A forked child may hold a copy of the descriptor (fork without exec), so closing
-        // ours need not release the registrations: unregister everything ever registered,
-        // then read what is still queued, which releases blocked unmappers (and closes
-        // children's descriptors), all before any subscriber callback runs.
-        if let Some(uffd) = self.uffd.write().clone() {
-            let ever = std::mem::take(&mut *self.registered.lock());
-            for (s, e) in ever.iter() {
-                let _ = uffd.unregister(s, e - s);
-            }
-            let mut buf = [RawMsg::ZERO; 16];
-            while let Ok(n) = uffd.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                for m in &buf[..n] {
-                    if let Message::Fork { fd } = m.decode() {
-                        sys::close_received(fd);
-                    }
-                }
-            }
-        }
-        self.subs.release();
-        self.uffd.write().take();
-    }
-
     /// Fails if the monitor cannot vouch for the memory any more.
     pub(crate) fn check_alive(&self) -> Result<(), Error> {
         if fork::current() != self.fork_generation {
@@ -722,6 +627,14 @@ impl Shared {
         &self.subs
     }
 
+    /// Invalidates `[start, end)` on the calling thread (an empty range is skipped).
+    pub(crate) fn invalidate(&self, start: u64, end: u64, event: Event) {
+        if let Ok(range) = Range::new(start, end, event) {
+            bump(&self.stats.invalidations);
+            drop(self.subs.invalidate_range_start(range));
+        }
+    }
+
     fn stats(&self) -> MonitorStats {
         let c = &self.stats;
         let l = |a: &AtomicU64| a.load(Relaxed);
@@ -735,6 +648,8 @@ impl Shared {
             unknown: l(&c.unknown),
             invalidations: l(&c.invalidations),
             watch_registrations: l(&c.watch_registrations),
+            merged: l(&c.merged),
+            read_backoffs: l(&c.read_backoffs),
         }
     }
 }
