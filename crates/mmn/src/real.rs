@@ -85,10 +85,11 @@
 //! for every thread, what it was doing, on which buffer, and where the kernel has it
 //! waiting (`/proc/self/task/<tid>/wchan` and `syscall`: number, arguments, stack and
 //! instruction pointers; the monitor thread's too); then the process
-//! exits with status 2. The report allocates nothing and takes no lock: the hang this was
-//! built for has a thread blocked in `free()` (glibc trimming a watched heap, waiting for
-//! the monitor to read the event, while it holds its arena's lock) and the monitor thread
-//! blocked on a lock, so `malloc` may never return.
+//! exits with status 2. The report allocates nothing and takes no lock: in the hang it was
+//! built for (seen before the monitor had a reader that never allocates) a thread was
+//! blocked in `free()` (glibc trimming a watched heap, waiting for the monitor to read the
+//! event, while holding its arena's lock) and the monitor thread on a futex, so `malloc`
+//! might never have returned.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
