@@ -2,6 +2,7 @@
 
 mod attach;
 mod demo;
+mod real;
 mod torture;
 
 use std::process::ExitCode;
@@ -26,16 +27,26 @@ enum Command {
     /// Random primary operations and device accesses on several threads, with the
     /// secondaries attached and every access checked. Prints a summary; exits 1 on any
     /// violation, with the command that replays the run.
+    ///
+    /// With --real: the registration cache of mmu-uffd on this process's real memory
+    /// (glibc and mimalloc buffers, raw mappings replaced, moved, resized and advised away),
+    /// every lookup checked against the physical frames the kernel maps (needs root,
+    /// userfaultfd and io_uring; prints SKIPPED and exits 0 without them). Exits 1 on any
+    /// stale hit, 2 on lookup errors or a worker stuck for 10 s.
     Torture {
+        /// Torture the real-memory registration cache (mmu-uffd) instead of the simulation.
+        #[arg(long, conflicts_with_all = ["ops", "secondaries", "json"])]
+        real: bool,
         /// How long to run, in seconds (the default budget: 10 s).
         #[arg(long, conflicts_with = "ops")]
         secs: Option<f64>,
         /// How many operations to run in total, instead of a time budget.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         ops: Option<u64>,
-        /// Worker threads; with 1 the run is a pure function of the seed.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
-        threads: u64,
+        /// Worker threads; with 1 the run is a pure function of the seed [default: 2, with
+        /// --real 4].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+        threads: Option<u64>,
         /// Seed of every random choice.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -44,6 +55,8 @@ enum Command {
         secondaries: Vec<String>,
         /// Also attach a deliberately broken secondary; the run must then fail:
         /// never-tears-down, ignores-retry, installs-during-invalidation, never-flushes.
+        /// With --real, break the cache instead (the run stops at the first stale hit):
+        /// gate, reuse-check.
         #[arg(long)]
         broken: Option<String>,
         /// Print the report as JSON instead of tables.
@@ -142,9 +155,87 @@ fn torture_main(
     ExitCode::SUCCESS
 }
 
+fn real_main(
+    secs: Option<f64>,
+    threads: Option<u64>,
+    seed: u64,
+    broken: Option<String>,
+) -> ExitCode {
+    let secs = match secs {
+        None => 10.0,
+        Some(s) if s.is_finite() && s > 0.0 => s,
+        Some(_) => {
+            eprintln!("mmn torture --real: --secs must be a positive number of seconds");
+            return ExitCode::from(2);
+        }
+    };
+    let broken = match broken
+        .as_deref()
+        .map(|b| (b, real::BrokenCache::from_name(b)))
+    {
+        None => None,
+        Some((_, Some(b))) => Some(b),
+        Some((name, None)) => {
+            let names: Vec<&str> = real::BrokenCache::ALL.iter().map(|b| b.name()).collect();
+            eprintln!(
+                "mmn torture --real: unknown --broken {name:?}; one of: {}",
+                names.join(", ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let options = real::RealOptions {
+        secs,
+        threads: threads.unwrap_or(4) as usize,
+        seed,
+        broken,
+        progress: true,
+    };
+    let report = match real::run(&options) {
+        Ok(r) => r,
+        Err(real::NotRun::Skipped(why)) => {
+            println!("SKIPPED: {why}");
+            return ExitCode::SUCCESS;
+        }
+        Err(real::NotRun::Failed(why)) => {
+            eprintln!("mmn torture --real: {why}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", report.table(&options));
+    if report.failed() {
+        eprintln!(
+            "mmn torture --real: {} stale hits, {} handles not covering the request (seed {seed}{})",
+            report.stale_lookups,
+            report.bad_handles,
+            broken
+                .map(|b| format!(", broken {}: expected", b.name()))
+                .unwrap_or_default()
+        );
+        return ExitCode::from(1);
+    }
+    if report.errors > 0 {
+        eprintln!(
+            "mmn torture --real: {} lookups failed (no stale hit seen)",
+            report.errors
+        );
+        return ExitCode::from(2);
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Torture {
+            real: true,
+            secs,
+            threads,
+            seed,
+            broken,
+            ..
+        } => real_main(secs, threads, seed, broken),
+        Command::Torture {
+            real: false,
             secs,
             ops,
             threads,
@@ -152,7 +243,15 @@ fn main() -> ExitCode {
             secondaries,
             broken,
             json,
-        } => torture_main(secs, ops, threads, seed, secondaries, broken, json),
+        } => torture_main(
+            secs,
+            ops,
+            threads.unwrap_or(2),
+            seed,
+            secondaries,
+            broken,
+            json,
+        ),
         Command::Demo {
             secs,
             pages,
