@@ -121,6 +121,11 @@ impl Gate {
         self.cv.notify_all();
     }
 
+    /// Batches begun so far.
+    pub(crate) fn begun(&self) -> u64 {
+        self.begun.load(Acquire)
+    }
+
     /// Whether the monitor has stopped.
     pub(crate) fn stopped(&self) -> bool {
         self.stopped.load(Acquire)

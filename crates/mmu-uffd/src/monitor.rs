@@ -61,6 +61,15 @@
 //! - Not seen by the kernel's events, so not safe to rely on: SysV shared memory
 //!   (`shmdt` sends no event), mprotect, and unmaps made by the kernel itself; use
 //!   [`RegCache::invalidate`](crate::RegCache::invalidate) for changes it cannot see.
+//! - Watching part of a mapping splits it in the kernel (the watched part has other flags),
+//!   and `mremap` refuses a range that spans two mappings (`EFAULT`): a program that looks
+//!   up a sub-range of a buffer and then resizes or moves the whole buffer with `mremap`
+//!   should watch the whole buffer first ([`Monitor::watch`]) or look up all of it. (glibc's
+//!   `realloc` copies instead when its `mremap` fails.) The split heals when the part is
+//!   unwatched.
+//! - With [`MonitorConfig::fork_events`], a fork in a process that has no free descriptor
+//!   waits until one frees up (the child's context needs one), and so do lookups meanwhile
+//!   (the fork is an event in flight).
 //!
 //! # Watch leases
 //!
@@ -227,6 +236,8 @@ pub(crate) struct Shared {
     pub(crate) gate: Gate,
     /// Reader to applier (see `queue`).
     pub(crate) queue: Queue,
+    /// Every batch up to this number has been counted in `stats` (reader only).
+    pub(crate) counted: AtomicU64,
     /// The descriptor; `None` once the monitor stopped. Cloned out for a system call, so a
     /// close never races with a `watch` that still uses the number.
     pub(crate) uffd: parking_lot::RwLock<Option<Arc<Uffd>>>,
@@ -341,6 +352,7 @@ impl Monitor {
             released: AtomicBool::new(false),
             read_errno: AtomicI32::new(0),
             queue: Queue::new(),
+            counted: AtomicU64::new(0),
             monitor_thread: std::sync::OnceLock::new(),
             stop_reason: parking_lot::Mutex::new(None),
             wake: sys::EventFd::new().map_err(Error::Thread)?,
@@ -416,11 +428,12 @@ impl Monitor {
         self.shared.caps
     }
 
-    /// Counters. Events are counted when read, which is before the call that caused them
-    /// returns; `invalidations` is counted when applied: call [`sync`](Self::sync) first
-    /// for a count that includes every call that returned. (This never waits, so it can be
-    /// read while a callback holds the monitor.)
+    /// Counters, including every event of the calls that returned before this one (it
+    /// waits, microseconds, for the reader to count them). `invalidations` is counted when
+    /// applied: call [`sync`](Self::sync) first to include those. It does not wait for the
+    /// applier, so it can be read while an invalidation callback holds the monitor.
     pub fn stats(&self) -> MonitorStats {
+        self.shared.wait_counted();
         self.shared.stats()
     }
 
@@ -574,6 +587,25 @@ impl Shared {
                 "probing userfaultfd for events in flight failed: {e}"
             )),
         })
+    }
+
+    /// Waits until the reader has counted every event of calls that returned before this
+    /// one (it never waits for the applier). Gives up if the monitor stops.
+    fn wait_counted(&self) {
+        if self.wait_quiet().is_err() {
+            return;
+        }
+        let target = self.gate.begun();
+        let mut round = 0u32;
+        // Acquire: pairs with the reader's Release store after counting.
+        while self.counted.load(Acquire) < target && !self.gate.stopped() {
+            round += 1;
+            if round < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
     }
 
     /// Waits while an event is in flight (see [`sync`](Self::sync)).

@@ -106,6 +106,7 @@ fn read_pending(
             Err(e) => {
                 // Publish the empty batch either way, or lookups would wait for it.
                 shared.queue.push(batch, std::iter::empty());
+                shared.counted.store(batch, Release);
                 applier.unpark();
                 return match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE) => {
@@ -143,6 +144,8 @@ fn read_pending(
             .stats
             .merged
             .fetch_add(merged, std::sync::atomic::Ordering::Relaxed);
+        // Release: the counters bumped above are visible to whoever sees the batch counted.
+        shared.counted.store(batch, Release);
         applier.unpark();
         if n < BATCH {
             return Ok(());

@@ -1324,7 +1324,10 @@ impl Slots {
         if r == libc::MAP_FAILED {
             let e = io::Error::last_os_error();
             assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "placeholder: {e}");
-            return; // someone else mapped there: not ours any more
+            // Someone else (another test's mmap) mapped there: not ours any more. Reserve
+            // a fresh slot instead, so the pool never runs dry however often that happens.
+            self.free.push_back(reserve(4) as usize);
+            return;
         }
         assert_eq!(r.cast(), slot);
         self.free.push_back(slot as usize);
