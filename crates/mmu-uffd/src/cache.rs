@@ -661,7 +661,9 @@ impl<R: Registrar> RegCache<R> {
         // An error means the monitor stopped (every entry was released: purge them all)
         // or this is the monitor's own thread (purge what is known).
         let _ = self.pass_gate();
-        self.purge_dirty()
+        let n = self.purge_dirty();
+        self.monitor.unwatch_idle();
+        n
     }
 
     fn purge_dirty(&self) -> usize {
@@ -691,10 +693,11 @@ impl<R: Registrar> RegCache<R> {
     }
 
     /// Removes every entry from the index (entries in use stay registered until their
-    /// handles drop).
+    /// handles drop) and stops watching the memory that no remaining entry needs.
     pub fn clear(&self) {
         let removed = self.index.lock().lru.drain();
         drop(removed);
+        self.monitor.unwatch_idle();
     }
 
     /// Entries in the index, after waiting (like a lookup) for the events of calls that

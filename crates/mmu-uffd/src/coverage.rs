@@ -63,6 +63,28 @@ impl CoverageMap {
         self.merge_within(start, end);
     }
 
+    /// The parts of `[start, end)` whose count is zero, in order.
+    pub(crate) fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if start >= end {
+            return out;
+        }
+        let mut cur = start;
+        if let Some((_, &(e, _))) = self.map.range(..start).next_back() {
+            cur = cur.max(e);
+        }
+        for (&s, &(e, _)) in self.map.range(start..end) {
+            if cur < s {
+                out.push((cur, s));
+            }
+            cur = cur.max(e);
+        }
+        if cur < end {
+            out.push((cur, end));
+        }
+        out
+    }
+
     /// Subtracts one from the count of every address of `[start, end)` and appends to
     /// `freed` the ranges whose count dropped to zero (sorted, adjacent ones merged; what
     /// `freed` held before is left alone). Addresses whose count was already zero are
@@ -375,6 +397,17 @@ mod tests {
                     prop_assert_eq!(m.count_at(page * PAGE), want);
                     prop_assert_eq!(m.count_at(page * PAGE + PAGE - 1), want);
                 }
+                // `uncovered` of the whole space: exactly the zero-count pages, merged.
+                let mut want_gaps: Vec<(u64, u64)> = Vec::new();
+                for page in 0..=PAGES {
+                    if model.get(&page).copied().unwrap_or(0) == 0 {
+                        match want_gaps.last_mut() {
+                            Some(g) if g.1 == page * PAGE => g.1 += PAGE,
+                            _ => want_gaps.push((page * PAGE, page * PAGE + PAGE)),
+                        }
+                    }
+                }
+                prop_assert_eq!(m.uncovered(0, (PAGES + 1) * PAGE), want_gaps);
             }
         }
     }

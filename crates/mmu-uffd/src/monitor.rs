@@ -78,10 +78,13 @@
 //! range stays watched until [`Monitor::unwatch`] or its unmap. The cache instead takes a
 //! *lease* per entry: the range is registered when the entry is filled, and when the last
 //! lease over a range ends (its entry evicted, purged or cleared, and its last handle
-//! dropped, after the registration was released) the parts that no other lease and no
-//! explicit watch cover are unregistered. One lock is held across each count change and
-//! its system call, so an unregister for a count that reached zero cannot undo a register
-//! made meanwhile for a new lease.
+//! dropped, after the registration was released) the range becomes *idle*. Idle ranges are
+//! unregistered in batches: once 32 have gathered, or when the cache is cleared, purged,
+//! or asked for its length or counters; a range leased again before that is simply still
+//! registered (a miss then costs no kernel work on it). Only the parts that no lease and
+//! no explicit watch cover at that moment are unregistered. One lock is held across each
+//! count change and its system calls, so an unregister cannot undo a register made
+//! meanwhile for a new lease.
 //!
 //! # Registering
 //!
@@ -215,7 +218,12 @@ struct Leases {
     counts: CoverageMap,
     /// Watched with `Monitor::watch`: kept until `unwatch`.
     explicit: RangeSet,
+    /// Ranges whose last lease ended, not unregistered yet (see "Watch leases").
+    idle: Vec<(u64, u64)>,
 }
+
+/// Idle ranges that trigger unregistering them all.
+const IDLE_BATCH: usize = 32;
 
 /// Keeps a range watched while it lives (see "Watch leases" in the module docs).
 pub(crate) struct WatchLease {
@@ -701,26 +709,43 @@ impl Shared {
         })
     }
 
-    /// A lease ends: unregisters what no lease and no explicit watch needs any more.
+    /// A lease ends: what no lease and no explicit watch needs any more is unwatched,
+    /// lazily (see "Watch leases" in the module docs).
     fn end_lease(&self, s: u64, e: u64) {
         let mut leases = self.leases.lock();
         let mut freed = Vec::new();
         leases.counts.release(s, e, &mut freed);
-        if freed.is_empty() {
-            return;
+        leases.idle.extend(freed);
+        if leases.idle.len() >= IDLE_BATCH {
+            self.unwatch_idle_locked(&mut leases);
         }
+    }
+
+    /// Unregisters every idle range that no lease and no explicit watch covers now.
+    pub(crate) fn unwatch_idle(&self) {
+        let mut leases = self.leases.lock();
+        if !leases.idle.is_empty() {
+            self.unwatch_idle_locked(&mut leases);
+        }
+    }
+
+    fn unwatch_idle_locked(&self, leases: &mut Leases) {
+        let idle = std::mem::take(&mut leases.idle);
         let uffd = self.uffd.read();
         let Some(uffd) = uffd.as_ref() else {
             return; // stopped: everything was unregistered
         };
-        for (a, b) in freed {
-            for (x, y) in leases.explicit.uncovered(a, b) {
-                // Fails only for memory userfaultfd cannot hold, which was never
-                // registered; an unmapped range is fine (nothing to do).
-                if uffd.unregister(x, y - x).is_ok() {
-                    bump(&self.stats.unwatched);
+        for (a, b) in idle {
+            for (x, y) in leases.counts.uncovered(a, b) {
+                for (x, y) in leases.explicit.uncovered(x, y) {
+                    // Fails only for memory this descriptor does not hold (never
+                    // registered, or another monitor's): nothing to undo then. An unmapped
+                    // range is fine.
+                    if uffd.unregister(x, y - x).is_ok() {
+                        bump(&self.stats.unwatched);
+                    }
+                    self.registered.lock().remove(x, y);
                 }
-                self.registered.lock().remove(x, y);
             }
         }
     }
