@@ -23,8 +23,10 @@
 //!   unmapping call returned wait until the monitor has applied that call's event.
 //! - **Hit.** Pass the gate, take the index lock, find the one range that can cover the
 //!   request, check the flag (Acquire, pairs with the Release clear and set), bump the
-//!   entry's reference count and its LRU position. An entry found invalid is dropped from
-//!   the index and the lookup goes on as a miss.
+//!   entry's reference count and its LRU position; then, with the address-reuse check,
+//!   wait until no event is in flight and every event read is applied, and check the flag
+//!   again. An entry found invalid is dropped from the index and the lookup goes on as a
+//!   miss. (A miss needs no in-flight check: it registers the memory as it is.)
 //! - **Release.** A handle is a reference to the entry. When the last one goes (handles
 //!   and the index's), the subscription is removed and the user's `deregister` runs, on
 //!   that thread: a user thread, never the monitor thread, whose callbacks only ever
@@ -291,6 +293,16 @@ impl GateMode {
         }
     }
 
+    /// The first step of a lookup: the gate only (the in-flight check follows on a hit).
+    #[inline]
+    fn pass_lookup(self, monitor: &Shared) -> Result<(), Error> {
+        match self {
+            GateMode::Sync | GateMode::Gate => monitor.pass_gate(),
+            #[cfg(feature = "fault-injection")]
+            GateMode::Skip => monitor.check_alive(),
+        }
+    }
+
     #[inline]
     fn pass(self, monitor: &Shared) -> Result<(), Error> {
         match self {
@@ -472,11 +484,14 @@ impl<R: Registrar> RegCache<R> {
     /// of the range, returned before this call started, has made stale.
     pub fn get(&self, ptr: *const u8, len: usize) -> Result<CachedRegistration<R>, Error> {
         let (start, end) = byte_range(ptr, len)?;
-        self.pass_gate()?;
+        // The gate now; the in-flight check only on a hit (see `confirm_hit`): a miss
+        // registers the memory as it is now, which no event in flight can make stale
+        // (such an event invalidates the new entry: a later miss, never a stale hit).
+        self.gate.pass_lookup(&self.monitor)?;
         if self.dirty.load(std::sync::atomic::Ordering::Relaxed) {
             self.purge_dirty();
         }
-        let dead = {
+        let (hit, dead) = {
             let mut ix = self.index.lock();
             match ix.lru.find_covering(start, end) {
                 Some(id) => {
@@ -489,16 +504,42 @@ impl<R: Registrar> RegCache<R> {
                         };
                         ix.lru.touch(id);
                         ix.stats.hits += 1;
-                        return Ok(handle);
+                        (Some(handle), None)
+                    } else {
+                        ix.stats.invalidated_found += 1;
+                        (None, Some(ix.lru.remove(id)))
                     }
-                    ix.stats.invalidated_found += 1;
-                    Some(ix.lru.remove(id))
                 }
-                None => None,
+                None => (None, None),
             }
         };
         drop(dead); // outside the lock: may deregister
+        if let Some(handle) = hit {
+            if self.confirm_hit(&handle)? {
+                return Ok(handle);
+            }
+            drop(handle);
+            let mut ix = self.index.lock();
+            ix.stats.hits -= 1;
+            ix.stats.invalidated_found += 1;
+            drop(ix);
+            self.purge_dirty();
+        }
         self.fill(start, end)
+    }
+
+    /// With the address-reuse check: waits until no event is in flight and every event
+    /// read is applied ([`Monitor::sync`]), then reads the entry's flag again. The entry
+    /// may have been registered before an unmap by another thread that freed the address
+    /// (which the caller then mapped again) and whose event had not reached the monitor
+    /// when the gate was passed; after `sync` that event is applied and the flag is clear.
+    #[inline]
+    fn confirm_hit(&self, handle: &CachedRegistration<R>) -> Result<bool, Error> {
+        if self.gate != GateMode::Sync {
+            return Ok(true);
+        }
+        self.monitor.sync()?;
+        Ok(handle.entry.valid.load(Acquire))
     }
 
     /// Every lookup and query starts here: waits until every event of calls that returned
