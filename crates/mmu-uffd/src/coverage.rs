@@ -43,6 +43,16 @@ impl CoverageMap {
         if start >= end {
             return;
         }
+        // Fast path: a segment that is exactly the range (a buffer leased again). Only its
+        // two boundaries can become mergeable.
+        if let Some((e, c)) = self.map.get_mut(&start) {
+            if *e == end {
+                *c = c.saturating_add(1);
+                self.merge_at(start);
+                self.merge_at(end);
+                return;
+            }
+        }
         self.split_at(start);
         self.split_at(end);
         let mut gaps = Vec::new();
@@ -93,6 +103,25 @@ impl CoverageMap {
     pub(crate) fn release(&mut self, start: u64, end: u64, freed: &mut Vec<(u64, u64)>) -> u64 {
         if start >= end {
             return 0;
+        }
+        // Fast path: a segment that is exactly the range.
+        if let Some(&(e, c)) = self.map.get(&start) {
+            if e == end {
+                match c {
+                    u32::MAX => {}
+                    1 => {
+                        // A gap appears: no boundary becomes mergeable.
+                        self.map.remove(&start);
+                        freed.push((start, end));
+                    }
+                    _ => {
+                        self.map.insert(start, (end, c - 1));
+                        self.merge_at(start);
+                        self.merge_at(end);
+                    }
+                }
+                return 0;
+            }
         }
         self.split_at(start);
         self.split_at(end);
@@ -157,6 +186,24 @@ impl CoverageMap {
             if e > at {
                 self.map.insert(s, (at, c));
                 self.map.insert(at, (e, c));
+            }
+        }
+    }
+
+    /// Merges the segment ending at `at` with the one starting there if their counts are
+    /// equal. After a change of every count in `[start, end)` by the same amount, only the
+    /// boundaries `start` and `end` can need this (inside, both sides changed alike).
+    fn merge_at(&mut self, at: u64) {
+        let Some((&s, &(e, c))) = self.map.range(..at).next_back() else {
+            return;
+        };
+        if e != at {
+            return;
+        }
+        if let Some(&(next_end, next_count)) = self.map.get(&at) {
+            if next_count == c {
+                self.map.remove(&at);
+                self.map.insert(s, (next_end, c));
             }
         }
     }
