@@ -75,24 +75,9 @@ impl CoverageMap {
 
     /// The parts of `[start, end)` whose count is zero, in order.
     pub(crate) fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        if start >= end {
-            return out;
-        }
-        let mut cur = start;
-        if let Some((_, &(e, _))) = self.map.range(..start).next_back() {
-            cur = cur.max(e);
-        }
-        for (&s, &(e, _)) in self.map.range(start..end) {
-            if cur < s {
-                out.push((cur, s));
-            }
-            cur = cur.max(e);
-        }
-        if cur < end {
-            out.push((cur, end));
-        }
-        out
+        let before = self.map.range(..start).next_back().map(|(_, &(e, _))| e);
+        let inside = self.map.range(start..end).map(|(&s, &(e, _))| (s, e));
+        crate::ranges::gaps(start, end, before, inside)
     }
 
     /// Subtracts one from the count of every address of `[start, end)` and appends to

@@ -64,28 +64,45 @@ impl RangeSet {
 
     /// The parts of `[start, end)` outside the set, in order.
     pub(crate) fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        let mut cur = start;
-        // The range that starts before `start` may cover its beginning.
-        if let Some((_, &e)) = self.map.range(..start).next_back() {
-            cur = cur.max(e);
-        }
-        for (&s, &e) in self.map.range(start..end) {
-            if cur < s {
-                out.push((cur, s));
-            }
-            cur = cur.max(e);
-        }
-        if cur < end {
-            out.push((cur, end));
-        }
-        out
+        let before = self.map.range(..start).next_back().map(|(_, &e)| e);
+        gaps(
+            start,
+            end,
+            before,
+            self.map.range(start..end).map(|(&s, &e)| (s, e)),
+        )
     }
 
     /// The ranges, in order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.map.iter().map(|(&s, &e)| (s, e))
     }
+}
+
+/// The parts of `[start, end)` that none of `segments` covers, in order: `segments` are
+/// the disjoint ranges that start inside `[start, end)`, in order, and `before_end` is the
+/// end of the one that starts before `start`, if any.
+pub(crate) fn gaps(
+    start: u64,
+    end: u64,
+    before_end: Option<u64>,
+    segments: impl Iterator<Item = (u64, u64)>,
+) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    if start >= end {
+        return out;
+    }
+    let mut cur = before_end.map_or(start, |e| e.max(start));
+    for (s, e) in segments {
+        if cur < s {
+            out.push((cur, s));
+        }
+        cur = cur.max(e);
+    }
+    if cur < end {
+        out.push((cur, end));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -12,22 +12,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::*;
-use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
 use mmu_uffd::{CacheConfig, MonitorConfig};
-
-/// A raw subscriber that raises a flag (no gate: shows what the monitor applied).
-struct Flag(Arc<AtomicBool>);
-
-impl IntervalSubscriber for Flag {
-    fn invalidate(
-        &mut self,
-        _: &Range,
-        _: &mut IntervalContext<'_, Self>,
-    ) -> Result<(), WouldBlock> {
-        self.0.store(true, SeqCst);
-        Ok(())
-    }
-}
 
 /// The lowest descriptor number not in use (all below it are open).
 fn lowest_free_fd() -> u64 {
@@ -66,30 +51,6 @@ fn set_nofile(l: &libc::rlimit) {
     // SAFETY: setrlimit reads one rlimit; the soft limit is at most the hard one.
     let r = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, l) };
     assert_eq!(r, 0, "setrlimit: {}", std::io::Error::last_os_error());
-}
-
-/// Waits (bounded) for a child; kills it and fails if it hangs. Returns its exit code.
-fn wait_child(pid: libc::pid_t, limit: Duration) -> i32 {
-    let deadline = Instant::now() + limit;
-    loop {
-        let mut status = 0;
-        // SAFETY: waits for our own child; `status` is a live int.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            assert!(libc::WIFEXITED(status), "child status {status:#x}");
-            return libc::WEXITSTATUS(status);
-        }
-        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
-        if Instant::now() > deadline {
-            // SAFETY: kills and reaps our own child, which hangs.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            panic!("the forked child hung for {limit:?} (killed)");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// Forks a child that exits at once; returns how long `fork` took.

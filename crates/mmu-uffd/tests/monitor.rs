@@ -279,33 +279,6 @@ fn fd_count() -> usize {
         .count()
 }
 
-/// Waits (bounded) for a child; kills it and fails if it hangs. Returns its exit code.
-fn wait_child(pid: libc::pid_t, limit: Duration) -> i32 {
-    let deadline = Instant::now() + limit;
-    loop {
-        let mut status = 0;
-        // SAFETY: waits for our own child; `status` is a live int.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            assert!(
-                libc::WIFEXITED(status),
-                "the child did not exit normally (status {status:#x})"
-            );
-            return libc::WEXITSTATUS(status);
-        }
-        assert_eq!(r, 0, "waitpid: {}", io::Error::last_os_error());
-        if Instant::now() > deadline {
-            // SAFETY: kills and reaps our own child, which hangs.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            panic!("the forked child hung for {limit:?} (killed)");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// The body of a forked child: only async-signal-safe work (no allocation, no lock, no
 /// panic, no destructor). Exit code bits: 1 = `get` did not answer `Forked`; 2 = a handle
 /// still looked valid; 4 = munmap of the watched memory failed.

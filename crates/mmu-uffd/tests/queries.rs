@@ -22,21 +22,6 @@ use mmu_uffd::{CacheConfig, Monitor};
 
 const ROUNDS: usize = 200;
 
-/// A raw interval subscriber that only raises a flag: it shows what the monitor has
-/// applied without passing any gate.
-struct Flag(Arc<AtomicBool>);
-
-impl IntervalSubscriber for Flag {
-    fn invalidate(
-        &mut self,
-        _: &Range,
-        _: &mut IntervalContext<'_, Self>,
-    ) -> Result<(), WouldBlock> {
-        self.0.store(true, SeqCst);
-        Ok(())
-    }
-}
-
 /// A raw subscriber whose `invalidate` takes a while (as real work would): the window
 /// between the monitor reading an event and having applied it, which every query must
 /// wait out, is then wide open.

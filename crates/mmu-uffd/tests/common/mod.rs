@@ -219,3 +219,45 @@ impl Drop for Watchdog {
         drop(self.0.take());
     }
 }
+
+/// Waits (bounded) for a child; kills it and fails if it hangs. Returns its exit code.
+pub fn wait_child(pid: libc::pid_t, limit: Duration) -> i32 {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a live int.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            assert!(
+                libc::WIFEXITED(status),
+                "the child did not exit normally (status {status:#x})"
+            );
+            return libc::WEXITSTATUS(status);
+        }
+        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
+        if std::time::Instant::now() > deadline {
+            // SAFETY: kills and reaps our own child, which hangs.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("the forked child hung for {limit:?} (killed)");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A raw interval subscriber that only raises a flag: it shows what the monitor has
+/// applied, without passing any gate.
+pub struct Flag(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl mmu_notifier::IntervalSubscriber for Flag {
+    fn invalidate(
+        &mut self,
+        _: &mmu_notifier::Range,
+        _: &mut mmu_notifier::IntervalContext<'_, Self>,
+    ) -> Result<(), mmu_notifier::WouldBlock> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
