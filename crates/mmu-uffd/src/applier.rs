@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use crate::monitor::Shared;
 use crate::queue::{Taken, Work};
+use crate::sys;
 
 /// The applier's body.
 pub(crate) fn run(shared: Arc<Shared>) {
@@ -70,6 +71,7 @@ fn apply(shared: &Shared, taken: &Taken) {
     for w in taken.iter() {
         match w {
             Work::Invalidate { start, end, event } => shared.invalidate(start, end, event),
+            Work::Moved { from, to, len } => shared.moved(from, to, len),
             Work::Unknown(kind) => tracing::warn!("unknown userfaultfd event {kind:#x}"),
         }
     }
@@ -80,12 +82,21 @@ fn stop(shared: &Shared, why: Option<String>) {
     *shared.stop_reason.lock() = why;
     shared.stopping.store(true, Release);
     shared.gate.stop();
-    shared.subs.release();
+    // A callback that panics again on `Release` must not keep the rest of the stop from
+    // running (the reader waits for `released`; unmappers for the unregistering).
+    if catch_unwind(AssertUnwindSafe(|| shared.subs.release())).is_err() {
+        tracing::error!("mmu-uffd: a subscriber panicked on its Release invalidation");
+    }
     // Waits for watches and probes in progress (they hold the read side).
     let uffd = shared.uffd.write().take();
     if let Some(uffd) = uffd {
+        // Everything ever registered, and every mapping of the process besides: the
+        // kernel carries registrations along mremap moves and in-place growth, which no
+        // bookkeeping here sees completely. Unregistering a mapping this descriptor does
+        // not hold changes nothing (the kernel refuses another context's, and skips
+        // unregistered ones).
         let ever = std::mem::take(&mut *shared.registered.lock());
-        for (s, e) in ever.iter() {
+        for (s, e) in ever.iter().chain(sys::mappings()) {
             let _ = uffd.unregister(s, e - s);
         }
     }

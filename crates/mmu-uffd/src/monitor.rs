@@ -59,7 +59,9 @@
 //!   blocks mapped: a registration of a freed block stays valid (it still names the same
 //!   pages) until the allocator really unmaps or trims them.
 //! - Not seen by the kernel's events, so not safe to rely on: SysV shared memory
-//!   (`shmdt` sends no event), mprotect, and unmaps made by the kernel itself; use
+//!   (`shmdt` sends no event), mprotect, `MADV_GUARD_INSTALL` (Linux 6.13; it zaps the
+//!   pages without a REMOVE event), `fallocate(PUNCH_HOLE)` on a memfd or file whose pages
+//!   are mapped, and unmaps made by the kernel itself; use
 //!   [`RegCache::invalidate`](crate::RegCache::invalidate) for changes it cannot see.
 //! - Watching part of a mapping splits it in the kernel (the watched part has other flags),
 //!   and `mremap` refuses a range that spans two mappings (`EFAULT`): a program that looks
@@ -420,7 +422,9 @@ impl Monitor {
 
     /// Stops watching `[ptr, ptr + len)`: unregisters it, then, because its changes will
     /// no longer be seen, invalidates it (`Clear`) on the calling thread, so no translation
-    /// survives that a later, unseen change could make stale.
+    /// survives that a later, unseen change could make stale. Parts that a cache entry
+    /// still covers stay watched until its last entry goes (the `Clear` invalidates those
+    /// entries, so that happens at the cache's next purge).
     pub fn unwatch(&self, ptr: *const u8, len: usize) -> Result<(), Error> {
         self.shared.unwatch(ptr as u64, len as u64)
     }
@@ -670,6 +674,9 @@ impl Shared {
             source,
         })?;
         bump(&self.stats.watch_registrations);
+        // Tracked before the hole check: a refused range's mapped parts stay registered
+        // (unregistering them could undo a lease's registration) and must be undone at stop.
+        self.registered.lock().add(s, e);
         // UFFDIO_REGISTER accepts a range with holes and registers only the mappings in
         // it. A hole must neither be claimed as watched (memory mapped there later would
         // not be) nor be accepted at all (the caller asked for all of it). msync(MS_ASYNC)
@@ -680,7 +687,6 @@ impl Shared {
             end: e,
             source,
         })?;
-        self.registered.lock().add(s, e);
         Ok(())
     }
 
@@ -743,8 +749,8 @@ impl Shared {
                     // range is fine.
                     if uffd.unregister(x, y - x).is_ok() {
                         bump(&self.stats.unwatched);
+                        self.registered.lock().remove(x, y);
                     }
-                    self.registered.lock().remove(x, y);
                 }
             }
         }
@@ -758,16 +764,39 @@ impl Shared {
             leases.explicit.remove(s, e);
             let uffd = self.uffd.read();
             let uffd = uffd.as_ref().ok_or_else(|| self.stopped_error())?;
-            uffd.unregister(s, e - s).map_err(|source| Error::Watch {
-                start: s,
-                end: e,
-                source,
-            })?;
-            self.registered.lock().remove(s, e);
+            // Parts a cache entry still leases stay registered: unregistering them would
+            // let a change go unseen while the entry is still valid (a stale hit). They
+            // are unwatched when their last lease ends.
+            for (x, y) in leases.counts.uncovered(s, e) {
+                uffd.unregister(x, y - x).map_err(|source| Error::Watch {
+                    start: x,
+                    end: y,
+                    source,
+                })?;
+                self.registered.lock().remove(x, y);
+            }
         }
-        // Entries over the range are invalidated, so their leases end at their purge.
         self.invalidate(s, e, Event::Clear);
         Ok(())
+    }
+
+    /// The applier saw `[from, from + len)` move to `to`: explicit watches move along
+    /// (the kernel moved the registration).
+    pub(crate) fn moved(&self, from: u64, to: u64, len: u64) {
+        let end = from.saturating_add(len);
+        let mut leases = self.leases.lock();
+        let inside: Vec<(u64, u64)> = leases
+            .explicit
+            .iter()
+            .filter(|&(s, e)| s < end && e > from)
+            .map(|(s, e)| (s.max(from), e.min(end)))
+            .collect();
+        for (s, e) in inside {
+            leases.explicit.remove(s, e);
+            leases.explicit.add(s - from + to, e - from + to);
+        }
+        drop(leases);
+        self.registered.lock().add(to, to.saturating_add(len));
     }
 
     pub(crate) fn subscriptions(&self) -> &Subscriptions {

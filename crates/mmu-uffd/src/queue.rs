@@ -39,6 +39,11 @@ pub(crate) const CAPACITY: usize = 512;
 pub(crate) enum Work {
     /// Invalidate `[start, end)` with `event`.
     Invalidate { start: u64, end: u64, event: Event },
+    /// `[from, from + len)` moved to `to` (mremap): the registration moved with it. The
+    /// applier moves the explicit watches along (the invalidation of the old range is a
+    /// separate `Invalidate`). Dropped, not merged, when the ring is full: the only loss is
+    /// that an explicit watch moved then may be unwatched later like a cache lease's range.
+    Moved { from: u64, to: u64, len: u64 },
     /// An event type this code does not know (the applier logs it).
     Unknown(u8),
 }

@@ -137,9 +137,10 @@ fn read_pending(
                 _ => {}
             }
         }
-        let merged = shared
-            .queue
-            .push(batch, msgs.iter().filter_map(|m| work(shared, m.decode())));
+        let merged = shared.queue.push(
+            batch,
+            msgs.iter().flat_map(|m| work(shared, m.decode())).flatten(),
+        );
         shared
             .stats
             .merged
@@ -154,7 +155,7 @@ fn read_pending(
 }
 
 /// What the applier must do for a message (and the message's counter).
-fn work(shared: &Shared, msg: Message) -> Option<Work> {
+fn work(shared: &Shared, msg: Message) -> [Option<Work>; 2] {
     let (start, end, event) = match msg {
         Message::Unmap { start, end } => {
             bump(&shared.stats.unmaps);
@@ -164,19 +165,27 @@ fn work(shared: &Shared, msg: Message) -> Option<Work> {
             bump(&shared.stats.removes);
             (start, end, Event::Clear)
         }
-        Message::Remap { from, to: _, len } => {
+        Message::Remap { from, to, len } => {
             bump(&shared.stats.remaps);
             // The moved mapping keeps its registration (REMAP is enabled): only the old
             // range is invalid.
-            (from, from.saturating_add(len), Event::Unmap)
+            let old_end = from.saturating_add(len);
+            return [
+                Some(Work::Invalidate {
+                    start: from,
+                    end: old_end,
+                    event: Event::Unmap,
+                }),
+                Some(Work::Moved { from, to, len }),
+            ];
         }
         Message::Unknown(kind) => {
             bump(&shared.stats.unknown);
-            return Some(Work::Unknown(kind));
+            return [Some(Work::Unknown(kind)), None];
         }
-        Message::Fork { .. } | Message::Pagefault { .. } => return None,
+        Message::Fork { .. } | Message::Pagefault { .. } => return [None, None],
     };
-    Some(Work::Invalidate { start, end, event })
+    [Some(Work::Invalidate { start, end, event }), None]
 }
 
 /// At stop, after everything was unregistered: reads what is still queued so that every

@@ -520,3 +520,22 @@ impl Uffd {
         }
     }
 }
+
+/// The process's mappings as `[start, end)` ranges, from `/proc/self/maps` (empty if it
+/// cannot be read). Allocates: not for the reader thread.
+pub(crate) fn mappings() -> Vec<(u64, u64)> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    maps.lines()
+        .filter_map(|line| {
+            let range = line.split_whitespace().next()?;
+            let (s, e) = range.split_once('-')?;
+            let (s, e) = (
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            );
+            (s < e).then_some((s, e))
+        })
+        .collect()
+}
