@@ -179,3 +179,28 @@ fn review_control_stop_unregisters_memory_that_did_not_move() {
     let _ = rx.recv_timeout(Duration::from_secs(5));
     assert!(ok, "control: munmap hung");
 }
+
+/// `Shared::register` registers first and checks for holes after: when the check fails
+/// the mapped parts stay registered, but the error return skips `registered.add`, so
+/// stop never unregisters them (same hang as above with a child holding the descriptor).
+#[test]
+fn review_stop_leaves_a_failed_watch_with_a_hole_registered() {
+    let Some(m) = monitor_or_skip("review_stop_leaves_a_failed_watch_with_a_hole_registered") else {
+        return;
+    };
+    let p = anon(4);
+    // SAFETY: our own mapping: a hole in the middle of it.
+    unsafe { libc::munmap(p.add(PAGE).cast(), PAGE) };
+    assert!(m.watch(p, 4 * PAGE).is_err(), "a range with a hole is refused");
+    let child = child_holding_descriptors();
+    drop(m);
+    let (ok, rx) = munmap_returns_within(p, PAGE, Duration::from_secs(3));
+    kill_and_reap(child);
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+    // SAFETY: the last two pages are ours.
+    unmap(unsafe { p.add(2 * PAGE) }, 2 * PAGE);
+    assert!(
+        ok,
+        "munmap hung after stop: the refused watch left the mapped part registered"
+    );
+}
