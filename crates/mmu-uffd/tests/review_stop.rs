@@ -1,0 +1,206 @@
+//! Review findings about the stop sequence (each test fails on the reviewed code).
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use mmu_notifier::{Event, IntervalContext, IntervalSubscriber, Range, WouldBlock};
+
+/// A subscriber whose every invalidation panics (the Release at stop included), as a
+/// callback with a failing assertion or a poisoned lock would.
+struct AlwaysPanics;
+
+impl IntervalSubscriber for AlwaysPanics {
+    fn invalidate(&mut self, r: &Range, _: &mut IntervalContext<'_, Self>) -> Result<(), WouldBlock> {
+        panic!("review: this subscriber panics on every invalidation ({:?})", r.event());
+    }
+}
+
+/// A callback that panics stops the monitor (caught around `apply`). The stop sequence
+/// then delivers `Release` to every subscription, outside any `catch_unwind`: the same
+/// callback panics again, the applier thread dies before setting `released`, the reader
+/// polls for ever, and dropping the monitor hangs in `reader.join()`. Nothing is
+/// unregistered either.
+#[test]
+fn review_drop_hangs_when_a_callback_also_panics_on_release() {
+    let Some(m) = monitor_or_skip("review_drop_hangs_when_a_callback_also_panics_on_release") else {
+        return;
+    };
+    let p = anon(4);
+    m.watch(p, 4 * PAGE).unwrap();
+    let sub = m
+        .subscriptions()
+        .insert_interval(p as u64, 4 * PAGE as u64, AlwaysPanics)
+        .unwrap();
+    unmap(p, 4 * PAGE);
+    // The monitor stops (the Unmap's panic was caught).
+    let _ = m.sync();
+    assert!(m.stopped().is_some());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        drop(m);
+        let _ = tx.send(());
+    });
+    let dropped = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+    std::mem::forget(sub);
+    assert!(
+        dropped,
+        "dropping the monitor hung: the applier died in stop() (Release panicked) before \
+         setting `released`, so the reader never exits"
+    );
+    let _ = Event::Unmap;
+}
+
+/// Forks a child that holds a copy of every descriptor (the monitor's userfaultfd
+/// included: O_CLOEXEC only closes it at exec) and sleeps until killed.
+fn child_holding_descriptors() -> libc::pid_t {
+    // SAFETY: the child only calls async-signal-safe functions, then _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        loop {
+            // SAFETY: async-signal-safe.
+            unsafe { libc::sleep(60) };
+        }
+    }
+    pid
+}
+
+fn kill_and_reap(pid: libc::pid_t) {
+    // SAFETY: our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+    }
+}
+
+/// munmap `[p, p + len)` on another thread; whether it returned within `limit`.
+fn munmap_returns_within(p: *mut u8, len: usize, limit: Duration) -> (bool, mpsc::Receiver<()>) {
+    let (tx, rx) = mpsc::channel();
+    let a = p as usize;
+    std::thread::spawn(move || {
+        unmap(a as *mut u8, len);
+        let _ = tx.send(());
+    });
+    let ok = rx.recv_timeout(limit).is_ok();
+    (ok, rx)
+}
+
+/// The stop sequence unregisters "everything ever registered" (`Shared::registered`) so
+/// that a forked child holding a copy of the descriptor cannot keep this process's
+/// memory registered with a context nobody reads. But the kernel carries a registration
+/// along when a registered mapping is moved by mremap (REMAP is enabled: the monitor's
+/// own docs say "the moved mapping keeps its registration"), and nothing adds the
+/// destination to `registered`. After the monitor is dropped the moved memory is still
+/// registered; with a child holding the descriptor, the parent's munmap of it waits in
+/// the kernel for an event reader that no longer exists, until the child exits.
+#[test]
+fn review_stop_leaves_mremap_destinations_registered() {
+    let Some(m) = monitor_or_skip("review_stop_leaves_mremap_destinations_registered") else {
+        return;
+    };
+    let p = anon(4);
+    m.watch(p, 4 * PAGE).unwrap();
+    let dest = reserve(4);
+    // SAFETY: moves our own mapping over our own reservation.
+    let q = unsafe {
+        libc::mremap(
+            p.cast(),
+            4 * PAGE,
+            4 * PAGE,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            dest.cast::<libc::c_void>(),
+        )
+    };
+    assert_eq!(q, dest.cast());
+    m.sync().unwrap();
+    assert_eq!(m.stats().remaps, 1);
+    let child = child_holding_descriptors();
+    drop(m);
+    let (ok, rx) = munmap_returns_within(dest, 4 * PAGE, Duration::from_secs(3));
+    kill_and_reap(child);
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+    assert!(
+        ok,
+        "munmap of memory moved by mremap hung after the monitor stopped (released only \
+         when the child holding the descriptor exited): the destination stayed registered"
+    );
+}
+
+/// The same with mremap growing a registered mapping in place: the kernel extends the
+/// registered VMA, the new tail is registered but not in `registered`.
+#[test]
+fn review_stop_leaves_mremap_grown_tails_registered() {
+    let Some(m) = monitor_or_skip("review_stop_leaves_mremap_grown_tails_registered") else {
+        return;
+    };
+    // Room to grow: map 8 pages, give back the last 4 (before watching: no event).
+    let p = anon(8);
+    // SAFETY: our own mapping.
+    unsafe { libc::munmap(p.add(4 * PAGE).cast(), 4 * PAGE) };
+    m.watch(p, 4 * PAGE).unwrap();
+    // SAFETY: grows our own mapping in place (no MAYMOVE).
+    let r = unsafe { libc::mremap(p.cast(), 4 * PAGE, 8 * PAGE, 0) };
+    if r == libc::MAP_FAILED {
+        eprintln!("SKIPPED: the space after the mapping was taken meanwhile");
+        return;
+    }
+    touch(p, 8 * PAGE);
+    let child = child_holding_descriptors();
+    drop(m);
+    // SAFETY: p + 4 pages is inside our grown mapping.
+    let tail = unsafe { p.add(4 * PAGE) };
+    let (ok, rx) = munmap_returns_within(tail, 4 * PAGE, Duration::from_secs(3));
+    kill_and_reap(child);
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+    unmap(p, 4 * PAGE);
+    assert!(
+        ok,
+        "munmap of the grown tail hung after the monitor stopped: the tail stayed registered"
+    );
+}
+
+/// Control (passes): memory watched where it is, then the same sequence: stop unregisters
+/// it, and the munmap returns although the child holds the descriptor.
+#[test]
+fn review_control_stop_unregisters_memory_that_did_not_move() {
+    let Some(m) = monitor_or_skip("review_control_stop_unregisters_memory_that_did_not_move") else {
+        return;
+    };
+    let p = anon(4);
+    m.watch(p, 4 * PAGE).unwrap();
+    let child = child_holding_descriptors();
+    drop(m);
+    let (ok, rx) = munmap_returns_within(p, 4 * PAGE, Duration::from_secs(3));
+    kill_and_reap(child);
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+    assert!(ok, "control: munmap hung");
+}
+
+/// `Shared::register` registers first and checks for holes after: when the check fails
+/// the mapped parts stay registered, but the error return skips `registered.add`, so
+/// stop never unregisters them (same hang as above with a child holding the descriptor).
+#[test]
+fn review_stop_leaves_a_failed_watch_with_a_hole_registered() {
+    let Some(m) = monitor_or_skip("review_stop_leaves_a_failed_watch_with_a_hole_registered") else {
+        return;
+    };
+    let p = anon(4);
+    // SAFETY: our own mapping: a hole in the middle of it.
+    unsafe { libc::munmap(p.add(PAGE).cast(), PAGE) };
+    assert!(m.watch(p, 4 * PAGE).is_err(), "a range with a hole is refused");
+    let child = child_holding_descriptors();
+    drop(m);
+    let (ok, rx) = munmap_returns_within(p, PAGE, Duration::from_secs(3));
+    kill_and_reap(child);
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+    // SAFETY: the last two pages are ours.
+    unmap(unsafe { p.add(2 * PAGE) }, 2 * PAGE);
+    assert!(
+        ok,
+        "munmap hung after stop: the refused watch left the mapped part registered"
+    );
+}
