@@ -1,9 +1,12 @@
-//! Review: CoverageMap fast paths under a workload that hits them often (few distinct
-//! ranges, leased again and again), against a per-page model. Passes: kept as evidence.
+//! The coverage map's fast paths (a lease that is exactly one segment) under a workload
+//! that hits them often (few distinct ranges, leased again and again), against a per-page
+//! model.
 #![allow(dead_code)]
 
 #[path = "../src/coverage.rs"]
 mod coverage;
+#[path = "../src/ranges.rs"]
+mod ranges;
 
 use coverage::CoverageMap;
 use proptest::prelude::*;
@@ -62,16 +65,28 @@ proptest! {
     }
 }
 
-trait Segs { fn into_segments(self) -> Vec<(u64, u64, u32)>; }
+trait Segs {
+    fn into_segments(self) -> Vec<(u64, u64, u32)>;
+}
 impl Segs for CoverageMap {
     fn into_segments(self) -> Vec<(u64, u64, u32)> {
         // Debug output is the only public view outside cfg(test): parse it.
         let s = format!("{:?}", self);
         let mut out = Vec::new();
-        let body = s.split('{').nth(2).unwrap_or("").trim_end_matches(|c| c == '}' || c == ' ');
+        let body = s
+            .split('{')
+            .nth(2)
+            .unwrap_or("")
+            .trim_end_matches(|c| c == '}' || c == ' ');
         for item in body.split("), ") {
-            let nums: Vec<u64> = item.split(|c: char| !c.is_ascii_digit()).filter(|x| !x.is_empty()).map(|x| x.parse().unwrap()).collect();
-            if nums.len() == 3 { out.push((nums[0], nums[1], nums[2] as u32)); }
+            let nums: Vec<u64> = item
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|x| !x.is_empty())
+                .map(|x| x.parse().unwrap())
+                .collect();
+            if nums.len() == 3 {
+                out.push((nums[0], nums[1], nums[2] as u32));
+            }
         }
         out
     }

@@ -1,4 +1,6 @@
-//! Review findings about the stop sequence (each test fails on the reviewed code).
+//! The stop sequence leaves nothing registered (a forked child holding a copy of the
+//! descriptor would otherwise make the parent's munmap wait), whatever moved or grew, and
+//! completes even when a callback panics again on `Release`.
 
 mod common;
 
@@ -13,8 +15,15 @@ use mmu_notifier::{Event, IntervalContext, IntervalSubscriber, Range, WouldBlock
 struct AlwaysPanics;
 
 impl IntervalSubscriber for AlwaysPanics {
-    fn invalidate(&mut self, r: &Range, _: &mut IntervalContext<'_, Self>) -> Result<(), WouldBlock> {
-        panic!("review: this subscriber panics on every invalidation ({:?})", r.event());
+    fn invalidate(
+        &mut self,
+        r: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        panic!(
+            "review: this subscriber panics on every invalidation ({:?})",
+            r.event()
+        );
     }
 }
 
@@ -24,8 +33,8 @@ impl IntervalSubscriber for AlwaysPanics {
 /// polls for ever, and dropping the monitor hangs in `reader.join()`. Nothing is
 /// unregistered either.
 #[test]
-fn review_drop_hangs_when_a_callback_also_panics_on_release() {
-    let Some(m) = monitor_or_skip("review_drop_hangs_when_a_callback_also_panics_on_release") else {
+fn drop_completes_when_a_callback_also_panics_on_release() {
+    let Some(m) = monitor_or_skip("drop_completes_when_a_callback_also_panics_on_release") else {
         return;
     };
     let p = anon(4);
@@ -98,8 +107,8 @@ fn munmap_returns_within(p: *mut u8, len: usize, limit: Duration) -> (bool, mpsc
 /// registered; with a child holding the descriptor, the parent's munmap of it waits in
 /// the kernel for an event reader that no longer exists, until the child exits.
 #[test]
-fn review_stop_leaves_mremap_destinations_registered() {
-    let Some(m) = monitor_or_skip("review_stop_leaves_mremap_destinations_registered") else {
+fn stop_unregisters_mremap_destinations() {
+    let Some(m) = monitor_or_skip("stop_unregisters_mremap_destinations") else {
         return;
     };
     let p = anon(4);
@@ -133,8 +142,8 @@ fn review_stop_leaves_mremap_destinations_registered() {
 /// The same with mremap growing a registered mapping in place: the kernel extends the
 /// registered VMA, the new tail is registered but not in `registered`.
 #[test]
-fn review_stop_leaves_mremap_grown_tails_registered() {
-    let Some(m) = monitor_or_skip("review_stop_leaves_mremap_grown_tails_registered") else {
+fn stop_unregisters_mremap_grown_tails() {
+    let Some(m) = monitor_or_skip("stop_unregisters_mremap_grown_tails") else {
         return;
     };
     // Room to grow: map 8 pages, give back the last 4 (before watching: no event).
@@ -166,8 +175,8 @@ fn review_stop_leaves_mremap_grown_tails_registered() {
 /// Control (passes): memory watched where it is, then the same sequence: stop unregisters
 /// it, and the munmap returns although the child holds the descriptor.
 #[test]
-fn review_control_stop_unregisters_memory_that_did_not_move() {
-    let Some(m) = monitor_or_skip("review_control_stop_unregisters_memory_that_did_not_move") else {
+fn stop_unregisters_memory_that_did_not_move() {
+    let Some(m) = monitor_or_skip("stop_unregisters_memory_that_did_not_move") else {
         return;
     };
     let p = anon(4);
@@ -184,14 +193,17 @@ fn review_control_stop_unregisters_memory_that_did_not_move() {
 /// the mapped parts stay registered, but the error return skips `registered.add`, so
 /// stop never unregisters them (same hang as above with a child holding the descriptor).
 #[test]
-fn review_stop_leaves_a_failed_watch_with_a_hole_registered() {
-    let Some(m) = monitor_or_skip("review_stop_leaves_a_failed_watch_with_a_hole_registered") else {
+fn stop_unregisters_a_refused_watch_with_a_hole() {
+    let Some(m) = monitor_or_skip("stop_unregisters_a_refused_watch_with_a_hole") else {
         return;
     };
     let p = anon(4);
     // SAFETY: our own mapping: a hole in the middle of it.
     unsafe { libc::munmap(p.add(PAGE).cast(), PAGE) };
-    assert!(m.watch(p, 4 * PAGE).is_err(), "a range with a hole is refused");
+    assert!(
+        m.watch(p, 4 * PAGE).is_err(),
+        "a range with a hole is refused"
+    );
     let child = child_holding_descriptors();
     drop(m);
     let (ok, rx) = munmap_returns_within(p, PAGE, Duration::from_secs(3));

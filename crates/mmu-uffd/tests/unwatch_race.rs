@@ -1,7 +1,7 @@
-//! Review finding: `Monitor::unwatch` unregisters first and invalidates after, on the
-//! calling thread. In between, a cache entry over the range is valid but its memory is no
-//! longer watched: an unmap (or MAP_FIXED/mremap over) made then sends no event, returns,
-//! and a lookup that starts after it returned hits the old registration.
+//! `Monitor::unwatch` of memory a cache entry still covers: the entry's part stays
+//! registered until the entry goes, so a replacement of that memory made while `unwatch`
+//! is still invalidating sends its event, and a lookup that starts after the replacement
+//! returned never gets the old registration.
 
 mod common;
 
@@ -20,7 +20,11 @@ struct HoldClear {
 }
 
 impl IntervalSubscriber for HoldClear {
-    fn invalidate(&mut self, r: &Range, _: &mut IntervalContext<'_, Self>) -> Result<(), WouldBlock> {
+    fn invalidate(
+        &mut self,
+        r: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
         if r.event() == Event::Clear {
             self.entered.store(true, Ordering::SeqCst);
             let t = Instant::now();
@@ -33,8 +37,8 @@ impl IntervalSubscriber for HoldClear {
 }
 
 #[test]
-fn review_unwatch_window_gives_a_stale_hit() {
-    let Some(m) = monitor_or_skip("review_unwatch_window_gives_a_stale_hit") else {
+fn unwatch_racing_a_replacement_gives_no_stale_hit() {
+    let Some(m) = monitor_or_skip("unwatch_racing_a_replacement_gives_no_stale_hit") else {
         return;
     };
     let (cache, _) = counting_cache(&m, CacheConfig::default());
@@ -70,10 +74,14 @@ fn review_unwatch_window_gives_a_stale_hit() {
         // entry's memory with new memory, as an allocator recycling the address would.
         replace_with(q, 2 * PAGE, 0x1234);
         // munmap/mremap returned: a lookup starting now must not get the old registration.
-        let now = cache.get(q, 2 * PAGE).unwrap();
-        let stale = *now == old_reg;
-        drop(now);
+        // (With the range still registered the replacement's event waits behind the held
+        // Clear, and so does the lookup at the gate: release the hold shortly.)
+        let qa = q as usize;
+        let cache = &cache;
+        let lookup = s.spawn(move || *cache.get(qa as *const u8, 2 * PAGE).unwrap());
+        std::thread::sleep(Duration::from_millis(100));
         open.store(true, Ordering::SeqCst);
+        let stale = lookup.join().unwrap() == old_reg;
         unwatcher.join().unwrap().unwrap();
         assert!(
             !stale,
