@@ -77,7 +77,7 @@ impl Segs for CoverageMap {
             .split('{')
             .nth(2)
             .unwrap_or("")
-            .trim_end_matches(|c| c == '}' || c == ' ');
+            .trim_end_matches(['}', ' ']);
         for item in body.split("), ") {
             let nums: Vec<u64> = item
                 .split(|c: char| !c.is_ascii_digit())
