@@ -363,3 +363,79 @@ fn cache_reregisters_replaced_memory() {
     assert_eq!(buffers.free_slots(), SLOTS as usize);
     unmap(p, LEN);
 }
+
+/// The sizing rule: a cache of capacity `SLOTS` never runs the table out by itself (it
+/// evicts before it registers), but handles held after their entries were evicted keep
+/// their slots, and a `get` past `capacity + held handles` slots fails with `TableFull`.
+#[test]
+fn slots_bound_the_cache_and_the_held_handles() {
+    let test = "slots_bound_the_cache_and_the_held_handles";
+    let Some(monitor) = monitor_or_skip(test) else {
+        return;
+    };
+    let Some(buffers) = Counted::or_skip(test) else {
+        return;
+    };
+    let pages = 3 * SLOTS as usize;
+    let p = buffer(3);
+    // `buffer` maps LEN bytes; this test needs `pages` separate pages.
+    unmap(p, LEN);
+    let p = map(
+        p as usize,
+        pages * PAGE,
+        RW,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+        -1,
+        0,
+    );
+    let page = |i: usize| p.wrapping_add(2 * i * PAGE).cast_const();
+
+    // Capacity == slots: many more distinct buffers than slots, no handle kept.
+    let config = CacheConfig::default()
+        .with_capacity(SLOTS as usize)
+        .with_merge(false);
+    let cache = RegCache::new(&monitor, config, buffers.clone());
+    for round in 0..2 {
+        for i in 0..pages / 2 {
+            let h = cache
+                .get(page(i), PAGE)
+                .unwrap_or_else(|e| panic!("round {round}, buffer {i}: {e}"));
+            assert!(h.contains(page(i), PAGE));
+        }
+    }
+    assert!(cache.stats().evictions > 0);
+    drop(cache);
+    assert_eq!(buffers.free_slots(), SLOTS as usize);
+
+    // Capacity 4 and every handle kept: 4 in the index plus 4 evicted but held fill the
+    // 8 slots; the next registration finds the table full.
+    let cache = RegCache::new(&monitor, config.with_capacity(4), buffers.clone());
+    let held: Vec<_> = (0..SLOTS as usize)
+        .map(|i| cache.get(page(i), PAGE).unwrap())
+        .collect();
+    assert_eq!(buffers.free_slots(), 0);
+    let err = cache.get(page(SLOTS as usize), PAGE).unwrap_err();
+    match &err {
+        mmu_uffd::Error::Register { source, .. } => assert!(
+            matches!(
+                source.downcast_ref::<FixedBufferError>(),
+                Some(FixedBufferError::TableFull { slots: SLOTS })
+            ),
+            "{err:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    drop(held);
+    // The evicted entries' slots came back with their handles (the failed get had evicted
+    // one more to make room, so 3 entries remain); the next get fits again.
+    assert_eq!(buffers.free_slots(), SLOTS as usize - 3);
+    drop(cache.get(page(SLOTS as usize), PAGE).unwrap());
+    drop(cache);
+    assert_eq!(buffers.free_slots(), SLOTS as usize);
+    let c = &buffers.counts;
+    assert_eq!(
+        c.registered.load(Ordering::SeqCst),
+        c.deregistered.load(Ordering::SeqCst)
+    );
+    unmap(p, pages * PAGE);
+}
