@@ -1,5 +1,8 @@
 //! io_uring fixed buffers as a [`Registrar`] (cargo feature `io-uring`).
 //!
+//! The rings are the `io-uring` crate's (version 0.7): depend on the same version to
+//! build the operations and share the ring.
+//!
 //! [`FixedBuffers`] gives a ring a *sparse* fixed-buffer table of `slots` entries and
 //! registers each range the cache asks for in a free slot of it. The registration, a
 //! [`FixedBuffer`], is what `READ_FIXED` and `WRITE_FIXED` need: the slot's
@@ -186,8 +189,8 @@ pub enum FixedBufferError {
     },
     /// The kernel refused to register the range: part of it is not mapped or not
     /// accessible (`EFAULT`), it is longer than 1 GiB (`EFAULT`), its memory cannot be
-    /// pinned for long (`EOPNOTSUPP`, e.g. some file mappings), or pinning it would exceed
-    /// `RLIMIT_MEMLOCK` (`ENOMEM`). A null or empty range is refused here
+    /// pinned for long (some file mappings: `EOPNOTSUPP` or `EFAULT` depending on the
+    /// kernel), or pinning it would exceed `RLIMIT_MEMLOCK` (`ENOMEM`). A null or empty range is refused here
     /// (`InvalidInput`).
     #[error("cannot register {addr:#x}+{len:#x} as a fixed buffer: {source}")]
     Register {
