@@ -11,16 +11,20 @@
 //! through a [`RegCache`] on a [`Monitor`]: the unmap invalidates the cached entry, the next
 //! `get` registers the new memory in another slot, and the read lands where it should.
 //!
+//! The registrations are made by [`FixedBuffers`], the crate's io_uring registrar (feature
+//! `io-uring`, which this crate's examples and tests always build with).
+//!
 //! Run with `cargo run -p mmu-uffd --example io_uring_stale`.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use io_uring::{opcode, squeue, types, IoUring};
+use mmu_uffd::io_uring::{FixedBufferError, FixedBuffers};
 use mmu_uffd::{CacheConfig, Error, Monitor, RegCache, Registrar};
 
 /// Slots of the sparse fixed-buffer table.
@@ -30,142 +34,57 @@ const FILL: u8 = 0xab;
 /// What the original buffer is filled with before any I/O.
 const OLD: u8 = 0x5a;
 
-/// One io_uring fixed buffer: its slot in the ring's table and a serial number that tells
-/// registrations apart when a slot is reused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FixedBuf {
-    slot: u16,
-    serial: u64,
-}
-
-/// A ring shared by the registrar (which runs on whatever thread calls `get` or drops the
-/// last handle) and the code doing I/O.
-struct Ring {
-    uring: Mutex<IoUring>,
-}
-
-impl Ring {
-    /// A ring with a sparse table of `SLOTS` fixed buffers, or why io_uring cannot be used.
-    fn new() -> io::Result<Ring> {
-        let uring = IoUring::new(8)?;
-        uring.submitter().register_buffers_sparse(SLOTS)?;
-        Ok(Ring {
-            uring: Mutex::new(uring),
-        })
-    }
-
-    /// Points `slot` at `iov` (an empty iovec empties the slot, unpinning its pages).
-    fn update_slot(&self, slot: u16, iov: libc::iovec) -> io::Result<()> {
-        let uring = self.uring.lock().unwrap();
-        // SAFETY: the kernel validates the iovec and pins the pages behind it (or, for the
-        // empty iovec, releases the slot); from then on it uses the pinned pages and never
-        // reads `iov_base` again, so nothing in this process is accessed through it later,
-        // whatever happens to the mapping (replacing that mapping is what this demo does).
-        unsafe {
-            uring
-                .submitter()
-                .register_buffers_update(slot.into(), &[iov], None)
+/// Submits one fixed-buffer operation on `ring` and waits for its completion: its result.
+fn run(ring: &Mutex<IoUring>, sqe: squeue::Entry) -> io::Result<usize> {
+    let mut ring = ring.lock().unwrap();
+    // SAFETY: the buffers of the operations built below are live mappings of at least the
+    // requested length, and this function waits for the completion before it returns
+    // (holding the ring, so no other operation is in flight).
+    unsafe { ring.submission().push(&sqe) }
+        .map_err(|_| io::Error::other("submission queue full"))?;
+    loop {
+        match ring.submit_and_wait(1) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(_) => {}
         }
-    }
-
-    /// Submits one fixed-buffer operation and waits for its completion: its result.
-    fn run(&self, sqe: squeue::Entry) -> io::Result<usize> {
-        let mut uring = self.uring.lock().unwrap();
-        // SAFETY: the buffers of the operations built below are live mappings of at least
-        // the requested length, and this function waits for the completion before it
-        // returns (holding the ring, so no other operation is in flight).
-        unsafe { uring.submission().push(&sqe) }
-            .map_err(|_| io::Error::other("submission queue full"))?;
-        loop {
-            match uring.submit_and_wait(1) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-                Ok(_) => {}
-            }
-            if let Some(cqe) = uring.completion().next() {
-                return match cqe.result() {
-                    r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
-                    r => Ok(r as usize),
-                };
-            }
-        }
-    }
-
-    /// `READ_FIXED` of `len` bytes at offset 0 of `file` into `buf`, through `slot`.
-    fn read_fixed(&self, file: &File, buf: *mut u8, len: usize, slot: u16) -> io::Result<usize> {
-        let fd = types::Fd(file.as_raw_fd());
-        self.run(opcode::ReadFixed::new(fd, buf, len as u32, slot).build())
-    }
-
-    /// `WRITE_FIXED` of `len` bytes from `buf`, through `slot`, to offset 0 of `file`.
-    fn write_fixed(&self, file: &File, buf: *const u8, len: usize, slot: u16) -> io::Result<usize> {
-        let fd = types::Fd(file.as_raw_fd());
-        self.run(opcode::WriteFixed::new(fd, buf, len as u32, slot).build())
-    }
-}
-
-/// Registers ranges as fixed buffers, one slot each.
-#[derive(Clone)]
-struct FixedBuffers {
-    ring: Arc<Ring>,
-    free: Arc<Mutex<Vec<u16>>>,
-    serial: Arc<AtomicU64>,
-    deregistered: Arc<AtomicUsize>,
-}
-
-impl FixedBuffers {
-    fn new(ring: Arc<Ring>) -> Self {
-        FixedBuffers {
-            ring,
-            // Popped from the back: slot 0 first.
-            free: Arc::new(Mutex::new((0..SLOTS as u16).rev().collect())),
-            serial: Arc::new(AtomicU64::new(1)),
-            deregistered: Arc::new(AtomicUsize::new(0)),
+        if let Some(cqe) = ring.completion().next() {
+            return match cqe.result() {
+                r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                r => Ok(r as usize),
+            };
         }
     }
 }
 
-impl Registrar for FixedBuffers {
-    type Registration = FixedBuf;
-    type Error = io::Error;
+/// `READ_FIXED` of `len` bytes at offset 0 of `file` into `buf`, through slot `index`.
+fn read_fixed(
+    ring: &Mutex<IoUring>,
+    file: &File,
+    buf: *mut u8,
+    len: usize,
+    index: u16,
+) -> io::Result<usize> {
+    let fd = types::Fd(file.as_raw_fd());
+    run(
+        ring,
+        opcode::ReadFixed::new(fd, buf, len as u32, index).build(),
+    )
+}
 
-    fn register(&self, ptr: *mut u8, len: usize) -> io::Result<FixedBuf> {
-        let slot = self
-            .free
-            .lock()
-            .unwrap()
-            .pop()
-            .ok_or_else(|| io::Error::other("no free fixed-buffer slot"))?;
-        let iov = libc::iovec {
-            iov_base: ptr.cast(),
-            iov_len: len,
-        };
-        if let Err(e) = self.ring.update_slot(slot, iov) {
-            self.free.lock().unwrap().push(slot);
-            return Err(e);
-        }
-        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        Ok(FixedBuf { slot, serial })
-    }
-
-    fn deregister(&self, buf: FixedBuf) {
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        match self.ring.update_slot(buf.slot, empty) {
-            Ok(()) => self.free.lock().unwrap().push(buf.slot),
-            // Leak the slot rather than reuse one that may still hold pages.
-            Err(e) => eprintln!("cannot empty slot {}: {e}", buf.slot),
-        }
-        self.deregistered.fetch_add(1, Ordering::Relaxed);
-        println!(
-            "   (deregister: slot {} emptied, serial {}, on thread {:?})",
-            buf.slot,
-            buf.serial,
-            std::thread::current().name().unwrap_or("unnamed")
-        );
-    }
+/// `WRITE_FIXED` of `len` bytes from `buf`, through slot `index`, to offset 0 of `file`.
+fn write_fixed(
+    ring: &Mutex<IoUring>,
+    file: &File,
+    buf: *const u8,
+    len: usize,
+    index: u16,
+) -> io::Result<usize> {
+    let fd = types::Fd(file.as_raw_fd());
+    run(
+        ring,
+        opcode::WriteFixed::new(fd, buf, len as u32, index).build(),
+    )
 }
 
 fn page_size() -> usize {
@@ -268,16 +187,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Err(e) => return Err(e.into()),
     };
-    let ring = match Ring::new() {
-        Ok(r) => Arc::new(r),
-        Err(e) => {
-            eprintln!("SKIPPED io_uring_stale: io_uring with a sparse fixed-buffer table is unavailable: {e}");
+    // A ring in a mutex (shared by the registrar, which runs on whatever thread calls `get`
+    // or drops the last handle, and the code doing I/O) with a sparse fixed-buffer table.
+    let buffers = match FixedBuffers::with_new_ring(8, SLOTS) {
+        Ok(b) => b,
+        Err(e @ FixedBufferError::Unavailable { .. }) => {
+            eprintln!("SKIPPED io_uring_stale: {e}");
             return Ok(());
         }
+        Err(e) => return Err(e.into()),
     };
+    let ring = buffers.ring().clone();
     let len = 2 * page_size();
     let source = temp_file("source", &vec![FILL; len])?;
-    let buffers = FixedBuffers::new(ring.clone());
 
     println!("io_uring fixed buffers and memory replaced under them");
     println!(
@@ -293,24 +215,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stale = buffers.register(p, len)?;
     println!(
         "   buffer {p:p} (+{len}) filled with {OLD:#04x}, registered: slot {}, serial {}",
-        stale.slot, stale.serial
+        stale.index(),
+        stale.serial()
     );
     replace_mapping(p, len)?;
     println!("   munmap, then mmap(MAP_FIXED_NOREPLACE): new anonymous memory at {p:p}");
-    let n = ring.read_fixed(&source, p, len, stale.slot)?;
+    let n = read_fixed(&ring, &source, p, len, stale.index())?;
     println!(
         "   READ_FIXED  source -> slot {} at {p:p}: completed, {n} bytes",
-        stale.slot
+        stale.index()
     );
     println!(
         "   bytes at {p:p} now:   {}   <- the read did not land here",
         show(&bytes_at(p, len))
     );
     let sink = temp_file("sink", &[])?;
-    let n = ring.write_fixed(&sink, p, len, stale.slot)?;
+    let n = write_fixed(&ring, &sink, p, len, stale.index())?;
     println!(
         "   WRITE_FIXED slot {} at {p:p} -> sink file: completed, {n} bytes",
-        stale.slot
+        stale.index()
     );
     println!(
         "   sink file holds:     {}   <- the data went to the old, pinned pages",
@@ -330,20 +253,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let old = cache.get(p, len)?;
     println!(
         "   buffer {p:p} (+{len}) filled with {OLD:#04x}; get -> slot {}, serial {} (miss: registered)",
-        old.slot, old.serial
+        old.index(), old.serial()
     );
     let again = cache.get(p, len)?;
     let s = cache.stats();
     println!(
         "   get again        -> slot {}, serial {} (hit: same registration; hits {}, misses {}, registered {})",
-        again.slot, again.serial, s.hits, s.misses, s.registered
+        again.index(), again.serial(), s.hits, s.misses, s.registered
     );
     drop(again);
     replace_mapping(p, len)?;
     println!("   munmap, then mmap(MAP_FIXED_NOREPLACE): new anonymous memory at {p:p}");
     println!(
         "   old handle (slot {}): is_valid() = {}; the monitor applied {} UNMAP event(s)",
-        old.slot,
+        old.index(),
         old.is_valid(),
         monitor.stats().unmaps
     );
@@ -351,30 +274,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let s = cache.stats();
     println!(
         "   get              -> slot {}, serial {} (miss; hits {}, misses {}, invalidated_found {}, registered {})",
-        new.slot, new.serial, s.hits, s.misses, s.invalidated_found, s.registered
+        new.index(), new.serial(), s.hits, s.misses, s.invalidated_found, s.registered
     );
-    let n = ring.read_fixed(&source, p, len, new.slot)?;
+    let n = read_fixed(&ring, &source, p, len, new.index())?;
     println!(
         "   READ_FIXED  source -> slot {} at {p:p}: completed, {n} bytes",
-        new.slot
+        new.index()
     );
     println!(
         "   bytes at {p:p} now:   {}   <- landed in the new memory",
         show(&bytes_at(p, len))
     );
-    println!(
-        "   dropping the old handle releases slot {} (still pinning the old pages until now):",
-        old.slot
-    );
+    let free = buffers.free_slots();
+    let old_slot = old.index();
     drop(old);
+    println!(
+        "   dropping the old handle released slot {old_slot} (which pinned the old pages until now), on this thread: free slots {free} -> {}",
+        buffers.free_slots()
+    );
     drop(new);
     drop(cache);
     // SAFETY: unmaps the mapping made above; nothing refers to it any more.
     unsafe { libc::munmap(p.cast(), len) };
     println!(
-        "done: {} registrations made, {} released",
-        buffers.serial.load(Ordering::Relaxed) - 1,
-        buffers.deregistered.load(Ordering::Relaxed)
+        "done: all {} slots free again ({} registrations made through the cache)",
+        buffers.free_slots(),
+        s.registered
     );
     Ok(())
 }

@@ -51,6 +51,8 @@ mod coverage;
 mod error;
 mod fork;
 mod gate;
+#[cfg(feature = "io-uring")]
+pub mod io_uring;
 mod lru;
 mod monitor;
 mod queue;

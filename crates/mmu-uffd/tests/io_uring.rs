@@ -8,11 +8,12 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types};
+use mmu_uffd::io_uring::{FixedBuffer, FixedBufferError, FixedBuffers};
 use mmu_uffd::{CacheConfig, RegCache, Registrar};
 
 const SLOTS: u32 = 8;
@@ -28,56 +29,44 @@ const LEN: usize = 2 * PAGE;
 /// them is left alone.
 const AREA: usize = 0x1000_0000_0000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FixedBuf {
-    slot: u16,
-    serial: u64,
+/// The library's registrar, counting what it does and on which threads it deregisters.
+#[derive(Clone)]
+struct Counted {
+    buffers: FixedBuffers,
+    counts: Arc<Counters>,
 }
 
-struct Ring {
-    uring: Mutex<IoUring>,
+#[derive(Default)]
+struct Counters {
+    registered: AtomicUsize,
+    deregistered: AtomicUsize,
+    /// Threads the deregistrations ran on.
+    threads: Mutex<Vec<Option<String>>>,
 }
 
-impl Ring {
-    /// A ring with a sparse fixed-buffer table, or `None` with the reason printed.
-    fn or_skip(test: &str) -> Option<Arc<Ring>> {
-        let made = IoUring::new(8).and_then(|uring| {
-            uring.submitter().register_buffers_sparse(SLOTS)?;
-            Ok(uring)
-        });
-        match made {
-            Ok(uring) => Some(Arc::new(Ring {
-                uring: Mutex::new(uring),
-            })),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOSYS | libc::EPERM | libc::EACCES | libc::EINVAL)
-                ) =>
-            {
-                eprintln!(
-                    "SKIPPED {test}: io_uring with a sparse fixed-buffer table is unavailable: {e}"
-                );
+impl Counted {
+    /// A ring with a sparse table of `SLOTS` fixed buffers, or `None` with the reason
+    /// printed.
+    fn or_skip(test: &str) -> Option<Counted> {
+        match FixedBuffers::with_new_ring(8, SLOTS) {
+            Ok(buffers) => Some(Counted {
+                buffers,
+                counts: Arc::default(),
+            }),
+            Err(e @ FixedBufferError::Unavailable { .. }) => {
+                eprintln!("SKIPPED {test}: {e}");
                 None
             }
             Err(e) => panic!("{test}: io_uring setup: {e}"),
         }
     }
 
-    fn update_slot(&self, slot: u16, iov: libc::iovec) -> io::Result<()> {
-        let uring = self.uring.lock().unwrap();
-        // SAFETY: the kernel validates the iovec and pins its pages (the empty iovec
-        // releases the slot); it never goes through `iov_base` again, so replacing the
-        // mapping later (what these tests do) touches nothing of this process.
-        unsafe {
-            uring
-                .submitter()
-                .register_buffers_update(slot.into(), &[iov], None)
-        }
+    fn free_slots(&self) -> usize {
+        self.buffers.free_slots()
     }
 
     fn run(&self, sqe: squeue::Entry) -> io::Result<usize> {
-        let mut uring = self.uring.lock().unwrap();
+        let mut uring = self.buffers.ring().lock().unwrap();
         // SAFETY: the buffer of every operation built below is a live mapping of at least
         // the requested length, and the completion is awaited before returning, with the
         // ring held, so no operation outlives this call.
@@ -98,85 +87,33 @@ impl Ring {
         }
     }
 
-    fn read_fixed(&self, file: &File, buf: *mut u8, len: usize, slot: u16) -> usize {
+    fn read_fixed(&self, file: &File, buf: *mut u8, len: usize, index: u16) -> usize {
         let fd = types::Fd(file.as_raw_fd());
-        self.run(opcode::ReadFixed::new(fd, buf, len as u32, slot).build())
+        self.run(opcode::ReadFixed::new(fd, buf, len as u32, index).build())
             .expect("READ_FIXED")
     }
 
-    fn write_fixed(&self, file: &File, buf: *const u8, len: usize, slot: u16) -> usize {
+    fn write_fixed(&self, file: &File, buf: *const u8, len: usize, index: u16) -> usize {
         let fd = types::Fd(file.as_raw_fd());
-        self.run(opcode::WriteFixed::new(fd, buf, len as u32, slot).build())
+        self.run(opcode::WriteFixed::new(fd, buf, len as u32, index).build())
             .expect("WRITE_FIXED")
     }
 }
 
-#[derive(Default)]
-struct Counters {
-    registered: AtomicUsize,
-    deregistered: AtomicUsize,
-    /// Threads the deregistrations ran on.
-    threads: Mutex<Vec<Option<String>>>,
-}
+impl Registrar for Counted {
+    type Registration = FixedBuffer;
+    type Error = FixedBufferError;
 
-#[derive(Clone)]
-struct FixedBuffers {
-    ring: Arc<Ring>,
-    free: Arc<Mutex<Vec<u16>>>,
-    serial: Arc<AtomicU64>,
-    counts: Arc<Counters>,
-}
-
-impl FixedBuffers {
-    fn new(ring: Arc<Ring>) -> Self {
-        FixedBuffers {
-            ring,
-            free: Arc::new(Mutex::new((0..SLOTS as u16).rev().collect())),
-            serial: Arc::new(AtomicU64::new(1)),
-            counts: Arc::default(),
-        }
-    }
-
-    fn free_slots(&self) -> usize {
-        self.free.lock().unwrap().len()
-    }
-}
-
-impl Registrar for FixedBuffers {
-    type Registration = FixedBuf;
-    type Error = io::Error;
-
-    fn register(&self, ptr: *mut u8, len: usize) -> io::Result<FixedBuf> {
-        let slot = self
-            .free
-            .lock()
-            .unwrap()
-            .pop()
-            .ok_or_else(|| io::Error::other("no free fixed-buffer slot"))?;
-        let iov = libc::iovec {
-            iov_base: ptr.cast(),
-            iov_len: len,
-        };
-        if let Err(e) = self.ring.update_slot(slot, iov) {
-            self.free.lock().unwrap().push(slot);
-            return Err(e);
-        }
+    fn register(&self, ptr: *mut u8, len: usize) -> Result<FixedBuffer, FixedBufferError> {
+        let buf = self.buffers.register(ptr, len)?;
         self.counts.registered.fetch_add(1, Ordering::SeqCst);
-        Ok(FixedBuf {
-            slot,
-            serial: self.serial.fetch_add(1, Ordering::SeqCst),
-        })
+        Ok(buf)
     }
 
-    fn deregister(&self, buf: FixedBuf) {
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        self.ring
-            .update_slot(buf.slot, empty)
-            .expect("emptying a fixed-buffer slot");
-        self.free.lock().unwrap().push(buf.slot);
+    fn deregister(&self, buf: FixedBuffer) {
+        let free = self.buffers.free_slots();
+        self.buffers.deregister(buf);
+        assert_eq!(self.buffers.free_slots(), free + 1, "the slot was emptied");
         self.counts.deregistered.fetch_add(1, Ordering::SeqCst);
         self.counts
             .threads
@@ -267,17 +204,16 @@ fn all(bytes: &[u8], b: u8) -> bool {
 #[test]
 fn kept_registration_does_io_on_the_old_pages() {
     let test = "kept_registration_does_io_on_the_old_pages";
-    let Some(ring) = Ring::or_skip(test) else {
+    let Some(buffers) = Counted::or_skip(test) else {
         return;
     };
-    let buffers = FixedBuffers::new(ring.clone());
     let source = temp_file(&[FILL; LEN]);
     let sink = temp_file(&[]);
 
     let p = buffer(0);
     let stale = buffers.register(p, LEN).unwrap();
     // Sanity: through a live registration, the read lands in the buffer.
-    assert_eq!(ring.read_fixed(&source, p, LEN, stale.slot), LEN);
+    assert_eq!(buffers.read_fixed(&source, p, LEN, stale.index()), LEN);
     assert!(all(&bytes_at(p), FILL));
     // SAFETY: `p` is a live mapping of LEN writable bytes, no I/O in flight.
     unsafe { std::ptr::write_bytes(p, OLD, LEN) };
@@ -285,7 +221,7 @@ fn kept_registration_does_io_on_the_old_pages() {
     replace_mapping(p);
     assert!(all(&bytes_at(p), 0), "new anonymous memory reads zero");
     assert_eq!(
-        ring.read_fixed(&source, p, LEN, stale.slot),
+        buffers.read_fixed(&source, p, LEN, stale.index()),
         LEN,
         "the read through the stale slot completes in full"
     );
@@ -295,7 +231,7 @@ fn kept_registration_does_io_on_the_old_pages() {
         "the new memory did not receive the read: {:02x?}",
         &now[..8]
     );
-    assert_eq!(ring.write_fixed(&sink, p, LEN, stale.slot), LEN);
+    assert_eq!(buffers.write_fixed(&sink, p, LEN, stale.index()), LEN);
     let sunk = file_bytes(&sink);
     assert!(
         all(&sunk, FILL),
@@ -316,10 +252,9 @@ fn cache_hit_reuses_the_fixed_buffer() {
     let Some(monitor) = monitor_or_skip(test) else {
         return;
     };
-    let Some(ring) = Ring::or_skip(test) else {
+    let Some(buffers) = Counted::or_skip(test) else {
         return;
     };
-    let buffers = FixedBuffers::new(ring.clone());
     let cache = RegCache::new(&monitor, CacheConfig::default(), buffers.clone());
     let source = temp_file(&[FILL; LEN]);
 
@@ -335,7 +270,7 @@ fn cache_hit_reuses_the_fixed_buffer() {
     assert_eq!((s.hits, s.misses, s.registered), (2, 1, 1), "{s:?}");
     assert_eq!(buffers.counts.registered.load(Ordering::SeqCst), 1);
 
-    assert_eq!(ring.read_fixed(&source, p, LEN, b.slot), LEN);
+    assert_eq!(buffers.read_fixed(&source, p, LEN, b.index()), LEN);
     assert!(all(&bytes_at(p), FILL));
 
     drop((a, b, c));
@@ -357,10 +292,9 @@ fn cache_reregisters_replaced_memory() {
     let Some(monitor) = monitor_or_skip(test) else {
         return;
     };
-    let Some(ring) = Ring::or_skip(test) else {
+    let Some(buffers) = Counted::or_skip(test) else {
         return;
     };
-    let buffers = FixedBuffers::new(ring.clone());
     let cache = RegCache::new(&monitor, CacheConfig::default(), buffers.clone());
     let source = temp_file(&[FILL; LEN]);
     let sink = temp_file(&[]);
@@ -379,8 +313,12 @@ fn cache_reregisters_replaced_memory() {
 
     let new = cache.get(p, LEN).unwrap();
     assert!(new.is_valid());
-    assert_ne!(new.slot, old.slot, "the old slot is still held by `old`");
-    assert_ne!(new.serial, old.serial);
+    assert_ne!(
+        new.index(),
+        old.index(),
+        "the old slot is still held by `old`"
+    );
+    assert_ne!(new.serial(), old.serial());
     let s = cache.stats();
     assert_eq!(
         (
@@ -394,7 +332,7 @@ fn cache_reregisters_replaced_memory() {
         "{s:?}"
     );
 
-    assert_eq!(ring.read_fixed(&source, p, LEN, new.slot), LEN);
+    assert_eq!(buffers.read_fixed(&source, p, LEN, new.index()), LEN);
     let now = bytes_at(p);
     assert!(
         all(&now, FILL),
@@ -404,7 +342,7 @@ fn cache_reregisters_replaced_memory() {
 
     // The invalid handle still pins the old pages (which hold OLD, not the read): it must
     // not be used for I/O, and its slot is released when it is dropped, on this thread.
-    assert_eq!(ring.write_fixed(&sink, p, LEN, old.slot), LEN);
+    assert_eq!(buffers.write_fixed(&sink, p, LEN, old.index()), LEN);
     assert!(all(&file_bytes(&sink), OLD));
     assert_eq!(buffers.counts.deregistered.load(Ordering::SeqCst), 0);
     let free = buffers.free_slots();
@@ -424,4 +362,80 @@ fn cache_reregisters_replaced_memory() {
     assert_eq!(buffers.counts.deregistered.load(Ordering::SeqCst), 2);
     assert_eq!(buffers.free_slots(), SLOTS as usize);
     unmap(p, LEN);
+}
+
+/// The sizing rule: a cache of capacity `SLOTS` never runs the table out by itself (it
+/// evicts before it registers), but handles held after their entries were evicted keep
+/// their slots, and a `get` past `capacity + held handles` slots fails with `TableFull`.
+#[test]
+fn slots_bound_the_cache_and_the_held_handles() {
+    let test = "slots_bound_the_cache_and_the_held_handles";
+    let Some(monitor) = monitor_or_skip(test) else {
+        return;
+    };
+    let Some(buffers) = Counted::or_skip(test) else {
+        return;
+    };
+    let pages = 3 * SLOTS as usize;
+    let p = buffer(3);
+    // `buffer` maps LEN bytes; this test needs `pages` separate pages.
+    unmap(p, LEN);
+    let p = map(
+        p as usize,
+        pages * PAGE,
+        RW,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+        -1,
+        0,
+    );
+    let page = |i: usize| p.wrapping_add(2 * i * PAGE).cast_const();
+
+    // Capacity == slots: many more distinct buffers than slots, no handle kept.
+    let config = CacheConfig::default()
+        .with_capacity(SLOTS as usize)
+        .with_merge(false);
+    let cache = RegCache::new(&monitor, config, buffers.clone());
+    for round in 0..2 {
+        for i in 0..pages / 2 {
+            let h = cache
+                .get(page(i), PAGE)
+                .unwrap_or_else(|e| panic!("round {round}, buffer {i}: {e}"));
+            assert!(h.contains(page(i), PAGE));
+        }
+    }
+    assert!(cache.stats().evictions > 0);
+    drop(cache);
+    assert_eq!(buffers.free_slots(), SLOTS as usize);
+
+    // Capacity 4 and every handle kept: 4 in the index plus 4 evicted but held fill the
+    // 8 slots; the next registration finds the table full.
+    let cache = RegCache::new(&monitor, config.with_capacity(4), buffers.clone());
+    let held: Vec<_> = (0..SLOTS as usize)
+        .map(|i| cache.get(page(i), PAGE).unwrap())
+        .collect();
+    assert_eq!(buffers.free_slots(), 0);
+    let err = cache.get(page(SLOTS as usize), PAGE).unwrap_err();
+    match &err {
+        mmu_uffd::Error::Register { source, .. } => assert!(
+            matches!(
+                source.downcast_ref::<FixedBufferError>(),
+                Some(FixedBufferError::TableFull { slots: SLOTS })
+            ),
+            "{err:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    drop(held);
+    // The evicted entries' slots came back with their handles (the failed get had evicted
+    // one more to make room, so 3 entries remain); the next get fits again.
+    assert_eq!(buffers.free_slots(), SLOTS as usize - 3);
+    drop(cache.get(page(SLOTS as usize), PAGE).unwrap());
+    drop(cache);
+    assert_eq!(buffers.free_slots(), SLOTS as usize);
+    let c = &buffers.counts;
+    assert_eq!(
+        c.registered.load(Ordering::SeqCst),
+        c.deregistered.load(Ordering::SeqCst)
+    );
+    unmap(p, pages * PAGE);
 }
