@@ -54,9 +54,14 @@
 
 #![deny(missing_docs)]
 
-#[allow(dead_code)] // until the entry points use every helper
+mod cache;
 mod error;
 mod libfabric;
+mod monitor;
+mod util;
+
+pub use cache::*;
+pub use monitor::*;
 
 use std::ffi::c_char;
 
