@@ -32,7 +32,7 @@
  * | EAGAIN | every registration attempt collided with an invalidation of the range (the memory keeps changing), or a thread could not be started |
  * | EDEADLK | called from the monitor thread, where waiting would wait for itself |
  * | ECHILD | used in a forked child: the monitor belongs to the parent process |
- * | the kernel's | the memory could not be watched (ENOMEM: not mapped; EINVAL: a memory type userfaultfd cannot watch on this kernel) |
+ * | the kernel's | the memory could not be watched (Linux answers EINVAL both for memory that is not mapped and for a memory type userfaultfd cannot watch on this kernel; the message says cannot watch) |
  * | ENOTRECOVERABLE | a bug in this library (a caught panic) |
  * | EIO | any other failure |
  *
@@ -206,7 +206,7 @@ void mmu_uffd_cache_free(mmu_uffd_cache *cache);
 // a new one from the registrar's `reg` over the whole pages (a miss; the memory is
 // watched first). Stores a new handle in `*reg_out` (NULL on failure). Returns 0, or
 // `-EINVAL` (NULL argument, zero or overflowing length), the kernel's error if the
-// memory cannot be watched (`-ENOMEM`: not mapped), `-ECANCELED` if `reg` failed,
+// memory cannot be watched (`-EINVAL` from Linux for unmapped memory), `-ECANCELED` if `reg` failed,
 // `-EAGAIN` if the memory kept changing under every attempt, `-ESHUTDOWN` if the monitor
 // has stopped. Thread-safe.
 //

@@ -242,7 +242,7 @@ pub unsafe extern "C" fn mmu_uffd_cache_free(cache: *mut mmu_uffd_cache) {
 /// a new one from the registrar's `reg` over the whole pages (a miss; the memory is
 /// watched first). Stores a new handle in `*reg_out` (NULL on failure). Returns 0, or
 /// `-EINVAL` (NULL argument, zero or overflowing length), the kernel's error if the
-/// memory cannot be watched (`-ENOMEM`: not mapped), `-ECANCELED` if `reg` failed,
+/// memory cannot be watched (`-EINVAL` from Linux for unmapped memory), `-ECANCELED` if `reg` failed,
 /// `-EAGAIN` if the memory kept changing under every attempt, `-ESHUTDOWN` if the monitor
 /// has stopped. Thread-safe.
 ///

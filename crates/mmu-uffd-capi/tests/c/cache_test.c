@@ -320,6 +320,7 @@ int main(void) {
     CHECK(munmap(e, page) == 0, "munmap");
     rc = mmu_uffd_cache_get(cache, e, page, &h);
     CHECK(rc < 0 && h == NULL, "unmapped memory cannot be registered");
+    printf("get of unmapped memory: %d (%s)\n", rc, mmu_uffd_last_error());
 
     pthread_t t;
     CHECK(pthread_create(&t, NULL, fresh_thread_error, NULL) == 0, "pthread_create");
