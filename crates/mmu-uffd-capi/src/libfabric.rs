@@ -1,0 +1,1 @@
+//! The libfabric import monitor (placeholder: filled in on the `libfabric` branch).
