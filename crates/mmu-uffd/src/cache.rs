@@ -556,11 +556,18 @@ impl<R: Registrar> RegCache<R> {
         'attempt: while attempts < self.config.max_attempts {
             attempts += 1;
             // Try the union with overlapping valid entries first, then the request alone.
-            let union = if self.config.merge {
+            let mut union = if self.config.merge {
                 self.union_with_overlaps(ps, pe)
             } else {
                 (ps, pe)
             };
+            // An overlapping entry may belong to memory whose unmap is still in flight (the
+            // miss path skipped that check): settle it before merging with it.
+            if union != (ps, pe) && self.gate == GateMode::Sync {
+                self.monitor.sync()?;
+                self.purge_dirty();
+                union = self.union_with_overlaps(ps, pe);
+            }
             let candidates: &[(u64, u64)] = if union != (ps, pe) {
                 &[union, (ps, pe)]
             } else {
