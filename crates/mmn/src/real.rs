@@ -105,6 +105,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::IoUring;
 use mimalloc::MiMalloc;
+use mmu_uffd::io_uring::{FixedBuffer, FixedBuffers};
 use mmu_uffd::{CacheConfig, Error, Monitor, RegCache, Registrar};
 
 /// Entries the cache keeps (small, so that evictions happen too).
@@ -369,64 +370,40 @@ thread_local! {
 
 /// A registration: a fixed-buffer slot pinning the range's pages, and those pages' frames.
 pub struct Pinned {
-    slot: u16,
-    serial: u64,
+    buffer: FixedBuffer,
     /// Frame per page of the registered range ([`UNKNOWN`]: not to be compared).
     frames: Box<[u64]>,
 }
 
-/// Registers ranges as io_uring fixed buffers, one slot of a sparse table each.
-struct FixedBuffers {
-    ring: IoUring,
-    free: Mutex<Vec<u16>>,
-    pagemap: Arc<Pagemap>,
-    serial: AtomicU64,
-    raced_pages: AtomicU64,
-    failures: AtomicU64,
+impl Pinned {
+    fn serial(&self) -> u64 {
+        self.buffer.serial()
+    }
 }
 
-impl FixedBuffers {
-    /// Fills (or, with the empty iovec, empties) `slot`.
-    fn update(&self, slot: u16, iov: libc::iovec) -> io::Result<()> {
-        // SAFETY: the kernel validates the iovec and pins the pages behind it (the empty
-        // iovec releases the slot); no I/O is ever submitted on this ring, so nothing is
-        // read or written through a registration, whatever happens to the mapping later.
-        unsafe {
-            self.ring
-                .submitter()
-                .register_buffers_update(slot.into(), &[iov], None)
-        }
-    }
+/// The cache's registrar: the crate's io_uring fixed-buffer registrar (one slot of a
+/// sparse table per registration, which pins the pages), plus the frames of the pinned
+/// pages read from pagemap right after pinning.
+struct Pins {
+    buffers: FixedBuffers<IoUring>,
+    pagemap: Arc<Pagemap>,
+    raced_pages: AtomicU64,
+    failures: AtomicU64,
+    registered: AtomicU64,
+}
 
-    fn register_slot(&self, ptr: *mut u8, len: usize) -> io::Result<Pinned> {
+impl Pins {
+    fn register_pinned(&self, ptr: *mut u8, len: usize) -> io::Result<Pinned> {
         let page = self.pagemap.page;
         let (start, n) = (ptr as usize, len / page);
         let mut before = Vec::new();
         self.pagemap.read(start, n, &mut before)?;
-        let slot = self
-            .free
-            .lock()
-            .map_err(|_| io::Error::other("slot list poisoned"))?
-            .pop()
-            .ok_or_else(|| io::Error::other("no free fixed-buffer slot"))?;
-        let release = |slot| {
-            if let Ok(mut f) = self.free.lock() {
-                f.push(slot);
-            }
-        };
-        let iov = libc::iovec {
-            iov_base: ptr.cast(),
-            iov_len: len,
-        };
-        if let Err(e) = self.update(slot, iov) {
-            release(slot);
-            return Err(e);
-        }
+        let buffer = self.buffers.register(ptr, len).map_err(io::Error::other)?;
         // The pin is taken: the frames read now are the pinned ones (for the caller's own
         // pages exactly; for others, unless they changed in between: compare with before).
         let mut after = Vec::new();
         if let Err(e) = self.pagemap.read(start, n, &mut after) {
-            self.unregister_slot(slot);
+            self.buffers.deregister(buffer);
             return Err(e);
         }
         let (own_start, own_end) = OWN.with(Cell::get);
@@ -450,48 +427,26 @@ impl FixedBuffers {
         if raced > 0 {
             self.raced_pages.fetch_add(raced, Relaxed);
         }
-        Ok(Pinned {
-            slot,
-            serial: self.serial.fetch_add(1, Relaxed) + 1,
-            frames,
-        })
-    }
-
-    /// Empties `slot` and makes it free again (leaks it if the kernel refuses: a slot that
-    /// may still pin pages is never reused).
-    fn unregister_slot(&self, slot: u16) {
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        match self.update(slot, empty) {
-            Ok(()) => {
-                if let Ok(mut f) = self.free.lock() {
-                    f.push(slot);
-                }
-            }
-            Err(_) => {
-                self.failures.fetch_add(1, Relaxed);
-            }
-        }
+        self.registered.fetch_add(1, Relaxed);
+        Ok(Pinned { buffer, frames })
     }
 }
 
-/// The cache's registrar: shares the fixed buffers with the report.
-struct Pins(Arc<FixedBuffers>);
+/// The cache's registrar: shares the pins with the report.
+struct Shared(Arc<Pins>);
 
-impl Registrar for Pins {
+impl Registrar for Shared {
     type Registration = Pinned;
     type Error = io::Error;
 
     fn register(&self, ptr: *mut u8, len: usize) -> io::Result<Pinned> {
-        self.0.register_slot(ptr, len).inspect_err(|_| {
+        self.0.register_pinned(ptr, len).inspect_err(|_| {
             self.0.failures.fetch_add(1, Relaxed);
         })
     }
 
     fn deregister(&self, p: Pinned) {
-        self.0.unregister_slot(p.slot);
+        self.0.buffers.deregister(p.buffer);
     }
 }
 
@@ -785,7 +740,7 @@ const OP_MOVE_FAILED: usize = 12;
 /// Shared by the workers.
 struct World<'m> {
     monitor: &'m Monitor,
-    cache: RegCache<Pins>,
+    cache: RegCache<Shared>,
     pagemap: Arc<Pagemap>,
     page: usize,
     stop: AtomicBool,
@@ -1047,7 +1002,7 @@ impl World<'_> {
                             registered,
                             reg_start: hs,
                             reg_end: he,
-                            serial: h.serial,
+                            serial: h.serial(),
                             kind: b.kind.name(),
                             at: self.started.elapsed(),
                         });
@@ -1155,20 +1110,17 @@ pub fn run(o: &RealOptions) -> Result<RealReport, NotRun> {
     let slots16 = u16::try_from(slots)
         .map_err(|_| NotRun::Failed(format!("too many threads for {slots} slots")))?;
     let ring = IoUring::new(4).map_err(|e| NotRun::Skipped(format!("io_uring: {e}")))?;
-    ring.submitter()
-        .register_buffers_sparse(u32::from(slots16))
-        .map_err(|e| {
-            NotRun::Skipped(format!(
-                "io_uring has no sparse fixed-buffer table here: {e}"
-            ))
-        })?;
-    let buffers = Arc::new(FixedBuffers {
-        ring,
-        free: Mutex::new((0..slots16).rev().collect()),
+    let buffers = FixedBuffers::new(Arc::new(ring), u32::from(slots16)).map_err(|e| {
+        NotRun::Skipped(format!(
+            "io_uring has no sparse fixed-buffer table here: {e}"
+        ))
+    })?;
+    let buffers = Arc::new(Pins {
+        buffers,
         pagemap: pagemap.clone(),
-        serial: AtomicU64::new(0),
         raced_pages: AtomicU64::new(0),
         failures: AtomicU64::new(0),
+        registered: AtomicU64::new(0),
     });
     let mut config = CacheConfig::default().with_capacity(CAPACITY);
     match o.broken {
@@ -1182,7 +1134,7 @@ pub fn run(o: &RealOptions) -> Result<RealReport, NotRun> {
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
     let world = World {
         monitor: &monitor,
-        cache: RegCache::new(&monitor, config, Pins(buffers.clone())),
+        cache: RegCache::new(&monitor, config, Shared(buffers.clone())),
         pagemap,
         page,
         stop: AtomicBool::new(false),
@@ -1278,7 +1230,7 @@ pub fn run(o: &RealOptions) -> Result<RealReport, NotRun> {
         cache,
         monitor: monitor.stats(),
         raced_pages: buffers.raced_pages.load(Relaxed),
-        registrations: buffers.serial.load(Relaxed),
+        registrations: buffers.registered.load(Relaxed),
         register_failures: buffers.failures.load(Relaxed),
         elapsed,
     };
