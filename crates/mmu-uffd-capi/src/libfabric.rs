@@ -196,7 +196,7 @@ pub(crate) struct FidMemMonitor {
 
 /// `FI_CLASS_MEM_MONITOR` (its position in the `FI_CLASS_*` enum of `rdma/fabric.h`,
 /// checked by the C layout test).
-pub(crate) const FI_CLASS_MEM_MONITOR: usize = 22;
+pub(crate) const FI_CLASS_MEM_MONITOR: usize = 23;
 /// `FI_VERSION(1, 13)`: the first version with the monitor import.
 const FI_VERSION_1_13: u32 = (1 << 16) | 13;
 
@@ -376,7 +376,7 @@ fn page_size() -> u64 {
 
 fn align_up(x: u64) -> u64 {
     x.checked_add(page_size() - 1)
-        .map_or(u64::MAX & !(page_size() - 1), |v| v & !(page_size() - 1))
+        .map_or(!(page_size() - 1), |v| v & !(page_size() - 1))
 }
 
 /// The page range of `[addr, addr + len)`, or `None` if empty or overflowing.
