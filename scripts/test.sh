@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: formatting, clippy, unit + integration + doc tests,
 # and the loom models. Everything it needs comes with the Rust toolchain and crates.io;
-# missing rustfmt/clippy components are added with rustup.
+# missing rustfmt/clippy components are added with rustup, and a missing C compiler or
+# pkg-config (for the C API tests of mmu-uffd-capi) with apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,17 @@ need() {
 }
 need fmt rustfmt
 need clippy clippy
+
+# The C API tests (crates/mmu-uffd-capi/tests/c_api.rs) compile C programs with cc and
+# link one through pkg-config.
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+if ((${#missing[@]})); then
+  echo "missing C tools; trying: apt-get install ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 
 step() { printf '\n==> %s\n' "$*"; }
 

@@ -64,7 +64,7 @@ pub struct mmu_uffd_cache_config {
     pub max_attempts: u32,
 }
 
-/// Counters of a cache (`mmu_uffd_cache_stats`).
+/// Counters of a cache (`mmu_uffd_cache_get_stats`).
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -242,7 +242,7 @@ pub unsafe extern "C" fn mmu_uffd_cache_free(cache: *mut mmu_uffd_cache) {
 /// a new one from the registrar's `reg` over the whole pages (a miss; the memory is
 /// watched first). Stores a new handle in `*reg_out` (NULL on failure). Returns 0, or
 /// `-EINVAL` (NULL argument, zero or overflowing length), the kernel's error if the
-/// memory cannot be watched (`-ENOMEM`: not mapped), `-ECANCELED` if `reg` failed,
+/// memory cannot be watched (`-EINVAL` from Linux for unmapped memory), `-ECANCELED` if `reg` failed,
 /// `-EAGAIN` if the memory kept changing under every attempt, `-ESHUTDOWN` if the monitor
 /// has stopped. Thread-safe.
 ///
@@ -336,7 +336,7 @@ pub unsafe extern "C" fn mmu_uffd_cache_len(cache: *const mmu_uffd_cache) -> c_i
 /// # Safety
 /// `cache` is NULL or a live cache; `stats_out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn mmu_uffd_cache_stats(
+pub unsafe extern "C" fn mmu_uffd_cache_get_stats(
     cache: *const mmu_uffd_cache,
     stats_out: *mut mmu_uffd_cache_stats,
 ) -> c_int {

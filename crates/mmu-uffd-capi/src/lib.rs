@@ -38,7 +38,7 @@
 //! | `EAGAIN` | every registration attempt collided with an invalidation of the range (the memory keeps changing), or a thread could not be started |
 //! | `EDEADLK` | called from the monitor thread, where waiting would wait for itself |
 //! | `ECHILD` | used in a forked child: the monitor belongs to the parent process |
-//! | the kernel's | the memory could not be watched (`ENOMEM`: not mapped; `EINVAL`: a memory type userfaultfd cannot watch on this kernel) |
+//! | the kernel's | the memory could not be watched (Linux answers `EINVAL` both for memory that is not mapped and for a memory type userfaultfd cannot watch on this kernel; the message says `cannot watch`) |
 //! | `ENOTRECOVERABLE` | a bug in this library (a caught panic) |
 //! | `EIO` | any other failure |
 //!

@@ -32,7 +32,7 @@ pub struct mmu_uffd_monitor_config {
     pub busy_poll_ns: u64,
 }
 
-/// Counters of a monitor (`mmu_uffd_monitor_stats`).
+/// Counters of a monitor (`mmu_uffd_monitor_get_stats`).
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -222,7 +222,7 @@ pub unsafe extern "C" fn mmu_uffd_monitor_stopped(monitor: *const mmu_uffd_monit
 /// # Safety
 /// `monitor` is NULL or a live monitor; `stats_out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn mmu_uffd_monitor_stats(
+pub unsafe extern "C" fn mmu_uffd_monitor_get_stats(
     monitor: *const mmu_uffd_monitor,
     stats_out: *mut mmu_uffd_monitor_stats,
 ) -> c_int {
