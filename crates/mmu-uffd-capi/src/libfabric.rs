@@ -79,6 +79,10 @@
 //! provider's registration and `subscribe` is not caught by this protocol: if it was not
 //! yet watched, the kernel reports nothing to anyone; if it was watched, the event was
 //! applied to the subscriptions that existed then, and the new subscription starts alive.
+//! (`subscribe` deliberately does not wait for events still being applied: one that is
+//! applied after the subscription exists invalidates it too, which costs a spurious miss
+//! when the event was older than the registration, and catches the window when it was
+//! not.)
 //! `valid` then answers `true` for a registration of pages that are gone. This happens
 //! only when the application unmaps a buffer while it is being registered (a race in the
 //! application itself); libfabric's own monitors have the same window (they look up the

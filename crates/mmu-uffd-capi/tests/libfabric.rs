@@ -4,6 +4,10 @@
 //!
 //! - `layout`: the `#[repr(C)]` declarations of `src/libfabric.rs` against the header
 //!   (static asserts), and what the library fills in.
+//! - `ops`: each operation deterministically (valid right after munmap returned, notify
+//!   later and on another thread, a re-subscription while a notify is pending, unsubscribe
+//!   inside notify / late / twice / never subscribed, nothing notified before `start` or
+//!   after `stop`).
 //! - `import`: into the installed libfabric: 0 after `fi_getinfo`, 0 before it, a second
 //!   import is libfabric's `-FI_EBUSY`, refused (`-EPERM`) with `FI_MR_CACHE_MONITOR` set.
 //! - `preload`: a program that links libfabric only, run with the library in `LD_PRELOAD`
@@ -12,7 +16,7 @@
 //!   and raw system calls), `MAP_FIXED` over, `MADV_DONTNEED`, mremap and address reuse
 //!   across threads: zero stale hits, with and without `unsubscribe` inside `notify`; the
 //!   same harness without a monitor counts stale hits (the baseline).
-//! - `sanitizers`: `import` and `harness` again with `-fsanitize=address,undefined`.
+//! - `sanitizers`: `ops`, `import` and `harness` again with `-fsanitize=address,undefined`.
 //!
 //! Skipped (printing `SKIPPED` and why) without libfabric's headers (`libfabric-dev`;
 //! `scripts/test.sh` installs it) or where userfaultfd is unavailable.
@@ -158,6 +162,15 @@ fn layout() {
     }
 }
 
+#[test]
+fn ops() {
+    need_libfabric!();
+    let exe = compile(&work_dir("ops"), "libfabric_ops.c", &[], true);
+    if let Some(out) = run(&exe, &[], &[]) {
+        assert!(out.contains("ops ok"), "{out}");
+    }
+}
+
 fn import_modes(exe: &Path) {
     for mode in ["import", "early"] {
         if let Some(out) = run(exe, &[mode], &[]) {
@@ -258,6 +271,10 @@ fn sanitizers() {
     if !ok {
         println!("SKIPPED (sanitizers): the compiler cannot build or run a sanitized program");
         return;
+    }
+    let ops = compile(&dir, "libfabric_ops.c", &san, true);
+    if let Some(out) = run(&ops, &[], &[]) {
+        assert!(out.contains("ops ok"), "{out}");
     }
     let import = compile(&dir, "libfabric_import.c", &san, true);
     import_modes(&import);
