@@ -242,9 +242,10 @@ pub unsafe extern "C" fn mmu_uffd_cache_free(cache: *mut mmu_uffd_cache) {
 /// a new one from the registrar's `reg` over the whole pages (a miss; the memory is
 /// watched first). Stores a new handle in `*reg_out` (NULL on failure). Returns 0, or
 /// `-EINVAL` (NULL argument, zero or overflowing length), the kernel's error if the
-/// memory cannot be watched (`-EINVAL` from Linux for unmapped memory), `-ECANCELED` if `reg` failed,
-/// `-EAGAIN` if the memory kept changing under every attempt, `-ESHUTDOWN` if the monitor
-/// has stopped. Thread-safe.
+/// memory cannot be watched (`-EINVAL` from Linux for unmapped memory), `-ECANCELED` if
+/// `reg` failed, `-EAGAIN` if the memory kept changing under every attempt, `-ESHUTDOWN`
+/// if the monitor has stopped. `reg` (on a miss) and `dereg` (of entries evicted or
+/// invalidated meanwhile) may run on this thread during the call. Thread-safe.
 ///
 /// # Safety
 /// `cache` is NULL or a live cache; `reg_out` is NULL or writable. `addr` is only used as
