@@ -26,6 +26,15 @@ if ((${#missing[@]})); then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The libfabric tests (crates/mmu-uffd-capi/tests/libfabric.rs) need libfabric's headers
+# and library; without them they print SKIPPED.
+if ! dpkg -s libfabric-dev >/dev/null 2>&1; then
+  echo "libfabric-dev is missing; trying: apt-get install libfabric-dev" >&2
+  { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfabric-dev >/dev/null; } ||
+    echo "libfabric-dev cannot be installed: the libfabric tests will be SKIPPED" >&2
+fi
+
 step() { printf '\n==> %s\n' "$*"; }
 
 step "cargo fmt --check"

@@ -290,6 +290,17 @@ bool mmu_uffd_reg_is_valid(const mmu_uffd_reg *reg);
 // `reg` is NULL or a handle from `mmu_uffd_cache_get` not yet put.
 void mmu_uffd_reg_put(mmu_uffd_reg *reg);
 
+// Imports the mmu-uffd memory monitor into libfabric's registration cache
+// (`fi_import` of a `struct fid_mem_monitor` into libfabric's `mr_cache`); call it
+// after `fi_getinfo` and before opening domains. `libfabric.so.1` is loaded at run time:
+// this library does not link it. Returns 0, or a negative error: libfabric's own code
+// when it refuses (`-FI_EBUSY` when a monitor was already imported), `-ENOENT` when
+// libfabric cannot be loaded, `-EPERM` when the environment variable
+// `FI_MR_CACHE_MONITOR` is set (libfabric would ignore an imported monitor), `-ENOSYS`
+// when userfaultfd is unavailable. With `MMU_UFFD_FI_IMPORT=1` in the environment the
+// library does this itself when it is loaded, if the program links libfabric.
+int mmu_uffd_fi_import(void);
+
 // Starts a monitor (one userfaultfd and two threads) and stores it in `*monitor_out`
 // (NULL on failure). `config` may be NULL for the defaults. Returns 0, or `-ENOSYS`
 // where userfaultfd is unavailable to this process and `-EOPNOTSUPP` where the kernel
