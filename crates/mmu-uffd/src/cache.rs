@@ -174,19 +174,26 @@ impl Default for CacheConfig {
 }
 
 impl CacheConfig {
-    /// The default configuration with another capacity (at least 1).
+    /// This configuration with another capacity (at least 1).
     pub fn with_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
         self
     }
 
-    /// The default configuration with merging on or off.
+    /// This configuration with merging on or off.
     pub fn with_merge(mut self, merge: bool) -> Self {
         self.merge = merge;
         self
     }
 
-    /// The configuration with the address-reuse check on or off (see
+    /// This configuration with another bound on the fills of one request that may collide
+    /// with invalidations before `get` gives up (at least 1).
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// This configuration with the address-reuse check on or off (see
     /// [`reuse_check`](Self::reuse_check): off is only for threads that never reuse each
     /// other's addresses).
     pub fn with_reuse_check(mut self, on: bool) -> Self {
@@ -194,7 +201,7 @@ impl CacheConfig {
         self
     }
 
-    /// Fault injection: the configuration with the event gate skipped on lookups, so that
+    /// Fault injection: this configuration with the event gate skipped on lookups, so that
     /// a checker can show it catches the stale hits that follow.
     #[cfg(feature = "fault-injection")]
     pub fn with_gate_skipped(mut self) -> Self {

@@ -133,13 +133,13 @@ pub struct MonitorConfig {
 }
 
 impl MonitorConfig {
-    /// The configuration with another [`busy_poll`](Self::busy_poll) period.
+    /// This configuration with another [`busy_poll`](Self::busy_poll) period.
     pub fn with_busy_poll(mut self, period: Duration) -> Self {
         self.busy_poll = period;
         self
     }
 
-    /// The default configuration with FORK events on or off.
+    /// This configuration with FORK events on or off.
     pub fn with_fork_events(mut self, on: bool) -> Self {
         self.fork_events = on;
         self
