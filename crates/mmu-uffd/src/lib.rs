@@ -4,7 +4,8 @@
 //! userfaultfd's non-cooperative events and turns them into the same interval
 //! invalidations the simulated primary fires, and a registration cache built on them.
 //!
-//! - [`Monitor`]: one userfaultfd and one thread. [`Monitor::watch`] registers memory
+//! - [`Monitor`]: one userfaultfd and two threads (a reader that never allocates and an
+//!   applier that runs the callbacks). [`Monitor::watch`] registers memory
 //!   (anonymous private or shared, memfd, and file mappings on kernels with `WP_ASYNC`) in
 //!   write-protect mode with nothing protected, so no page fault is ever routed to the
 //!   monitor; munmap, `MAP_FIXED` over, and mremap become `Unmap` invalidations of the old
@@ -17,6 +18,32 @@
 //!
 //! Where userfaultfd cannot be used (permissions, seccomp, kernel configuration)
 //! [`Monitor::new`] fails with [`Error::Unavailable`] saying why.
+//!
+//! # What "never stale" covers
+//!
+//! A lookup that starts after an munmap, mremap or madvise of the memory has returned never
+//! gets a registration made before that call, on this thread or any other; neither does a
+//! lookup of memory mapped at an address that another thread's munmap freed, even while
+//! that munmap has not returned yet (the default [`CacheConfig::reuse_check`]: one system
+//! call per hit). [`Monitor::sync`] gives raw subscribers the same guarantee.
+//!
+//! # Which memory is safe to watch
+//!
+//! - Anonymous memory, private or shared, memfd, and file mappings on kernels with
+//!   `WP_ASYNC` (Linux 6.7; see [`Monitor::capabilities`]).
+//! - Heap memory from the allocator: the monitor's reader never allocates, so an allocator
+//!   that trims watched memory, or a fork that holds the allocator's locks, cannot hang
+//!   it. An allocator keeps most freed blocks mapped, so the registration of a freed heap
+//!   buffer stays valid (it names the same pages) until the allocator really unmaps or
+//!   trims them.
+//! - Changes the kernel does not report: SysV shared memory (`shmdt`), mprotect,
+//!   `MADV_GUARD_INSTALL`, `fallocate(PUNCH_HOLE)` on mapped memfd or file pages, and
+//!   unmaps by the kernel itself. Call [`RegCache::invalidate`] after such a change.
+//! - Watching part of a mapping splits it in the kernel, and `mremap` refuses a range that
+//!   spans two mappings: look up (or [`Monitor::watch`]) whole buffers that the program
+//!   resizes or moves with `mremap`.
+//! - Memory is watched only while something needs it: [`Monitor::watch`] until
+//!   [`Monitor::unwatch`], a cache entry while it exists.
 //!
 //! ```no_run
 //! use mmu_uffd::{CacheConfig, Monitor, RegCache};
