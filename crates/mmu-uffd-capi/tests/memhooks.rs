@@ -157,6 +157,9 @@ fn run(exe: &Path, args: &[&str]) -> String {
     cmd.args(args)
         .env_remove("FI_MR_CACHE_MONITOR")
         .env_remove("MMU_UFFD_FI_IMPORT")
+        // (cargo's LD_LIBRARY_PATH names target/<profile>: it would win over the
+        // programs' run path, which names the library they were linked with.)
+        .env_remove("LD_LIBRARY_PATH")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("run the harness");
@@ -315,4 +318,96 @@ fn libfabric_monitors() {
         Ok((stale, ..)) => assert!(*stale > 0, "the baseline should see stale hits"),
         Err(why) => panic!("the baseline did not run: {why}"),
     }
+}
+
+/// `target/release` with `libmmu_uffd_capi.so` built by `cargo build --release` (the
+/// costs are measured against the optimized library whatever profile runs the test).
+fn release_libs() -> PathBuf {
+    let target = libs().parent().expect("<target dir>").to_path_buf();
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "mmu-uffd-capi",
+        "--lib",
+        "--target-dir",
+    ])
+    .arg(&target)
+    .current_dir(crate_dir());
+    assert!(cmd.status().expect("run cargo").success(), "{cmd:?} failed");
+    let dir = target.join("release");
+    assert!(dir.join("libmmu_uffd_capi.so").is_file());
+    dir
+}
+
+/// What the C API costs per call (`tests/c/memhooks_costs.c` against the release
+/// library): a hit + put with and without the reuse check, a miss, libfabric's `valid`
+/// through the import monitor, and an empty system call as the floor. Medians of 201
+/// rounds of 1000 calls; prints a table, asserts only that everything was measured.
+/// A measurement, so not run by default:
+/// `cargo test -p mmu-uffd-capi --test memhooks -- --ignored --nocapture costs`.
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+fn costs() {
+    if let Err(why) = static_libfabric() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let release = release_libs();
+    let link = [
+        format!("-I{}", crate_dir().join("include").display()),
+        format!("-L{}", release.display()),
+        "-lmmu_uffd_capi".into(),
+        format!("-Wl,-rpath,{}", release.display()),
+        "-lfabric".into(),
+    ];
+    let exe = compile("memhooks_costs.c", &link);
+    let out = run(&exe, &[]);
+    if out.contains("SKIPPED") {
+        return;
+    }
+    let lib = release.join("libmmu_uffd_capi.so");
+    assert!(
+        out.lines()
+            .any(|l| l.strip_prefix("library: ").map(Path::new) == Some(lib.as_path())),
+        "not run against {}:\n{out}",
+        lib.display()
+    );
+    let mut rows: Vec<(String, [f64; 3])> = Vec::new();
+    for line in out.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if let [name, med, p10, p90] = w[..] {
+            if let (Ok(a), Ok(b), Ok(c)) = (med.parse(), p10.parse(), p90.parse()) {
+                rows.push((name.to_string(), [a, b, c]));
+            }
+        }
+    }
+    let floor = rows
+        .iter()
+        .find(|(n, _)| n == "getppid")
+        .map(|r| r.1[0])
+        .expect("the getppid floor");
+    println!(
+        "\n{:<34} {:>10} {:>10} {:>10} {:>10}",
+        "per call (ns)", "median", "p10", "p90", "/getppid"
+    );
+    for (name, [med, p10, p90]) in &rows {
+        println!(
+            "{name:<34} {med:>10.1} {p10:>10.1} {p90:>10.1} {:>10.2}",
+            med / floor
+        );
+    }
+    for name in [
+        "hit+put(default)",
+        "hit+put(reuse_check=false)",
+        "miss+put(64bufs,16entries)",
+        "getppid",
+    ] {
+        assert!(rows.iter().any(|(n, _)| n == name), "{name} not measured");
+    }
+    assert!(
+        rows.iter().any(|(n, _)| n == "libfabric-valid") || out.contains("not measured ("),
+        "libfabric-valid neither measured nor explained"
+    );
 }

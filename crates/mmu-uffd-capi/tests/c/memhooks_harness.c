@@ -26,8 +26,11 @@
  * unsubscribes (it leaves that to the monitor), so neither does the harness.
  *
  * libfabric's userfaultfd monitor registers in MISSING mode: a thread touching registered
- * memory without pages behind it (after MADV_DONTNEED, say) waits for a page that no one
- * provides. A watchdog (alarm) then prints the counts so far with hang=1 and exits.
+ * memory without pages behind it (here: writing new tokens after MADV_DONTNEED, whose
+ * REMOVE event leaves the range registered) waits for a page that no one provides (the
+ * monitor's thread sits in poll, the writers in the fault). A watchdog (alarm) then prints
+ * the counts so far with hang=1 and exits. Its notifications are also asynchronous: the
+ * thread that unmapped goes on once the event is read, not once it is handled.
  *
  * Prints "mode=M threads=N stale=N hits=N misses=N notified=N hang=0|1 stale_after=..."
  * (stale hits by the change made just before the lookup). */
