@@ -13,114 +13,12 @@
 //! wherever the target directory is); if they are missing or older than the sources they
 //! are built first with `cargo build -p mmu-uffd-capi --lib` for the same profile.
 
-use std::path::{Path, PathBuf};
+mod c_support;
+
+use c_support::*;
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::{Mutex, OnceLock};
-use std::time::SystemTime;
-
-const LIB: &str = "mmu_uffd_capi";
-
-fn crate_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `target/<profile>`: this test runs as `target/<profile>/deps/c_api-<hash>`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf()
-}
-
-/// The newest modification time of the files under `dir` (recursively).
-fn newest(dir: &Path) -> SystemTime {
-    let mut t = SystemTime::UNIX_EPOCH;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return t;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        let m = if p.is_dir() {
-            newest(&p)
-        } else {
-            mtime(&p).unwrap_or(SystemTime::UNIX_EPOCH)
-        };
-        t = t.max(m);
-    }
-    t
-}
-
-fn mtime(p: &Path) -> Option<SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
-/// The profile directory, with `libmmu_uffd_capi.{so,a}` built and up to date.
-fn libs() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = profile_dir();
-        let crates = crate_dir().parent().expect("crates/");
-        let sources = [
-            crate_dir().join("src"),
-            crate_dir().join("Cargo.toml"),
-            crates.join("mmu-uffd/src"),
-            crates.join("mmu-notifier/src"),
-        ]
-        .iter()
-        .map(|p| {
-            if p.is_dir() {
-                newest(p)
-            } else {
-                mtime(p).unwrap_or(SystemTime::UNIX_EPOCH)
-            }
-        })
-        .max()
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-        let fresh = |name: String| mtime(&dir.join(name)).is_some_and(|t| t >= sources);
-        if !(fresh(format!("lib{LIB}.so")) && fresh(format!("lib{LIB}.a"))) {
-            build(&dir);
-        }
-        for name in [format!("lib{LIB}.so"), format!("lib{LIB}.a")] {
-            assert!(
-                dir.join(&name).is_file(),
-                "{name} missing in {}",
-                dir.display()
-            );
-        }
-        dir
-    })
-}
-
-/// `cargo build -p mmu-uffd-capi --lib` into `dir` (`<target dir>/<profile>`).
-fn build(dir: &Path) {
-    let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-    let target_dir = dir.parent().expect("<target dir>/<profile>");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "mmu-uffd-capi", "--lib", "--target-dir"])
-        .arg(target_dir)
-        .current_dir(crate_dir());
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    eprintln!("building the C libraries: {cmd:?}");
-    let status = cmd.status().expect("run cargo");
-    assert!(status.success(), "{cmd:?} failed");
-}
-
-/// Where this test's C programs and files go.
-fn work_dir(name: &str) -> PathBuf {
-    let d = libs().join("mmu-uffd-capi-c").join(name);
-    std::fs::create_dir_all(&d).expect("create the work directory");
-    d
-}
+use std::sync::Mutex;
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
@@ -129,16 +27,6 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-fn show(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// `cc -Wall -Wextra -Werror -std=c11 <extra> src <link> -o exe`.
 fn compile(src: &str, exe: &Path, extra: &[&str], link: &[String]) {
     let mut cmd = Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()));
     cmd.args(["-Wall", "-Wextra", "-Werror", "-std=c11", "-g"])

@@ -21,60 +21,12 @@
 //! Skipped (printing `SKIPPED` and why) without libfabric's headers (`libfabric-dev`;
 //! `scripts/test.sh` installs it) or where userfaultfd is unavailable.
 
+mod c_support;
+
+use c_support::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
-
-fn crate_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn cc() -> std::ffi::OsString {
-    std::env::var_os("CC").unwrap_or_else(|| "cc".into())
-}
-
-/// `target/<profile>` (this test runs as `target/<profile>/deps/libfabric-<hash>`), with
-/// `libmmu_uffd_capi.so` built: cargo builds it for the integration tests, and if it is
-/// missing it is built with `cargo build -p mmu-uffd-capi --lib`.
-fn libs() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test's path");
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps/<test>")
-            .to_path_buf();
-        if !dir.join("libmmu_uffd_capi.so").is_file() {
-            let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-            let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-            cmd.args(["build", "-p", "mmu-uffd-capi", "--lib", "--target-dir"])
-                .arg(dir.parent().expect("<target dir>/<profile>"))
-                .current_dir(crate_dir());
-            if profile != "debug" {
-                cmd.args(["--profile", profile]);
-            }
-            assert!(cmd.status().expect("run cargo").success(), "{cmd:?} failed");
-        }
-        assert!(dir.join("libmmu_uffd_capi.so").is_file());
-        dir
-    })
-}
-
-fn work_dir(name: &str) -> PathBuf {
-    let d = libs().join("mmu-uffd-capi-libfabric").join(name);
-    std::fs::create_dir_all(&d).expect("create the work directory");
-    d
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Why libfabric's headers cannot be used, if they cannot.
 fn libfabric_missing() -> Option<String> {

@@ -1,52 +1,119 @@
-//! Shared by `tests/memhooks.rs` and `benches/c_costs.rs`: building and running the C
-//! harnesses of this crate's tests (libfabric linked statically, the library found in the
-//! target directory) with a watchdog.
+//! Shared by this crate's C tests (`c_api.rs`, `libfabric.rs`, `memhooks.rs`) and
+//! `benches/c_costs.rs`: the library found (and rebuilt when stale) in the target
+//! directory, work directories, compiling and running C harnesses with a watchdog.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The C watchdog (seconds) for libfabric's monitors; the Rust one is twice that.
 pub const WATCHDOG: u64 = 10;
+
+pub const LIB: &str = "mmu_uffd_capi";
 
 pub fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-pub fn cc() -> std::ffi::OsString {
-    std::env::var_os("CC").unwrap_or_else(|| "cc".into())
+/// `target/<profile>`: this test runs as `target/<profile>/deps/c_api-<hash>`.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
 }
 
-/// `target/<profile>`, with `libmmu_uffd_capi.so` built (as in `tests/libfabric.rs`).
+/// The newest modification time of the files under `dir` (recursively).
+pub fn newest(dir: &Path) -> SystemTime {
+    let mut t = SystemTime::UNIX_EPOCH;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return t;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let m = if p.is_dir() {
+            newest(&p)
+        } else {
+            mtime(&p).unwrap_or(SystemTime::UNIX_EPOCH)
+        };
+        t = t.max(m);
+    }
+    t
+}
+
+pub fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// The profile directory, with `libmmu_uffd_capi.{so,a}` built and up to date.
 pub fn libs() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test's path");
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps/<test>")
-            .to_path_buf();
-        if !dir.join("libmmu_uffd_capi.so").is_file() {
-            let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-            let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-            cmd.args(["build", "-p", "mmu-uffd-capi", "--lib", "--target-dir"])
-                .arg(dir.parent().expect("<target dir>/<profile>"))
-                .current_dir(crate_dir());
-            if profile != "debug" {
-                cmd.args(["--profile", profile]);
+        let dir = profile_dir();
+        let crates = crate_dir().parent().expect("crates/");
+        let sources = [
+            crate_dir().join("src"),
+            crate_dir().join("Cargo.toml"),
+            crates.join("mmu-uffd/src"),
+            crates.join("mmu-notifier/src"),
+        ]
+        .iter()
+        .map(|p| {
+            if p.is_dir() {
+                newest(p)
+            } else {
+                mtime(p).unwrap_or(SystemTime::UNIX_EPOCH)
             }
-            assert!(cmd.status().expect("run cargo").success(), "{cmd:?} failed");
+        })
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+        let fresh = |name: String| mtime(&dir.join(name)).is_some_and(|t| t >= sources);
+        if !(fresh(format!("lib{LIB}.so")) && fresh(format!("lib{LIB}.a"))) {
+            build(&dir);
         }
-        assert!(dir.join("libmmu_uffd_capi.so").is_file());
+        for name in [format!("lib{LIB}.so"), format!("lib{LIB}.a")] {
+            assert!(
+                dir.join(&name).is_file(),
+                "{name} missing in {}",
+                dir.display()
+            );
+        }
         dir
     })
 }
 
-pub fn work_dir() -> PathBuf {
-    let d = libs().join("mmu-uffd-capi-memhooks");
+/// `cargo build -p mmu-uffd-capi --lib` into `dir` (`<target dir>/<profile>`).
+pub fn build(dir: &Path) {
+    let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+    let target_dir = dir.parent().expect("<target dir>/<profile>");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "mmu-uffd-capi", "--lib", "--target-dir"])
+        .arg(target_dir)
+        .current_dir(crate_dir());
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    eprintln!("building the C libraries: {cmd:?}");
+    let status = cmd.status().expect("run cargo");
+    assert!(status.success(), "{cmd:?} failed");
+}
+
+/// Where the C programs and files of this test binary go: one directory per test binary
+/// (its file name) and `name`, so binaries never overwrite each other's programs.
+pub fn work_dir(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    let binary = exe.file_stem().map(|s| s.to_owned()).unwrap_or_default();
+    let d = libs().join("mmu-uffd-capi-c").join(binary).join(name);
     std::fs::create_dir_all(&d).expect("create the work directory");
     d
 }
@@ -58,6 +125,11 @@ pub fn show(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// `cc -Wall -Wextra -Werror -std=c11 <extra> src <link> -o exe`.
+pub fn cc() -> std::ffi::OsString {
+    std::env::var_os("CC").unwrap_or_else(|| "cc".into())
 }
 
 pub fn pkg_config(args: &[&str]) -> Option<String> {
@@ -118,7 +190,7 @@ pub fn static_libfabric() -> Result<Vec<String>, String> {
 
 /// Compiles a C harness; `link` are the arguments after the source.
 pub fn compile(src: &str, link: &[String]) -> PathBuf {
-    let exe = work_dir().join(src.trim_end_matches(".c"));
+    let exe = work_dir("harnesses").join(src.trim_end_matches(".c"));
     let mut cmd = Command::new(cc());
     cmd.args([
         "-Wall", "-Wextra", "-Werror", "-std=c11", "-g", "-O2", "-pthread",
