@@ -88,18 +88,6 @@ int ofi_monitor_subscribe_no_op(struct lf_monitor *, const void *, size_t, void 
 void ofi_monitor_unsubscribe_no_op(struct lf_monitor *, const void *, size_t, void *);
 extern char __executable_start[], etext[];
 
-#define MAX_PAGES 4
-#define NBUF 4
-#define MAX_ENTRIES 4096
-
-struct entry {
-	int used;
-	uintptr_t addr;
-	size_t len;
-	uint64_t tokens[MAX_PAGES];
-};
-
-static struct entry entries[MAX_ENTRIES];
 static struct lf_monitor *mon;
 static struct lf_list cache_node;
 static size_t page;
@@ -112,18 +100,9 @@ static const char *mode;
 static int no_raw; /* "noraw": the raw-system-call change goes through libc instead */
 static int threads;
 
-static uint64_t *tok(uintptr_t addr, size_t i) { return (uint64_t *)(addr + i * page); }
+#include "cache_harness.h"
 
-static void fresh_tokens(uintptr_t addr, size_t len)
-{
-	for (size_t i = 0; i < len / page; i++)
-		*tok(addr, i) = atomic_fetch_add(&next_token, 1);
-}
-
-static int overlaps(const struct entry *e, uintptr_t a, size_t l)
-{
-	return e->used && e->addr < a + l && a < e->addr + e->len;
-}
+static struct entry entries[MAX_ENTRIES];
 
 static void report(int hang)
 {
@@ -216,91 +195,9 @@ static void lookup(uintptr_t a, size_t l)
 	pthread_mutex_unlock(&mm_lock);
 }
 
-struct buf {
-	uintptr_t addr;
-	size_t len;
-};
+static void note_change(int change) { last_change = change; }
 
-static uint64_t rnd(uint64_t *s)
-{
-	*s ^= *s << 13;
-	*s ^= *s >> 7;
-	*s ^= *s << 17;
-	return *s;
-}
-
-static uintptr_t map_at(uintptr_t at, size_t len, int raw, int over)
-{
-	int flags = MAP_PRIVATE | MAP_ANONYMOUS | (at ? (over ? MAP_FIXED : MAP_FIXED_NOREPLACE) : 0);
-	void *p = raw ? (void *)syscall(SYS_mmap, (void *)at, len, PROT_READ | PROT_WRITE, flags, -1, 0)
-		      : mmap((void *)at, len, PROT_READ | PROT_WRITE, flags, -1, 0);
-	if (p == MAP_FAILED && !over)
-		p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	CHECK(p != MAP_FAILED);
-	CHECK(!at || !over || (uintptr_t)p == at);
-	fresh_tokens((uintptr_t)p, len);
-	return (uintptr_t)p;
-}
-
-static long iterations;
-
-static void *worker(void *arg)
-{
-	uint64_t seed = (uintptr_t)arg * 0x9E3779B97F4A7C15ull + 1;
-	struct buf bufs[NBUF];
-	size_t slot = (MAX_PAGES + 1) * page;
-	char *region = mmap(NULL, NBUF * slot + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	char *scratch = mmap(NULL, MAX_PAGES * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	CHECK(region != MAP_FAILED && scratch != MAP_FAILED);
-	for (int b = 0; b < NBUF; b++) {
-		bufs[b].len = (1 + rnd(&seed) % MAX_PAGES) * page;
-		bufs[b].addr = map_at((uintptr_t)region + page + b * slot, bufs[b].len, 0, 1);
-	}
-	for (long it = 0; it < iterations; it++) {
-		struct buf *b = &bufs[rnd(&seed) % NBUF];
-		last_change = 6;
-		lookup(b->addr, b->len);
-		int change = (int)(rnd(&seed) % 8);
-		last_change = change < 6 ? change : 6;
-		switch (change) {
-		case 0: /* libc munmap + mmap(MAP_FIXED) */
-			CHECK(munmap((void *)b->addr, b->len) == 0);
-			b->addr = map_at(b->addr, b->len, 0, 0);
-			break;
-		case 1: /* raw system calls (no libc function to intercept) */
-			if (no_raw)
-				CHECK(munmap((void *)b->addr, b->len) == 0);
-			else
-				CHECK(syscall(SYS_munmap, (void *)b->addr, b->len) == 0);
-			b->addr = map_at(b->addr, b->len, !no_raw, 0);
-			break;
-		case 2: /* mmap(MAP_FIXED) over, no munmap */
-			map_at(b->addr, b->len, 0, 1);
-			break;
-		case 3: /* madvise(DONTNEED): zero pages, then new tokens */
-			CHECK(madvise((void *)b->addr, b->len, MADV_DONTNEED) == 0);
-			fresh_tokens(b->addr, b->len);
-			break;
-		case 4: { /* mremap away, new memory at the old address, the moved copy unmapped */
-			void *moved = mremap((void *)b->addr, b->len, b->len, MREMAP_MAYMOVE | MREMAP_FIXED,
-					     scratch);
-			CHECK(moved == scratch);
-			b->addr = map_at(b->addr, b->len, 0, 0);
-			CHECK(mmap(scratch, MAX_PAGES * page, PROT_NONE,
-				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == scratch);
-			break;
-		}
-		case 5: /* munmap + mmap(NULL): the address may go to another thread's buffer */
-			CHECK(munmap((void *)b->addr, b->len) == 0);
-			b->addr = map_at(0, b->len, 0, 0);
-			break;
-		default:
-			break;
-		}
-		lookup(b->addr, b->len);
-	}
-	return NULL;
-}
+static int raw_syscalls(void) { return !no_raw; }
 
 static int in_text(const void *f)
 {
