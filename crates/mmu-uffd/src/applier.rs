@@ -15,7 +15,7 @@
 //! 1. the gate is closed for good: lookups and queries fail from now on;
 //! 2. every subscription gets a `Release` invalidation (nothing can be trusted once events
 //!    stop); the reader still reads meanwhile, so a callback that unmaps cannot hang;
-//! 3. everything ever registered is unregistered (a forked child may hold a copy of the
+//! 3. every mapping of the process is unregistered (a forked child may hold a copy of the
 //!    descriptor, so closing ours would not end the registrations), and our handles to the
 //!    descriptor are given up;
 //! 4. `released` tells the reader to read what is left (releasing blocked threads) and
@@ -90,13 +90,16 @@ fn stop(shared: &Shared, why: Option<String>) {
     // Waits for watches and probes in progress (they hold the read side).
     let uffd = shared.uffd.write().take();
     if let Some(uffd) = uffd {
-        // Everything ever registered, and every mapping of the process besides: the
-        // kernel carries registrations along mremap moves and in-place growth, which no
-        // bookkeeping here sees completely. Unregistering a mapping this descriptor does
-        // not hold changes nothing (the kernel refuses another context's, and skips
-        // unregistered ones).
-        let ever = std::mem::take(&mut *shared.registered.lock());
-        for (s, e) in ever.iter().chain(sys::mappings()) {
+        // Every mapping of the process, one at a time: the kernel carries registrations
+        // along mremap moves and in-place growth, which no bookkeeping here sees
+        // completely. Unregistering a mapping this descriptor does not hold changes
+        // nothing (the kernel refuses another context's, and skips unregistered ones).
+        // Without /proc, what the bookkeeping knows.
+        let mut ranges = sys::mappings();
+        if ranges.is_empty() {
+            ranges = shared.known_registered();
+        }
+        for (s, e) in ranges {
             let _ = uffd.unregister(s, e - s);
         }
     }

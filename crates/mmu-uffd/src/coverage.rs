@@ -73,6 +73,11 @@ impl CoverageMap {
         self.merge_within(start, end);
     }
 
+    /// Every range with a nonzero count, in order.
+    pub(crate) fn segments(&self) -> Vec<(u64, u64)> {
+        self.map.iter().map(|(&s, &(e, _))| (s, e)).collect()
+    }
+
     /// The parts of `[start, end)` whose count is zero, in order.
     pub(crate) fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let before = self.map.range(..start).next_back().map(|(_, &(e, _))| e);

@@ -43,7 +43,7 @@
 //!   If no descriptor slot is free (EMFILE), the reader backs off and reads again.
 //! - Stop (drop, a failed read, or a panicking callback): lookups fail from then on; every
 //!   subscription gets a `Release` invalidation (nothing can be trusted once events stop);
-//!   everything ever registered is unregistered (a forked child may hold a copy of the
+//!   every mapping of the process is unregistered (a forked child may hold a copy of the
 //!   descriptor, so closing ours would not end the registrations); what is still queued is
 //!   read, which lets blocked unmappers continue; the descriptor is closed.
 //! - Lookups from inside a callback (on the applier, mid-batch) fail with
@@ -93,8 +93,8 @@
 //! `watch` always makes the registration system call (idempotent on memory already
 //! registered). An earlier version remembered what was registered to skip it, but the set
 //! could not know about an unmap whose event is not read yet and then claimed new memory
-//! mapped at that address. The monitor still remembers everything it ever registered, to
-//! unregister it at stop.
+//! mapped at that address. At stop every mapping of the process is unregistered, one by
+//! one (registrations move and grow with mremap, which no set here could follow).
 
 use std::sync::atomic::{
     AtomicBool, AtomicI32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
@@ -251,8 +251,6 @@ pub(crate) struct Shared {
     /// The descriptor; `None` once the monitor stopped. Cloned out for a system call, so a
     /// close never races with a `watch` that still uses the number.
     pub(crate) uffd: parking_lot::RwLock<Option<Arc<Uffd>>>,
-    /// Everything ever registered (not shrunk by unmaps): unregistered at stop.
-    pub(crate) registered: parking_lot::Mutex<RangeSet>,
     /// What must stay registered: held across the register and unregister system calls,
     /// so a range whose last lease ends cannot be unregistered under a new lease.
     leases: parking_lot::Mutex<Leases>,
@@ -351,7 +349,6 @@ impl Monitor {
             subs: Subscriptions::new(),
             gate: Gate::new(),
             uffd: parking_lot::RwLock::new(Some(uffd.clone())),
-            registered: parking_lot::Mutex::new(RangeSet::default()),
             leases: parking_lot::Mutex::new(Leases::default()),
             stats: Counters::default(),
             fork_generation: fork::generation(),
@@ -674,9 +671,8 @@ impl Shared {
             source,
         })?;
         bump(&self.stats.watch_registrations);
-        // Tracked before the hole check: a refused range's mapped parts stay registered
-        // (unregistering them could undo a lease's registration) and must be undone at stop.
-        self.registered.lock().add(s, e);
+        // (A range refused for a hole below leaves its mapped parts registered:
+        // unregistering them could undo a lease's registration. Stop undoes them.)
         // UFFDIO_REGISTER accepts a range with holes and registers only the mappings in
         // it. A hole must neither be claimed as watched (memory mapped there later would
         // not be) nor be accepted at all (the caller asked for all of it). msync(MS_ASYNC)
@@ -749,7 +745,6 @@ impl Shared {
                     // range is fine.
                     if uffd.unregister(x, y - x).is_ok() {
                         bump(&self.stats.unwatched);
-                        self.registered.lock().remove(x, y);
                     }
                 }
             }
@@ -773,7 +768,6 @@ impl Shared {
                     end: y,
                     source,
                 })?;
-                self.registered.lock().remove(x, y);
             }
         }
         self.invalidate(s, e, Event::Clear);
@@ -781,7 +775,7 @@ impl Shared {
     }
 
     /// The applier saw `[from, from + len)` move to `to`: explicit watches move along
-    /// (the kernel moved the registration).
+    /// (the kernel moved the registration; stop finds it among the mappings).
     pub(crate) fn moved(&self, from: u64, to: u64, len: u64) {
         let end = from.saturating_add(len);
         let mut leases = self.leases.lock();
@@ -795,8 +789,17 @@ impl Shared {
             leases.explicit.remove(s, e);
             leases.explicit.add(s - from + to, e - from + to);
         }
-        drop(leases);
-        self.registered.lock().add(to, to.saturating_add(len));
+    }
+
+    /// What this monitor's bookkeeping knows to be registered: leased, idle and explicitly
+    /// watched ranges (the stop sequence's fallback where `/proc/self/maps` is unreadable;
+    /// it misses what moved or grew with mremap).
+    pub(crate) fn known_registered(&self) -> Vec<(u64, u64)> {
+        let leases = self.leases.lock();
+        let mut all = leases.counts.segments();
+        all.extend(leases.idle.iter().copied());
+        all.extend(leases.explicit.iter());
+        all
     }
 
     pub(crate) fn subscriptions(&self) -> &Subscriptions {

@@ -1,5 +1,4 @@
-//! A set of disjoint half-open address ranges: the memory the monitor has ever registered
-//! with userfaultfd (to unregister at stop), and the memory watched explicitly with
+//! A set of disjoint half-open address ranges: the memory watched explicitly with
 //! `Monitor::watch` (never unwatched because cache entries went).
 
 use std::collections::BTreeMap;
