@@ -6,7 +6,7 @@ use std::fmt;
 use mmu_uffd::{CacheConfig, CachedRegistration, RegCache, Registrar};
 
 use crate::error::{ffi_call, ffi_call_or, FfiError};
-use crate::monitor::{check_range, mmu_uffd_monitor};
+use crate::monitor::mmu_uffd_monitor;
 use crate::util::{obj, out_slot};
 
 /// Registers `[addr, addr + len)` (whole pages) and stores the registration's key in
@@ -262,7 +262,7 @@ pub unsafe extern "C" fn mmu_uffd_cache_get(
         let slot = unsafe { out_slot(reg_out, "reg_out")? };
         // SAFETY: the caller passes NULL or a live cache.
         let c = unsafe { obj(cache, "cache")? };
-        let handle = c.inner.get(check_range(addr, len)?, len)?;
+        let handle = c.inner.get(addr.cast(), len)?;
         *slot = Box::into_raw(Box::new(mmu_uffd_reg { inner: handle }));
         Ok(0)
     })
@@ -282,7 +282,7 @@ pub unsafe extern "C" fn mmu_uffd_cache_invalidate(
     ffi_call(|| {
         // SAFETY: the caller passes NULL or a live cache.
         let c = unsafe { obj(cache, "cache")? };
-        c.inner.invalidate(check_range(addr, len)?, len)?;
+        c.inner.invalidate(addr.cast(), len)?;
         Ok(0)
     })
 }

@@ -64,19 +64,6 @@ pub struct mmu_uffd_monitor_stats {
     pub unwatched: u64,
 }
 
-/// `[addr, addr + len)` checked for the C API: non-zero length, no overflow.
-pub(crate) fn check_range(addr: *const c_void, len: usize) -> Result<*const u8, FfiError> {
-    if len == 0 {
-        return Err(FfiError::invalid("the length is zero"));
-    }
-    if (addr as usize).checked_add(len).is_none() {
-        return Err(FfiError::invalid(format_args!(
-            "the range {addr:p} + {len:#x} overflows the address space"
-        )));
-    }
-    Ok(addr.cast())
-}
-
 /// Starts a monitor (one userfaultfd and two threads) and stores it in `*monitor_out`
 /// (NULL on failure). `config` may be NULL for the defaults. Returns 0, or `-ENOSYS`
 /// where userfaultfd is unavailable to this process and `-EOPNOTSUPP` where the kernel
@@ -144,7 +131,7 @@ pub unsafe extern "C" fn mmu_uffd_monitor_watch(
     ffi_call(|| {
         // SAFETY: the caller passes NULL or a live monitor.
         let m = unsafe { obj(monitor, "monitor")? };
-        m.inner.watch(check_range(addr, len)?, len)?;
+        m.inner.watch(addr.cast(), len)?;
         Ok(0)
     })
 }
@@ -163,7 +150,7 @@ pub unsafe extern "C" fn mmu_uffd_monitor_unwatch(
     ffi_call(|| {
         // SAFETY: the caller passes NULL or a live monitor.
         let m = unsafe { obj(monitor, "monitor")? };
-        m.inner.unwatch(check_range(addr, len)?, len)?;
+        m.inner.unwatch(addr.cast(), len)?;
         Ok(0)
     })
 }
