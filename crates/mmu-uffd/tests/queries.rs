@@ -38,6 +38,24 @@ impl IntervalSubscriber for Slow {
     }
 }
 
+/// A monitor (or `None`: the test skips) and a watchdog that fails the test if it hangs.
+fn start(test: &str) -> Option<(Monitor, Watchdog)> {
+    let m = monitor_or_skip(test)?;
+    Some((m, Watchdog::new(test, Duration::from_secs(60))))
+}
+
+/// Subscribes a [`Slow`] subscriber to `[p, p + len)` (which keeps the gap between the
+/// event read and the event applied open), then unmaps it; the subscription is returned
+/// to live as long as the caller's checks.
+fn unmap_slowly(m: &Monitor, p: *mut u8, len: usize) -> IntervalSubscription<Slow> {
+    let slow = m
+        .subscriptions()
+        .insert_interval(p as u64, len as u64, Slow)
+        .unwrap();
+    unmap(p, len);
+    slow
+}
+
 /// Watches `[p, p + len)` and subscribes a [`Flag`] to it.
 fn flag_on(m: &Monitor, p: *mut u8, len: usize) -> (IntervalSubscription<Flag>, Arc<AtomicBool>) {
     m.watch(p, len).expect("watch");
@@ -54,23 +72,15 @@ fn flag_on(m: &Monitor, p: *mut u8, len: usize) -> (IntervalSubscription<Flag>, 
 /// invalid. The registration is released when the last handle goes.
 #[test]
 fn purge_invalid_right_after_munmap_removes_the_entry() {
-    let Some(m) = monitor_or_skip("purge_invalid_right_after_munmap_removes_the_entry") else {
+    let Some((m, _dog)) = start("purge_invalid_right_after_munmap_removes_the_entry") else {
         return;
     };
-    let _dog = Watchdog::new(
-        "purge_invalid_right_after_munmap_removes_the_entry",
-        Duration::from_secs(60),
-    );
     let (cache, counts) = counting_cache(&m, CacheConfig::default());
     for round in 0..ROUNDS {
         let p = anon(2);
         let h = cache.get(p, 2 * PAGE).unwrap();
         assert_eq!(cache.len(), 1);
-        let _slow = m
-            .subscriptions()
-            .insert_interval(p as u64, (2 * PAGE) as u64, Slow)
-            .unwrap();
-        unmap(p, 2 * PAGE);
+        let _slow = unmap_slowly(&m, p, 2 * PAGE);
         assert_eq!(
             cache.purge_invalid(),
             1,
@@ -100,24 +110,16 @@ fn purge_invalid_right_after_munmap_removes_the_entry() {
 /// lookup and removes the entries it invalidated (so `purge_invalid` finds nothing left).
 #[test]
 fn len_right_after_munmap_no_longer_counts_the_entry() {
-    let Some(m) = monitor_or_skip("len_right_after_munmap_no_longer_counts_the_entry") else {
+    let Some((m, _dog)) = start("len_right_after_munmap_no_longer_counts_the_entry") else {
         return;
     };
-    let _dog = Watchdog::new(
-        "len_right_after_munmap_no_longer_counts_the_entry",
-        Duration::from_secs(60),
-    );
     let (cache, _) = counting_cache(&m, CacheConfig::default());
     let keep = anon(1);
     drop(cache.get(keep, PAGE).unwrap());
     for round in 0..ROUNDS {
         let p = anon(2);
         let h = cache.get(p, 2 * PAGE).unwrap();
-        let _slow = m
-            .subscriptions()
-            .insert_interval(p as u64, (2 * PAGE) as u64, Slow)
-            .unwrap();
-        unmap(p, 2 * PAGE);
+        let _slow = unmap_slowly(&m, p, 2 * PAGE);
         assert_eq!(cache.len(), 1, "round {round}: only `keep` is left");
         assert!(!cache.is_empty());
         assert_eq!(cache.purge_invalid(), 0, "round {round}: len did not purge");
@@ -131,22 +133,14 @@ fn len_right_after_munmap_no_longer_counts_the_entry() {
 /// invalidated.
 #[test]
 fn stats_right_after_munmap_count_the_entry_as_invalidated() {
-    let Some(m) = monitor_or_skip("stats_right_after_munmap_count_the_entry_as_invalidated") else {
+    let Some((m, _dog)) = start("stats_right_after_munmap_count_the_entry_as_invalidated") else {
         return;
     };
-    let _dog = Watchdog::new(
-        "stats_right_after_munmap_count_the_entry_as_invalidated",
-        Duration::from_secs(60),
-    );
     let (cache, _) = counting_cache(&m, CacheConfig::default());
     for round in 0..ROUNDS {
         let p = anon(2);
         let h = cache.get(p, 2 * PAGE).unwrap();
-        let _slow = m
-            .subscriptions()
-            .insert_interval(p as u64, (2 * PAGE) as u64, Slow)
-            .unwrap();
-        unmap(p, 2 * PAGE);
+        let _slow = unmap_slowly(&m, p, 2 * PAGE);
         let st = cache.stats();
         assert_eq!(
             (st.entries, st.invalidated_found, st.misses, st.hits),
@@ -160,24 +154,16 @@ fn stats_right_after_munmap_count_the_entry_as_invalidated() {
 /// `is_valid` right after munmap is false.
 #[test]
 fn is_valid_right_after_munmap_is_false() {
-    let Some(m) = monitor_or_skip("is_valid_right_after_munmap_is_false") else {
+    let Some((m, _dog)) = start("is_valid_right_after_munmap_is_false") else {
         return;
     };
-    let _dog = Watchdog::new(
-        "is_valid_right_after_munmap_is_false",
-        Duration::from_secs(60),
-    );
     let (cache, _) = counting_cache(&m, CacheConfig::default());
     for round in 0..ROUNDS {
         let p = anon(2);
         let h = cache.get(p, 2 * PAGE).unwrap();
         let other = cache.get(p, PAGE).unwrap();
         assert!(h.is_valid());
-        let _slow = m
-            .subscriptions()
-            .insert_interval(p as u64, (2 * PAGE) as u64, Slow)
-            .unwrap();
-        unmap(p, 2 * PAGE);
+        let _slow = unmap_slowly(&m, p, 2 * PAGE);
         assert!(!h.is_valid(), "round {round}: valid after munmap returned");
         assert!(!other.is_valid(), "round {round}");
     }
@@ -188,13 +174,9 @@ fn is_valid_right_after_munmap_is_false() {
 /// seen the invalidation; `sync` then returns at once and the cache's handle is invalid.
 #[test]
 fn try_sync_after_munmap_is_true_only_once_applied() {
-    let Some(m) = monitor_or_skip("try_sync_after_munmap_is_true_only_once_applied") else {
+    let Some((m, _dog)) = start("try_sync_after_munmap_is_true_only_once_applied") else {
         return;
     };
-    let _dog = Watchdog::new(
-        "try_sync_after_munmap_is_true_only_once_applied",
-        Duration::from_secs(60),
-    );
     let (cache, _) = counting_cache(&m, CacheConfig::default());
     let mut not_yet = 0;
     for round in 0..ROUNDS {
@@ -225,13 +207,9 @@ fn try_sync_after_munmap_is_true_only_once_applied() {
 /// gate) has seen the invalidation, and leaves the cache's handle invalid.
 #[test]
 fn sync_after_munmap_or_madvise_applies_it() {
-    let Some(m) = monitor_or_skip("sync_after_munmap_or_madvise_applies_it") else {
+    let Some((m, _dog)) = start("sync_after_munmap_or_madvise_applies_it") else {
         return;
     };
-    let _dog = Watchdog::new(
-        "sync_after_munmap_or_madvise_applies_it",
-        Duration::from_secs(60),
-    );
     let (cache, _) = counting_cache(&m, CacheConfig::default());
     for round in 0..ROUNDS {
         let p = anon(2);
@@ -260,13 +238,9 @@ fn sync_after_munmap_or_madvise_applies_it() {
 /// `is_valid` of the cache's handle is false.
 #[test]
 fn sync_on_another_thread_after_munmap_applies_it() {
-    let Some(m) = monitor_or_skip("sync_on_another_thread_after_munmap_applies_it") else {
+    let Some((m, _dog)) = start("sync_on_another_thread_after_munmap_applies_it") else {
         return;
     };
-    let _dog = Watchdog::new(
-        "sync_on_another_thread_after_munmap_applies_it",
-        Duration::from_secs(60),
-    );
     let (cache, _) = counting_cache(&m, CacheConfig::default());
     let (to_b, at_b) = mpsc::channel::<(usize, Arc<AtomicBool>, TestHandle)>();
     let (to_a, at_a) = mpsc::channel::<()>();
