@@ -1,6 +1,7 @@
 //! `mmn`: the mmu-notifier command.
 
 mod attach;
+mod bench;
 mod demo;
 mod real;
 mod torture;
@@ -82,6 +83,9 @@ enum Command {
         #[arg(long)]
         broken: bool,
     },
+    /// The benchmark suite: core paths, interval tree, simulation and registration cache,
+    /// each figure beside its baseline; tables, --json, --plots DIR (SVG).
+    Bench(bench::BenchArgs),
 }
 
 fn torture_main(
@@ -226,6 +230,7 @@ fn real_main(
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Bench(args) => bench::main(args),
         Command::Torture {
             real: true,
             secs,

@@ -1,0 +1,387 @@
+//! The registration cache of `mmu_uffd` on this process's real memory:
+//!
+//! - a hit (`get` + drop of a 64-entry cache) with the address-reuse check (one system
+//!   call per lookup) and without it, against an empty system call (`getppid`);
+//! - a miss (64 watched buffers cycled through a 16-entry cache: every lookup registers
+//!   and evicts), against the `UFFDIO_REGISTER` of already-registered memory that every
+//!   miss makes, issued on a bare userfaultfd;
+//! - the latency from a munmap call to the monitor's invalidation callback, and to the
+//!   cached handle reading invalid, against a bare userfaultfd reader (a thread blocked in
+//!   `read()`, timestamping the event when it arrives: what a C monitor does), in
+//!   alternating rounds; the whole distributions are kept for the plot.
+//!
+//! Placement, as the criterion bench does it: the monitor and bare reader threads are
+//! created on CPU 1, the unmapping thread then runs on CPU 0 (where there are two CPUs).
+//! The group runs on a thread of its own so that the pinning does not outlive it.
+
+use std::hint::black_box;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
+use mmu_uffd::{CacheConfig, Monitor, RegCache};
+
+use super::{batched, interleaved, Distribution, Plan, Report, Stat};
+
+const PAGE: usize = 4096;
+
+/// A fresh private anonymous read-write mapping of `len` bytes.
+fn anon(len: usize) -> Result<*mut u8, String> {
+    // SAFETY: a fresh anonymous private mapping; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    Ok(p.cast())
+}
+
+fn unmap(p: *mut u8, len: usize) {
+    // SAFETY: every caller unmaps a mapping it made with `anon` and holds no reference
+    // into it any more.
+    unsafe { libc::munmap(p.cast(), len) };
+}
+
+/// A cache whose registrations cost nothing of their own.
+fn cache_with(
+    monitor: &Monitor,
+    config: CacheConfig,
+) -> RegCache<impl mmu_uffd::Registrar<Registration = usize>> {
+    RegCache::with_fns(
+        monitor,
+        config,
+        |p: *mut u8, _len: usize| Ok::<usize, std::io::Error>(p as usize),
+        |r: usize| {
+            black_box(r);
+        },
+    )
+}
+
+/// An interval subscriber that records when its invalidation ran (ns since `epoch`).
+struct Stamp(Arc<AtomicU64>, Instant);
+
+impl IntervalSubscriber for Stamp {
+    fn invalidate(
+        &mut self,
+        _: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        // Release: pairs with the unmapping thread's Acquire load of the stamp.
+        self.0
+            .store(self.1.elapsed().as_nanos() as u64, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// A bare reader: a userfaultfd opened and registered like the monitor's (user-mode
+/// faults only, write-protect mode, unmap events), and a thread blocked in `read()` that
+/// timestamps every event.
+struct Bare {
+    fd: RawFd,
+    seen: Arc<AtomicU64>,
+}
+
+impl Bare {
+    fn new(epoch: Instant) -> Result<Bare, String> {
+        // _IOWR(0xAA, 0x3F, struct uffdio_api): 24 bytes.
+        const API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
+        // SAFETY: plain system call; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | 1) } as RawFd;
+        if fd < 0 {
+            return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
+        }
+        // api, features: PAGEFAULT_FLAG_WP | EVENT_UNMAP, ioctls (out).
+        let mut api = [0xAAu64, 1 | (1 << 6), 0];
+        // SAFETY: UFFDIO_API reads and writes three u64 in a live array.
+        if unsafe { libc::ioctl(fd, API as _, api.as_mut_ptr()) } < 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: closes the descriptor opened above, used by nothing else.
+            unsafe { libc::close(fd) };
+            return Err(format!("UFFDIO_API: {e}"));
+        }
+        let seen = Arc::new(AtomicU64::new(0));
+        let s2 = seen.clone();
+        // The reader lives as long as the process (the descriptor stays open: closing it
+        // under a blocked read is not a way to wake it).
+        std::thread::spawn(move || loop {
+            let mut msg = [0u8; 32];
+            // SAFETY: reads one 32-byte message into a live buffer.
+            let n = unsafe { libc::read(fd, msg.as_mut_ptr().cast(), 32) };
+            if n == 32 {
+                // Release: pairs with the unmapping thread's Acquire load.
+                s2.store(epoch.elapsed().as_nanos() as u64, Ordering::Release);
+            } else if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return;
+            }
+        });
+        Ok(Bare { fd, seen })
+    }
+
+    /// UFFDIO_REGISTER of `[p, p + len)` in write-protect mode.
+    fn watch(&self, p: *mut u8, len: usize) {
+        // _IOWR(0xAA, 0x00, struct uffdio_register): 32 bytes.
+        const REGISTER: u64 = (3 << 30) | (32 << 16) | (0xAA << 8);
+        let mut reg = [p as u64, len as u64, 2, 0];
+        // SAFETY: UFFDIO_REGISTER reads and writes four u64 in a live array.
+        let r = unsafe { libc::ioctl(self.fd, REGISTER as _, reg.as_mut_ptr()) };
+        assert_eq!(r, 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Pins the calling thread to `cpu` (threads it creates afterwards inherit the mask).
+fn pin(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it;
+    // sched_setaffinity(0, ...) applies to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+pub(super) fn run(plan: &Plan, report: &mut Report) {
+    let two = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    let mut part = Report::default();
+    let outcome = std::thread::scope(|s| {
+        s.spawn(|| {
+            let pinned = two && pin(1);
+            let monitor = Monitor::new().map_err(|e| format!("no monitor: {e}"))?;
+            let epoch = Instant::now();
+            let bare = Bare::new(epoch)?;
+            if pinned {
+                pin(0);
+            }
+            measure(plan, &monitor, &bare, epoch, &mut part)
+        })
+        .join()
+    });
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => part
+            .skipped
+            .push(("uffd", format!("userfaultfd unavailable here ({why})"))),
+        Err(_) => part
+            .skipped
+            .push(("uffd", "the measuring thread panicked".to_string())),
+    }
+    report.figures.append(&mut part.figures);
+    report.distributions.append(&mut part.distributions);
+    report.skipped.append(&mut part.skipped);
+}
+
+fn measure(
+    plan: &Plan,
+    monitor: &Monitor,
+    bare: &Bare,
+    epoch: Instant,
+    report: &mut Report,
+) -> Result<(), String> {
+    let buf_len = 16 * PAGE;
+    let bufs: Vec<*mut u8> = (0..64).map(|_| anon(buf_len)).collect::<Result<_, _>>()?;
+    let bare_bufs: Vec<*mut u8> = (0..64).map(|_| anon(buf_len)).collect::<Result<_, _>>()?;
+
+    // Hits: both caches hold all 64 buffers.
+    let checked = cache_with(monitor, CacheConfig::default().with_capacity(1024));
+    let unchecked = cache_with(
+        monitor,
+        CacheConfig::default()
+            .with_capacity(1024)
+            .with_reuse_check(false),
+    );
+    for &b in &bufs {
+        let lookup = |c: &RegCache<_>| c.get(b, buf_len).map(drop).map_err(|e| e.to_string());
+        lookup(&checked)?;
+        lookup(&unchecked)?;
+    }
+    let (mut i, mut j) = (0, 0);
+    let hits = interleaved(
+        plan.rounds,
+        &mut [
+            batched(plan.batch, || {
+                i = (i + 7) & 63;
+                black_box(checked.get(black_box(bufs[i]), 8 * PAGE).expect("a hit"));
+            }),
+            batched(plan.batch, || {
+                j = (j + 7) & 63;
+                black_box(unchecked.get(black_box(bufs[j]), 8 * PAGE).expect("a hit"));
+            }),
+            batched(plan.batch, || {
+                // SAFETY: getppid takes no arguments and cannot fail.
+                black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+            }),
+        ],
+    );
+    for st in [checked.stats(), unchecked.stats()] {
+        assert_eq!(st.misses, 64, "every timed lookup must have hit: {st:?}");
+    }
+    drop((checked, unchecked));
+    report.pair(
+        "uffd",
+        "cache_hit_reuse_check",
+        "hit (address-reuse check on)",
+        hits[0],
+        "getppid system call",
+        hits[2],
+    );
+    report.pair(
+        "uffd",
+        "cache_hit_no_reuse_check",
+        "hit (reuse check off)",
+        hits[1],
+        "getppid system call",
+        hits[2],
+    );
+
+    // Misses: a 16-entry cache cycling through the 64 (already watched) buffers.
+    let small = cache_with(monitor, CacheConfig::default().with_capacity(16));
+    for &b in &bare_bufs {
+        bare.watch(b, buf_len);
+    }
+    let (mut i, mut j) = (0, 0);
+    let misses = interleaved(
+        plan.rounds,
+        &mut [
+            batched(plan.batch, || {
+                i = (i + 1) & 63;
+                black_box(small.get(black_box(bufs[i]), buf_len).expect("a miss"));
+            }),
+            batched(plan.batch, || {
+                j = (j + 1) & 63;
+                bare.watch(black_box(bare_bufs[j]), buf_len);
+            }),
+        ],
+    );
+    let st = small.stats();
+    assert!(
+        st.hits == 0 && st.misses > 0,
+        "every lookup must miss: {st:?}"
+    );
+    drop(small);
+    report.pair(
+        "uffd",
+        "cache_miss",
+        "miss (register + evict)",
+        misses[0],
+        "bare UFFDIO_REGISTER",
+        misses[1],
+    );
+    for b in bufs.into_iter().chain(bare_bufs) {
+        unmap(b, buf_len);
+    }
+
+    latency(plan, monitor, bare, epoch, report)
+}
+
+/// Spins until `flag` is set or a second has passed; returns its value (0: never set).
+fn wait_stamp(flag: &AtomicU64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        // Acquire: pairs with the Release store of the thread that saw the event.
+        let v = flag.load(Ordering::Acquire);
+        if v != 0 || Instant::now() >= deadline {
+            return v;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+fn latency(
+    plan: &Plan,
+    monitor: &Monitor,
+    bare: &Bare,
+    epoch: Instant,
+    report: &mut Report,
+) -> Result<(), String> {
+    let rounds = if plan.quick { 300 } else { 3000 };
+    let len = 4 * PAGE;
+    let cache = cache_with(monitor, CacheConfig::default().with_capacity(64));
+    let now = || epoch.elapsed().as_nanos() as u64;
+    let (mut ours, mut raw, mut to_invalid) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lost = 0;
+    for r in 0..rounds * 2 {
+        let p = anon(len)?;
+        // SAFETY: touches the first page of the fresh mapping.
+        unsafe { p.write_volatile(1) };
+        if r % 2 == 0 {
+            let stamp = Arc::new(AtomicU64::new(0));
+            let sub = monitor
+                .subscriptions()
+                .insert_interval(p as u64, len as u64, Stamp(stamp.clone(), epoch))
+                .map_err(|e| e.to_string())?;
+            let h = cache.get(p, len).map_err(|e| e.to_string())?;
+            let t0 = now();
+            unmap(p, len);
+            // What a caller observes: the handle invalid right after munmap returned.
+            let valid = h.is_valid();
+            let t2 = now();
+            assert!(!valid, "stale handle after munmap returned");
+            match wait_stamp(&stamp) {
+                0 => lost += 1,
+                t => ours.push(t.saturating_sub(t0) as f64),
+            }
+            to_invalid.push((t2 - t0) as f64);
+            drop(h);
+            drop(sub);
+        } else {
+            bare.watch(p, len);
+            bare.seen.store(0, Ordering::Release);
+            let t0 = now();
+            unmap(p, len);
+            match wait_stamp(&bare.seen) {
+                0 => lost += 1,
+                t => raw.push(t.saturating_sub(t0) as f64),
+            }
+        }
+    }
+    if ours.is_empty() || raw.is_empty() || lost > rounds / 10 {
+        return Err(format!(
+            "{lost} of {} unmap events never arrived",
+            rounds * 2
+        ));
+    }
+    let (so, sr, si) = (
+        Stat::of(&mut ours),
+        Stat::of(&mut raw),
+        Stat::of(&mut to_invalid),
+    );
+    report.pair(
+        "uffd",
+        "munmap_to_callback",
+        "munmap -> monitor callback ran",
+        so,
+        "munmap -> bare reader read it",
+        sr,
+    );
+    report.pair(
+        "uffd",
+        "munmap_to_handle_invalid",
+        "munmap -> cached handle invalid",
+        si,
+        "munmap -> bare reader read it",
+        sr,
+    );
+    for (id, label, samples) in [
+        ("munmap_to_callback", "monitor callback", ours),
+        (
+            "munmap_to_handle_invalid",
+            "cached handle invalid",
+            to_invalid,
+        ),
+        ("munmap_to_bare_read", "bare userfaultfd reader", raw),
+    ] {
+        report
+            .distributions
+            .push(Distribution::new(id, label, samples));
+    }
+    Ok(())
+}
