@@ -83,11 +83,11 @@ pub(super) fn run(plan: &Plan, report: &mut Report) {
     // [op][variant] curves: ours, iset.
     let mut curves: [[Vec<(f64, f64)>; 2]; 3] = Default::default();
     for &n in sizes {
-        // The largest trees take about a second per sample: fewer rounds.
-        let rounds = if n >= 1_000_000 {
-            plan.rounds.min(7)
-        } else {
-            plan.rounds
+        // The largest trees take up to a second per sample: fewer rounds.
+        let rounds = match (n, plan.quick) {
+            (1_000_000.., _) => plan.rounds.min(7),
+            (100_000.., true) => plan.rounds.min(3),
+            _ => plan.rounds,
         };
         let rs = workload::ranges(n, workload::ranges_seed(n));
         let order = workload::permutation(n, workload::order_seed(n));
