@@ -1,8 +1,9 @@
 //! `itree::IntervalTree` against the `iset` crate's `IntervalMap` (an arena red-black
 //! interval tree), at 10^3, 10^5 and 10^6 entries.
 //!
-//! Workload: ranges of 1..=64 pages (4 KiB) at random page-aligned starts in a 1 TiB
-//! space. Every reported time is per operation:
+//! Workload (`crates/mmn/src/bench/workload.rs`, shared with `mmn bench`): ranges of
+//! 1..=64 pages (4 KiB) at random page-aligned starts in a 1 TiB space, fixed seeds. Every
+//! reported time is per operation:
 //!
 //! - `insert`: build a tree of n entries from empty (time / n);
 //! - `query`: count the entries overlapping a random 2 MiB range in a tree of n entries
@@ -20,56 +21,17 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Samplin
 use iset::IntervalMap;
 use mmu_notifier::itree::IntervalTree;
 
-const PAGE: u64 = 4096;
-const SPACE: u64 = 1 << 40;
-const QUERY_LEN: u64 = 2 << 20;
+/// The workload generator, shared with `mmn bench` (one file, so both measure the same
+/// trees).
+#[path = "../../mmn/src/bench/workload.rs"]
+#[allow(dead_code)]
+mod workload;
+
+use workload::{permutation, query_range, ranges, Rng};
+
 const SIZES: [usize; 3] = [1_000, 100_000, 1_000_000];
 /// Queries per timed batch.
 const QUERY_BATCH: usize = 1024;
-
-/// xorshift64*: deterministic and dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// n closed ranges `[start, last]` of 1..=64 pages at page-aligned starts.
-fn ranges(n: usize, seed: u64) -> Vec<(u64, u64)> {
-    let mut rng = Rng(seed);
-    (0..n)
-        .map(|_| {
-            let start = rng.below(SPACE / PAGE) * PAGE;
-            let pages = 1 + rng.below(64);
-            (start, start + pages * PAGE - 1)
-        })
-        .collect()
-}
-
-/// A random 2 MiB query range at a page-aligned start.
-fn query_range(rng: &mut Rng) -> (u64, u64) {
-    let start = rng.below(SPACE / PAGE) * PAGE;
-    (start, start + QUERY_LEN - 1)
-}
-
-/// A random permutation of 0..n (Fisher–Yates).
-fn permutation(n: usize, seed: u64) -> Vec<usize> {
-    let mut rng = Rng(seed);
-    let mut p: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        p.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-    p
-}
 
 fn build_ours(rs: &[(u64, u64)]) -> (IntervalTree<u64>, Vec<mmu_notifier::itree::NodeKey>) {
     let mut t = IntervalTree::new();
@@ -106,7 +68,7 @@ fn insert(c: &mut Criterion) {
     let mut g = c.benchmark_group("itree/insert");
     for n in SIZES {
         configure(&mut g, n);
-        let rs = ranges(n, 0x9E37_79B9_7F4A_7C15 ^ n as u64);
+        let rs = ranges(n, workload::ranges_seed(n));
         g.bench_with_input(BenchmarkId::new("ours", n), &rs, |b, rs| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -148,8 +110,8 @@ fn query(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(1))
             .sampling_mode(SamplingMode::Auto);
-        let rs = ranges(n, 0x9E37_79B9_7F4A_7C15 ^ n as u64);
-        let seed = 0xD1B5_4A32_D192_ED03 ^ n as u64;
+        let rs = ranges(n, workload::ranges_seed(n));
+        let seed = workload::query_seed(n);
         let (ours, _) = build_ours(&rs);
         let theirs = build_iset(&rs);
         // Both must find the same entries.
@@ -192,8 +154,8 @@ fn remove(c: &mut Criterion) {
     let mut g = c.benchmark_group("itree/remove");
     for n in SIZES {
         configure(&mut g, n);
-        let rs = ranges(n, 0x9E37_79B9_7F4A_7C15 ^ n as u64);
-        let order = permutation(n, 0x94D0_49BB_1331_11EB ^ n as u64);
+        let rs = ranges(n, workload::ranges_seed(n));
+        let order = permutation(n, workload::order_seed(n));
         g.bench_with_input(BenchmarkId::new("ours", n), &rs, |b, rs| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;

@@ -2,46 +2,22 @@
 //! on an address space that makes the calls (no subscribers) against one that makes none
 //! (`AddressSpace::without_notifier`), with one trivial list subscriber for context.
 //!
-//! A cycle: `mmap_anon` of 16 pages read-write, a write fault on each page, `munmap` of
-//! the whole range (one `Unmap` invalidation and one TLB flush). The target is under 2%
-//! between `notifier_no_subscribers` and `without_notifier`.
+//! A cycle (`crates/mmn/src/bench/fault_munmap.rs`, shared with `mmn bench`): `mmap_anon`
+//! of 16 pages read-write, a write fault on each page, `munmap` of the whole range (one
+//! `Unmap` invalidation and one TLB flush). The target is under 2% between
+//! `notifier_no_subscribers` and `without_notifier`.
 
-use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mmu_notifier::{ListSubscriber, Ops, Range, WouldBlock};
-use mmu_sim::{AddressSpace, FrameAllocator, Prot, PAGE_SIZE};
+use mmu_sim::{AddressSpace, FrameAllocator};
 
-/// Pages mapped, faulted and unmapped per cycle.
-const PAGES: u64 = 16;
-/// Frames in each variant's pool (the same for all; a cycle frees all it takes).
-const FRAMES: u32 = 1024;
+/// The cycle, shared with `mmn bench` (one file, so both measure the same thing).
+#[path = "../../mmn/src/bench/fault_munmap.rs"]
+mod fault_munmap_cycle;
 
-/// A list subscriber that does nothing on start and end.
-struct Nop;
-
-impl ListSubscriber for Nop {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END
-    }
-    fn invalidate_range_start(&self, _range: &Range) -> Result<(), WouldBlock> {
-        Ok(())
-    }
-    fn invalidate_range_end(&self, _range: &Range) {}
-}
-
-/// One cycle: map, write-fault every page, unmap.
-#[inline]
-fn cycle(mm: &AddressSpace) {
-    let len = PAGES * PAGE_SIZE;
-    let a = mm.mmap_anon(len, Prot::READ_WRITE).unwrap();
-    for i in 0..PAGES {
-        mm.write(black_box(a + i * PAGE_SIZE), i).unwrap();
-    }
-    mm.munmap(black_box(a), len).unwrap();
-}
+use fault_munmap_cycle::{cycle, Nop, FRAMES};
 
 fn fault_munmap(c: &mut Criterion) {
     let mut g = c.benchmark_group("fault_munmap_16_pages");
