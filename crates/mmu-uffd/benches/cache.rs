@@ -12,7 +12,6 @@
 //! monitor does) in alternating rounds of one run, and prints medians and the ratio.
 
 use std::hint::black_box;
-use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -233,48 +232,14 @@ impl IntervalSubscriber for Stamp {
     }
 }
 
-/// A bare reader: a userfaultfd registered like the monitor's, a thread blocked in read().
-struct Bare {
-    fd: RawFd,
-    seen: Arc<AtomicU64>,
-}
+/// The bare userfaultfd reader and the pinning, shared with `mmn bench`.
+#[path = "../../mmn/src/bench/bare.rs"]
+mod bare_reader;
+
+use bare_reader::{pin, Bare};
 
 fn bare(epoch: Instant) -> Option<Bare> {
-    const API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
-    // SAFETY: plain system call; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | 1) } as RawFd;
-    if fd < 0 {
-        return None;
-    }
-    // features: PAGEFAULT_FLAG_WP | EVENT_UNMAP
-    let mut api = [0xAAu64, 1 | (1 << 6), 0];
-    // SAFETY: UFFDIO_API reads and writes three u64.
-    if unsafe { libc::ioctl(fd, API as _, api.as_mut_ptr()) } < 0 {
-        return None;
-    }
-    let seen = Arc::new(AtomicU64::new(0));
-    let s2 = seen.clone();
-    std::thread::spawn(move || loop {
-        let mut msg = [0u8; 32];
-        // SAFETY: reads one 32-byte message into a live buffer.
-        let n = unsafe { libc::read(fd, msg.as_mut_ptr().cast(), 32) };
-        if n == 32 {
-            s2.store(epoch.elapsed().as_nanos() as u64, Ordering::Release);
-        } else if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return;
-        }
-    });
-    Some(Bare { fd, seen })
-}
-
-impl Bare {
-    fn watch(&self, p: *mut u8, len: usize) {
-        const REGISTER: u64 = (3 << 30) | (32 << 16) | (0xAA << 8);
-        let mut reg = [p as u64, len as u64, 2, 0];
-        // SAFETY: UFFDIO_REGISTER reads and writes four u64.
-        let r = unsafe { libc::ioctl(self.fd, REGISTER as _, reg.as_mut_ptr()) };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-    }
+    Bare::new(epoch).ok()
 }
 
 fn median(v: &mut [u64]) -> u64 {
@@ -392,17 +357,6 @@ fn latency(monitor: &Monitor, bare: Option<Bare>, epoch: Instant) {
         p99(&mut to_invalid) as f64 / 1e3
     );
     println!("  ratio monitor / bare: {:.3}", mo as f64 / mr as f64);
-}
-
-/// Pins the calling thread to `cpu` (threads it creates afterwards inherit the mask).
-fn pin(cpu: usize) -> bool {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it;
-    // sched_setaffinity(0, ...) applies to the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    }
 }
 
 fn main() {

@@ -46,6 +46,7 @@
 //! `invalidate.svg` (invalidation cost against the number of subscribers) and
 //! `latency.svg` (munmap-to-invalidated latency distribution).
 
+pub mod bare;
 mod core;
 pub mod fault_munmap;
 mod itree;
