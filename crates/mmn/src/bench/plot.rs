@@ -3,8 +3,8 @@
 //! - `itree.svg`: interval-tree cost per operation against the number of entries (insert,
 //!   2 MiB query, remove), ours beside `iset` and Linux's reference figures; log-log;
 //! - `invalidate.svg`: the cost of an invalidation against the number of list
-//!   subscribers (beside calling them directly) and of interval subscriptions (beside the
-//!   tree lookup alone);
+//!   subscribers (beside calling them directly; linear) and of interval subscriptions
+//!   (beside the tree lookup alone; log-log);
 //! - `latency.svg`: the distribution (CDF) of munmap-to-invalidated latency, monitor and
 //!   cache beside a bare userfaultfd reader (only when the uffd group ran).
 
@@ -240,7 +240,8 @@ fn grid(
     Ok(())
 }
 
-/// The invalidation plot: list subscribers on a linear axis, intervals on a log one.
+/// The invalidation plot: list subscribers on linear axes (the count starts at 0),
+/// interval subscriptions on log-log ones.
 fn invalidate(path: &Path, panels: &[(&str, Vec<(&Curve, bool)>)]) -> Res<()> {
     let root = SVGBackend::new(path, (460 * panels.len() as u32, 440)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -250,14 +251,14 @@ fn invalidate(path: &Path, panels: &[(&str, Vec<(&Curve, bool)>)]) -> Res<()> {
     )?;
     let areas = root.split_evenly((1, panels.len()));
     for (area, (name, series)) in areas.iter().zip(panels) {
-        let log_x = name.starts_with("interval");
-        let ((x0, x1), (y0, y1)) = bounds(series, (log_x, false));
-        let y0 = y0.max(0.0);
+        let log = name.starts_with("interval");
+        let ((x0, x1), (y0, y1)) = bounds(series, (log, log));
         let x_desc = series[0].0.x;
-        if log_x {
-            panel(area, name, x_desc, series, (x0..x1).log_scale(), y0..y1)?;
+        if log {
+            let (x, y) = ((x0..x1).log_scale(), (y0..y1).log_scale());
+            panel(area, name, x_desc, series, x, y)?;
         } else {
-            panel(area, name, x_desc, series, x0.max(0.0)..x1, y0..y1)?;
+            panel(area, name, x_desc, series, x0.max(0.0)..x1, y0.max(0.0)..y1)?;
         }
     }
     root.present()?;
