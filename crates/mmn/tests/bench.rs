@@ -189,6 +189,7 @@ fn quick_suite_reports_every_figure_and_writes_the_plots() {
     );
     assert!(v["machine"]["cpus"].as_u64().is_some_and(|c| c >= 1));
     assert!(v["machine"]["kernel"].is_string());
+    assert_eq!(v["failures"], serde_json::json!([]), "failed measurements");
     let skipped = v["skipped"].as_array().expect("skipped: an array");
     let uffd_skipped = skipped.iter().any(|s| s["group"] == "uffd");
     for s in skipped {

@@ -38,8 +38,12 @@
 //!   "distributions": [ { "id": str, "label": str, "samples": int,
 //!                        "percentiles_ns": { "p1": num, ..., "p99": num, "max": num } } ],
 //!   "skipped": [ { "group": str, "reason": str } ],
+//!   "failures": [ str ],
 //!   "plots": [ str ] }
 //! ```
+//!
+//! A group that cannot run here (no userfaultfd) is skipped with its reason; a measurement
+//! that fails (events that never arrive, a panic) is reported and makes the exit status 1.
 //!
 //! `--quick` (for CI) uses smaller sizes and fewer, shorter rounds: the whole suite in
 //! well under 30 s. `--plots DIR` writes SVG plots: `itree.svg` (tree cost against size),
@@ -175,6 +179,8 @@ pub(crate) struct Report {
     pub distributions: Vec<Distribution>,
     /// Groups (or parts) not run, and why.
     pub skipped: Vec<(&'static str, String)>,
+    /// Measurements that failed (the run then exits 1).
+    pub failures: Vec<String>,
     pub plots: Vec<PathBuf>,
 }
 
@@ -284,7 +290,11 @@ pub fn main(args: BenchArgs) -> ExitCode {
         }
         if !args.json {
             print!("{}", table(g, &report.figures[before..]));
-            for (group, why) in report.skipped.iter().filter(|s| s.0 == g) {
+        }
+        for (group, why) in report.skipped.iter().filter(|s| s.0 == g) {
+            if args.json {
+                eprintln!("SKIPPED {group}: {why}");
+            } else {
                 println!("SKIPPED {group}: {why}");
             }
         }
@@ -317,6 +327,12 @@ pub fn main(args: BenchArgs) -> ExitCode {
             plan.rounds,
             if plan.quick { ", --quick" } else { "" }
         );
+    }
+    if !report.failures.is_empty() {
+        for f in &report.failures {
+            eprintln!("mmn bench: {f}");
+        }
+        return ExitCode::from(1);
     }
     ExitCode::SUCCESS
 }
@@ -532,6 +548,8 @@ fn json(plan: &Plan, r: &Report) -> String {
         .map(|(g, why)| format!("    {{\"group\": {}, \"reason\": {}}}", js(g), js(why)))
         .collect();
     let _ = writeln!(s, "  \"skipped\": [\n{}\n  ],", sk.join(",\n"));
+    let failures: Vec<String> = r.failures.iter().map(|f| js(f)).collect();
+    let _ = writeln!(s, "  \"failures\": [{}],", failures.join(", "));
     let plots: Vec<String> = r
         .plots
         .iter()

@@ -86,31 +86,32 @@ impl IntervalSubscriber for Stamp {
 pub(super) fn run(plan: &Plan, report: &mut Report) {
     let two = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
     let mut part = Report::default();
+    // Outer Err: userfaultfd cannot be used here (skip); inner Err: a measurement failed.
     let outcome = std::thread::scope(|s| {
         s.spawn(|| {
             let pinned = two && pin(1);
-            let monitor = Monitor::new().map_err(|e| format!("no monitor: {e}"))?;
+            let monitor = Monitor::new().map_err(|e| format!("no userfaultfd monitor: {e}"))?;
             let epoch = Instant::now();
-            let bare = Bare::new(epoch)?;
+            let bare = Bare::new(epoch).map_err(|e| format!("no bare userfaultfd reader: {e}"))?;
             if pinned {
                 pin(0);
             }
-            measure(plan, &monitor, &bare, epoch, &mut part)
+            Ok(measure(plan, &monitor, &bare, epoch, &mut part))
         })
         .join()
     });
     match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(why)) => part
-            .skipped
-            .push(("uffd", format!("userfaultfd unavailable here ({why})"))),
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(why))) => part.failures.push(format!("uffd: {why}")),
+        Ok(Err(why)) => part.skipped.push(("uffd", why)),
         Err(_) => part
-            .skipped
-            .push(("uffd", "the measuring thread panicked".to_string())),
+            .failures
+            .push("uffd: the measuring thread panicked".to_string()),
     }
     report.figures.append(&mut part.figures);
     report.distributions.append(&mut part.distributions);
     report.skipped.append(&mut part.skipped);
+    report.failures.append(&mut part.failures);
 }
 
 fn measure(
