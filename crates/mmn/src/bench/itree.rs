@@ -9,7 +9,11 @@
 //!   (time / n; the build is not timed).
 //!
 //! `iset` has no handles: it inserts with `force_insert` (duplicates allowed) and removes
-//! by interval, its native form of the same operation. Linux's own interval tree
+//! by interval, its native form of the same operation. It is the baseline because it is a
+//! balanced dynamic tree with an overlap query that visits only what overlaps; of the
+//! other dynamic interval trees on crates.io, `interavl` (an AVL tree) answers this
+//! workload's 2 MiB query in about 10 ms at 10^5 entries (its overlap iterator walks far
+//! more of the tree than overlaps), so it would be no yardstick. Linux's own interval tree
 //! (the kernel's generic interval tree compiled in user space, measured once on this
 //! machine kind with the same workload) is a fixed reference column.
 
