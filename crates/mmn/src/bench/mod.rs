@@ -42,6 +42,16 @@
 //!   "plots": [ str ] }
 //! ```
 //!
+//! Figure ids: `start_end_list_{0,1,8}`, `read_begin_read_retry`, `start_end_interval_N`
+//! (N subscriptions), `itree_{insert,query_2mib,remove}_N` (N entries),
+//! `fault_munmap_notifier_no_subscribers`, `fault_munmap_notifier_1_list_subscriber`,
+//! `cache_hit_reuse_check`, `cache_hit_no_reuse_check`, `cache_miss`,
+//! `munmap_to_callback`, `munmap_to_handle_invalid`. Curve ids:
+//! `itree_{insert,query_2mib,remove}_{ours,iset,linux}`,
+//! `invalidate_list_{subscribers,direct_calls}`,
+//! `invalidate_interval_{subscriptions,tree_lookup}`. Distribution ids:
+//! `munmap_to_callback`, `munmap_to_handle_invalid`, `munmap_to_bare_read`.
+//!
 //! A group that cannot run here (no userfaultfd) is skipped with its reason; a measurement
 //! that fails (events that never arrive, a panic) is reported and makes the exit status 1.
 //!
