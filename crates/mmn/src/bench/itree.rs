@@ -18,13 +18,13 @@
 //! machine kind with the same workload) is a fixed reference column.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use iset::IntervalMap;
 use mmu_notifier::itree::{IntervalTree, NodeKey};
 
 use super::workload::{self, Rng};
-use super::{batched, interleaved, Curve, Figure, Plan, Report, Sampler};
+use super::{batched, interleaved, Clock, Curve, Figure, Plan, Report, Sampler};
 
 /// Linux's interval tree at 10^3, 10^5 and 10^6 entries, ns per operation: insert, 2 MiB
 /// query, remove.
@@ -64,17 +64,19 @@ fn count_ours(t: &IntervalTree<u64>, s: u64, l: u64) -> usize {
     k
 }
 
-/// A sampler for a whole-tree operation: `once` does it once and returns the time it
-/// timed; a sample repeats it until `target` has passed and returns the time per entry.
-fn whole<'a>(target: Duration, n: usize, mut once: impl FnMut() -> Duration + 'a) -> Sampler<'a> {
+/// A sampler for a whole-tree operation: `once` does it once and returns the thread CPU
+/// time it timed (ns); a sample repeats it until `target` of CPU time has passed and
+/// returns the time per entry.
+fn whole<'a>(target: Duration, n: usize, mut once: impl FnMut() -> u64 + 'a) -> Sampler<'a> {
+    let target = target.as_nanos() as u64;
     Box::new(move || {
-        let (mut timed, mut reps) = (Duration::ZERO, 0u32);
-        let t0 = Instant::now();
-        while reps == 0 || t0.elapsed() < target {
+        let (mut timed, mut reps) = (0u64, 0u32);
+        let t0 = Clock::Cpu.now();
+        while reps == 0 || Clock::Cpu.now() - t0 < target {
             timed += once();
             reps += 1;
         }
-        timed.as_nanos() as f64 / (reps as f64 * n as f64)
+        timed as f64 / (reps as f64 * n as f64)
     })
 }
 
@@ -100,21 +102,21 @@ pub(super) fn run(plan: &Plan, report: &mut Report) {
             &mut [
                 whole(plan.batch, n, || {
                     let mut t = IntervalTree::new();
-                    let t0 = Instant::now();
+                    let t0 = Clock::Cpu.now();
                     for (i, &(s, l)) in rs.iter().enumerate() {
                         black_box(t.insert(s, l, i as u64).expect("a valid interval"));
                     }
-                    let e = t0.elapsed();
+                    let e = Clock::Cpu.now() - t0;
                     drop(black_box(t));
                     e
                 }),
                 whole(plan.batch, n, || {
                     let mut m = IntervalMap::new();
-                    let t0 = Instant::now();
+                    let t0 = Clock::Cpu.now();
                     for (i, &(s, l)) in rs.iter().enumerate() {
                         m.force_insert(s..l + 1, i as u64);
                     }
-                    let e = t0.elapsed();
+                    let e = Clock::Cpu.now() - t0;
                     drop(black_box(m));
                     e
                 }),
@@ -163,22 +165,22 @@ pub(super) fn run(plan: &Plan, report: &mut Report) {
                 whole(plan.batch, n, || {
                     let (mut t, keys) = build_ours(&rs);
                     let keys: Vec<NodeKey> = order.iter().map(|&i| keys[i]).collect();
-                    let t0 = Instant::now();
+                    let t0 = Clock::Cpu.now();
                     for &k in &keys {
                         black_box(t.remove(k));
                     }
-                    let e = t0.elapsed();
+                    let e = Clock::Cpu.now() - t0;
                     assert!(t.is_empty());
                     e
                 }),
                 whole(plan.batch, n, || {
                     let mut m = build_iset(&rs);
-                    let t0 = Instant::now();
+                    let t0 = Clock::Cpu.now();
                     for &i in &order {
                         let (s, l) = rs[i];
                         black_box(m.remove(s..l + 1));
                     }
-                    let e = t0.elapsed();
+                    let e = Clock::Cpu.now() - t0;
                     assert!(m.is_empty());
                     e
                 }),

@@ -23,7 +23,7 @@ use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
 use mmu_uffd::{CacheConfig, Monitor, RegCache};
 
 use super::bare::{pin, Bare};
-use super::{batched, interleaved, Distribution, Plan, Report, Stat};
+use super::{batched_on, interleaved, Clock, Distribution, Plan, Report, Stat};
 
 const PAGE: usize = 4096;
 
@@ -142,15 +142,15 @@ fn measure(
     let hits = interleaved(
         plan.rounds,
         &mut [
-            batched(plan.batch, || {
+            batched_on(Clock::Wall, plan.batch, || {
                 i = (i + 7) & 63;
                 black_box(checked.get(black_box(bufs[i]), 8 * PAGE).expect("a hit"));
             }),
-            batched(plan.batch, || {
+            batched_on(Clock::Wall, plan.batch, || {
                 j = (j + 7) & 63;
                 black_box(unchecked.get(black_box(bufs[j]), 8 * PAGE).expect("a hit"));
             }),
-            batched(plan.batch, || {
+            batched_on(Clock::Wall, plan.batch, || {
                 // SAFETY: getppid takes no arguments and cannot fail.
                 black_box(unsafe { libc::syscall(libc::SYS_getppid) });
             }),
@@ -186,11 +186,11 @@ fn measure(
     let misses = interleaved(
         plan.rounds,
         &mut [
-            batched(plan.batch, || {
+            batched_on(Clock::Wall, plan.batch, || {
                 i = (i + 1) & 63;
                 black_box(small.get(black_box(bufs[i]), buf_len).expect("a miss"));
             }),
-            batched(plan.batch, || {
+            batched_on(Clock::Wall, plan.batch, || {
                 j = (j + 1) & 63;
                 bare.watch(black_box(bare_bufs[j]), buf_len);
             }),
