@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mmu_notifier::{Event, ListSubscriber, Ops, OwnerToken, Range, WouldBlock};
+use mmu_notifier::{Event, ListSubscriber, OwnerToken, Range, WouldBlock};
 use mmu_secondary::broken::{Broken, BrokenSecondary};
 use mmu_secondary::{SecondaryMmu, SecondaryStats};
 use mmu_sim::{
@@ -85,9 +85,6 @@ impl EventCounter {
 }
 
 impl ListSubscriber for EventCounter {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::RELEASE
-    }
     fn invalidate_range_start(&self, r: &Range) -> Result<(), WouldBlock> {
         let mut name = format!("{:?}", r.event());
         if !r.blockable() {

@@ -2,7 +2,7 @@
 //!
 //! # How list subscribers are found: a published snapshot
 //!
-//! The list of subscribers is an immutable [`Snapshot`] published through one atomic
+//! The list of subscribers is an immutable snapshot published through one atomic
 //! pointer. Writers (register, unregister, put, release) serialise on `state`, build a new
 //! snapshot, swap the pointer, and free the old one only after a grace period of the
 //! address space's [`Srcu`] domain. Readers (every primary-side call) enter a read-side
@@ -14,7 +14,7 @@
 //!
 //! [`InvalidateGuard`] keeps the section and the snapshot it started with until it drops.
 //! That gives two rules for free:
-//! - *Register never misses an in-flight invalidation (rule 4).* `register` publishes the
+//! - *Register never misses an in-flight invalidation ([rule 4](crate#the-rules)).* `register` publishes the
 //!   new snapshot, then waits for a grace period. Every invalidation that loaded the old
 //!   snapshot began before the grace period, so it has ended when `register` returns;
 //!   every later one loads the new snapshot and calls the new subscriber's start. (Linux
@@ -42,15 +42,39 @@ use std::sync::Arc as StdArc;
 
 use crate::error::{GetError, RegisterError};
 use crate::interval::{self, Itree, ItreeActive};
-use crate::list::{ListSubscriber, Ops, SharedSubscriber};
+use crate::list::{ListSubscriber, SecondaryTlb, SharedSubscriber};
 use crate::range::{Range, WouldBlock};
 use crate::srcu::{Srcu, SrcuReadGuard};
 use crate::sync::{thread, Arc, AtomicPtr, AtomicU64, Condvar, Mutex, MutexGuard};
 
+/// A registered subscriber, by kind: the kind decides which callbacks exist (a secondary
+/// TLB has no start/end, a list subscriber no TLB op), and every callback that exists is
+/// called.
+#[derive(Clone)]
+enum Callbacks {
+    List(StdArc<dyn ListSubscriber>),
+    Tlb(StdArc<dyn SecondaryTlb>),
+}
+
+impl Callbacks {
+    fn release(&self) {
+        match self {
+            Callbacks::List(s) => s.release(),
+            Callbacks::Tlb(s) => s.release(),
+        }
+    }
+    #[inline]
+    fn list(&self) -> Option<&dyn ListSubscriber> {
+        match self {
+            Callbacks::List(s) => Some(&**s),
+            Callbacks::Tlb(_) => None,
+        }
+    }
+}
+
 /// One subscriber as the readers see it.
 struct SnapEntry {
-    sub: StdArc<dyn ListSubscriber>,
-    ops: Ops,
+    sub: Callbacks,
 }
 
 /// An immutable list of subscribers, published through `MmInner::list`.
@@ -98,8 +122,7 @@ enum ReleaseState {
 
 struct Entry {
     id: u64,
-    sub: StdArc<dyn ListSubscriber>,
-    ops: Ops,
+    sub: Callbacks,
 }
 
 struct SharedInfo {
@@ -192,8 +215,8 @@ pub struct Stats {
     pub list_subscribers: usize,
     /// Grace periods completed by the address space's domain.
     pub grace_periods: u64,
-    /// Subscriber bugs reported: a start that failed in a blockable range, or a start that
-    /// failed although the subscriber implements `end`.
+    /// Subscriber bugs reported: a start (list or interval) that failed in a blockable
+    /// range.
     pub subscriber_bugs: u64,
     /// Whether [`Subscriptions::release`] has run.
     pub released: bool,
@@ -310,10 +333,8 @@ impl Subscriptions {
         } else {
             None
         };
-        for e in snap.entries.iter() {
-            if e.ops.contains(Ops::INVALIDATE_RANGE_START)
-                && e.sub.invalidate_range_start(range).is_err()
-            {
+        for sub in snap.entries.iter().filter_map(|e| e.sub.list()) {
+            if sub.invalidate_range_start(range).is_err() {
                 self.report_bug(format_args!(
                     "invalidate_range_start failed in a blockable range {range:?}"
                 ));
@@ -326,9 +347,8 @@ impl Subscriptions {
     /// that would have to sleep return [`WouldBlock`].
     ///
     /// Every subscriber's start is still called. If any failed, `end` is then called on
-    /// every subscriber that implements it (so the ones whose start succeeded stay
-    /// balanced), and the caller gets `Err(WouldBlock)` and no guard, so it cannot call
-    /// `end` by mistake.
+    /// every subscriber (so the ones whose start succeeded stay balanced), and the caller
+    /// gets `Err(WouldBlock)` and no guard, so it cannot call `end` by mistake.
     pub fn try_invalidate_range_start(
         &self,
         range: Range,
@@ -354,18 +374,8 @@ impl Subscriptions {
             _not_send: PhantomData,
         };
         let mut failed = false;
-        for e in snap.entries.iter() {
-            if e.ops.contains(Ops::INVALIDATE_RANGE_START)
-                && e.sub.invalidate_range_start(&range).is_err()
-            {
-                failed = true;
-                if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
-                    self.report_bug(format_args!(
-                        "invalidate_range_start failed but the subscriber implements \
-                         invalidate_range_end, which will be called anyway ({range:?})"
-                    ));
-                }
-            }
+        for sub in snap.entries.iter().filter_map(|e| e.sub.list()) {
+            failed |= sub.invalidate_range_start(&range).is_err();
         }
         if failed {
             drop(guard);
@@ -380,10 +390,8 @@ impl Subscriptions {
         let (_read, snap) = self.read();
         snap.entries
             .iter()
-            .filter(|e| e.ops.contains(Ops::CLEAR_FLUSH_YOUNG))
-            .fold(false, |young, e| {
-                e.sub.clear_flush_young(start, end) | young
-            })
+            .filter_map(|e| e.sub.list())
+            .fold(false, |young, s| s.clear_flush_young(start, end) | young)
     }
 
     /// Like [`clear_flush_young`](Self::clear_flush_young) without the flush.
@@ -391,8 +399,8 @@ impl Subscriptions {
         let (_read, snap) = self.read();
         snap.entries
             .iter()
-            .filter(|e| e.ops.contains(Ops::CLEAR_YOUNG))
-            .fold(false, |young, e| e.sub.clear_young(start, end) | young)
+            .filter_map(|e| e.sub.list())
+            .fold(false, |young, s| s.clear_young(start, end) | young)
     }
 
     /// Whether any secondary has accessed `addr`; stops at the first that says so.
@@ -400,8 +408,8 @@ impl Subscriptions {
         let (_read, snap) = self.read();
         snap.entries
             .iter()
-            .filter(|e| e.ops.contains(Ops::TEST_YOUNG))
-            .any(|e| e.sub.test_young(addr))
+            .filter_map(|e| e.sub.list())
+            .any(|s| s.test_young(addr))
     }
 
     /// The primary flushed its TLB for `[start, end)` after clearing or downgrading page
@@ -409,8 +417,8 @@ impl Subscriptions {
     pub fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
         let (_read, snap) = self.read();
         for e in snap.entries.iter() {
-            if e.ops.contains(Ops::ARCH_INVALIDATE_SECONDARY_TLBS) {
-                e.sub.arch_invalidate_secondary_tlbs(start, end);
+            if let Callbacks::Tlb(tlb) = &e.sub {
+                tlb.arch_invalidate_secondary_tlbs(start, end);
             }
         }
     }
@@ -423,10 +431,7 @@ impl Subscriptions {
         let entries = state
             .entries
             .iter()
-            .map(|e| SnapEntry {
-                sub: e.sub.clone(),
-                ops: e.ops,
-            })
+            .map(|e| SnapEntry { sub: e.sub.clone() })
             .collect();
         let new = Box::into_raw(Box::new(Snapshot {
             entries,
@@ -458,15 +463,9 @@ impl Subscriptions {
 
     fn register_entry(
         &self,
-        sub: StdArc<dyn ListSubscriber>,
+        sub: Callbacks,
         shared: Option<(TypeId, StdArc<dyn Any + Send + Sync>)>,
     ) -> Result<Option<u64>, RegisterError> {
-        let ops = sub.ops();
-        if ops.contains(Ops::ARCH_INVALIDATE_SECONDARY_TLBS)
-            && ops.intersects(Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END)
-        {
-            return Err(RegisterError::ConflictingOps(ops));
-        }
         // Checked before anything is published: the grace period below would wait for
         // the caller itself.
         if self.inner.srcu.held_by_current_thread() {
@@ -488,7 +487,7 @@ impl Subscriptions {
             }
             let id = state.next_id;
             state.next_id += 1;
-            state.entries.push(Entry { id, sub, ops });
+            state.entries.push(Entry { id, sub });
             state.release.insert(id, ReleaseState::Live);
             if let Some((type_id, instance)) = shared {
                 state.shared.insert(
@@ -514,22 +513,34 @@ impl Subscriptions {
         Ok(Some(old.0))
     }
 
-    /// Registers a list subscriber. When this returns, the subscriber receives every later
-    /// callback, and no invalidation that was in flight when it was called is still running
-    /// (each either ended before, or called the new subscriber's start).
+    /// Registers a list subscriber (Linux's `mmu_notifier_register`). When this returns,
+    /// every later callback reaches it, and no invalidation that was in flight when it was
+    /// called is still running (each either ended before, or called the new subscriber's
+    /// start): rule 4 of the [crate rules](crate#the-rules).
     ///
-    /// Errors: [`RegisterError::ConflictingOps`] if the subscriber declares both the TLB op
-    /// and start/end; [`RegisterError::Released`] after the address space was released.
-    ///
-    /// # Panics
-    /// Called from inside a callback of this address space, or while holding one of its
-    /// [`InvalidateGuard`]s (it would wait for itself).
+    /// Errors: [`RegisterError::Released`] after the address space was released;
+    /// [`RegisterError::InsideCallback`] from inside a callback of this address space or
+    /// while holding one of its [`InvalidateGuard`]s (registration waits for in-flight
+    /// invalidations, so it would wait for the caller itself).
     pub fn register<S: ListSubscriber>(
         &self,
         subscriber: StdArc<S>,
     ) -> Result<ListRegistration, RegisterError> {
-        let sub: StdArc<dyn ListSubscriber> = subscriber;
-        let ops = sub.ops();
+        self.register_callbacks(Callbacks::List(subscriber))
+    }
+
+    /// Registers a secondary TLB that shares the primary's page tables: it gets
+    /// [`arch_invalidate_secondary_tlbs`](Self::arch_invalidate_secondary_tlbs) and
+    /// `release`, and no start/end. Same guarantees and errors as
+    /// [`register`](Self::register).
+    pub fn register_tlb<S: SecondaryTlb>(
+        &self,
+        subscriber: StdArc<S>,
+    ) -> Result<ListRegistration, RegisterError> {
+        self.register_callbacks(Callbacks::Tlb(subscriber))
+    }
+
+    fn register_callbacks(&self, sub: Callbacks) -> Result<ListRegistration, RegisterError> {
         let id = self
             .register_entry(sub.clone(), None)?
             .expect("a list registration is never refused for an existing instance");
@@ -537,7 +548,6 @@ impl Subscriptions {
             mm: self.clone(),
             id,
             sub,
-            ops,
             done: false,
         })
     }
@@ -558,7 +568,7 @@ impl Subscriptions {
     /// may free the pages afterwards. Calling it again does nothing.
     pub fn release(&self) {
         self.release_intervals();
-        let claimed: Vec<(u64, StdArc<dyn ListSubscriber>, Ops)> = {
+        let claimed: Vec<(u64, Callbacks)> = {
             let mut state = self.inner.state.lock();
             if state.released {
                 // Another release is running or ran: return only once it has finished.
@@ -568,14 +578,14 @@ impl Subscriptions {
                 return;
             }
             state.released = true;
-            let ids: Vec<(u64, StdArc<dyn ListSubscriber>, Ops)> = state
+            let ids: Vec<(u64, Callbacks)> = state
                 .entries
                 .iter()
-                .map(|e| (e.id, e.sub.clone(), e.ops))
+                .map(|e| (e.id, e.sub.clone()))
                 .collect();
             let me = thread::current().id();
             ids.into_iter()
-                .filter(|(id, _, _)| {
+                .filter(|(id, _)| {
                     if state.release.get(id) == Some(&ReleaseState::Live) {
                         state.release.insert(*id, ReleaseState::Releasing(me));
                         true
@@ -585,8 +595,8 @@ impl Subscriptions {
                 })
                 .collect()
         };
-        for (id, sub, ops) in claimed {
-            self.run_release(id, &*sub, ops);
+        for (id, sub) in claimed {
+            self.run_release(id, &sub);
         }
         let old = {
             let mut state = self.inner.state.lock();
@@ -610,7 +620,7 @@ impl Subscriptions {
     /// Runs a claimed `release`, inside a read-side section (so that `synchronize` and
     /// unregister's grace period wait for it, as Linux runs it under `srcu_read_lock`),
     /// and marks it finished even if the callback panics.
-    fn run_release(&self, id: u64, sub: &dyn ListSubscriber, ops: Ops) {
+    fn run_release(&self, id: u64, sub: &Callbacks) {
         struct Finish<'a>(&'a Subscriptions, u64);
         impl Drop for Finish<'_> {
             fn drop(&mut self) {
@@ -618,10 +628,8 @@ impl Subscriptions {
             }
         }
         let _finish = Finish(self, id);
-        if ops.contains(Ops::RELEASE) {
-            let _read = self.inner.srcu.read_lock();
-            sub.release();
-        }
+        let _read = self.inner.srcu.read_lock();
+        sub.release();
     }
 
     /// Takes a counted reference on the one shared subscriber of type `T` for this address
@@ -717,7 +725,7 @@ impl Subscriptions {
         sub: StdArc<T>,
     ) -> Result<Option<u64>, RegisterError> {
         let instance: StdArc<dyn Any + Send + Sync> = sub.clone();
-        self.register_entry(sub, Some((TypeId::of::<T>(), instance)))
+        self.register_entry(Callbacks::List(sub), Some((TypeId::of::<T>(), instance)))
     }
 
     fn put(&self, id: u64) {
@@ -791,10 +799,8 @@ impl InvalidateGuard<'_> {
     fn end_callbacks(&mut self) {
         // Interval end first, then list subscribers, in the order start called them.
         drop(self.itree.take());
-        for e in self.snap.entries.iter() {
-            if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
-                e.sub.invalidate_range_end(&self.range);
-            }
+        for sub in self.snap.entries.iter().filter_map(|e| e.sub.list()) {
+            sub.invalidate_range_end(&self.range);
         }
     }
 }
@@ -814,9 +820,7 @@ impl Drop for InvalidateGuard<'_> {
 pub struct ListRegistration {
     mm: Subscriptions,
     id: u64,
-    sub: StdArc<dyn ListSubscriber>,
-    /// The ops read at registration (read once).
-    ops: Ops,
+    sub: Callbacks,
     done: bool,
 }
 
@@ -880,7 +884,7 @@ impl ListRegistration {
         };
         if must_release {
             drop(state);
-            mm.run_release(self.id, &*self.sub, self.ops);
+            mm.run_release(self.id, &self.sub);
             state = mm.inner.state.lock();
         }
         state.release.remove(&self.id);

@@ -18,7 +18,7 @@ use std::sync::{Arc, Weak};
 
 use mmu_notifier::{
     IntervalContext, IntervalSubscriber, IntervalSubscription, ListRegistration, ListSubscriber,
-    Ops, Range, WouldBlock,
+    Range, SecondaryTlb, WouldBlock,
 };
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE};
 use parking_lot::Mutex;
@@ -97,19 +97,13 @@ enum Body {
 }
 
 struct ListPart {
-    kind: Broken,
     mm: Weak<AddressSpace>,
     state: ListState,
     counters: Counters,
 }
 
+/// Registered as a list subscriber (start/end), except `NeverFlushes`, a secondary TLB.
 impl ListSubscriber for ListPart {
-    fn ops(&self) -> Ops {
-        match self.kind {
-            Broken::NeverFlushes => Ops::ARCH_INVALIDATE_SECONDARY_TLBS,
-            _ => Ops::INVALIDATE_RANGE_START,
-        }
-    }
     fn invalidate_range_start(&self, r: &Range) -> Result<(), WouldBlock> {
         self.counters.invalidation();
         let mut t = self.state.table.lock();
@@ -124,6 +118,9 @@ impl ListSubscriber for ListPart {
         }
         Ok(())
     }
+}
+
+impl SecondaryTlb for ListPart {
     fn arch_invalidate_secondary_tlbs(&self, _: u64, _: u64) {
         // The bug: nothing is dropped.
         self.counters.invalidation();
@@ -164,13 +161,12 @@ impl BrokenSecondary {
                 };
                 let sub = mm
                     .notifier()
-                    .insert_interval(start, len, state)
+                    .insert_interval(start..start + len, state)
                     .map_err(|_| SecondaryError::Gone)?;
                 Body::Mirror(sub)
             }
             Broken::InstallsDuringInvalidation | Broken::NeverFlushes => {
                 let part = Arc::new(ListPart {
-                    kind,
                     mm: Arc::downgrade(mm),
                     state: ListState {
                         table: Mutex::new(Table::new()),
@@ -178,10 +174,11 @@ impl BrokenSecondary {
                     },
                     counters: Counters::default(),
                 });
-                let reg = mm
-                    .notifier()
-                    .register(part.clone())
-                    .map_err(|_| SecondaryError::Gone)?;
+                let reg = match kind {
+                    Broken::NeverFlushes => mm.notifier().register_tlb(part.clone()),
+                    _ => mm.notifier().register(part.clone()),
+                }
+                .map_err(|_| SecondaryError::Gone)?;
                 Body::List(part, Some(reg))
             }
         };

@@ -369,7 +369,9 @@ impl HmmMirror {
             released: false,
             shared: shared.clone(),
         };
-        let sub = mm.notifier().insert_interval(start, length, table)?;
+        let sub = mm
+            .notifier()
+            .insert_interval(start..start + length, table)?;
         // insert_interval checked that `start + length - 1` fits.
         let end = start + (length - 1) + 1;
         let mirror = Arc::new(Self {

@@ -92,7 +92,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Orderin
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use mmu_notifier::{ListRegistration, ListSubscriber, Ops, Range, RegisterError, WouldBlock};
+use mmu_notifier::{ListRegistration, ListSubscriber, Range, RegisterError, WouldBlock};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE, TASK_SIZE};
 use parking_lot::Mutex;
 
@@ -344,15 +344,6 @@ impl ShadowMmu {
 }
 
 impl ListSubscriber for ShadowMmu {
-    fn ops(&self) -> Ops {
-        Ops::RELEASE
-            | Ops::CLEAR_FLUSH_YOUNG
-            | Ops::CLEAR_YOUNG
-            | Ops::TEST_YOUNG
-            | Ops::INVALIDATE_RANGE_START
-            | Ops::INVALIDATE_RANGE_END
-    }
-
     fn release(&self) {
         self.retire();
     }

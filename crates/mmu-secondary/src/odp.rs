@@ -132,7 +132,7 @@ impl Chunk {
         !self.dead && self.start <= start && end <= self.end
     }
 
-    /// Marks the chunk dead and removes it (never waits: `HAS_RELEASE`).
+    /// Marks the chunk dead and removes it (never waits).
     fn kill(&mut self, ctx: &mut IntervalContext<'_, Self>) {
         self.dead = true;
         self.pages.clear();
@@ -141,8 +141,6 @@ impl Chunk {
 }
 
 impl IntervalSubscriber for Chunk {
-    const HAS_RELEASE: bool = true;
-
     fn invalidate(
         &mut self,
         range: &Range,
@@ -165,13 +163,13 @@ impl IntervalSubscriber for Chunk {
         } else if s <= cs {
             // The unmap covers the head: keep [e, ce).
             self.start = e;
-            if ctx.update_self(e, ce - e).is_err() {
+            if ctx.update_self(e..ce).is_err() {
                 self.kill(ctx);
             }
         } else if ce <= e {
             // The unmap covers the tail: keep [cs, s).
             self.end = s;
-            if ctx.update_self(cs, s - cs).is_err() {
+            if ctx.update_self(cs..s).is_err() {
                 self.kill(ctx);
             }
         } else {
@@ -185,7 +183,7 @@ impl IntervalSubscriber for Chunk {
                 shared: self.shared.clone(),
             };
             self.end = s;
-            match ctx.split_self((cs, s - cs), (e, ce - e), right) {
+            match ctx.split_self(cs..s, e..ce, right) {
                 // Without the region (it is being dropped) the handle is dropped here,
                 // which cancels the new half's insertion; that never waits either.
                 Ok(h) => {
@@ -316,8 +314,8 @@ impl OdpRegion {
             let mut gone = Vec::new();
             for h in std::mem::take(&mut *subs) {
                 match h.range() {
-                    Some((s, last)) => {
-                        out.push((h.clone(), (s, last.saturating_add(1))));
+                    Some(r) => {
+                        out.push((h.clone(), (r.start, r.end)));
                         subs.push(h);
                     }
                     None => gone.push(h),
@@ -376,7 +374,7 @@ impl OdpRegion {
         let sub = self
             .mm
             .notifier()
-            .insert_interval(lo, hi - lo, state)
+            .insert_interval(lo..hi, state)
             .map_err(|e| match e {
                 IntervalError::Released => SecondaryError::Gone,
                 _ => SecondaryError::OutOfRange(page),
@@ -412,7 +410,7 @@ impl OdpRegion {
         loop {
             let sub = self.lookup_or_create(page)?;
             let seq = sub.read_begin();
-            let Some((_, last)) = sub.range() else {
+            let Some(covered) = sub.range() else {
                 // Removed since the lookup: the next lookup drops it.
                 counters.retry();
                 if Instant::now() >= deadline {
@@ -420,7 +418,7 @@ impl OdpRegion {
                 }
                 continue;
             };
-            let end = want_end.min(last.saturating_add(1));
+            let end = want_end.min(covered.end);
             // Gather without the user lock (the primary may sleep).
             let mut got: Vec<(u64, FrameRef)> = Vec::new();
             for a in (page..end).step_by(PAGE_SIZE as usize) {

@@ -78,7 +78,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Orderin
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use mmu_notifier::{ListRegistration, ListSubscriber, Ops, RegisterError};
+use mmu_notifier::{ListRegistration, RegisterError, SecondaryTlb};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE, TASK_SIZE};
 use parking_lot::Mutex;
 
@@ -147,11 +147,7 @@ impl DeviceTlb {
     }
 }
 
-impl ListSubscriber for DeviceTlb {
-    fn ops(&self) -> Ops {
-        Ops::ARCH_INVALIDATE_SECONDARY_TLBS | Ops::RELEASE
-    }
-
+impl SecondaryTlb for DeviceTlb {
     fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
         let mut e = self.lock.lock();
         self.counters.invalidation();
@@ -284,7 +280,7 @@ impl SvaTlb {
             page_requests: AtomicU64::new(0),
             counters: Counters::default(),
         });
-        let registration = mm.notifier().register(tlb.clone())?;
+        let registration = mm.notifier().register_tlb(tlb.clone())?;
         if let Some(checker) = mm.checker() {
             let weak: Weak<dyn CheckedSecondary> = Arc::downgrade(&tlb) as _;
             checker.add_secondary(weak);

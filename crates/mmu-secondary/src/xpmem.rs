@@ -475,7 +475,7 @@ impl Xpmem {
         let sub = self
             .mm
             .notifier()
-            .insert_interval(s, e - s, state)
+            .insert_interval(s..e, state)
             .map_err(|err| match err {
                 IntervalError::Released => SecondaryError::Gone,
                 _ => bad,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use mmu_notifier::{
     Event, IntervalContext, IntervalSubscriber, IntervalSubscription, ListRegistration,
-    ListSubscriber, Ops, OwnerToken, Range, WouldBlock,
+    ListSubscriber, OwnerToken, Range, SecondaryTlb, WouldBlock,
 };
 use mmu_sim::{
     AddressSpace, Advice, File, FrameAllocator, MapKind, MremapFlags, OomReap, Pfn, Prot, Pte,
@@ -270,14 +270,6 @@ impl Shared {
 struct Shadow(Arc<Shared>);
 
 impl ListSubscriber for Shadow {
-    fn ops(&self) -> Ops {
-        Ops::RELEASE
-            | Ops::INVALIDATE_RANGE_START
-            | Ops::INVALIDATE_RANGE_END
-            | Ops::CLEAR_FLUSH_YOUNG
-            | Ops::CLEAR_YOUNG
-            | Ops::TEST_YOUNG
-    }
     fn release(&self) {
         self.0.push(Call::Release);
     }
@@ -311,10 +303,7 @@ impl ListSubscriber for Shadow {
 /// A secondary TLB over the primary's own tables: only the TLB op.
 struct Tlb(Arc<Shared>);
 
-impl ListSubscriber for Tlb {
-    fn ops(&self) -> Ops {
-        Ops::ARCH_INVALIDATE_SECONDARY_TLBS
-    }
+impl SecondaryTlb for Tlb {
     fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
         self.0.push(Call::Flush(start, end));
         self.0.check_flush(start, end);
@@ -332,9 +321,6 @@ struct Blocker {
 }
 
 impl ListSubscriber for Blocker {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START
-    }
     fn invalidate_range_start(&self, r: &Range) -> Result<(), WouldBlock> {
         if !r.blockable()
             && r.overlaps(self.start, self.end)
@@ -385,7 +371,9 @@ impl Rig {
         });
         let regs = vec![
             mm.notifier().register(Arc::new(Shadow(s.clone()))).unwrap(),
-            mm.notifier().register(Arc::new(Tlb(s.clone()))).unwrap(),
+            mm.notifier()
+                .register_tlb(Arc::new(Tlb(s.clone())))
+                .unwrap(),
         ];
         Rig { mm, s, regs }
     }
@@ -1313,7 +1301,7 @@ fn exit_releases_first_then_unmaps_everything_before_freeing() {
     let sub: IntervalSubscription<Mirror> = rig
         .mm
         .notifier()
-        .insert_interval(a, 4 * P, Mirror(rig.s.clone()))
+        .insert_interval(a..a + 4 * P, Mirror(rig.s.clone()))
         .unwrap();
     rig.watch(pages(a, 4));
     rig.take();

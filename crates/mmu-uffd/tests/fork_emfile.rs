@@ -87,7 +87,10 @@ fn emfile_on_a_fork_event_is_survived() {
     let applied = Arc::new(AtomicBool::new(false));
     let _sub = m
         .subscriptions()
-        .insert_interval(p as u64, (4 * PAGE) as u64, Flag(applied.clone()))
+        .insert_interval(
+            p as u64..p as u64 + (4 * PAGE) as u64,
+            Flag(applied.clone()),
+        )
         .unwrap();
     let fds = fd_count();
     let normal = nofile();

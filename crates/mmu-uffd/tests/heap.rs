@@ -123,7 +123,7 @@ fn heap_child() {
     let calls = Arc::new(AtomicU64::new(0));
     let _sub = m
         .subscriptions()
-        .insert_interval(0, u64::MAX, Allocating(calls.clone()))
+        .insert_interval(0..u64::MAX, Allocating(calls.clone()))
         .expect("subscribe");
     let (registered, deregistered) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (r, d) = (registered.clone(), deregistered.clone());

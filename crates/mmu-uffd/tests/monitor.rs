@@ -93,7 +93,10 @@ fn record(m: &Monitor, start: *mut u8, len: usize) -> (IntervalSubscription<Reco
     let log = Log::default();
     let sub = m
         .subscriptions()
-        .insert_interval(start as u64, len as u64, Recorder(log.clone()))
+        .insert_interval(
+            start as u64..start as u64 + len as u64,
+            Recorder(log.clone()),
+        )
         .expect("insert a recording subscription");
     (sub, log)
 }
@@ -1227,7 +1230,7 @@ fn fork_during_allocating_callback_completes() {
     m.watch(a, PAGE).unwrap();
     let _sub = m
         .subscriptions()
-        .insert_interval(a as u64, PAGE as u64, AllocatesDuringFork)
+        .insert_interval(a as u64..a as u64 + PAGE as u64, AllocatesDuringFork)
         .unwrap();
     let _dog = Watchdog::new(
         "fork_during_allocating_callback_completes: fork() never returned",
@@ -1612,8 +1615,7 @@ fn drop_while_the_applier_is_busy() {
     let _blocker = m
         .subscriptions()
         .insert_interval(
-            a as u64,
-            PAGE as u64,
+            a as u64..a as u64 + PAGE as u64,
             Blocker {
                 open: open.clone(),
                 entered: entered.clone(),
@@ -1731,8 +1733,7 @@ fn watch_while_an_unmap_is_unreported_still_registers() {
     let _blocker = m
         .subscriptions()
         .insert_interval(
-            a as u64,
-            PAGE as u64,
+            a as u64..a as u64 + PAGE as u64,
             Blocker {
                 open: open.clone(),
                 entered: entered.clone(),
@@ -1842,7 +1843,7 @@ fn panicking_callback_stops_the_monitor() {
     let hq = cache.get(q, 2 * PAGE).unwrap();
     let _bomb = m
         .subscriptions()
-        .insert_interval(p as u64, 4 * PAGE as u64, Bomb)
+        .insert_interval(p as u64..p as u64 + 4 * PAGE as u64, Bomb)
         .unwrap();
     unmap(p, 4 * PAGE);
     assert!(!h.is_valid());

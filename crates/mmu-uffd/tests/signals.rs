@@ -56,7 +56,7 @@ fn record_all(m: &Monitor) -> (IntervalSubscription<Recorder>, Log) {
     let log = Log::default();
     let sub = m
         .subscriptions()
-        .insert_interval(0, u64::MAX, Recorder(log.clone()))
+        .insert_interval(0..u64::MAX, Recorder(log.clone()))
         .expect("insert a recording subscription");
     (sub, log)
 }

@@ -41,7 +41,7 @@ fn drop_completes_when_a_callback_also_panics_on_release() {
     m.watch(p, 4 * PAGE).unwrap();
     let sub = m
         .subscriptions()
-        .insert_interval(p as u64, 4 * PAGE as u64, AlwaysPanics)
+        .insert_interval(p as u64..p as u64 + 4 * PAGE as u64, AlwaysPanics)
         .unwrap();
     unmap(p, 4 * PAGE);
     // The monitor stops (the Unmap's panic was caught).
