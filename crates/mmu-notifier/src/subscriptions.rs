@@ -120,9 +120,21 @@ enum ReleaseState {
     Released,
 }
 
-struct Entry {
-    id: u64,
+/// What `register_record` did.
+enum Registered {
+    /// A new registration, with its id.
+    New(u64),
+    /// A shared subscriber of that type already has users: nothing was registered.
+    Existing,
+}
+
+/// One registration (a list subscriber, a secondary TLB, or a shared subscriber), from
+/// `register`/`get` until its handle is done with it (`unregister`, the last `put`).
+struct Record {
     sub: Callbacks,
+    release: ReleaseState,
+    /// Shared subscribers only: the get/put bookkeeping.
+    shared: Option<SharedInfo>,
 }
 
 struct SharedInfo {
@@ -133,20 +145,74 @@ struct SharedInfo {
     ready: bool,
 }
 
+/// The writers' state, under `MmInner::state`. Invariants, kept by the methods below:
+/// - `records` has a record for every registration whose handle still exists;
+/// - `listed` holds, in registration order, the ids of the records whose subscriber is in
+///   the published list (the published snapshot is `listed` mapped to their callbacks);
+///   address-space release empties it, and the records stay, `Released`, until their
+///   handles are done;
+/// - `shared_by_type[T] == id` exactly when `records[id]` is the shared subscriber of type
+///   `T` and has users.
 #[derive(Default)]
 struct State {
-    /// Registrations in the list, in registration order.
-    entries: Vec<Entry>,
-    /// Release state of every registration whose handle still exists.
-    release: HashMap<u64, ReleaseState>,
-    /// get/put bookkeeping, by registration id.
-    shared: HashMap<u64, SharedInfo>,
+    records: HashMap<u64, Record>,
+    listed: Vec<u64>,
+    shared_by_type: HashMap<TypeId, u64>,
     released: bool,
     /// `release` has finished (a second, concurrent `release` waits for it).
     release_done: bool,
     /// Published snapshots tell invalidations to run the interval part.
     itree_enabled: bool,
     next_id: u64,
+}
+
+impl State {
+    /// Adds a live, listed registration.
+    fn add(&mut self, sub: Callbacks, shared: Option<SharedInfo>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Some(info) = &shared {
+            self.shared_by_type.insert(info.type_id, id);
+        }
+        let release = ReleaseState::Live;
+        self.records.insert(
+            id,
+            Record {
+                sub,
+                release,
+                shared,
+            },
+        );
+        self.listed.push(id);
+        id
+    }
+
+    /// Forgets a registration whose handle is done. Returns whether it was listed (the
+    /// caller must then publish).
+    fn forget(&mut self, id: u64) -> bool {
+        if let Some(info) = self.records.remove(&id).and_then(|r| r.shared) {
+            if self.shared_by_type.get(&info.type_id) == Some(&id) {
+                self.shared_by_type.remove(&info.type_id);
+            }
+        }
+        let before = self.listed.len();
+        self.listed.retain(|&l| l != id);
+        before != self.listed.len()
+    }
+
+    fn release_state(&self, id: u64) -> Option<ReleaseState> {
+        self.records.get(&id).map(|r| r.release)
+    }
+
+    fn set_release_state(&mut self, id: u64, to: ReleaseState) {
+        if let Some(r) = self.records.get_mut(&id) {
+            r.release = to;
+        }
+    }
+
+    fn shared_mut(&mut self, id: u64) -> Option<&mut SharedInfo> {
+        self.records.get_mut(&id)?.shared.as_mut()
+    }
 }
 
 struct MmInner {
@@ -258,7 +324,7 @@ impl Subscriptions {
         Stats {
             interval_subscriptions,
             interval_seq,
-            list_subscribers: state.entries.len(),
+            list_subscribers: state.listed.len(),
             grace_periods: self.inner.srcu.grace_periods(),
             subscriber_bugs: self.inner.subscriber_bugs.load(Relaxed),
             released: state.released,
@@ -425,13 +491,15 @@ impl Subscriptions {
 
     // ----- writers ------------------------------------------------------------------
 
-    /// Publishes a snapshot of `state.entries` and returns the one it replaces, which the
-    /// caller must free after a grace period.
+    /// Publishes a snapshot of the listed registrations and returns the one it replaces,
+    /// which the caller must free after a grace period.
     fn publish(&self, state: &MutexGuard<'_, State>) -> RetiredSnapshot {
         let entries = state
-            .entries
+            .listed
             .iter()
-            .map(|e| SnapEntry { sub: e.sub.clone() })
+            .map(|id| SnapEntry {
+                sub: state.records[id].sub.clone(),
+            })
             .collect();
         let new = Box::into_raw(Box::new(Snapshot {
             entries,
@@ -461,56 +529,47 @@ impl Subscriptions {
         unsafe { old.free() };
     }
 
-    fn register_entry(
+    /// Adds a registration, publishes it and waits for the grace period of rule 4.
+    /// `shared` registers the shared subscriber of a type, unless one with users exists:
+    /// then nothing is registered and the answer is [`Registered::Existing`].
+    fn register_record(
         &self,
         sub: Callbacks,
         shared: Option<(TypeId, StdArc<dyn Any + Send + Sync>)>,
-    ) -> Result<Option<u64>, RegisterError> {
+    ) -> Result<Registered, RegisterError> {
         // Checked before anything is published: the grace period below would wait for
         // the caller itself.
         if self.inner.srcu.held_by_current_thread() {
             return Err(RegisterError::InsideCallback);
         }
-        let old = {
+        let (id, old) = {
             let mut state = self.inner.state.lock();
             if state.released {
                 return Err(RegisterError::Released);
             }
             if let Some((type_id, _)) = &shared {
-                if state
-                    .shared
-                    .values()
-                    .any(|s| s.type_id == *type_id && s.users > 0)
-                {
-                    return Ok(None);
+                if state.shared_by_type.contains_key(type_id) {
+                    return Ok(Registered::Existing);
                 }
             }
-            let id = state.next_id;
-            state.next_id += 1;
-            state.entries.push(Entry { id, sub });
-            state.release.insert(id, ReleaseState::Live);
-            if let Some((type_id, instance)) = shared {
-                state.shared.insert(
-                    id,
-                    SharedInfo {
-                        type_id,
-                        users: 1,
-                        instance,
-                        ready: false,
-                    },
-                );
-            }
+            let shared = shared.map(|(type_id, instance)| SharedInfo {
+                type_id,
+                users: 1,
+                instance,
+                ready: false,
+            });
+            let id = state.add(sub, shared);
             (id, self.publish(&state))
         };
         // Rule 4: every invalidation that could have missed the new subscriber (it loaded
         // the old snapshot) has ended when this grace period has.
-        self.retire_sync(old.1);
+        self.retire_sync(old);
         let mut state = self.inner.state.lock();
-        if let Some(info) = state.shared.get_mut(&old.0) {
+        if let Some(info) = state.shared_mut(id) {
             info.ready = true;
             self.inner.state_cv.notify_all();
         }
-        Ok(Some(old.0))
+        Ok(Registered::New(id))
     }
 
     /// Registers a list subscriber (Linux's `mmu_notifier_register`). When this returns,
@@ -541,9 +600,9 @@ impl Subscriptions {
     }
 
     fn register_callbacks(&self, sub: Callbacks) -> Result<ListRegistration, RegisterError> {
-        let id = self
-            .register_entry(sub.clone(), None)?
-            .expect("a list registration is never refused for an existing instance");
+        let Registered::New(id) = self.register_record(sub.clone(), None)? else {
+            unreachable!("only shared registrations can find an existing instance")
+        };
         Ok(ListRegistration {
             mm: self.clone(),
             id,
@@ -553,10 +612,10 @@ impl Subscriptions {
     }
 
     fn finish_release(&self, id: u64) {
-        let mut state = self.inner.state.lock();
-        if let Some(s) = state.release.get_mut(&id) {
-            *s = ReleaseState::Released;
-        }
+        self.inner
+            .state
+            .lock()
+            .set_release_state(id, ReleaseState::Released);
         self.inner.state_cv.notify_all();
     }
 
@@ -578,22 +637,17 @@ impl Subscriptions {
                 return;
             }
             state.released = true;
-            let ids: Vec<(u64, Callbacks)> = state
-                .entries
-                .iter()
-                .map(|e| (e.id, e.sub.clone()))
-                .collect();
             let me = thread::current().id();
-            ids.into_iter()
-                .filter(|(id, _)| {
-                    if state.release.get(id) == Some(&ReleaseState::Live) {
-                        state.release.insert(*id, ReleaseState::Releasing(me));
-                        true
-                    } else {
-                        false
-                    }
-                })
-                .collect()
+            let state = &mut *state;
+            let mut claimed = Vec::new();
+            for id in &state.listed {
+                let record = state.records.get_mut(id).expect("listed ids have records");
+                if record.release == ReleaseState::Live {
+                    record.release = ReleaseState::Releasing(me);
+                    claimed.push((*id, record.sub.clone()));
+                }
+            }
+            claimed
         };
         for (id, sub) in claimed {
             self.run_release(id, &sub);
@@ -603,13 +657,13 @@ impl Subscriptions {
             // Releases claimed by racing unregisters must finish before the subscribers
             // leave the list.
             while state
-                .entries
+                .listed
                 .iter()
-                .any(|e| matches!(state.release.get(&e.id), Some(ReleaseState::Releasing(_))))
+                .any(|id| matches!(state.release_state(*id), Some(ReleaseState::Releasing(_))))
             {
                 state = self.inner.state_cv.wait(state);
             }
-            state.entries.clear();
+            state.listed.clear();
             self.publish(&state)
         };
         self.retire_sync(old);
@@ -664,13 +718,10 @@ impl Subscriptions {
                 if state.released {
                     return Err(RegisterError::Released.into());
                 }
-                let found = state
-                    .shared
-                    .iter()
-                    .find(|(_, s)| s.type_id == TypeId::of::<T>() && s.users > 0)
-                    .map(|(&id, _)| id);
-                if let Some(id) = found {
-                    let info = state.shared.get_mut(&id).expect("found above");
+                if let Some(&id) = state.shared_by_type.get(&TypeId::of::<T>()) {
+                    let info = state
+                        .shared_mut(id)
+                        .expect("indexed shared subscribers exist");
                     if info.users >= T::MAX_USERS {
                         return Err(GetError::TooManyUsers {
                             limit: T::MAX_USERS,
@@ -686,7 +737,12 @@ impl Subscriptions {
                     // that rule 4 holds for this caller too (unless the caller is inside a
                     // read-side section, which that grace period would wait for).
                     if !self.inner.srcu.held_by_current_thread() {
-                        while state.shared.get(&id).is_some_and(|i| !i.ready) {
+                        while state
+                            .records
+                            .get(&id)
+                            .and_then(|r| r.shared.as_ref())
+                            .is_some_and(|i| !i.ready)
+                        {
                             state = self.inner.state_cv.wait(state);
                         }
                     }
@@ -704,8 +760,10 @@ impl Subscriptions {
                 Some(sub) => sub,
                 None => StdArc::new(T::alloc(self)?),
             };
-            match self.register_shared(sub.clone())? {
-                Some(id) => {
+            let instance: StdArc<dyn Any + Send + Sync> = sub.clone();
+            let shared = Some((TypeId::of::<T>(), instance));
+            match self.register_record(Callbacks::List(sub.clone()), shared)? {
+                Registered::New(id) => {
                     return Ok(Shared {
                         mm: self.clone(),
                         id,
@@ -714,35 +772,21 @@ impl Subscriptions {
                     })
                 }
                 // Another get registered one meanwhile: share it, drop ours unused.
-                None => fresh = Some(sub),
+                Registered::Existing => fresh = Some(sub),
             }
         }
-    }
-
-    /// Registers a shared subscriber unless a live one of its type exists (`Ok(None)`).
-    fn register_shared<T: SharedSubscriber>(
-        &self,
-        sub: StdArc<T>,
-    ) -> Result<Option<u64>, RegisterError> {
-        let instance: StdArc<dyn Any + Send + Sync> = sub.clone();
-        self.register_entry(Callbacks::List(sub), Some((TypeId::of::<T>(), instance)))
     }
 
     fn put(&self, id: u64) {
         let mut state = self.inner.state.lock();
         let info = state
-            .shared
-            .get_mut(&id)
+            .shared_mut(id)
             .expect("put of a shared subscriber that has no users (a put without a get)");
         info.users -= 1;
         if info.users > 0 {
             return;
         }
-        state.shared.remove(&id);
-        state.release.remove(&id);
-        let was_listed = state.entries.len();
-        state.entries.retain(|e| e.id != id);
-        let retired = (was_listed != state.entries.len()).then(|| self.publish(&state));
+        let retired = state.forget(id).then(|| self.publish(&state));
         drop(state);
         if let Some(old) = retired {
             // SAFETY (of the deferred free): `call` runs it after a grace period that
@@ -863,11 +907,12 @@ impl ListRegistration {
         );
         let mut state = mm.inner.state.lock();
         let must_release = loop {
-            match state.release.get(&self.id).copied() {
+            match state.release_state(self.id) {
                 Some(ReleaseState::Live) => {
-                    state
-                        .release
-                        .insert(self.id, ReleaseState::Releasing(thread::current().id()));
+                    state.set_release_state(
+                        self.id,
+                        ReleaseState::Releasing(thread::current().id()),
+                    );
                     break true;
                 }
                 Some(ReleaseState::Releasing(owner)) => {
@@ -887,10 +932,7 @@ impl ListRegistration {
             mm.run_release(self.id, &self.sub);
             state = mm.inner.state.lock();
         }
-        state.release.remove(&self.id);
-        let before = state.entries.len();
-        state.entries.retain(|e| e.id != self.id);
-        let retired = (before != state.entries.len()).then(|| mm.publish(&state));
+        let retired = state.forget(self.id).then(|| mm.publish(&state));
         drop(state);
         match retired {
             Some(old) => mm.retire_sync(old),
