@@ -122,7 +122,8 @@ pub trait ListSubscriber: Send + Sync + 'static {
 
 /// A secondary TLB that shares the primary's page tables (an IOMMU in shared-virtual-memory
 /// mode, Linux's `arch_invalidate_secondary_tlbs` users): it keeps no copies of its own, so
-/// it has no start/end; it only drops its cached walks when the primary flushes its TLB.
+/// it has no start/end (invalidations never call it); it only drops its cached walks when
+/// the primary flushes its TLB.
 /// Registered by [`Subscriptions::register_tlb`](crate::Subscriptions::register_tlb).
 ///
 /// ```

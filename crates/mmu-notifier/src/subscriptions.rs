@@ -277,7 +277,7 @@ impl Default for Subscriptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// List subscribers currently in the list.
+    /// List subscribers and secondary TLBs currently registered.
     pub list_subscribers: usize,
     /// Grace periods completed by the address space's domain.
     pub grace_periods: u64,
@@ -367,6 +367,11 @@ impl Subscriptions {
     /// sleep). When this returns every subscriber has dropped its translations into the
     /// range; they create none until the returned guard drops (`invalidate_range_end`).
     ///
+    /// It takes the user lock of every interval subscription overlapping the range: a
+    /// thread that holds one of those locks (an [`IntervalGuard`](crate::IntervalGuard)
+    /// or an [`IntervalLockGuard`](crate::IntervalLockGuard)) must not call it, or it
+    /// waits for itself.
+    ///
     /// A subscriber start that fails here is a bug in the subscriber: it is logged,
     /// counted in [`Stats::subscriber_bugs`], and the invalidation carries on.
     #[inline]
@@ -410,7 +415,9 @@ impl Subscriptions {
     }
 
     /// Non-blocking [`invalidate_range_start`](Self::invalidate_range_start): subscribers
-    /// that would have to sleep return [`WouldBlock`].
+    /// that would have to sleep return [`WouldBlock`]. An interval subscription whose user
+    /// lock is busy is one of them: its `invalidate` is not called, and the result is
+    /// `Err(WouldBlock)`.
     ///
     /// Every subscriber's start is still called. If any failed, `end` is then called on
     /// every subscriber (so the ones whose start succeeded stay balanced), and the caller

@@ -99,4 +99,4 @@ mod sys;
 
 pub use cache::{CacheConfig, CacheStats, CachedRegistration, FnRegistrar, RegCache, Registrar};
 pub use error::Error;
-pub use monitor::{Capabilities, Monitor, MonitorConfig, MonitorStats};
+pub use monitor::{Capabilities, Monitor, MonitorConfig, MonitorState, MonitorStats};

@@ -28,7 +28,8 @@ use mmu_notifier::{
     Event, IntervalContext, IntervalSubscriber, IntervalSubscription, Range, WouldBlock,
 };
 use mmu_uffd::{
-    CacheConfig, CachedRegistration, Error, Monitor, MonitorConfig, RegCache, Registrar,
+    CacheConfig, CachedRegistration, Error, Monitor, MonitorConfig, MonitorState, RegCache,
+    Registrar,
 };
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -437,7 +438,7 @@ fn munmap_patterns(test: &str, kind: Kind) {
         counts.registered.load(SeqCst),
         counts.deregistered.load(SeqCst)
     );
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
 }
 
 #[test]
@@ -1084,7 +1085,7 @@ fn fork_events_close_the_childs_descriptor() {
     unmap(p, 4 * PAGE);
     assert!(!h.is_valid());
     assert_eq!(log.take(), vec![ev(p, 0, 4, Event::Unmap)]);
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
 }
 
 /// Library bug (fixable: `with_config` can wait until its thread is past its start-up; the
@@ -1449,7 +1450,7 @@ fn threads_unmap_and_remap_concurrently() {
     assert_eq!(st.unmaps + st.remaps, expected.len() as u64, "{st:?}");
     assert_eq!(st.invalidations, expected.len() as u64, "{st:?}");
     assert_eq!((st.unexpected_faults, st.unknown), (0, 0));
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
     drop(cache);
     assert_eq!(
         counts.registered.load(SeqCst),
@@ -1562,7 +1563,7 @@ fn drop_releases_and_stops() {
     let p = anon(4);
     let h = cache.get(p, 4 * PAGE).unwrap();
     let (_sub, logp) = record(&m, p, PAGE);
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
     drop(m);
     let release = (0, u64::MAX, Event::Release);
     assert_eq!(log.take(), vec![release]);
@@ -1848,8 +1849,8 @@ fn panicking_callback_stops_the_monitor() {
     unmap(p, 4 * PAGE);
     assert!(!h.is_valid());
     assert!(!hq.is_valid(), "a stopped monitor vouches for nothing");
-    let why = match m.stopped() {
-        Some(Some(why)) => why,
+    let why = match m.state() {
+        MonitorState::Failed(why) => why,
         other => panic!("expected a stop with a reason, got {other:?}"),
     };
     assert!(
@@ -1867,7 +1868,7 @@ fn panicking_callback_stops_the_monitor() {
         Duration::from_secs(5),
         move || unmap(qa as *mut u8, 2 * PAGE),
     );
-    // `stopped()` answers as soon as the gate is closed; the Release is delivered after
+    // `state()` answers as soon as the gate is closed; the Release is delivered after
     // that, on the monitor thread, which dropping the monitor joins.
     drop(m);
     let seen = log.take();
@@ -1946,7 +1947,7 @@ fn watch_errors() {
     }
     // No user registration was made; the monitor runs on.
     assert_eq!(counts.registered.load(SeqCst), 0);
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
     let st = m.stats();
     assert_eq!(st.invalidations, 0, "{st:?}");
     // And it still works.

@@ -9,24 +9,33 @@
 //! between them. Here the subscriber owns an [`IntervalLock`] and inserts any number of
 //! subscriptions under it:
 //!
-//! - an invalidation of one of them takes *that* lock (try-locks it in a non-blockable
-//!   range), sets the subscription's sequence under it (Linux's `mmu_interval_set_seq`,
-//!   done by the library so it cannot be forgotten) and calls the subscriber's
-//!   `invalidate` with the locked state;
+//! - an invalidation calls `invalidate` once for each subscription it overlaps, each time
+//!   taking the shared lock (a try-lock in a non-blockable range: if the lock is busy,
+//!   `invalidate` is not called and the invalidation fails with
+//!   [`WouldBlock`]), setting that subscription's sequence under it
+//!   (Linux's `mmu_interval_set_seq`, done by the library so it cannot be forgotten) and
+//!   passing the locked state; `invalidate` should drop only what it mirrors of that
+//!   subscription's range;
 //! - a fill calls `read_begin` on each subscription it reads through, gathers without the
 //!   lock, then takes the lock once and asks the guard
 //!   [`read_retry`](IntervalLockGuard::read_retry) for each of them. The guard is the
 //!   proof that the lock is held (the same rule as the one-lock path), and `read_retry`
-//!   checks that the subscription really is one of this lock's.
+//!   checks that the subscription really is one of this lock's. The fill starts again if
+//!   *any* of them was invalidated meanwhile; a fill over many busy intervals retries
+//!   more often, so keep the span of one fill to what one device operation needs.
+//!
+//! Never start an invalidation of the address space (as its primary) while holding the
+//! shared lock of one of its subscriptions: a blockable invalidation of an overlapping
+//! range waits for that lock, i.e. for the caller.
 //!
 //! The sequence protocol, the deferred changes and the removal rules are the module's
 //! (see [`IntervalSubscriber`](crate::IntervalSubscriber)); only where the user lock
 //! lives differs. A subscription's own data `T` is immutable (`&self`); per-interval
 //! mutable state belongs in the locked state `S`.
 
-use std::ops::Range as Span;
+use std::ops;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc as StdArc;
+use std::sync::Arc;
 
 use super::{
     answered, insert_node, lock_user, remove_node, split_node, update, ErasedNode, Handle, HexSpan,
@@ -95,8 +104,8 @@ pub struct IntervalLock<S> {
 
 impl<S: Send + 'static> IntervalLock<S> {
     /// A new lock around `state`, to share between subscriptions.
-    pub fn new(state: S) -> StdArc<Self> {
-        StdArc::new(IntervalLock {
+    pub fn new(state: S) -> Arc<Self> {
+        Arc::new(IntervalLock {
             state: Mutex::new(state),
         })
     }
@@ -190,7 +199,7 @@ pub trait LockedIntervalSubscriber: Send + Sync + Sized + 'static {
 
 struct LockedNode<T: LockedIntervalSubscriber> {
     core: NodeCore,
-    lock: StdArc<IntervalLock<T::State>>,
+    lock: Arc<IntervalLock<T::State>>,
     data: T,
 }
 
@@ -199,7 +208,7 @@ impl<T: LockedIntervalSubscriber> ErasedNode for LockedNode<T> {
         &self.core
     }
 
-    fn invalidate(self: StdArc<Self>, mm: &Subscriptions, range: &Range, cur_seq: u64) -> bool {
+    fn invalidate(self: Arc<Self>, mm: &Subscriptions, range: &Range, cur_seq: u64) -> bool {
         let Some(mut state) = lock_user(&self.lock.state, &self.core, range, cur_seq) else {
             return false;
         };
@@ -218,10 +227,10 @@ impl<T: LockedIntervalSubscriber> ErasedNode for LockedNode<T> {
 }
 
 fn new_node<T: LockedIntervalSubscriber>(
-    lock: &StdArc<IntervalLock<T::State>>,
+    lock: &Arc<IntervalLock<T::State>>,
     data: T,
-) -> StdArc<LockedNode<T>> {
-    StdArc::new(LockedNode {
+) -> Arc<LockedNode<T>> {
+    Arc::new(LockedNode {
         core: NodeCore::new(),
         lock: lock.clone(),
         data,
@@ -233,7 +242,7 @@ fn new_node<T: LockedIntervalSubscriber>(
 /// [`IntervalSubscription`](crate::IntervalSubscription).
 #[must_use = "dropping the subscription removes it"]
 pub struct LockedIntervalSubscription<T: LockedIntervalSubscriber> {
-    node: StdArc<LockedNode<T>>,
+    node: Arc<LockedNode<T>>,
     handle: Handle,
 }
 
@@ -270,19 +279,19 @@ impl<T: LockedIntervalSubscriber> LockedIntervalSubscription<T> {
     }
 
     /// The lock the subscription was inserted under.
-    pub fn lock(&self) -> &StdArc<IntervalLock<T::State>> {
+    pub fn lock(&self) -> &Arc<IntervalLock<T::State>> {
         &self.node.lock
     }
 
     /// The range the subscription covers, or will cover once a queued change is applied;
     /// `None` once removed.
-    pub fn range(&self) -> Option<Span<u64>> {
+    pub fn range(&self) -> Option<ops::Range<u64>> {
         self.handle.range()
     }
 
     /// Moves the subscription to `range` (see
     /// [`IntervalSubscription::update`](crate::IntervalSubscription::update)).
-    pub fn update(&self, range: Span<u64>) -> Result<(), IntervalError> {
+    pub fn update(&self, range: ops::Range<u64>) -> Result<(), IntervalError> {
         update(&self.handle.mm, &self.handle.node, range)
     }
 
@@ -290,8 +299,8 @@ impl<T: LockedIntervalSubscriber> LockedIntervalSubscription<T> {
     /// lock with data `right_data` covers `right`.
     pub fn split(
         &self,
-        left: Span<u64>,
-        right: Span<u64>,
+        left: ops::Range<u64>,
+        right: ops::Range<u64>,
         right_data: T,
     ) -> Result<LockedIntervalSubscription<T>, IntervalError> {
         split_locked(
@@ -328,10 +337,10 @@ impl<T: LockedIntervalSubscriber> LockedIntervalSubscription<T> {
 
 fn split_locked<T: LockedIntervalSubscriber>(
     mm: &Subscriptions,
-    old: &StdArc<dyn ErasedNode>,
-    lock: &StdArc<IntervalLock<T::State>>,
-    left: Span<u64>,
-    right: Span<u64>,
+    old: &Arc<dyn ErasedNode>,
+    lock: &Arc<IntervalLock<T::State>>,
+    left: ops::Range<u64>,
+    right: ops::Range<u64>,
     right_data: T,
 ) -> Result<LockedIntervalSubscription<T>, IntervalError> {
     let node = new_node(lock, right_data);
@@ -349,7 +358,7 @@ fn split_locked<T: LockedIntervalSubscriber>(
 /// What a [`LockedIntervalSubscriber::invalidate`] callback may do besides tearing down.
 pub struct LockedIntervalContext<'a, T: LockedIntervalSubscriber> {
     mm: &'a Subscriptions,
-    node: &'a StdArc<LockedNode<T>>,
+    node: &'a Arc<LockedNode<T>>,
     cur_seq: u64,
 }
 
@@ -379,15 +388,15 @@ impl<'a, T: LockedIntervalSubscriber> LockedIntervalContext<'a, T> {
     }
 
     /// Moves this subscription (deferred until the end of the frozen period).
-    pub fn update_self(&mut self, range: Span<u64>) -> Result<(), IntervalError> {
+    pub fn update_self(&mut self, range: ops::Range<u64>) -> Result<(), IntervalError> {
         update(self.mm, &self.erased(), range)
     }
 
     /// Splits this subscription (see [`LockedIntervalSubscription::split`]).
     pub fn split_self(
         &mut self,
-        left: Span<u64>,
-        right: Span<u64>,
+        left: ops::Range<u64>,
+        right: ops::Range<u64>,
         right_data: T,
     ) -> Result<LockedIntervalSubscription<T>, IntervalError> {
         split_locked(
@@ -400,7 +409,7 @@ impl<'a, T: LockedIntervalSubscriber> LockedIntervalContext<'a, T> {
         )
     }
 
-    fn erased(&self) -> StdArc<dyn ErasedNode> {
+    fn erased(&self) -> Arc<dyn ErasedNode> {
         self.node.clone()
     }
 }
@@ -411,8 +420,8 @@ impl Subscriptions {
     /// [`insert_interval`](Subscriptions::insert_interval).
     pub fn insert_locked_interval<T: LockedIntervalSubscriber>(
         &self,
-        range: Span<u64>,
-        lock: &StdArc<IntervalLock<T::State>>,
+        range: ops::Range<u64>,
+        lock: &Arc<IntervalLock<T::State>>,
         data: T,
     ) -> Result<LockedIntervalSubscription<T>, IntervalError> {
         let node = new_node(lock, data);

@@ -4,8 +4,9 @@
 //! # The sequence count: a seqcount with many writers
 //!
 //! Each address space keeps `seq` (starts at 2) and `active` (invalidations in flight that
-//! counted themselves), under the interval lock `Itree::state`. The write side has two
-//! states:
+//! counted themselves), under an internal lock of the address space (the *tree lock*, never
+//! held while a callback runs; not to be confused with the user locks below). The write
+//! side has two states:
 //!
 //! - *partially excluded*: `active > 0`, `seq` even. Invalidations are running but none has
 //!   found a subscription in its range; the tree may change.
@@ -28,7 +29,8 @@
 //! `T` inside ([`IntervalSubscriber`], the simple path), or an [`IntervalLock`] that the
 //! subscriber owns and shares between many subscriptions ([`LockedIntervalSubscriber`]:
 //! one lock for a whole device mirror, so a fill that spans several subscriptions takes one
-//! lock). The fill path:
+//! lock). When the user lock is busy in a non-blockable range, `invalidate` is not called
+//! at all and the invalidation fails with `WouldBlock`. The fill path:
 //!
 //! 1. `s = read_begin()`: the subscription's sequence; if it equals the current odd `seq`
 //!    this subscription is being invalidated, so wait until that `seq` is released;
@@ -38,7 +40,7 @@
 //!    drop what was gathered and start again; else install, and unlock.
 //!
 //! `read_begin` is lock-free unless it has to wait: it loads the subscription's sequence
-//! (Acquire) and then the address space's (`Itree::seq`, a mirror of the locked value). An
+//! (Acquire) and then the address space's (a mirror of the value under the tree lock). An
 //! invalidation stores the odd `seq` before any `invalidate` callback sets a subscription's
 //! sequence to it, so a `read_begin` that reads `cur_seq` from the subscription reads at
 //! least `cur_seq` from the address space: it cannot miss that it must wait. Any other race
@@ -78,7 +80,7 @@
 
 pub mod locked;
 
-use std::ops::Range as Span;
+use std::ops;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc as StdArc;
 
@@ -182,7 +184,7 @@ pub enum IntervalError {
 }
 
 /// The last byte of a non-empty half-open range (the tree stores closed intervals).
-fn last_of(range: &Span<u64>) -> Result<u64, IntervalError> {
+fn last_of(range: &ops::Range<u64>) -> Result<u64, IntervalError> {
     if range.start >= range.end {
         return Err(IntervalError::Empty {
             start: range.start,
@@ -193,7 +195,7 @@ fn last_of(range: &Span<u64>) -> Result<u64, IntervalError> {
 }
 
 /// Formats a half-open range in hex, as every `Debug` of this crate does.
-pub(crate) struct HexSpan<'a>(pub(crate) &'a Option<Span<u64>>);
+pub(crate) struct HexSpan<'a>(pub(crate) &'a Option<ops::Range<u64>>);
 
 impl std::fmt::Debug for HexSpan<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -638,7 +640,7 @@ fn remove_locked(
 }
 
 /// The range a node covers, or will cover once its queued change applies.
-fn range_locked(st: &ItreeState, node: &StdArc<dyn ErasedNode>) -> Option<Span<u64>> {
+fn range_locked(st: &ItreeState, node: &StdArc<dyn ErasedNode>) -> Option<ops::Range<u64>> {
     let core = node.core();
     if core.pos() == REMOVED {
         return None;
@@ -699,7 +701,7 @@ impl Handle {
         self.node.core().seq.load(Relaxed) != seq.0
     }
 
-    fn range(&self) -> Option<Span<u64>> {
+    fn range(&self) -> Option<ops::Range<u64>> {
         let st = self.mm.itree().state.lock();
         range_locked(&st, &self.node)
     }
@@ -803,14 +805,14 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
 
     /// The range the subscription covers, or will cover once a change queued in a frozen
     /// period is applied; `None` once removed.
-    pub fn range(&self) -> Option<Span<u64>> {
+    pub fn range(&self) -> Option<ops::Range<u64>> {
         self.handle.range()
     }
 
     /// Moves the subscription to `range`. Deferred while the tree is frozen; takes effect
     /// no later than the next `read_begin`. Never waits, so it may be called from inside
     /// callbacks.
-    pub fn update(&self, range: Span<u64>) -> Result<(), IntervalError> {
+    pub fn update(&self, range: ops::Range<u64>) -> Result<(), IntervalError> {
         update(&self.handle.mm, &self.handle.node, range)
     }
 
@@ -819,8 +821,8 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
     /// overlap). For munmap punching a hole.
     pub fn split(
         &self,
-        left: Span<u64>,
-        right: Span<u64>,
+        left: ops::Range<u64>,
+        right: ops::Range<u64>,
         right_state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
         split_owned(&self.handle.mm, &self.handle.node, left, right, right_state)
@@ -929,15 +931,15 @@ impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
     }
 
     /// Moves this subscription (deferred until the end of the frozen period).
-    pub fn update_self(&mut self, range: Span<u64>) -> Result<(), IntervalError> {
+    pub fn update_self(&mut self, range: ops::Range<u64>) -> Result<(), IntervalError> {
         update(self.mm, &self.erased(), range)
     }
 
     /// Splits this subscription (see [`IntervalSubscription::split`]).
     pub fn split_self(
         &mut self,
-        left: Span<u64>,
-        right: Span<u64>,
+        left: ops::Range<u64>,
+        right: ops::Range<u64>,
         right_state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
         split_owned(self.mm, &self.erased(), left, right, right_state)
@@ -952,7 +954,7 @@ impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
 fn update(
     mm: &Subscriptions,
     node: &StdArc<dyn ErasedNode>,
-    range: Span<u64>,
+    range: ops::Range<u64>,
 ) -> Result<(), IntervalError> {
     let last = last_of(&range)?;
     let itree = mm.itree();
@@ -981,8 +983,8 @@ impl NodeCore {
 fn split_node(
     mm: &Subscriptions,
     old: &StdArc<dyn ErasedNode>,
-    left: Span<u64>,
-    right: Span<u64>,
+    left: ops::Range<u64>,
+    right: ops::Range<u64>,
     new: StdArc<dyn ErasedNode>,
 ) -> Result<(), IntervalError> {
     let left_last = last_of(&left)?;
@@ -1003,8 +1005,8 @@ fn split_node(
 fn split_owned<T: IntervalSubscriber>(
     mm: &Subscriptions,
     old: &StdArc<dyn ErasedNode>,
-    left: Span<u64>,
-    right: Span<u64>,
+    left: ops::Range<u64>,
+    right: ops::Range<u64>,
     right_state: T,
 ) -> Result<IntervalSubscription<T>, IntervalError> {
     let node = new_node(right_state);
@@ -1022,7 +1024,7 @@ fn split_owned<T: IntervalSubscriber>(
 /// Inserts `node` at `range` (both kinds' insert).
 fn insert_node(
     mm: &Subscriptions,
-    range: Span<u64>,
+    range: ops::Range<u64>,
     node: StdArc<dyn ErasedNode>,
 ) -> Result<Handle, IntervalError> {
     let last = last_of(&range)?;
@@ -1055,7 +1057,7 @@ impl Subscriptions {
     /// callback.
     pub fn insert_interval<T: IntervalSubscriber>(
         &self,
-        range: Span<u64>,
+        range: ops::Range<u64>,
         state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
         let node = new_node(state);
