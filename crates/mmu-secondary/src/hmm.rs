@@ -474,7 +474,7 @@ impl HmmMirror {
                 return Ok(out);
             }
             // Entries faulted in were dropped again before we could use them.
-            if !first && Instant::now() >= deadline {
+            if !first && crate::sched::expired(deadline) {
                 return Err(SecondaryError::Timeout);
             }
             first = false;
@@ -516,7 +516,7 @@ impl HmmMirror {
             if done == data.len() {
                 return Ok(());
             }
-            if !first && Instant::now() >= deadline {
+            if !first && crate::sched::expired(deadline) {
                 return Err(SecondaryError::Timeout);
             }
             first = false;
@@ -712,6 +712,8 @@ impl HmmMirror {
                 .mm
                 .snapshot(start, end, mode)
                 .map_err(|err| self.primary_error(err))?;
+            // The race window: an invalidation here must make step 3 retry.
+            crate::sched::point();
             // 3. Decide under the user lock, which every callback takes too.
             let mut dt = self.sub.lock();
             if dt.released {
@@ -743,11 +745,15 @@ impl HmmMirror {
     /// Counts a lost race; the deadline turns it into `Timeout`.
     fn collided(&self, deadline: Instant) -> Result<(), SecondaryError> {
         self.shared.counters.retry();
-        if Instant::now() >= deadline {
+        if crate::sched::expired(deadline) {
             return Err(SecondaryError::Timeout);
         }
-        // Let the invalidating thread finish (two cores, and a build running beside).
-        std::thread::yield_now();
+        if crate::sched::active() {
+            crate::sched::point();
+        } else {
+            // Let the invalidating thread finish (two cores, and a build running beside).
+            std::thread::yield_now();
+        }
         Ok(())
     }
 

@@ -15,6 +15,7 @@ pub mod broken;
 pub mod hmm;
 pub mod kvm;
 pub mod odp;
+pub mod sched;
 pub mod sva;
 pub mod xpmem;
 
@@ -166,10 +167,14 @@ pub fn report_install(
 /// Between two attempts of a fault that lost a race: gives up past the deadline, else lets
 /// the invalidation that won make progress.
 pub(crate) fn backoff(deadline: Option<std::time::Instant>) -> Result<(), SecondaryError> {
-    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+    if deadline.is_some_and(sched::expired) {
         return Err(SecondaryError::Timeout);
     }
-    std::thread::yield_now();
+    if sched::active() {
+        sched::point();
+    } else {
+        std::thread::yield_now();
+    }
     Ok(())
 }
 
