@@ -592,7 +592,7 @@ impl HmmMirror {
             }
             if dt.read_retry(seq) {
                 drop(dt);
-                self.collided(deadline)?;
+                self.collided_holding_dev_ops(deadline)?;
                 continue;
             }
             dt.fence = Some((s, e));
@@ -681,7 +681,7 @@ impl HmmMirror {
                     break;
                 }
                 drop(dt);
-                self.collided(deadline)?;
+                self.collided_holding_dev_ops(deadline)?;
             }
         }
         Ok(granted)
@@ -740,6 +740,19 @@ impl HmmMirror {
             self.faults.fetch_add(1, Relaxed);
             return Ok(());
         }
+    }
+
+    /// As [`collided`](Self::collided), with the device-operations lock held: never
+    /// parks at a schedule point (another task may need that lock to go on), and keeps
+    /// the deadline in force (no collision can happen there while no other task runs, so
+    /// a loop that does not end is a bug worth a `Timeout`).
+    fn collided_holding_dev_ops(&self, deadline: Instant) -> Result<(), SecondaryError> {
+        self.shared.counters.retry();
+        if Instant::now() >= deadline {
+            return Err(SecondaryError::Timeout);
+        }
+        std::thread::yield_now();
+        Ok(())
     }
 
     /// Counts a lost race; the deadline turns it into `Timeout`.
