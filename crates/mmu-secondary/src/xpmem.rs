@@ -104,7 +104,7 @@ use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE
 use parking_lot::{Condvar, Mutex};
 
 use crate::{
-    device_access, sched, report_install, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
+    device_access, report_install, sched, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
 };
 
 /// How long a caller waits for the consumer to answer a request.
