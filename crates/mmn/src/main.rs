@@ -137,11 +137,15 @@ fn parse_seed(s: &str) -> Result<u64, String> {
     t.parse::<u64>().map_err(|_| bad())
 }
 
-/// A usage error in clap's style (`error: ...`, the usage, exit status 2).
-fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
-    let _ = Cli::command()
-        .error(ErrorKind::ValueValidation, msg)
-        .print();
+/// A usage error of the subcommand `sub`, in clap's style (`error: ...`, its usage, exit
+/// status 2), like the errors clap itself reports.
+fn usage_error(sub: &str, msg: impl std::fmt::Display) -> ExitCode {
+    let mut cli = Cli::command();
+    let mut cmd = match cli.find_subcommand_mut(sub) {
+        Some(c) => c.clone().bin_name(format!("mmn {sub}")),
+        None => cli,
+    };
+    let _ = cmd.error(ErrorKind::ValueValidation, msg).print();
     ExitCode::from(2)
 }
 
@@ -191,10 +195,10 @@ fn torture_main(
         Some((_, Some(b))) => Some(b),
         Some((name, None)) => {
             let names: Vec<&str> = Broken::ALL.iter().map(|b| b.name()).collect();
-            return usage_error(format!(
-                "unknown --broken {name:?}; one of: {}",
-                names.join(", ")
-            ));
+            return usage_error(
+                "torture",
+                format!("unknown --broken {name:?}; one of: {}", names.join(", ")),
+            );
         }
     };
     let secondaries: Vec<String> = secondaries
@@ -204,19 +208,28 @@ fn torture_main(
         .collect();
     for (i, s) in secondaries.iter().enumerate() {
         if !attach::ALL.split(',').any(|k| k == s) {
-            return usage_error(format!(
-                "unknown secondary {s:?} in --secondaries; known: {}",
-                attach::ALL
-            ));
+            return usage_error(
+                "torture",
+                format!(
+                    "unknown secondary {s:?} in --secondaries; known: {}",
+                    attach::ALL
+                ),
+            );
         }
         if secondaries[..i].contains(s) {
-            return usage_error(format!(
-                "--secondaries names {s:?} twice (each secondary is attached at most once)"
-            ));
+            return usage_error(
+                "torture",
+                format!(
+                    "--secondaries names {s:?} twice (each secondary is attached at most once)"
+                ),
+            );
         }
     }
     if secondaries.is_empty() && broken.is_none() {
-        return usage_error("nothing to torture: --secondaries is empty and no --broken");
+        return usage_error(
+            "torture",
+            "nothing to torture: --secondaries is empty and no --broken",
+        );
     }
     let mut options = torture::TortureOptions::new(budget, seed, secondaries);
     options.threads = threads as usize;
@@ -375,10 +388,13 @@ fn real_main(
         Some((_, Some(b))) => Some(b),
         Some((name, None)) => {
             let names: Vec<&str> = real::BrokenCache::ALL.iter().map(|b| b.name()).collect();
-            return usage_error(format!(
-                "unknown --broken {name:?} with --real; one of: {}",
-                names.join(", ")
-            ));
+            return usage_error(
+                "torture",
+                format!(
+                    "unknown --broken {name:?} with --real; one of: {}",
+                    names.join(", ")
+                ),
+            );
         }
     };
     let options = real::RealOptions {
