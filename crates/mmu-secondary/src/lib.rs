@@ -9,6 +9,10 @@
 //! an invalidation), and a device access through that translation. Accesses go through
 //! the address space's checker when one is attached, so every stale translation,
 //! use-after-free or lost write is counted.
+//!
+//! Each fault calls a [`sched::point`] in its race window (after reading the primary,
+//! before installing under its own lock): a scheduler can run other operations right
+//! there, deterministically, so that a lost race is found and replayed exactly.
 #![deny(missing_docs)]
 
 pub mod broken;

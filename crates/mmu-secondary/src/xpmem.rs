@@ -47,6 +47,21 @@
 //! `invalidate_range_start` return and the primary change the page. The checker verifies
 //! it: each install is checked against the primary's entry and the open windows.
 //!
+//! The requests waiting for a page are answered only when the fault server reports the
+//! fault *settled* (a second message, sent once it has let go of the user lock), not at
+//! the grant: so a requester never goes on while the fault server still holds a lock its
+//! next operation may need (a non-blockable invalidation would then answer `WouldBlock`
+//! or not depending on timing), and with one requester the whole exchange is
+//! deterministic.
+//!
+//! # Under a scheduler
+//!
+//! With [`crate::sched`], a device request carries the requester's task; the fault server
+//! runs the fault as that task, and its schedule point (between `mm.fault` and the user
+//! lock) is that task's. One request is in flight at a time (others wait at schedule
+//! points), so the consumer and the fault server only ever work for the task that holds
+//! the scheduler's turn, and their own threads add no nondeterminism.
+//!
 //! `remote` stays a superset of what the consumer holds: a page enters it before the
 //! grant is sent, and leaves it only after the consumer has dropped it: after the
 //! acknowledgement of a drop order, or when the fault server handles the consumer's
