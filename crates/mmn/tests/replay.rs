@@ -41,10 +41,17 @@ fn temp(name: &str) -> PathBuf {
 #[test]
 fn runs_with_every_secondary_attached_are_deterministic() {
     // One worker, and two and three workers under the schedule: twice each, identical
-    // counters down to the checker's checks and every event.
-    for threads in ["1", "2", "3"] {
+    // counters down to the checker's checks and every event. One worker without the
+    // schedule too: XPMEM's consumer and fault server are then free-running threads, and
+    // still add no nondeterminism (a request is answered once the fault server is done).
+    for threads in ["1", "2", "3", "parallel"] {
+        let (threads, mode) = match threads {
+            "parallel" => ("1", "--parallel"),
+            t => (t, "--hot=4"),
+        };
         let args = [
             "torture",
+            mode,
             "--threads",
             threads,
             "--seed",

@@ -53,7 +53,7 @@ impl State {
         }
     }
 
-    /// The next task to run, `me` leaving if `leaving`.
+    /// The next task to run among the live ones (`None` when none is left).
     fn decide(&mut self) -> Option<usize> {
         let live: Vec<usize> = (0..self.live.len()).filter(|&t| self.live[t]).collect();
         match live.len() {
