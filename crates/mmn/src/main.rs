@@ -279,9 +279,9 @@ fn torture_main(
     }
     let replay_hint = match (&written, parallel) {
         (Some(path), _) => format!("Replay exactly with:\n  mmn replay {path}"),
-        (None, true) => format!(
-            "A --parallel run cannot be replayed exactly; rerun it scheduled with:\n  mmn torture --seed {seed} --threads {threads} ..."
-        ),
+        (None, true) => "A --parallel run cannot be replayed exactly; without --parallel \
+                         the workers take recorded turns and a failing run writes a replay file."
+            .into(),
         (None, false) => "No replay file was written.".into(),
     };
     if failed {
