@@ -105,7 +105,8 @@ impl State {
 /// The baton (see the module docs).
 pub struct Baton {
     state: Mutex<State>,
-    turn: Condvar,
+    /// One per task: signalled when the baton passes to it (only its thread wakes).
+    turn: Vec<Condvar>,
     /// Called by the task holding the baton at each of its points, before the decision.
     at_point: Box<dyn Fn(usize) + Send + Sync>,
 }
@@ -128,7 +129,7 @@ impl Baton {
                 decisions: 0,
                 diverged: None,
             }),
-            turn: Condvar::new(),
+            turn: (0..tasks).map(|_| Condvar::new()).collect(),
             at_point,
         }
     }
@@ -137,7 +138,7 @@ impl Baton {
     pub fn wait_turn(&self, task: usize) {
         let mut s = self.state.lock().unwrap();
         while s.current != task {
-            s = self.turn.wait(s).unwrap();
+            s = self.turn[task].wait(s).unwrap();
         }
     }
 
@@ -147,8 +148,8 @@ impl Baton {
         s.live[task] = false;
         if let Some(next) = s.decide() {
             s.current = next;
+            self.turn[next].notify_all();
         }
-        self.turn.notify_all();
     }
 
     /// The decisions made, run-length encoded, and the divergence from a replayed
@@ -168,9 +169,9 @@ impl Scheduler for Baton {
             return;
         }
         s.current = next;
-        self.turn.notify_all();
+        self.turn[next].notify_all();
         while s.current != task {
-            s = self.turn.wait(s).unwrap();
+            s = self.turn[task].wait(s).unwrap();
         }
     }
 }
