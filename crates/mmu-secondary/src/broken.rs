@@ -70,6 +70,8 @@ type Table = BTreeMap<u64, (FrameRef, bool)>;
 struct MirrorState {
     table: Table,
     tears_down: bool,
+    /// The secondary's counters (invalidations are counted here, bug or not).
+    counters: Arc<Counters>,
 }
 
 impl IntervalSubscriber for MirrorState {
@@ -78,6 +80,7 @@ impl IntervalSubscriber for MirrorState {
         r: &Range,
         _: &mut IntervalContext<'_, Self>,
     ) -> Result<(), WouldBlock> {
+        self.counters.invalidation();
         if self.tears_down {
             crate::take_pages(&mut self.table, r.start(), r.end());
         }
@@ -133,7 +136,7 @@ pub struct BrokenSecondary {
     kind: Broken,
     mm: Weak<AddressSpace>,
     body: Body,
-    counters: Counters,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for BrokenSecondary {
@@ -153,11 +156,13 @@ impl BrokenSecondary {
         start: u64,
         len: u64,
     ) -> Result<Arc<Self>, SecondaryError> {
+        let counters = Arc::new(Counters::default());
         let body = match kind {
             Broken::NeverTearsDown | Broken::IgnoresRetry => {
                 let state = MirrorState {
                     table: Table::new(),
                     tears_down: kind != Broken::NeverTearsDown,
+                    counters: counters.clone(),
                 };
                 let sub = mm
                     .notifier()
@@ -186,7 +191,7 @@ impl BrokenSecondary {
             kind,
             mm: Arc::downgrade(mm),
             body,
-            counters: Counters::default(),
+            counters,
         });
         if let Some(c) = mm.checker() {
             let weak: Weak<dyn CheckedSecondary> = Arc::downgrade(&s) as _;
@@ -232,6 +237,8 @@ impl SecondaryMmu for BrokenSecondary {
             Body::Mirror(sub) => loop {
                 let seq = sub.read_begin();
                 let frame = mm.fault(addr, write)?;
+                // The race window the bug loses.
+                crate::sched::point();
                 let mut g = sub.lock();
                 if self.kind != Broken::IgnoresRetry && g.read_retry(seq) {
                     self.counters.retry();
@@ -245,6 +252,7 @@ impl SecondaryMmu for BrokenSecondary {
             Body::List(part, _) => loop {
                 let flushes = part.state.flushes.load(Acquire);
                 let frame = mm.fault(addr, write)?;
+                crate::sched::point();
                 let mut t = part.state.table.lock();
                 if part.state.flushes.load(Acquire) != flushes {
                     self.counters.retry();

@@ -726,6 +726,8 @@ impl Kvm {
         // Step 3: may sleep, may cause invalidations (a COW break) that call back into
         // us; we hold no lock of ours.
         let frame = mm.fault(hva, write)?;
+        // The race window: an invalidation here must make step 4 retry.
+        crate::sched::point();
         Ok(Some(Prefetch {
             gfn,
             hva,
@@ -787,7 +789,7 @@ impl Kvm {
         let deadline = self.deadline();
         let mut faulted = false;
         loop {
-            if faulted && deadline.is_some_and(|d| Instant::now() >= d) {
+            if faulted && deadline.is_some_and(crate::sched::expired) {
                 return Err(SecondaryError::Timeout);
             }
             {

@@ -413,7 +413,7 @@ impl OdpRegion {
             let Some(covered) = sub.range() else {
                 // Removed since the lookup: the next lookup drops it.
                 counters.retry();
-                if Instant::now() >= deadline {
+                if crate::sched::expired(deadline) {
                     return Err(SecondaryError::Timeout);
                 }
                 continue;
@@ -429,11 +429,13 @@ impl OdpRegion {
                 }
             }
             let got_end = page + got.len() as u64 * PAGE_SIZE;
+            // The race window: an invalidation here must make the check below retry.
+            crate::sched::point();
             let mut c = sub.lock();
             if !c.covers(page, got_end) || c.read_retry(seq) {
                 drop(c);
                 counters.retry();
-                if Instant::now() >= deadline {
+                if crate::sched::expired(deadline) {
                     return Err(SecondaryError::Timeout);
                 }
                 continue;

@@ -381,6 +381,8 @@ impl SvaTlb {
                         frame: mm.frames().frame_ref(pfn),
                         writable: pte.writable() && pte.dirty(),
                     };
+                    // The race window: a flush here must make the insert retry.
+                    crate::sched::point();
                     return Ok(TlbWalk { entry, generation });
                 }
                 None => {
@@ -391,7 +393,7 @@ impl SvaTlb {
                         return Err(SecondaryError::Gone);
                     }
                     mm.fault(page, write)?;
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if deadline.is_some_and(crate::sched::expired) {
                         return Err(SecondaryError::Timeout);
                     }
                 }
@@ -437,7 +439,7 @@ impl SvaTlb {
         let page = addr & !(P - 1);
         let mut filled = false;
         loop {
-            if filled && deadline.is_some_and(|d| Instant::now() >= d) {
+            if filled && deadline.is_some_and(crate::sched::expired) {
                 return Err(SecondaryError::Timeout);
             }
             {
