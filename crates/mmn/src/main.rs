@@ -3,6 +3,7 @@
 mod attach;
 mod demo;
 mod real;
+mod strace;
 mod torture;
 
 use std::process::ExitCode;
@@ -59,6 +60,27 @@ enum Command {
         /// gate, reuse-check.
         #[arg(long)]
         broken: Option<String>,
+        /// Print the report as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replays a real program's memory system calls, as `strace -f -y -e
+    /// trace=%memory,%process -o FILE PROGRAM` recorded them, on the simulation with every
+    /// secondary attached to each of its address spaces and every access checked. Prints
+    /// the trace's size, the operations, invalidation events and violations; exits 1 on
+    /// any violation.
+    Replay {
+        /// The strace output.
+        file: std::path::PathBuf,
+        /// Secondaries to attach, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = attach::ALL)]
+        secondaries: Vec<String>,
+        /// Also attach a deliberately broken secondary (the replay must then fail).
+        #[arg(long)]
+        broken: Option<String>,
+        /// Most pages touched per call.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        touch_pages: u64,
         /// Print the report as JSON instead of tables.
         #[arg(long)]
         json: bool,
@@ -252,6 +274,13 @@ fn main() -> ExitCode {
             broken,
             json,
         ),
+        Command::Replay {
+            file,
+            secondaries,
+            broken,
+            touch_pages,
+            json,
+        } => strace::cli(&file, secondaries, broken, touch_pages, json),
         Command::Demo {
             secs,
             pages,
