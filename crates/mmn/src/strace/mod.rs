@@ -1305,6 +1305,55 @@ mod tests {
         assert!(t.range(u64::MAX - 10, 100).is_none(), "wraps");
     }
 
+    const SNIPPET: &str = r#"7 brk(NULL) = 0x555555559000
+7 mmap(NULL, 8192, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0x7f0000000000
+7 mmap(NULL, 16384, PROT_READ, MAP_SHARED, 3</tmp/f>, 0) = 0x7f0000010000
+7 mprotect(0x555555557000, 4096, PROT_READ) = 0
+7 brk(0x55555557a000) = 0x55555557a000
+7 madvise(0x7f0000000000, 4096, MADV_FREE) = 0
+7 mremap(0x7f0000000000, 8192, 65536, MREMAP_MAYMOVE <unfinished ...>
+7 <... mremap resumed>) = 0x7f0000100000
+7 clone3({flags=CLONE_VM|CLONE_THREAD, exit_signal=0} => {parent_tid=[8]}, 88) = 8
+7 vfork( <unfinished ...>
+9 execve("/bin/true", ["true"], 0x7ffd0 /* 3 vars */) = 0
+7 <... vfork resumed>) = 9
+7 clone(child_stack=NULL, flags=SIGCHLD) = 10
+10 munmap(0x7f0000010000, 16384) = 0
+10 +++ exited with 0 +++
+7 +++ killed by SIGKILL +++
+"#;
+
+    /// Every prefix of every line of a trace (cut arguments, lost results, half
+    /// numbers), in one replay: counted, never a panic.
+    #[test]
+    fn cut_lines_are_counted_never_a_panic() {
+        let mut text = String::new();
+        for line in SNIPPET.lines() {
+            for (i, _) in line.char_indices() {
+                text.push_str(&line[..i]);
+                text.push('\n');
+            }
+            text.push_str(line);
+            text.push('\n');
+        }
+        let o = StraceOptions {
+            secondaries: vec!["kvm".into(), "sva".into()],
+            ..StraceOptions::default()
+        };
+        let r = replay_text(&text, &o).expect("replays");
+        assert!(r.trace.unparsed_lines > 100, "{}", r.table());
+        assert!(r.total_ops() > 10, "{}", r.table());
+        assert_eq!(r.violation_count, 0, "{}", r.table());
+        // And the whole lines alone replay with no refusal.
+        let r = replay_text(SNIPPET, &o).expect("replays");
+        assert_eq!(r.trace.unparsed_lines, 0, "{}", r.table());
+        assert!(r.sim_errors.is_empty(), "{}", r.table());
+        assert_eq!(r.ops.get("madvise_free"), Some(&1), "{}", r.table());
+        assert_eq!(r.ops.get("mmap_file_shared"), Some(&1), "{}", r.table());
+        // 7 and its fork 10 (9 execs and ends with no memory call).
+        assert_eq!(r.trace.address_spaces, 2, "{}", r.table());
+    }
+
     #[test]
     fn snake_case_keys() {
         assert_eq!(snake("ProtectionVma"), "protection_vma");
