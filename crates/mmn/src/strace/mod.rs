@@ -362,9 +362,8 @@ fn page_up(a: u64) -> u64 {
 
 /// `PROT_*` flags -> what the simulation models (write and exec imply read, as on x86).
 fn prot_of(s: &str) -> Prot {
-    let f = parse::flags(s);
-    let write = f.contains(&"PROT_WRITE");
-    let read = write || f.contains(&"PROT_READ") || f.contains(&"PROT_EXEC");
+    let write = parse::has_flag(s, "PROT_WRITE", 2);
+    let read = write || parse::has_flag(s, "PROT_READ", 1) || parse::has_flag(s, "PROT_EXEC", 4);
     Prot { read, write }
 }
 
@@ -658,9 +657,7 @@ impl<'a> Replay<'a> {
                 let vm = match name.as_str() {
                     "vfork" => Some(true),
                     "fork" => Some(false),
-                    "clone" | "clone3" => {
-                        Some(parse::clone_flags(&args).is_some_and(|f| f.contains(&"CLONE_VM")))
-                    }
+                    "clone" | "clone3" => Some(parse::clone_vm(&args)),
                     _ => None,
                 };
                 if let Some(vm) = vm {
@@ -755,8 +752,8 @@ impl<'a> Replay<'a> {
                     return Ok(());
                 };
                 let advice = match a(2) {
-                    "MADV_DONTNEED" => Advice::DontNeed,
-                    "MADV_FREE" => Advice::Free,
+                    "MADV_DONTNEED" | "4" => Advice::DontNeed,
+                    "MADV_FREE" | "8" => Advice::Free,
                     other => {
                         bump(&mut self.r.no_effect, format!("madvise {other}"));
                         return Ok(());
@@ -798,7 +795,7 @@ impl<'a> Replay<'a> {
                 let vm = match c.name.as_str() {
                     "vfork" => true,
                     "fork" => false,
-                    _ => parse::clone_flags(&c.args).is_some_and(|f| f.contains(&"CLONE_VM")),
+                    _ => parse::clone_vm(&c.args),
                 };
                 self.r.trace.tasks += 1;
                 self.child(c.pid, child, vm)
@@ -831,9 +828,11 @@ impl<'a> Replay<'a> {
         fd: &str,
         off: u64,
     ) -> Result<(), String> {
-        let f = parse::flags(flags);
-        let anon = f.contains(&"MAP_ANONYMOUS") || f.contains(&"MAP_ANON");
-        let shared = f.contains(&"MAP_SHARED") || f.contains(&"MAP_SHARED_VALIDATE");
+        // MAP_SHARED is bit 0 (MAP_SHARED_VALIDATE has it too), MAP_ANONYMOUS 0x20.
+        let anon = parse::has_flag(flags, "MAP_ANONYMOUS", 0x20)
+            || parse::has_flag(flags, "MAP_ANON", 0x20);
+        let shared = parse::has_flag(flags, "MAP_SHARED", 1)
+            || parse::has_flag(flags, "MAP_SHARED_VALIDATE", 1);
         let (kind, op) = if anon {
             if shared {
                 (MapKind::AnonShared, "mmap_anon_shared")
@@ -893,8 +892,10 @@ impl<'a> Replay<'a> {
             bump(&mut self.r.unsupported, "mremap (arguments)".into());
             return Ok(());
         };
-        let flags = c.args.get(3).map(|f| parse::flags(f)).unwrap_or_default();
-        if flags.contains(&"MREMAP_DONTUNMAP") {
+        if c.args
+            .get(3)
+            .is_some_and(|f| parse::has_flag(f, "MREMAP_DONTUNMAP", 4))
+        {
             bump(&mut self.r.unsupported, "mremap MREMAP_DONTUNMAP".into());
             return Ok(());
         }
@@ -1011,30 +1012,73 @@ impl<'a> Replay<'a> {
     }
 }
 
-/// Replays the strace output at `path` (see the module docs).
+/// Replays the strace output at `path` (see the module docs), read line by line.
 pub fn replay_strace(path: &Path, o: &StraceOptions) -> Result<StraceReport, StraceError> {
-    let bytes = std::fs::read(path).map_err(StraceError::Read)?;
-    let text = String::from_utf8_lossy(&bytes);
-    replay_text(&text, o)
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(StraceError::Read)?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut run = Run::start(o)?;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader
+            .read_until(b'\n', &mut buf)
+            .map_err(StraceError::Read)?
+            == 0
+        {
+            break;
+        }
+        run.line(&String::from_utf8_lossy(&buf), buf.len())?;
+    }
+    Ok(run.finish())
 }
 
 /// Replays strace output held in memory.
+#[cfg(test)]
 pub fn replay_text(text: &str, o: &StraceOptions) -> Result<StraceReport, StraceError> {
-    if o.secondaries.is_empty() && o.broken.is_none() {
-        return Err(StraceError::Setup("no secondary to attach".into()));
+    let mut run = Run::start(o)?;
+    for line in text.split_inclusive('\n') {
+        run.line(line, line.len())?;
     }
-    let started = Instant::now();
-    let mut replay = Replay::new(o);
-    let mut parser = Parser::default();
-    for line in text.lines() {
-        replay.r.trace.lines += 1;
-        match parser.line(line) {
-            Ok(rec) => replay.record(rec).map_err(StraceError::Setup)?,
-            Err(_) => replay.r.trace.unparsed_lines += 1,
+    Ok(run.finish())
+}
+
+/// A replay in progress: the parser and the replay state.
+struct Run<'a> {
+    replay: Replay<'a>,
+    parser: Parser,
+    started: Instant,
+}
+
+impl<'a> Run<'a> {
+    fn start(o: &'a StraceOptions) -> Result<Self, StraceError> {
+        if o.secondaries.is_empty() && o.broken.is_none() {
+            return Err(StraceError::Setup("no secondary to attach".into()));
+        }
+        Ok(Run {
+            replay: Replay::new(o),
+            parser: Parser::default(),
+            started: Instant::now(),
+        })
+    }
+
+    /// One line, and its size in bytes.
+    fn line(&mut self, line: &str, bytes: usize) -> Result<(), StraceError> {
+        let t = &mut self.replay.r.trace;
+        t.lines += 1;
+        t.bytes += bytes as u64;
+        match self.parser.line(line) {
+            Ok(rec) => self.replay.record(rec).map_err(StraceError::Setup),
+            Err(_) => {
+                self.replay.r.trace.unparsed_lines += 1;
+                Ok(())
+            }
         }
     }
-    replay.r.trace.bytes = text.len() as u64;
-    Ok(replay.into_report(&parser, started))
+
+    fn finish(self) -> StraceReport {
+        self.replay.into_report(&self.parser, self.started)
+    }
 }
 
 fn json_str(s: &str) -> String {

@@ -163,17 +163,25 @@ fn split_pid(line: &str) -> (u32, &str) {
     (0, line)
 }
 
-/// Skips a `-t`/`-tt`/`-ttt` timestamp (`12:34:56`, `12:34:56.123456`, `1700000000.1234`).
+/// Skips a `-t`/`-tt`/`-ttt` timestamp (`12:34:56`, `12:34:56.123456`, `1700000000.1234`)
+/// and a `-i` instruction pointer (`[00007f0123456789]`).
 fn skip_timestamp(s: &str) -> &str {
     let n = s
         .bytes()
         .take_while(|b| b.is_ascii_digit() || *b == b':' || *b == b'.')
         .count();
-    if n > 0 && s[n..].starts_with(' ') && s[..n].contains([':', '.']) {
+    let s = if n > 0 && s[n..].starts_with(' ') && s[..n].contains([':', '.']) {
         s[n..].trim_start()
     } else {
         s
+    };
+    if let Some(r) = s.strip_prefix('[') {
+        let n = r.bytes().take_while(u8::is_ascii_hexdigit).count();
+        if n > 0 && r[n..].starts_with("] ") {
+            return r[n + 2..].trim_start();
+        }
     }
+    s
 }
 
 /// `name(args...` -> (`name`, `args...`).
@@ -312,14 +320,27 @@ pub fn fd(s: &str) -> Option<(i64, Option<&str>)> {
     }
 }
 
+/// Whether the flag set `s` has `name`, by name or by its `bit` in a number (strace
+/// prints bits it has no name for as hex, and everything as numbers with `-X raw`).
+pub fn has_flag(s: &str, name: &str, bit: u64) -> bool {
+    flags(s)
+        .into_iter()
+        .any(|f| f == name || number(f).is_some_and(|n| n & bit != 0))
+}
+
 /// The `flags=...` of `clone` (`flags=CLONE_VM|...`) or `clone3` (`{flags=..., ...}`).
-pub fn clone_flags(args: &[String]) -> Option<Vec<&str>> {
+pub fn clone_flags(args: &[String]) -> Option<&str> {
     args.iter().find_map(|a| {
         let i = a.find("flags=")?;
         let v = &a[i + "flags=".len()..];
         let end = v.find([',', '}', ' ']).unwrap_or(v.len());
-        Some(flags(&v[..end]))
+        Some(&v[..end])
     })
+}
+
+/// Whether a `clone`/`clone3` shares the address space (`CLONE_VM`).
+pub fn clone_vm(args: &[String]) -> bool {
+    clone_flags(args).is_some_and(|f| has_flag(f, "CLONE_VM", 0x100))
 }
 
 #[cfg(test)]
@@ -373,6 +394,8 @@ mod tests {
         );
         let c = call(p.line("77 1700000000.250000 brk(0x1000) = 0x1000").unwrap());
         assert_eq!((c.pid, c.name.as_str()), (77, "brk"));
+        let c = call(p.line("78 [00007f0123456789] brk(NULL) = 0x1000").unwrap());
+        assert_eq!((c.pid, c.name.as_str()), (78, "brk"));
     }
 
     #[test]
@@ -479,19 +502,29 @@ mod tests {
         let c = call(p.line("1 clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD, child_tidptr=0x7fe8bd886a10) = 2").unwrap());
         assert_eq!(
             clone_flags(&c.args).unwrap(),
-            ["CLONE_CHILD_CLEARTID", "CLONE_CHILD_SETTID", "SIGCHLD"]
+            "CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD"
         );
+        assert!(!clone_vm(&c.args));
         let c = call(p.line("1 clone3({flags=CLONE_VM|CLONE_FS|CLONE_THREAD, child_tid=0x7f38, exit_signal=0, stack=0x7f38166d3000, stack_size=0x7fff80} => {parent_tid=[3]}, 88) = 3").unwrap());
         assert_eq!(c.args.len(), 2);
         assert_eq!(
             clone_flags(&c.args).unwrap(),
-            ["CLONE_VM", "CLONE_FS", "CLONE_THREAD"]
+            "CLONE_VM|CLONE_FS|CLONE_THREAD"
         );
+        assert!(clone_vm(&c.args));
         let u = p.line("1 clone3({flags=CLONE_VM|CLONE_VFORK, exit_signal=SIGCHLD, stack=0x7f, stack_size=0x9000} <unfinished ...>").unwrap();
         let Record::Unfinished { args, .. } = u else {
             panic!("{u:?}")
         };
-        assert_eq!(clone_flags(&args).unwrap(), ["CLONE_VM", "CLONE_VFORK"]);
+        assert!(clone_vm(&args));
+        // Raw numbers (`-X raw`): CLONE_VM is bit 8.
+        let c = call(
+            p.line("1 clone(child_stack=NULL, flags=0x4111) = 4")
+                .unwrap(),
+        );
+        assert!(clone_vm(&c.args));
+        let c = call(p.line("1 clone(child_stack=NULL, flags=0x11) = 5").unwrap());
+        assert!(!clone_vm(&c.args));
     }
 
     #[test]
@@ -502,6 +535,10 @@ mod tests {
         assert_eq!(number("0"), Some(0));
         assert_eq!(number("4096"), Some(4096));
         assert_eq!(number("PROT_READ"), None);
+        assert!(has_flag("MAP_PRIVATE|MAP_ANONYMOUS", "MAP_ANONYMOUS", 0x20));
+        assert!(has_flag("0x22", "MAP_ANONYMOUS", 0x20));
+        assert!(has_flag("MAP_PRIVATE|0x20", "MAP_ANONYMOUS", 0x20));
+        assert!(!has_flag("MAP_PRIVATE|MAP_FIXED", "MAP_ANONYMOUS", 0x20));
         assert_eq!(fd("-1"), Some((-1, None)));
         assert_eq!(
             fd("5<anon_inode:[memfd]>"),
