@@ -28,7 +28,7 @@
 //!   task a fresh address space; a task's end (`+++ exited`, `+++ killed`) or `execve`
 //!   leaves its address space, which exits when its last task has left.
 //! - Memory the kernel maps at `execve` (the program, its interpreter, the stack) is never
-//!   named by a system call; the first successful call that works on such memory
+//!   named by a system call; the first successful `mprotect` or `madvise` of such memory
 //!   (typically `mprotect` of the relocated data) maps it first, as a private mapping of
 //!   the program's image, written (as relocation writes it).
 //! - A call that failed in the trace (`= -1 ERRNO`, or interrupted) is not replayed: it is
@@ -43,18 +43,21 @@
 //! are read. At most `touch_pages` pages per call, spread over the range (its first and
 //! last, evenly between). Each touched page is accessed by the CPU, then by every
 //! secondary (a device fault through the secondary's own translation, retried against
-//! invalidations, then an access through it, checked). After `munmap`, `madvise`, a move
-//! and `mprotect` to `PROT_NONE`, every secondary accesses the first page of the old range
-//! again (a probe): a correct one refaults (and is refused where nothing is mapped); one
-//! that kept a stale translation is caught by the checker.
+//! invalidations, then an access through it, checked). After `munmap`, `madvise`, a
+//! move or shrink (`mremap`, `brk`) and `mprotect` to `PROT_NONE`, every secondary
+//! accesses the first page of the range taken away again (a probe): a correct one
+//! refaults (and is refused where nothing is mapped); one that kept a stale translation is
+//! caught by the checker. The replay runs in one thread, so secondaries that are only
+//! wrong when a fault races with an invalidation (a retry check skipped) are the
+//! torture's to catch, not the replay's.
 //!
 //! # Addresses
 //! The program's addresses are translated onto the simulated arena by slots of 64 GiB:
 //! each slot of the program's space gets an arena slot on first use (next to the slot
 //! of its neighbour if that one is placed and the place is free), so any layout of a
-//! 48- or 57-bit space fits as long as it uses fewer than 2047 slots, and a mapping that
+//! 48- or 57-bit space fits as long as its slots fit the arena's 2047, and a mapping that
 //! spans slots stays contiguous. A range that cannot be placed contiguously is counted,
-//! not replayed.
+//! not replayed. Violations name the program's address beside the arena's.
 
 mod parse;
 
@@ -408,32 +411,42 @@ impl<'a> Replay<'a> {
     }
 
     /// Attaches the checker and every secondary over the arena to `mm` (a new one, or a
-    /// fork's child). KVM's memslot must cover mapped memory when added: the arena's holes
-    /// are filled for the attach and emptied again before any counted event.
+    /// fork's child). KVM's memslot must cover mapped memory when it is added: the arena's
+    /// holes are filled for KVM's attach only and emptied again before the others attach
+    /// (so only KVM sees those invalidations, and none is counted as an event).
     fn add_space(&mut self, mm: Arc<AddressSpace>, brk: Option<(u64, u64)>) -> Result<u64, String> {
         let checker = Checker::new(self.o.seed);
         mm.attach_checker(checker.clone())
             .map_err(|_| "a checker is already attached".to_string())?;
-        let fill = holes(&mm, ARENA_BASE, TASK_SIZE);
-        for &(s, e) in &fill {
-            mm.mmap(e - s, Prot::NONE, MapKind::AnonPrivate, Some(s))
-                .map_err(|e| format!("preparing the arena: {e}"))?;
+        let mut slots: Vec<Option<(String, Arc<dyn SecondaryMmu>)>> =
+            vec![None; self.o.secondaries.len()];
+        for needs_mapped in [true, false] {
+            let fill = if needs_mapped {
+                holes(&mm, ARENA_BASE, TASK_SIZE)
+            } else {
+                Vec::new()
+            };
+            for &(s, e) in &fill {
+                mm.mmap(e - s, Prot::NONE, MapKind::AnonPrivate, Some(s))
+                    .map_err(|e| format!("preparing the arena: {e}"))?;
+            }
+            for (slot, name) in slots.iter_mut().zip(&self.o.secondaries) {
+                if (name == "kvm") == needs_mapped {
+                    let d = crate::attach::attach(name, &mm, ARENA_BASE, ARENA_LEN)?;
+                    *slot = Some((name.clone(), d));
+                }
+            }
+            for &(s, e) in &fill {
+                mm.munmap(s, e - s)
+                    .map_err(|e| format!("preparing the arena: {e}"))?;
+            }
         }
-        let mut devices = Vec::new();
-        for name in &self.o.secondaries {
-            devices.push((
-                name.clone(),
-                crate::attach::attach(name, &mm, ARENA_BASE, ARENA_LEN)?,
-            ));
-        }
+        let mut devices: Vec<(String, Arc<dyn SecondaryMmu>)> =
+            slots.into_iter().flatten().collect();
         if let Some(b) = self.o.broken {
             let d = BrokenSecondary::new(&mm, b, ARENA_BASE, ARENA_LEN)
                 .map_err(|e| format!("attaching {}: {e}", b.name()))?;
             devices.push((b.name().to_string(), d as Arc<dyn SecondaryMmu>));
-        }
-        for &(s, e) in &fill {
-            mm.munmap(s, e - s)
-                .map_err(|e| format!("preparing the arena: {e}"))?;
         }
         let events = mm
             .notifier()
