@@ -14,7 +14,11 @@
 //!
 //! # Replaying a call
 //! Calls are replayed one at a time in the trace's order (the order in which they
-//! returned; a call split by strace takes effect at its `resumed` half).
+//! returned; a call split by strace takes effect at its `resumed` half). One exception:
+//! a call takes effect somewhere between its two halves, so when threads overlap, a
+//! `munmap` or moving `mremap` may free a range another thread's `mmap` gets before the
+//! first call's result is printed; such an `mmap` (or moved `mremap`) waits, with its
+//! task's later calls, until the freeing call completes (counted as `reordered`).
 //!
 //! - `mmap` is replayed at the address the kernel returned (`MAP_FIXED` there), so the
 //!   simulated layout is the program's, whatever the simulation's own placement would
@@ -172,6 +176,9 @@ pub struct StraceReport {
     pub sim_errors: BTreeMap<String, u64>,
     /// Ranges that could not be placed in the arena.
     pub untranslatable: u64,
+    /// Calls replayed later than printed: placed by the kernel in memory another task's
+    /// call, still in flight, had freed (see the module docs).
+    pub reordered: u64,
     /// CPU reads and writes of touched pages.
     pub cpu_reads: u64,
     /// CPU writes.
@@ -344,6 +351,10 @@ struct Replay<'a> {
     tasks: HashMap<u32, Option<u64>>,
     /// Clones in flight: parent, shares the address space.
     clones: Vec<(u32, bool)>,
+    /// Per task, the call it is inside (between its two halves).
+    inflight: HashMap<u32, String>,
+    /// Calls waiting for a call in flight (see `blocked`), in trace order.
+    deferred: Vec<parse::Call>,
     files: HashMap<String, Arc<File>>,
     value: u64,
     r: StraceReport,
@@ -402,6 +413,8 @@ impl<'a> Replay<'a> {
             next_space: 0,
             tasks: HashMap::new(),
             clones: Vec::new(),
+            inflight: HashMap::new(),
+            deferred: Vec::new(),
             files: HashMap::new(),
             value: 0,
             r: StraceReport::default(),
@@ -660,10 +673,12 @@ impl<'a> Replay<'a> {
             Record::Note => Ok(()),
             Record::TaskEnd { pid } => {
                 self.task_seen(pid)?;
+                self.inflight.remove(&pid);
+                self.flush_deferred(Some(pid))?;
                 self.leave(pid);
                 self.tasks.remove(&pid);
                 self.clones.retain(|&(p, _)| p != pid);
-                Ok(())
+                self.retry_deferred()
             }
             Record::Unfinished { pid, name, args } => {
                 self.task_seen(pid)?;
@@ -676,28 +691,125 @@ impl<'a> Replay<'a> {
                 if let Some(vm) = vm {
                     self.clones.push((pid, vm));
                 }
+                self.inflight.insert(pid, name);
                 Ok(())
             }
             Record::Call(c) => {
                 self.r.trace.calls += 1;
                 bump(&mut self.r.trace.by_name, c.name.clone());
                 self.task_seen(c.pid)?;
+                self.inflight.remove(&c.pid);
                 if matches!(c.name.as_str(), "clone" | "clone3" | "fork" | "vfork") {
                     self.clones.retain(|&(p, _)| p != c.pid);
                 }
-                match &c.ret {
-                    Ret::Error(e) => {
-                        bump(&mut self.r.failed_in_trace, format!("{} {e}", c.name));
-                        Ok(())
-                    }
-                    Ret::Unknown => {
-                        bump(&mut self.r.no_effect, c.name.clone());
-                        Ok(())
-                    }
-                    Ret::Value(v) => self.call(&c, *v),
+                if self.deferred.iter().any(|d| d.pid == c.pid) || self.blocked(&c) {
+                    self.r.reordered += 1;
+                    self.deferred.push(c);
+                    return Ok(());
                 }
+                self.dispatch(&c)?;
+                self.retry_deferred()
             }
         }
+    }
+
+    fn dispatch(&mut self, c: &parse::Call) -> Result<(), String> {
+        match &c.ret {
+            Ret::Error(e) => {
+                bump(&mut self.r.failed_in_trace, format!("{} {e}", c.name));
+                Ok(())
+            }
+            Ret::Unknown => {
+                bump(&mut self.r.no_effect, c.name.clone());
+                Ok(())
+            }
+            Ret::Value(v) => self.call(c, *v),
+        }
+    }
+
+    // ----- calls whose effect came before another task's completion ------------------
+    //
+    // A call takes effect somewhere between its two halves: when threads overlap, a
+    // `munmap` or a moving `mremap` may free a range that another thread's `mmap` is
+    // handed before the first call's result is printed. The kernel places a new mapping
+    // (`mmap` without `MAP_FIXED`, a moving `mremap` without `MREMAP_FIXED`) only in free
+    // space; so when its range is still mapped in the simulation while a task of the same
+    // address space is inside a call that frees memory, it waits (with every later call
+    // of its task) until that call completes, then replays. At a task's end and at the
+    // trace's end whatever still waits replays as it is.
+
+    /// Whether `c` must wait for a call in flight (see above).
+    fn blocked(&mut self, c: &parse::Call) -> bool {
+        let Ret::Value(ret) = c.ret else {
+            return false;
+        };
+        let arg = |i: usize| c.args.get(i).map(String::as_str).unwrap_or("");
+        let len = match c.name.as_str() {
+            "mmap" | "mmap2"
+                if !parse::has_flag(arg(3), "MAP_FIXED", 0x10)
+                    && !parse::has_flag(arg(3), "MAP_FIXED_NOREPLACE", 0x100000) =>
+            {
+                parse::number(arg(1))
+            }
+            "mremap"
+                if parse::number(arg(0)) != Some(ret)
+                    && !parse::has_flag(arg(3), "MREMAP_FIXED", 2) =>
+            {
+                parse::number(arg(2))
+            }
+            _ => None,
+        };
+        let (Some(len), Some(Some(id))) = (len.filter(|&l| l > 0), self.tasks.get(&c.pid).copied())
+        else {
+            return false;
+        };
+        let freeing = self.inflight.iter().any(|(p, name)| {
+            *p != c.pid
+                && matches!(name.as_str(), "munmap" | "mremap" | "brk")
+                && self.tasks.get(p).copied().flatten() == Some(id)
+        });
+        if !freeing {
+            return false;
+        }
+        let Some(sim) = self.tr.range(ret, len) else {
+            return false;
+        };
+        let end = sim.saturating_add(page_up(len));
+        holes(&self.spaces[&id].mm, sim, end) != [(sim, end)]
+    }
+
+    /// Replays the waiting calls that no longer wait, in order.
+    fn retry_deferred(&mut self) -> Result<(), String> {
+        loop {
+            let waiting = std::mem::take(&mut self.deferred);
+            let mut progress = false;
+            let mut still: Vec<parse::Call> = Vec::new();
+            for c in waiting {
+                if still.iter().any(|d| d.pid == c.pid) || self.blocked(&c) {
+                    still.push(c);
+                } else {
+                    self.dispatch(&c)?;
+                    progress = true;
+                }
+            }
+            self.deferred = still;
+            if !progress || self.deferred.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Replays the waiting calls of `pid` (of every task if `None`) as they are.
+    fn flush_deferred(&mut self, pid: Option<u32>) -> Result<(), String> {
+        let waiting = std::mem::take(&mut self.deferred);
+        for c in waiting {
+            if pid.is_none() || pid == Some(c.pid) {
+                self.dispatch(&c)?;
+            } else {
+                self.deferred.push(c);
+            }
+        }
+        Ok(())
     }
 
     fn call(&mut self, c: &parse::Call, ret: u64) -> Result<(), String> {
@@ -996,6 +1108,9 @@ impl<'a> Replay<'a> {
     }
 
     fn into_report(mut self, parser: &Parser, started: Instant) -> StraceReport {
+        if let Err(e) = self.flush_deferred(None) {
+            self.sim_error("end of trace", e);
+        }
         let ids: Vec<u64> = self.spaces.keys().copied().collect();
         for id in ids {
             let s = self.spaces.remove(&id).expect("listed");
@@ -1176,8 +1291,8 @@ impl StraceReport {
         );
         let _ = writeln!(
             out,
-            "pages touched: {} cpu reads, {} cpu writes; {} device accesses, {} probes refused; {} untranslatable ranges\n",
-            self.cpu_reads, self.cpu_writes, self.device_accesses, self.probes_refused, self.untranslatable
+            "pages touched: {} cpu reads, {} cpu writes; {} device accesses, {} probes refused; {} untranslatable ranges, {} calls reordered\n",
+            self.cpu_reads, self.cpu_writes, self.device_accesses, self.probes_refused, self.untranslatable, self.reordered
         );
         let _ = writeln!(
             out,
@@ -1238,7 +1353,7 @@ impl StraceReport {
                 "\"never_resumed\":{},\"tasks\":{},\"address_spaces\":{},\"calls_by_name\":{}}},",
                 "\"elapsed_secs\":{:.3},\"calls_per_sec\":{:.0},\"total_ops\":{},\"ops\":{},",
                 "\"events\":{},\"failed_in_trace\":{},\"unsupported\":{},\"no_effect\":{},",
-                "\"sim_errors\":{},\"untranslatable\":{},\"cpu_reads\":{},\"cpu_writes\":{},",
+                "\"sim_errors\":{},\"untranslatable\":{},\"reordered\":{},\"cpu_reads\":{},\"cpu_writes\":{},",
                 "\"device_accesses\":{},\"probes_refused\":{},\"device_errors\":{},",
                 "\"secondaries\":{{{}}},\"checks\":{},\"violation_count\":{},",
                 "\"violations_truncated\":{},\"violations\":[{}]}}"
@@ -1261,6 +1376,7 @@ impl StraceReport {
             json_map(&self.no_effect),
             json_map(&self.sim_errors),
             self.untranslatable,
+            self.reordered,
             self.cpu_reads,
             self.cpu_writes,
             self.device_accesses,
@@ -1409,6 +1525,31 @@ mod tests {
         assert_eq!(r.ops.get("mmap_file_shared"), Some(&1), "{}", r.table());
         // 7 and its fork 10 (9 execs and ends with no memory call).
         assert_eq!(r.trace.address_spaces, 2, "{}", r.table());
+    }
+
+    /// Thread 1's `mremap` moved its block away, and thread 2's `mmap` got the freed range
+    /// before thread 1's result was printed: 2's calls wait for 1's.
+    #[test]
+    fn a_range_freed_by_a_call_in_flight_is_reused_after_it() {
+        let trace = "1 mmap(NULL, 266240, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0x7f73cdca8000
+1 clone3({flags=CLONE_VM|CLONE_THREAD, exit_signal=0} => {parent_tid=[2]}, 88) = 2
+1 mremap(0x7f73cdca8000, 266240, 528384, MREMAP_MAYMOVE <unfinished ...>
+2 mmap(NULL, 266240, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0x7f73cdca8000
+2 mremap(0x7f73cdca8000, 266240, 528384, MREMAP_MAYMOVE) = 0x7f73ce000000
+1 <... mremap resumed>) = 0x7f73cd426000
+1 munmap(0x7f73cd426000, 528384) = 0
+";
+        let o = StraceOptions {
+            secondaries: vec!["kvm".into(), "hmm".into()],
+            ..StraceOptions::default()
+        };
+        let r = replay_text(trace, &o).expect("replays");
+        assert_eq!(r.reordered, 2, "{}", r.table());
+        assert!(r.sim_errors.is_empty(), "{}", r.table());
+        assert_eq!(r.ops.get("mremap_move"), Some(&2), "{}", r.table());
+        // Two per move, one for the munmap; none from a mapping placed over a live one.
+        assert_eq!(r.events.get("unmap"), Some(&5), "{}", r.table());
+        assert_eq!(r.violation_count, 0, "{}", r.table());
     }
 
     #[test]
