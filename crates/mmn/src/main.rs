@@ -3,6 +3,7 @@
 mod attach;
 mod demo;
 mod real;
+mod strace;
 mod torture;
 
 use std::path::PathBuf;
@@ -84,13 +85,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Re-runs a run recorded in a replay file (written by a failing or interrupted
-    /// `mmn torture`) exactly: the same operations in the same order, to the same first
-    /// violation. Exits 1 when it reproduces the recorded violations, 0 when it
-    /// reproduces a clean run, 2 when the replay does not match the recording.
+    /// Replays FILE on the simulation. Two kinds of file:
+    ///
+    /// A replay file written by a failing or interrupted `mmn torture` (first line
+    /// `# mmn replay v1`): re-runs that run exactly, the same operations in the same order,
+    /// to the same first violation. Exits 1 when it reproduces the recorded violations, 0
+    /// when it reproduces a clean run, 2 when the replay does not match the recording.
+    ///
+    /// A real program's memory system calls, as `strace -f -y -e trace=%memory,%process -o
+    /// FILE PROGRAM` recorded them: replays them with every secondary attached to each of
+    /// the program's address spaces and every access checked. Prints the trace's size, the
+    /// operations, invalidation events and violations; exits 1 on any violation.
     Replay {
-        /// The replay file.
+        /// The replay file or the strace output.
         file: PathBuf,
+        /// Strace traces only: secondaries to attach, comma separated [default: all].
+        #[arg(long, value_delimiter = ',')]
+        secondaries: Option<Vec<String>>,
+        /// Strace traces only: also attach a deliberately broken secondary (the replay
+        /// must then fail).
+        #[arg(long)]
+        broken: Option<String>,
+        /// Strace traces only: most pages touched per call [default: 8].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        touch_pages: Option<u64>,
         /// Print the report as JSON instead of tables.
         #[arg(long)]
         json: bool,
@@ -303,21 +321,44 @@ fn torture_main(
 
 /// `mmn replay FILE` for a file that is not an mmn replay file (its first line is not
 /// the replay magic). Other trace formats are dispatched from here.
-fn replay_other_format(path: &std::path::Path, _text: &str, _json: bool) -> ExitCode {
-    failure(format!(
-        "{}: not an mmn replay file (its first line is not {:?})",
-        path.display(),
-        torture::replay::MAGIC
-    ))
+/// The options of `mmn replay` that only apply to strace traces.
+struct StraceArgs {
+    secondaries: Option<Vec<String>>,
+    broken: Option<String>,
+    touch_pages: Option<u64>,
 }
 
-fn replay_main(path: PathBuf, json: bool) -> ExitCode {
+/// A file that is not a torture replay file: a strace trace of a real program.
+fn replay_other_format(path: &std::path::Path, args: StraceArgs, json: bool) -> ExitCode {
+    let secondaries = args
+        .secondaries
+        .unwrap_or_else(|| attach::ALL.split(',').map(String::from).collect());
+    strace::cli(
+        path,
+        secondaries,
+        args.broken,
+        args.touch_pages.unwrap_or(8),
+        json,
+    )
+}
+
+fn replay_main(path: PathBuf, strace_args: StraceArgs, json: bool) -> ExitCode {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => return failure(format!("cannot read {}: {e}", path.display())),
     };
     if text.lines().next().map(str::trim_end) != Some(torture::replay::MAGIC) {
-        return replay_other_format(&path, &text, json);
+        return replay_other_format(&path, strace_args, json);
+    }
+    if strace_args.secondaries.is_some()
+        || strace_args.broken.is_some()
+        || strace_args.touch_pages.is_some()
+    {
+        return usage_error(
+            "replay",
+            "--secondaries, --broken and --touch-pages apply to strace traces only: a torture \
+             replay file records its own options",
+        );
     }
     let recorded = match torture::replay::parse(&text) {
         Ok(r) => r,
@@ -475,7 +516,21 @@ fn main() -> ExitCode {
                 json,
             )
         }
-        Command::Replay { file, json } => replay_main(file, json),
+        Command::Replay {
+            file,
+            secondaries,
+            broken,
+            touch_pages,
+            json,
+        } => replay_main(
+            file,
+            StraceArgs {
+                secondaries,
+                broken,
+                touch_pages,
+            },
+            json,
+        ),
         Command::Demo {
             secs,
             pages,

@@ -157,12 +157,21 @@ fn a_failing_multi_worker_run_replays_to_the_same_first_violation() {
 #[test]
 fn replay_refuses_other_files() {
     let file = temp("not-replay");
-    std::fs::write(&file, "mmap(NULL, 4096, ...) = 0x7f0000000000\n").unwrap();
+    std::fs::write(&file, "hello\nworld\n").unwrap();
     let out = mmn(&["replay", file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.starts_with("error: "), "{stderr}");
-    assert!(stderr.contains("not an mmn replay file"), "{stderr}");
+    assert!(
+        stderr.contains("neither an mmn replay file") && stderr.contains("nor a strace trace"),
+        "{stderr}"
+    );
+    // Strace-only options on a torture replay file are a usage error.
+    std::fs::write(&file, "# mmn replay v1\n").unwrap();
+    let out = mmn(&["replay", "--touch-pages", "2", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("strace traces only"), "{stderr}");
     // A truncated replay file is refused, not half replayed.
     std::fs::write(
         &file,
