@@ -1,7 +1,7 @@
 //! # mmu-secondary
 //!
-//! The secondary MMUs of the seeds, each a small, readable model of how to write one with
-//! [`mmu_notifier`], running over the simulated primary of [`mmu_sim`] and checked by its
+//! The secondary MMUs of Linux (KVM, an SVA TLB, an HMM mirror, XPMEM, ODP), each a small,
+//! readable model of how to write one with [`mmu_notifier`], running over the simulated primary of [`mmu_sim`] and checked by its
 //! [`Checker`](mmu_sim::Checker):
 //!
 //! Every secondary implements [`SecondaryMmu`]: a device fault that makes an address

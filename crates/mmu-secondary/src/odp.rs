@@ -19,10 +19,10 @@
 //!
 //! **Invalidate** (user lock held): drop the chunk's translations in the range. For an
 //! `Unmap` the pages are gone for good, so the chunk also follows the mapping, from inside
-//! the callback, with the safe updates of SPEC 3.2:
+//! the callback, with the safe updates of interval subscriptions (update and split from
+//! inside the callback, deferred while the tree is frozen):
 //!
-//! - the range covers the whole chunk: `remove_self` (the chunk has a `release` op, so the
-//!   removal never waits; it is marked dead so that a racing fill cannot install in it);
+//! - the range covers the whole chunk: `remove_self` (the removal never waits; it is marked dead so that a racing fill cannot install in it);
 //! - it covers one end: `update_self` shrinks the chunk to the rest;
 //! - it punches a hole in the middle: `split_self` keeps the left part and inserts the
 //!   right part as a new subscription, carrying the right part's translations, atomically
