@@ -1,8 +1,8 @@
 //! # mmu-secondary
 //!
 //! The secondary MMUs of Linux (KVM, an SVA TLB, an HMM mirror, XPMEM, ODP), each a small,
-//! readable model of how to write one with [`mmu_notifier`], running over the simulated primary of [`mmu_sim`] and checked by its
-//! [`Checker`](mmu_sim::Checker):
+//! readable model of how to write one with [`mmu_notifier`], running over the simulated
+//! primary of [`mmu_sim`] and checked by its [`Checker`](mmu_sim::Checker):
 //!
 //! Every secondary implements [`SecondaryMmu`]: a device fault that makes an address
 //! accessible through the secondary's own translation (retrying when it loses a race with
