@@ -90,6 +90,10 @@ fn owner(name: &str) -> Option<i32> {
 struct Tracing {
     instance: PathBuf,
     mounted: Option<PathBuf>,
+    /// The instance's `trace_pipe`, open (non-blocking) while a script runs: a consuming
+    /// read, so nothing has to be reset between operations (resetting the buffer waits
+    /// for an RCU grace period, which would dominate the run time).
+    pipe: Mutex<Option<std::fs::File>>,
 }
 
 fn write_file(path: &Path, s: &str) -> std::io::Result<()> {
@@ -138,6 +142,7 @@ impl Tracing {
         let mut t = Tracing {
             instance: root.join("instances").join(name),
             mounted,
+            pipe: Mutex::new(None),
         };
         remove_stale_instances(&root.join("instances"));
         if !root.join("events/kvm").is_dir() {
@@ -160,22 +165,41 @@ impl Tracing {
         Ok(t)
     }
 
-    /// Follows only `pid` (and the processes it forks from now on), empty buffer.
+    /// Follows only `pid` (and the processes it forks from now on), from an empty
+    /// buffer, and opens the pipe.
     fn follow(&self, pid: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
         write_file(&self.instance.join("set_event_pid"), &pid.to_string())?;
-        self.clear()
+        write_file(&self.instance.join("trace"), "")?;
+        let pipe = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(self.instance.join("trace_pipe"))?;
+        *self.pipe.lock().unwrap_or_else(|e| e.into_inner()) = Some(pipe);
+        Ok(())
     }
 
-    fn clear(&self) -> std::io::Result<()> {
-        write_file(&self.instance.join("trace"), "")
+    /// Closes the pipe (the instance cannot be removed while it is open).
+    fn unfollow(&self) {
+        *self.pipe.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// The events in the buffer, as (pid, note without owner), then empties it.
+    /// The events emitted since the last call, as (pid, note without owner).
     fn take(&self) -> Result<Vec<(i32, Note)>, String> {
-        let text = std::fs::read_to_string(self.instance.join("trace"))
-            .map_err(|e| format!("reading the trace: {e}"))?;
-        self.clear()
-            .map_err(|e| format!("clearing the trace: {e}"))?;
+        let mut pipe = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
+        let pipe = pipe.as_mut().ok_or("not following")?;
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("reading the trace: {e}")),
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
         let mut out = Vec::new();
         for line in text.lines() {
             if line.starts_with('#') || line.trim().is_empty() {
@@ -259,6 +283,7 @@ fn unmount(dir: &Path) {
 
 impl Drop for Tracing {
     fn drop(&mut self) {
+        self.unfollow();
         if !self.instance.as_os_str().is_empty() && self.instance.exists() {
             let _ = write_file(&self.instance.join("tracing_on"), "0");
             // rmdir fails with EBUSY while a file of the instance is open; none is
@@ -445,6 +470,7 @@ impl Kernel {
         let mut w = Worker::start(&self.worker)?;
         let result = self.run_with(&mut w, ops);
         w.finish();
+        self.tracing.unfollow();
         result
     }
 

@@ -239,13 +239,16 @@ impl AddressSpace {
     /// 2. `fixed` with equal lengths is a pure move, which since Linux 6.17 may span
     ///    several mappings: every mapping in the old range moves, one after the other,
     ///    keeping the gaps between them (EFAULT if `old_addr` itself is unmapped).
-    /// 3. Otherwise EFAULT if nothing is mapped at `old_addr`. A shrink unmaps the tail
-    ///    `[old_addr + new_len, old_addr + old_len)` first, wherever it reaches, and is
-    ///    done unless `fixed`; equal lengths without `fixed` are done at once.
-    /// 4. With `fixed`, the target is unmapped, then the tail, then the move is checked.
-    /// 5. Growing or moving: EFAULT if the old range goes past its mapping; EINVAL for a
-    ///    zero old length (Linux's duplication of a shared mapping is not simulated) or a
-    ///    file offset that would overflow; ENOMEM if it cannot grow and may not move.
+    /// 3. Otherwise EFAULT if nothing is mapped at `old_addr`. Without `fixed`, a shrink
+    ///    just unmaps the tail `[old_addr + new_len, old_addr + old_len)`, wherever it
+    ///    reaches, and equal lengths are done at once.
+    /// 4. Growing or moving, before anything is unmapped: EINVAL for a zero old length
+    ///    (Linux's duplication of a shared mapping is not simulated); EFAULT if the part
+    ///    that stays mapped (the old range, or its first `new_len` bytes when shrinking)
+    ///    goes past its mapping; EINVAL for a file offset that would overflow.
+    /// 5. With `fixed`, the target is unmapped, then the tail, then the move; else the
+    ///    mapping grows in place if it ends the old range and has room, else moves
+    ///    (`may_move`), else ENOMEM.
     pub fn mremap(
         &self,
         old_addr: u64,
@@ -288,7 +291,14 @@ impl AddressSpace {
                 return self.remap_move(&mut vmas, old_addr, old_len, new_addr);
             }
         }
-        vmas.find(old_addr).ok_or(SimError::Fault(old_addr))?;
+        let vma = vmas.find(old_addr).ok_or(SimError::Fault(old_addr))?.clone();
+        if flags.fixed.is_none() && new_len <= old_len {
+            self.shrink_locked(&mut vmas, old_addr, old_len, new_len)?;
+            return Ok(old_addr);
+        }
+        // Growing or moving: the old range must lie in its mapping; a shrink that also
+        // moves may unmap past it (only the part that moves must).
+        self.remap_check(&vma, old_addr, old_len.min(new_len), old_len, new_len)?;
         if let Some(new_addr) = flags.fixed {
             self.unmap_locked(&mut vmas, new_addr, new_addr + new_len, "mremap fixed");
             vmas.find(old_addr).ok_or(SimError::Fault(old_addr))?;
@@ -298,15 +308,9 @@ impl AddressSpace {
             } else {
                 old_len
             };
-            self.remap_check(&vmas, old_addr, len, new_len)?;
             self.move_locked(&mut vmas, old_addr, len, new_addr, new_len);
             return Ok(new_addr);
         }
-        if new_len <= old_len {
-            self.shrink_locked(&mut vmas, old_addr, old_len, new_len)?;
-            return Ok(old_addr);
-        }
-        let vma = self.remap_check(&vmas, old_addr, old_len, new_len)?;
         let old_end = old_addr + old_len;
         let grow_end = old_addr.checked_add(new_len).filter(|&e| e <= TASK_SIZE);
         if let Some(grow_end) = grow_end {
@@ -345,28 +349,31 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// The checks before `mremap` grows or moves `[addr, addr + old_len)` (Linux's
-    /// `remap_is_valid`); returns the mapping.
+    /// The checks before `mremap` grows or moves (Linux's `check_prep_vma`), before
+    /// anything is unmapped: EINVAL for a zero old length, EFAULT if the `moving` bytes
+    /// from `addr` go past the mapping, EINVAL if a resize would overflow the offset.
     fn remap_check(
         &self,
-        vmas: &VmaMap,
+        vma: &Vma,
         addr: u64,
+        moving: u64,
         old_len: u64,
         new_len: u64,
-    ) -> Result<Vma, SimError> {
-        let vma = vmas.find(addr).ok_or(SimError::Fault(addr))?.clone();
+    ) -> Result<(), SimError> {
         if old_len == 0 {
             return Err(SimError::InvalidArgument("zero old length"));
         }
-        if old_len > vma.end - addr {
+        if moving > vma.end - addr {
             return Err(SimError::Fault(vma.end));
         }
         if let Backing::File { offset, .. } = &vma.backing {
-            (offset + (addr - vma.start))
-                .checked_add(new_len)
-                .ok_or(SimError::InvalidArgument("file offset overflows"))?;
+            if new_len != moving {
+                (offset + (addr - vma.start))
+                    .checked_add(new_len)
+                    .ok_or(SimError::InvalidArgument("file offset overflows"))?;
+            }
         }
-        Ok(vma)
+        Ok(())
     }
 
     /// A pure move of `[addr, addr + len)` to `new_addr` (`MREMAP_FIXED`, equal lengths;
