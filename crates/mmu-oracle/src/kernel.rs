@@ -89,7 +89,7 @@ fn owner(name: &str) -> Option<i32> {
 /// The runner's tracing instance (and tracefs mount, if it made one).
 struct Tracing {
     instance: PathBuf,
-    mounted: Option<PathBuf>,
+    mounted: Option<Arc<Mount>>,
     /// The instance's `trace_pipe`, open (non-blocking) while a script runs: a consuming
     /// read, so nothing has to be reset between operations (resetting the buffer waits
     /// for an RCU grace period, which would dominate the run time).
@@ -110,27 +110,8 @@ impl Tracing {
         let (root, mounted) = if sys.join("instances").is_dir() {
             (sys.to_path_buf(), None)
         } else {
-            let dir = std::env::temp_dir().join(format!("{PREFIX}{}-tracefs", std::process::id()));
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| Unavailable(format!("cannot create {}: {e}", dir.display())))?;
-            let c = CString::new(dir.as_os_str().as_encoded_bytes()).expect("no NUL");
-            // SAFETY: all pointers are valid NUL-terminated strings for the call's
-            // duration; tracefs takes no mount data.
-            let r = unsafe {
-                libc::mount(
-                    c"nodev".as_ptr(),
-                    c.as_ptr(),
-                    c"tracefs".as_ptr(),
-                    0,
-                    std::ptr::null(),
-                )
-            };
-            if r != 0 {
-                let e = std::io::Error::last_os_error();
-                let _ = std::fs::remove_dir(&dir);
-                return Err(Unavailable(format!("cannot mount tracefs: {e}")));
-            }
-            (dir.clone(), Some(dir))
+            let m = Mount::open()?;
+            (m.0.clone(), Some(m))
         };
         // From here on, the guard removes what exists.
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -295,9 +276,51 @@ impl Drop for Tracing {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
-        if let Some(dir) = &self.mounted {
-            unmount(dir);
+        // The mount goes with the last runner of the process (`Mount`'s drop).
+        self.mounted = None;
+    }
+}
+
+/// A tracefs mount of this process's (when the system has none), shared by its runners
+/// and unmounted with the last.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn open() -> Result<Arc<Mount>, Unavailable> {
+        static SHARED: Mutex<Weak<Mount>> = Mutex::new(Weak::new());
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = shared.upgrade() {
+            return Ok(m);
         }
+        let dir = std::env::temp_dir().join(format!("{PREFIX}{}-tracefs", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        let c = CString::new(dir.as_os_str().as_encoded_bytes()).expect("no NUL");
+        // SAFETY: all pointers are valid NUL-terminated strings for the call's duration;
+        // tracefs takes no mount data.
+        let r = unsafe {
+            libc::mount(
+                c"nodev".as_ptr(),
+                c.as_ptr(),
+                c"tracefs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            let _ = std::fs::remove_dir(&dir);
+            return Err(Unavailable(format!("cannot mount tracefs: {e}")));
+        }
+        let m = Arc::new(Mount(dir));
+        *shared = Arc::downgrade(&m);
+        Ok(m)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        unmount(&self.0);
     }
 }
 

@@ -291,7 +291,10 @@ impl AddressSpace {
                 return self.remap_move(&mut vmas, old_addr, old_len, new_addr);
             }
         }
-        let vma = vmas.find(old_addr).ok_or(SimError::Fault(old_addr))?.clone();
+        let vma = vmas
+            .find(old_addr)
+            .ok_or(SimError::Fault(old_addr))?
+            .clone();
         if flags.fixed.is_none() && new_len <= old_len {
             self.shrink_locked(&mut vmas, old_addr, old_len, new_len)?;
             return Ok(old_addr);
