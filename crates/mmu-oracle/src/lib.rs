@@ -129,6 +129,29 @@ impl fmt::Display for Step {
     }
 }
 
+/// Differences that come from kernel mechanisms the simulation leaves out on purpose
+/// (they add or drop calls without changing what a secondary must do to stay coherent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KernelOnly {
+    /// Reclaim's reverse-map walk (`MADV_PAGEOUT`) visits every mapping linked to the
+    /// page's `anon_vma` whose offsets cover the page (a forked child's mapping, or,
+    /// after `mremap`, one of the process's own at the page's old offset) and starts a
+    /// one-page `Clear` there before it looks for the page: extra one-page ranges.
+    RmapWalk,
+    /// A page marked by `MADV_FREE` sits in a per-CPU batch that holds a reference, so
+    /// reclaim skips it: fewer ranges.
+    LazyFreeBatch,
+}
+
+impl fmt::Display for KernelOnly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KernelOnly::RmapWalk => "reclaim's reverse-map walk notifies another mapping",
+            KernelOnly::LazyFreeBatch => "MADV_FREE's per-CPU batch holds a reference",
+        })
+    }
+}
+
 /// The two sides of one script, compared.
 #[derive(Clone, Debug)]
 pub struct Comparison {
@@ -146,6 +169,53 @@ impl Comparison {
         (0..self.ops.len())
             .filter(|&i| self.kernel.get(i) != self.sim.get(i))
             .collect()
+    }
+
+    /// Which known kernel-only behaviour explains the difference at operation `i`, if
+    /// one does (see [`KernelOnly`]); `None` for an unexplained difference (or none).
+    pub fn explain(&self, i: usize) -> Option<KernelOnly> {
+        let (op, k, s) = (self.ops.get(i)?, self.kernel.get(i)?, self.sim.get(i)?);
+        if k == s || k.result != s.result {
+            return None;
+        }
+        let pageout = matches!(
+            op,
+            Op::Madvise {
+                advice: script::Advice::PageOut,
+                ..
+            }
+        );
+        // `sub` is `sup` with some calls left out, in order.
+        let subsequence = |sub: &[Note], sup: &[Note]| {
+            let mut it = sup.iter();
+            sub.iter().all(|n| it.any(|m| m == n))
+        };
+        let one_page = |n: &Note| matches!(n, Note::Invalidate(_, s, e) if e - s == PAGE);
+        if pageout && subsequence(&s.notes, &k.notes) {
+            let mut extra = k.notes.clone();
+            for n in &s.notes {
+                let at = extra.iter().position(|m| m == n).expect("subsequence");
+                extra.remove(at);
+            }
+            if extra.iter().all(one_page) {
+                return Some(KernelOnly::RmapWalk);
+            }
+        }
+        if pageout
+            && subsequence(&k.notes, &s.notes)
+            && self.ops[..i].iter().any(|o| {
+                matches!(
+                    o,
+                    Op::Madvise {
+                        advice: script::Advice::Free,
+                        ..
+                    }
+                )
+            })
+        {
+            return Some(KernelOnly::LazyFreeBatch);
+        }
+        None
     }
 
     /// Operations compared.

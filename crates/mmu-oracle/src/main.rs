@@ -109,6 +109,7 @@ fn main() -> ExitCode {
             let k = open_kernel()?;
             let seed = a.seed.unwrap_or(1);
             let (mut total, mut same) = (0usize, 0usize);
+            let mut classes: std::collections::BTreeMap<String, usize> = Default::default();
             for s in seed..seed + a.scripts {
                 let ops = script::random(s, a.ops);
                 let kernel = k.run(&ops)?;
@@ -121,10 +122,14 @@ fn main() -> ExitCode {
                 total += c.len();
                 same += c.len() - d.len();
                 for &i in &d {
+                    let class = c
+                        .explain(i)
+                        .map_or("UNEXPLAINED".to_string(), |k| k.to_string());
                     println!(
-                        "seed {s} op {i}: {}\n    kernel: {}\n    sim:    {}",
+                        "seed {s} op {i}: {}\n    kernel: {}\n    sim:    {}\n    class:  {class}",
                         c.ops[i], c.kernel[i], c.sim[i]
                     );
+                    *classes.entry(class).or_default() += 1;
                 }
                 if a.show && !d.is_empty() {
                     println!("{}", c.report(false));
@@ -136,6 +141,9 @@ fn main() -> ExitCode {
                 a.ops,
                 100.0 * same as f64 / total.max(1) as f64
             );
+            for (class, n) in &classes {
+                println!("  {n} differences: {class}");
+            }
             Ok(same == total)
         })(),
         _ => return usage(),

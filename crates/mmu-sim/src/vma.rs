@@ -353,11 +353,33 @@ impl VmaMap {
         prev.end = next.end;
     }
 
-    /// Merges the mapping `[start, end)` with compatible neighbours on both sides, the one
-    /// before first (Linux prefers it when only one side can merge).
+    /// Merges the new mapping `[start, end)` with compatible neighbours on both sides,
+    /// the one before first (Linux prefers it when only one side can merge).
     pub(crate) fn merge_around(&mut self, start: u64, end: u64) {
         self.merge_at(start);
         self.merge_at(end);
+    }
+
+    /// Merges the existing mapping `[start, end)` whose flags just changed (`mprotect`)
+    /// with compatible neighbours, as Linux 6.18 merges an existing range: on top of
+    /// [`Vma::can_merge`], a mapping that has an `anon_vma` never merges into a
+    /// neighbour that has none (Linux does not move the `anon_vma` over in that case;
+    /// the other way round, and for new or moved mappings, it does).
+    pub(crate) fn merge_modified(&mut self, start: u64, end: u64) {
+        let Some(src) = self.vmas.get(&start).map(|v| v.anon_vma.get().cloned()) else {
+            return;
+        };
+        let allowed = |tgt: &Vma| match (tgt.anon_vma.get(), &src) {
+            (None, Some(_)) => false,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => true,
+        };
+        if start > 0 && self.find(start - 1).is_some_and(&allowed) {
+            self.merge_at(start);
+        }
+        if self.vmas.get(&end).is_some_and(&allowed) {
+            self.merge_at(end);
+        }
     }
 
     /// Whether `[start, end)` is entirely covered by mappings.

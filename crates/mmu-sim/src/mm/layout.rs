@@ -182,7 +182,7 @@ impl AddressSpace {
             vmas.split_at(e);
             vmas.get_mut(s).expect("just split").prot = prot;
             self.protect_entries(s, e, prot);
-            vmas.merge_around(s, e);
+            vmas.merge_modified(s, e);
         }
         if done < end {
             return Err(SimError::OutOfMemory);
