@@ -66,6 +66,10 @@ pub struct Vma {
     /// created (Linux's `vm_pgoff`: the address in pages at `mmap` time). Two anonymous
     /// mappings merge only if their offsets continue each other.
     pub(crate) pgoff: u64,
+    /// Whether the mapping's memory is charged as committed (Linux's `VM_ACCOUNT`): set
+    /// for a private mapping created writable or later made writable, and kept when the
+    /// write permission goes. Mappings merge only if they agree on it.
+    pub(crate) accounted: bool,
     /// The mapping's `anon_vma` (Linux), created by the first private anonymous page:
     /// empty until then. Its identity is the inner `Arc`; pieces split after it exists
     /// share it, pieces split before get their own empty one.
@@ -117,7 +121,17 @@ impl Vma {
             shared,
             backing,
             pgoff: start / PAGE_SIZE,
+            accounted: !shared && prot.write,
             anon_vma: Default::default(),
+        }
+    }
+
+    /// Changes the protection as `mprotect` does: a private mapping made writable
+    /// becomes accounted, and stays so.
+    pub(crate) fn set_prot(&mut self, prot: Prot) {
+        self.prot = prot;
+        if prot.write && !self.shared {
+            self.accounted = true;
         }
     }
 
@@ -132,6 +146,7 @@ impl Vma {
         let reusable = |a: &Vma, b: &Vma| {
             a.end == b.start
                 && a.shared == b.shared
+                && a.accounted == b.accounted
                 && a.same_object(b)
                 && a.pgoff_at(b.start).is_some()
                 && a.pgoff_at(b.start) == b.pgoff_at(b.start)
@@ -204,6 +219,7 @@ impl Vma {
         self.end == next.start
             && self.prot == next.prot
             && self.shared == next.shared
+            && self.accounted == next.accounted
             && self.same_object(next)
             && self.pgoff_at(next.start).is_some()
             && self.pgoff_at(next.start) == next.pgoff_at(next.start)

@@ -180,7 +180,7 @@ impl AddressSpace {
             }
             vmas.split_at(s);
             vmas.split_at(e);
-            vmas.get_mut(s).expect("just split").prot = prot;
+            vmas.get_mut(s).expect("just split").set_prot(prot);
             self.protect_entries(s, e, prot);
             vmas.merge_modified(s, e);
         }
