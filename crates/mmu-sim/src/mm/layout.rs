@@ -48,7 +48,11 @@ impl AddressSpace {
 
     /// Linux's `mmap`: maps `len` bytes (rounded up to pages) of `kind` with `prot`, at
     /// the lowest free address, or at exactly `fixed` (`MAP_FIXED`: whatever is mapped
-    /// there is unmapped first, with an `Unmap` invalidation). Returns the start.
+    /// there is unmapped first, with an `Unmap` invalidation). Returns the start. The new
+    /// mapping merges with compatible neighbours into one mapping, as Linux's does (so a
+    /// later per-mapping operation, `madvise` say, makes one range over them). Shared
+    /// anonymous memory is an object of `len` bytes: pages past it (after `mremap` grows
+    /// the mapping) fault with [`SimError::Bus`].
     ///
     /// Errors as Linux: zero length or an unaligned `fixed` or file offset is EINVAL; a
     /// length that overflows or no room is ENOMEM.
