@@ -68,7 +68,8 @@ pub struct Vma {
     pub(crate) pgoff: u64,
     /// Whether the mapping's memory is charged as committed (Linux's `VM_ACCOUNT`): set
     /// for a private mapping created writable or later made writable, and kept when the
-    /// write permission goes. Mappings merge only if they agree on it.
+    /// write permission goes (but for anonymous memory without an `anon_vma`). Mappings
+    /// merge only if they agree on it.
     pub(crate) accounted: bool,
     /// The mapping's `anon_vma` (Linux), created by the first private anonymous page:
     /// empty until then. Its identity is the inner `Arc`; pieces split after it exists
@@ -127,11 +128,14 @@ impl Vma {
     }
 
     /// Changes the protection as `mprotect` does: a private mapping made writable
-    /// becomes accounted, and stays so.
+    /// becomes accounted, and stays so, except anonymous memory that never had a page
+    /// (no `anon_vma`), which is unaccounted again when it loses write permission.
     pub(crate) fn set_prot(&mut self, prot: Prot) {
         self.prot = prot;
         if prot.write && !self.shared {
             self.accounted = true;
+        } else if !prot.write && matches!(self.backing, Backing::Anon) && !self.has_anon_vma() {
+            self.accounted = false;
         }
     }
 
