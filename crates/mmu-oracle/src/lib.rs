@@ -197,7 +197,26 @@ impl Comparison {
                 let at = extra.iter().position(|m| m == n).expect("subsequence");
                 extra.remove(at);
             }
-            if extra.iter().all(one_page) {
+            // A duplicate of a page the simulation notified can only be another address
+            // space's mapping at the same address (a live forked child); a page
+            // elsewhere, an older mapping of the page's offset (a moved mapping).
+            let mut child = false;
+            for o in &self.ops[..i] {
+                match o {
+                    Op::Fork => child = true,
+                    Op::ChildExit => child = false,
+                    _ => {}
+                }
+            }
+            let moved = self.ops[..i].iter().zip(&self.kernel).any(|(o, k)| {
+                matches!(
+                    o,
+                    Op::Mremap { fixed: Some(_), .. } | Op::Mremap { may_move: true, .. }
+                ) && k.result == "ok"
+            });
+            let explained =
+                |n: &Note| one_page(n) && if s.notes.contains(n) { child } else { moved };
+            if !extra.is_empty() && extra.iter().all(explained) {
                 return Some(KernelOnly::RmapWalk);
             }
         }
