@@ -133,10 +133,13 @@ impl fmt::Display for Step {
 /// (they add or drop calls without changing what a secondary must do to stay coherent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KernelOnly {
-    /// Reclaim's reverse-map walk (`MADV_PAGEOUT`) visits every mapping linked to the
-    /// page's `anon_vma` whose offsets cover the page (a forked child's mapping, or,
-    /// after `mremap`, one of the process's own at the page's old offset) and starts a
-    /// one-page `Clear` there before it looks for the page: extra one-page ranges.
+    /// Reclaim's reverse-map walk (`MADV_PAGEOUT`) visits every mapping that could map
+    /// the page (linked to its `anon_vma`, or mapping its file offset) and starts a
+    /// one-page `Clear` there before it looks for the page: extra one-page ranges, in a
+    /// forked child's mappings (at the same address, or where the child still maps the
+    /// file), in another mapping of the same file, or, after `mremap`, in the process's
+    /// own mapping at the page's old offset. The classification checks that such a cause
+    /// exists earlier in the script.
     RmapWalk,
     /// A page marked by `MADV_FREE` sits in a per-CPU batch that holds a reference, so
     /// reclaim skips it: fewer ranges.
@@ -214,8 +217,26 @@ impl Comparison {
                     Op::Mremap { fixed: Some(_), .. } | Op::Mremap { may_move: true, .. }
                 ) && k.result == "ok"
             });
-            let explained =
-                |n: &Note| one_page(n) && if s.notes.contains(n) { child } else { moved };
+            // A file page is found through every mapping of the file.
+            let mut memfd_maps = [0usize; script::MEMFDS as usize];
+            for o in &self.ops[..i] {
+                if let Op::Mmap {
+                    kind: script::Kind::Memfd { id, .. },
+                    ..
+                } = o
+                {
+                    memfd_maps[*id as usize] += 1;
+                }
+            }
+            let file_alias = memfd_maps.iter().any(|&n| n > 1);
+            let explained = |n: &Note| {
+                one_page(n)
+                    && if s.notes.contains(n) {
+                        child
+                    } else {
+                        moved || child || file_alias
+                    }
+            };
             if !extra.is_empty() && extra.iter().all(explained) {
                 return Some(KernelOnly::RmapWalk);
             }

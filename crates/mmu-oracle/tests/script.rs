@@ -114,14 +114,26 @@ fn differences_are_explained_only_by_the_mechanism_that_can_cause_them() {
     };
     assert_eq!(c.differences(), [3]);
     assert_eq!(c.explain(3), Some(KernelOnly::RmapWalk));
-    // A page elsewhere needs a moved mapping: unexplained here.
-    kernel[3] = step("ok", &[page(0), page(9)]);
-    let c = Comparison {
-        ops: ops.clone(),
-        kernel: kernel.clone(),
-        sim: sim.clone(),
-    };
-    assert_eq!(c.explain(3), None);
+    // A page elsewhere needs a mapping there that can alias: a moved mapping, another
+    // mapping of the same file, or a child; without one it is unexplained.
+    let alone = script::parse("mmap 0 4 anon rw\nwrite 0\nmmap 8 4 anon rw\nmadvise 0 4 pageout\n");
+    let moved =
+        script::parse("mmap 0 4 anon rw\nwrite 0\nmremap 0 1 1 fixed=9\nmadvise 0 4 pageout\n");
+    for (ops, cause) in [
+        (alone.unwrap(), None),
+        (moved.unwrap(), Some(KernelOnly::RmapWalk)),
+    ] {
+        let sim = vec![
+            step("ok", &[]),
+            step("ok", &[]),
+            step("ok", &[]),
+            step("ok", &[page(1)]),
+        ];
+        let mut kernel = sim.clone();
+        kernel[3] = step("ok", &[page(1), page(9)]);
+        let c = Comparison { ops, kernel, sim };
+        assert_eq!(c.explain(3), cause, "{c}");
+    }
     // A wider range is never the reverse-map walk; nor is a different result.
     kernel[3] = step(
         "ok",
