@@ -42,7 +42,11 @@ use crate::{Note, Step, BASE, PAGE};
 pub const PREFIX: &str = "mmu-oracle-";
 const KVM_EVENTS: [&str; 3] = ["kvm_unmap_hva_range", "kvm_age_hva", "kvm_test_age_hva"];
 const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
-const SWAP_DIR: &str = "/var/tmp";
+/// Where a swap file may go, in order of preference (swap needs a disk file system;
+/// `/tmp` may be a tmpfs).
+fn swap_dirs() -> [PathBuf; 2] {
+    [PathBuf::from("/var/tmp"), std::env::temp_dir()]
+}
 const SWAP_PAGES: usize = 4096;
 
 /// Why the kernel side cannot run here (missing root, `/dev/kvm`, tracefs, ...).
@@ -349,17 +353,19 @@ fn swapoff(path: &Path) {
 
 fn remove_stale_swaps() {
     let active = active_swaps();
-    let Ok(entries) = std::fs::read_dir(SWAP_DIR) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if owner(&name).is_some_and(|pid| !pid_alive(pid)) {
-            let path = e.path();
-            if active.iter().any(|a| Path::new(a) == path) {
-                swapoff(&path);
+    for dir in swap_dirs() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if owner(&name).is_some_and(|pid| !pid_alive(pid)) && name.ends_with(".swap") {
+                let path = e.path();
+                if active.iter().any(|a| Path::new(a) == path) {
+                    swapoff(&path);
+                }
+                let _ = std::fs::remove_file(&path);
             }
-            let _ = std::fs::remove_file(&path);
         }
     }
 }
@@ -373,21 +379,33 @@ impl Swap {
         }
         remove_stale_swaps();
         let swap = if active_swaps().is_empty() {
-            let path = Path::new(SWAP_DIR).join(format!("{PREFIX}{}.swap", std::process::id()));
-            let mut s = Swap { file: None };
-            make_swap_file(&path).map_err(|e| {
-                let _ = std::fs::remove_file(&path);
-                Unavailable(format!("cannot write a swap file: {e}"))
-            })?;
-            let c = CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
-            // SAFETY: a valid NUL-terminated path.
-            if unsafe { libc::swapon(c.as_ptr(), 0) } != 0 {
-                let e = std::io::Error::last_os_error();
-                let _ = std::fs::remove_file(&path);
-                return Err(Unavailable(format!("no swap and swapon failed: {e}")));
+            let mut why = Vec::new();
+            let mut made = None;
+            for dir in swap_dirs() {
+                let path = dir.join(format!("{PREFIX}{}.swap", std::process::id()));
+                if let Err(e) = make_swap_file(&path) {
+                    let _ = std::fs::remove_file(&path);
+                    why.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+                let c = CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+                // SAFETY: a valid NUL-terminated path.
+                if unsafe { libc::swapon(c.as_ptr(), 0) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    let _ = std::fs::remove_file(&path);
+                    why.push(format!("swapon {}: {e}", path.display()));
+                    continue;
+                }
+                made = Some(path);
+                break;
             }
-            s.file = Some(path);
-            s
+            let Some(path) = made else {
+                return Err(Unavailable(format!(
+                    "no swap, and none could be made: {}",
+                    why.join("; ")
+                )));
+            };
+            Swap { file: Some(path) }
         } else {
             Swap { file: None }
         };
