@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use mmu_notifier::{ListRegistration, ListSubscriber, Ops, Range, WouldBlock};
+use mmu_notifier::{ListRegistration, ListSubscriber, Range, WouldBlock};
 use mmu_sim::{
     AddressSpace, File, FrameAllocator, MapKind, MremapFlags, Prot as SimProt, SimError,
 };
@@ -24,9 +24,6 @@ impl Recorder {
 }
 
 impl ListSubscriber for Recorder {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::CLEAR_FLUSH_YOUNG | Ops::CLEAR_YOUNG | Ops::TEST_YOUNG
-    }
     fn invalidate_range_start(&self, r: &Range) -> Result<(), WouldBlock> {
         self.push(Note::Invalidate(self.who, r.start(), r.end()));
         Ok(())
