@@ -1,5 +1,5 @@
-//! SPEC 4, row by row: each primary operation calls the notifier with the table's event,
-//! exactly the table's range, the right blockable flag and owner token, and in Linux's
+//! Linux's notifier calls, operation by operation (the table below, one test per row):
+//! each primary operation calls the notifier with the row's event, exactly the row's range, the right blockable flag and owner token, and in Linux's
 //! order against the page-table changes and frees:
 //!
 //! - `invalidate_range_start` is called before any entry in the range changes and before
