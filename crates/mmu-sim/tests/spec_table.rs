@@ -1,6 +1,7 @@
 //! Linux's notifier calls, operation by operation (the table below, one test per row):
-//! each primary operation calls the notifier with the row's event, exactly the row's range, the right blockable flag and owner token, and in Linux's
-//! order against the page-table changes and frees:
+//! each primary operation calls the notifier with the row's event, exactly the row's range,
+//! the right blockable flag and owner token, and in Linux's order against the page-table
+//! changes and frees:
 //!
 //! - `invalidate_range_start` is called before any entry in the range changes and before
 //!   any frame in it is freed (checked inside the callback, by the `Shadow` subscriber);
