@@ -18,8 +18,7 @@ use std::sync::Arc;
 
 use mmu_notifier::itree::IntervalTree;
 use mmu_notifier::{
-    Event, IntervalContext, IntervalSubscriber, ListSubscriber, Ops, Range, Subscriptions,
-    WouldBlock,
+    Event, IntervalContext, IntervalSubscriber, ListSubscriber, Range, Subscriptions, WouldBlock,
 };
 
 use super::workload::Rng;
@@ -33,9 +32,6 @@ struct Counting {
 }
 
 impl ListSubscriber for Counting {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END
-    }
     fn invalidate_range_start(&self, _range: &Range) -> Result<(), WouldBlock> {
         self.starts.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -143,7 +139,7 @@ fn list_subscribers(plan: &Plan, report: &mut Report) {
 fn read_begin_retry(plan: &Plan, report: &mut Report) {
     let mm = Subscriptions::new();
     let sub = mm
-        .insert_interval(0x1000, 0x1000, Empty)
+        .insert_interval(0x1000..0x2000, Empty)
         .expect("a valid interval");
     let held = sub.lock();
     let seq = AtomicU64::new(2);
@@ -197,7 +193,10 @@ fn interval_curve(plan: &Plan, report: &mut Report) {
         let mm = Subscriptions::new();
         let subs: Vec<_> = ranges
             .iter()
-            .map(|&(s, len)| mm.insert_interval(s, len, Empty).expect("a valid interval"))
+            .map(|&(s, len)| {
+                mm.insert_interval(s..s + len, Empty)
+                    .expect("a valid interval")
+            })
             .collect();
         let mut tree = IntervalTree::new();
         for (i, &(s, len)) in ranges.iter().enumerate() {

@@ -6,7 +6,7 @@
 
 use std::hint::black_box;
 
-use mmu_notifier::{ListSubscriber, Ops, Range, WouldBlock};
+use mmu_notifier::{ListSubscriber, Range, WouldBlock};
 use mmu_sim::{AddressSpace, Prot, PAGE_SIZE};
 
 /// Pages mapped, faulted and unmapped per cycle.
@@ -18,9 +18,6 @@ pub const FRAMES: u32 = 1024;
 pub struct Nop;
 
 impl ListSubscriber for Nop {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END
-    }
     fn invalidate_range_start(&self, _range: &Range) -> Result<(), WouldBlock> {
         Ok(())
     }

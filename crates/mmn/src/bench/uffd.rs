@@ -251,7 +251,10 @@ fn latency(
             let stamp = Arc::new(AtomicU64::new(0));
             let sub = monitor
                 .subscriptions()
-                .insert_interval(p as u64, len as u64, Stamp(stamp.clone(), epoch))
+                .insert_interval(
+                    p as u64..(p as u64 + len as u64),
+                    Stamp(stamp.clone(), epoch),
+                )
                 .map_err(|e| e.to_string())?;
             let h = cache.get(p, len).map_err(|e| e.to_string())?;
             let t0 = now();
