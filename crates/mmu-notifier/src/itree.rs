@@ -284,8 +284,12 @@ impl<V> IntervalTree<V> {
         }
         // Down to a leaf position, raising maxima on the way. An equal start goes right:
         // after the entries already there.
+        // The slice keeps the base pointer in a register across the stores.
+        let nodes = &mut self.nodes[..];
         let d = loop {
-            let node = self.nd_mut(n);
+            debug_assert!((n as usize) < nodes.len());
+            // SAFETY: n is the root or a child link: in bounds (see "Slot indices").
+            let node = unsafe { nodes.get_unchecked_mut(n as usize) };
             if node.max < last {
                 node.max = last;
             }
@@ -414,9 +418,21 @@ impl<V> IntervalTree<V> {
         if start > last || self.root == NIL || self.nd(self.root).max < start {
             return;
         }
+        if start == 0 {
+            // Every entry ends at or after 0: the overlaps are the entries up to the first
+            // that starts after `last`.
+            for (key, s, l, value) in self.iter() {
+                if s > last {
+                    return;
+                }
+                f(key, s, l, value);
+            }
+            return;
+        }
         // An in-order walk that skips subtrees whose max is below `start` and stops at
         // the first node that starts after `last`. `stack` holds the nodes whose left
-        // subtree is being walked: they come next in order.
+        // subtree is being walked: they come next in order. As `start > 0`, the
+        // sentinel (max 0) fails every `max >= start` test: empty links need no check.
         let mut stack = [NIL; MAX_HEIGHT];
         let mut sp = 0;
         let mut n = self.root;
@@ -425,7 +441,7 @@ impl<V> IntervalTree<V> {
             loop {
                 let node = self.nd(n);
                 let l = node.child(0);
-                if l != NIL && self.nd(l).max >= start {
+                if self.nd(l).max >= start {
                     // The leftmost candidate is on the left: n comes after it.
                     stack[sp] = n;
                     sp += 1;
@@ -441,7 +457,7 @@ impl<V> IntervalTree<V> {
                     f(key, node.start, node.last, value);
                 }
                 let r = node.child(1);
-                if r == NIL || self.nd(r).max < start {
+                if self.nd(r).max < start {
                     break;
                 }
                 n = r;
@@ -459,7 +475,7 @@ impl<V> IntervalTree<V> {
                     f(key, node.start, node.last, value);
                 }
                 let r = node.child(1);
-                if r != NIL && self.nd(r).max >= start {
+                if self.nd(r).max >= start {
                     n = r;
                     continue 'descend;
                 }
