@@ -928,6 +928,11 @@ mod tests {
     fn node_is_small() {
         assert_eq!(std::mem::size_of::<Node>(), 40);
         assert_eq!(IntervalTree::<u64>::bytes_per_entry(), 40);
+        // What an interval subscription costs here: its node plus the slot of the
+        // `Arc<dyn ...>` (a fat pointer; `None` is its niche) that the tree's value is.
+        let per_subscription = IntervalTree::<std::sync::Arc<dyn Fn()>>::bytes_per_entry()
+            + std::mem::size_of::<Option<std::sync::Arc<dyn Fn()>>>();
+        assert_eq!(per_subscription, 56);
     }
 
     #[test]

@@ -403,3 +403,62 @@ mod loom_model {
         });
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    //! The waiting branches with real threads (the orderings are the loom models' job).
+    use super::{current_cpu, Gate, Pass, NO_CPU};
+    use std::sync::Arc;
+
+    /// Pins the calling thread to the CPU it runs on; threads it spawns inherit that.
+    fn pin_here() -> bool {
+        let cpu = current_cpu();
+        if cpu == NO_CPU {
+            return false;
+        }
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it;
+        // sched_setaffinity(0, ...) applies to the calling thread only.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        }
+    }
+
+    /// Everything on one CPU: the waiter sees the reader's CPU as its own, takes the
+    /// yielding branch, and passes once the applier (which can only run because the
+    /// waiter gives the CPU away, or after it sleeps) has applied the batch.
+    #[test]
+    fn waiter_on_the_monitors_cpu_passes() {
+        // In a thread of its own, so that the pinning ends with it.
+        std::thread::spawn(|| {
+            if !pin_here() {
+                println!("SKIPPED: cannot pin to one CPU (sched_getcpu/sched_setaffinity)");
+                return;
+            }
+            for round in 1..=50u64 {
+                let gate = Arc::new(Gate::new());
+                let batch = gate.begin(); // the reader's CPU: this one
+                assert_eq!(gate.reader_cpu.load(super::Relaxed), current_cpu());
+                let applier = {
+                    let gate = gate.clone();
+                    std::thread::spawn(move || gate.applied_through(batch))
+                };
+                assert_eq!(gate.pass(), Pass::Open, "round {round}");
+                assert_eq!(gate.applied.load(super::Acquire), batch);
+                applier.join().unwrap();
+            }
+            // And a stop releases a waiter on the yielding branch as well.
+            let gate = Arc::new(Gate::new());
+            gate.begin();
+            let stopper = {
+                let gate = gate.clone();
+                std::thread::spawn(move || gate.stop())
+            };
+            assert_eq!(gate.pass(), Pass::Stopped);
+            stopper.join().unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+}
