@@ -430,11 +430,9 @@ impl<V> IntervalTree<V> {
             return;
         }
         // An in-order walk that skips subtrees whose max is below `start` and stops at
-        // the first node that starts after `last`. `stack` holds the nodes whose left
-        // subtree is being walked: they come next in order. As `start > 0`, the
-        // sentinel (max 0) fails every `max >= start` test: empty links need no check.
-        let mut stack = [NIL; MAX_HEIGHT];
-        let mut sp = 0;
+        // the first node that starts after `last`; it moves on to the next node in order
+        // through the parent links (no stack). As `start > 0`, the sentinel (max 0) fails
+        // every `max >= start` test: empty links need no check.
         let mut n = self.root;
         'descend: loop {
             // Invariant: n's subtree has an entry that ends at or after `start`.
@@ -443,8 +441,6 @@ impl<V> IntervalTree<V> {
                 let l = node.child(0);
                 if self.nd(l).max >= start {
                     // The leftmost candidate is on the left: n comes after it.
-                    stack[sp] = n;
-                    sp += 1;
                     n = l;
                     continue;
                 }
@@ -462,10 +458,18 @@ impl<V> IntervalTree<V> {
                 }
                 n = r;
             }
-            // Climb to the next node in order whose right subtree may still match.
-            while sp > 0 {
-                sp -= 1;
-                n = stack[sp];
+            // Climb to the next node in order (the first ancestor whose left subtree n's
+            // subtree is in) and go on from there.
+            loop {
+                let p = self.nd(n).parent;
+                if p == NIL {
+                    return;
+                }
+                let from_right = self.nd(p).child(1) == n;
+                n = p;
+                if from_right {
+                    continue;
+                }
                 let node = self.nd(n);
                 if node.start > last {
                     return;
@@ -480,7 +484,6 @@ impl<V> IntervalTree<V> {
                     continue 'descend;
                 }
             }
-            return;
         }
     }
 
