@@ -32,8 +32,8 @@
 //!
 //! The hot paths read nodes without bounds checks. That is sound because of one
 //! invariant: every index the tree stores (in a link, a parent field, `root` or the free
-//! list) or passes between its own functions is either [`NIL`] while the sentinel exists,
-//! or a slot that was pushed; `nodes` only ever grows. A slot enters the tree only after
+//! list) or passes between its own functions is either the empty link 0 while the
+//! sentinel exists, or a slot that was pushed; `nodes` only ever grows. A slot enters the tree only after
 //! `alloc` pushed it (pushing the sentinel first), and keys from callers are checked
 //! against `nodes.len()` and the slot's generation before they are used. Debug builds
 //! assert the bound on every access.
