@@ -12,7 +12,8 @@
 //! monitor does), and the time until the unmapper sees its cache handle invalid, for two
 //! placements interleaved in one run: the monitor's threads on another CPU than the
 //! unmapper, and everything on one CPU (`sched_setaffinity`); it prints medians, p99 and
-//! the ratios to the bare reader (`MMU_UFFD_LATENCY_ONLY=1` runs only that part).
+//! the ratios to the bare reader (`MMU_UFFD_LATENCY_ONLY=1` runs only that part,
+//! `MMU_UFFD_PLACEMENT=other` or `same` only one placement).
 
 use std::hint::black_box;
 use std::os::fd::RawFd;
@@ -523,6 +524,15 @@ fn main() {
                 monitor,
                 bare,
             });
+        }
+        // MMU_UFFD_PLACEMENT=other|same: only that placement (e.g. to count context
+        // switches per munmap with `perf stat -e context-switches`).
+        match std::env::var("MMU_UFFD_PLACEMENT").as_deref() {
+            Ok("other") => placements.truncate(1),
+            Ok("same") if placements.len() > 1 => {
+                placements.remove(0);
+            }
+            _ => {}
         }
         latency(&placements, epoch);
     };
