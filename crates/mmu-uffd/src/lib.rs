@@ -72,6 +72,15 @@
 
 #![deny(missing_docs)]
 
+// userfaultfd, its non-cooperative events and `/proc/self/maps` are Linux's: this crate is
+// Linux-only (the core crate, mmu-notifier, builds on any `std` target).
+// `--cfg mmu_uffd_pretend_not_linux` triggers the message on Linux, to test it.
+#[cfg(any(not(target_os = "linux"), mmu_uffd_pretend_not_linux))]
+compile_error!(
+    "mmu-uffd supports Linux only: it watches memory with Linux's userfaultfd. \
+     The core crate, mmu-notifier, builds on every std target."
+);
+
 mod applier;
 mod cache;
 mod coverage;
