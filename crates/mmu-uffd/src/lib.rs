@@ -97,6 +97,9 @@ mod reader;
 mod sync;
 mod sys;
 
-pub use cache::{CacheConfig, CacheStats, CachedRegistration, FnRegistrar, RegCache, Registrar};
+pub use cache::{
+    CacheConfig, CacheKey, CacheStats, CachedRegistration, FnRegistrar, KeyedFnRegistrar,
+    KeyedRegistrar, RegCache, Registrar,
+};
 pub use error::Error;
 pub use monitor::{Capabilities, Monitor, MonitorConfig, MonitorStats};
