@@ -444,7 +444,7 @@ fn keyed_lookups_from_several_threads_get_their_own_attributes() {
                     } else {
                         cache.get_with(&attrs, p, 2 * PAGE).unwrap()
                     };
-                    if h.0 != attrs || *h.attrs() != attrs || h.start() as usize != p as usize {
+                    if h.0 != attrs || *h.attrs() != attrs || !std::ptr::eq(h.start(), p) {
                         wrong.fetch_add(1, SeqCst);
                     }
                 }
