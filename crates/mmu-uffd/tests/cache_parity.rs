@@ -203,6 +203,44 @@ fn max_bytes_evicts_the_least_recently_used_until_a_range_fits() {
     }
 }
 
+/// A registrar with a byte budget (a device's pinning limit, RLIMIT_MEMLOCK) equal to
+/// `max_bytes` never runs out because of the cache: it evicts before it registers.
+#[test]
+fn a_registrar_with_a_max_bytes_budget_never_runs_out() {
+    let Some(m) = monitor_or_skip("a_registrar_with_a_max_bytes_budget") else {
+        return;
+    };
+    const BUDGET: usize = 5 * PAGE;
+    let pinned = Arc::new(AtomicUsize::new(0));
+    let (p1, p2) = (pinned.clone(), pinned.clone());
+    let cache = RegCache::with_fns(
+        &m,
+        CacheConfig::default().with_max_bytes(BUDGET as u64),
+        move |_p: *mut u8, len: usize| {
+            let now = p1.fetch_add(len, SeqCst) + len;
+            if now > BUDGET {
+                p1.fetch_sub(len, SeqCst);
+                return Err(std::io::Error::other(format!("{now} bytes pinned")));
+            }
+            Ok(len)
+        },
+        move |len: usize| {
+            p2.fetch_sub(len, SeqCst);
+        },
+    );
+    let bufs: Vec<(*mut u8, usize)> = [1, 3, 2, 4, 1, 5, 2].map(|n| (anon(n), n)).to_vec();
+    for round in 0..30 {
+        let (p, pages) = bufs[(round * 3) % bufs.len()];
+        drop(cache.get(p, pages * PAGE).expect("the registrar ran out"));
+    }
+    assert!(cache.stats().evictions > 0);
+    drop(cache);
+    assert_eq!(pinned.load(SeqCst), 0);
+    for (p, pages) in bufs {
+        unmap(p, pages * PAGE);
+    }
+}
+
 #[test]
 fn a_range_longer_than_max_bytes_is_registered_but_not_cached() {
     let Some(m) = monitor_or_skip("a_range_longer_than_max_bytes") else {
@@ -252,7 +290,7 @@ fn max_bytes_holds_with_several_threads() {
         for t in 0..4 {
             let (cache, bufs, over) = (&cache, &bufs, &over);
             s.spawn(move || {
-                for i in 0..300 {
+                for i in 0..1500 {
                     let (p, pages) = bufs[(i * 7 + t * 3) % bufs.len()];
                     let h = cache.get(p as *const u8, pages * PAGE).unwrap();
                     assert!(h.len() >= pages * PAGE);
