@@ -298,9 +298,9 @@ impl CacheConfig {
         self
     }
 
-    /// This configuration with a limit on the bytes the cached ranges add up to (at least
-    /// one page's worth is kept: 0 counts as 1). Least recently used entries are evicted
-    /// to make room, as for the entry count.
+    /// This configuration with a limit on the bytes the cached ranges add up to: least
+    /// recently used entries are evicted to make room, as for the entry count, and a
+    /// range longer than the limit is registered but not cached.
     ///
     /// ```no_run
     /// use mmu_uffd::{CacheConfig, Monitor, RegCache};
