@@ -2,7 +2,8 @@
 # Runs every test of the workspace: formatting, clippy, unit + integration + doc tests,
 # and the loom models. Everything it needs comes with the Rust toolchain and crates.io;
 # missing rustfmt/clippy components are added with rustup, and a missing C compiler or
-# pkg-config (for the C API tests of mmu-uffd-capi) with apt-get.
+# pkg-config (for the C API tests of mmu-uffd-capi), strace or python3 (for the replay of
+# real programs' traces) with apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,19 @@ if ! dpkg -s libfabric-dev >/dev/null 2>&1; then
   { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfabric-dev >/dev/null; } ||
     echo "libfabric-dev cannot be installed: the libfabric tests will be SKIPPED" >&2
+fi
+
+# `mmn replay` of real programs (crates/mmn/tests/strace_replay.rs) records a Python
+# startup, a C compiler run and a threaded C program with strace; without strace (or
+# python3) those tests print SKIPPED.
+replay_missing=()
+command -v strace >/dev/null 2>&1 || replay_missing+=(strace)
+command -v python3 >/dev/null 2>&1 || replay_missing+=(python3-minimal)
+if ((${#replay_missing[@]})); then
+  echo "missing for the strace replay tests; trying: apt-get install ${replay_missing[*]}" >&2
+  { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${replay_missing[@]}" >/dev/null; } ||
+    echo "${replay_missing[*]} cannot be installed: the strace replay tests will be SKIPPED" >&2
 fi
 
 step() { printf '\n==> %s\n' "$*"; }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqC
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mmu_notifier::{Event, ListSubscriber, Ops, Range, Subscriptions, WouldBlock};
+use mmu_notifier::{Event, ListSubscriber, Range, Subscriptions, WouldBlock};
 
 const PAGE: u64 = 4096;
 
@@ -39,9 +39,6 @@ struct Shadow {
 }
 
 impl ListSubscriber for Shadow {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END
-    }
     fn invalidate_range_start(&self, r: &Range) -> Result<(), WouldBlock> {
         let mut s = self.state.lock().unwrap();
         s.in_progress += 1;

@@ -62,7 +62,7 @@ fn each_broken_cache_is_caught() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{broken}: {stdout}\n{stderr}");
-        assert!(stderr.contains("stale hits"), "{broken}: {stderr}");
+        assert!(stderr.contains("stale hit"), "{broken}: {stderr}");
         assert!(
             stdout.contains("stale: thread") && stdout.contains("pinned frame"),
             "{broken}: the first stale hit is not shown: {stdout}"

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use mmu_notifier::{
-    Event, IntervalContext, IntervalSubscriber, ListSubscriber, Ops, Range, Srcu, Subscriptions,
+    Event, IntervalContext, IntervalSubscriber, ListSubscriber, Range, Srcu, Subscriptions,
     WouldBlock,
 };
 
@@ -20,9 +20,6 @@ struct Trivial {
 }
 
 impl ListSubscriber for Trivial {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END
-    }
     fn invalidate_range_start(&self, _range: &Range) -> Result<(), WouldBlock> {
         self.starts.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -108,7 +105,7 @@ fn intervals(c: &mut Criterion) {
     // read_begin + read_retry, uncontended: with the user lock already held (the protocol
     // steps themselves), and the whole fill cycle including taking the user lock.
     let mm = Subscriptions::new();
-    let sub = mm.insert_interval(0x1000, 0x1000, Empty).unwrap();
+    let sub = mm.insert_interval(0x1000..0x2000, Empty).unwrap();
     {
         let held = sub.lock();
         g.bench_function("read_begin+read_retry", |b| {
@@ -141,8 +138,11 @@ fn intervals(c: &mut Criterion) {
         .map(|_| {
             let block = (next() % (BLOCKS / 2)) * 2;
             let pages = 1 + next() % 64;
-            mm.insert_interval(block * (64 << 12), pages << 12, Empty)
-                .unwrap()
+            mm.insert_interval(
+                block * (64 << 12)..block * (64 << 12) + (pages << 12),
+                Empty,
+            )
+            .unwrap()
         })
         .collect();
     let misses: Vec<Range> = (0..4096)

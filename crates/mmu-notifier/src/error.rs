@@ -1,19 +1,9 @@
 //! Errors a caller can get back from the subsystem.
 
-use crate::list::Ops;
-
 /// Why a list subscriber could not be registered.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegisterError {
-    /// The subscriber declares both `arch_invalidate_secondary_tlbs` and the
-    /// `invalidate_range_start`/`end` pair: a secondary either shares the primary's page
-    /// tables (TLB op) or keeps its own copies (start/end), never both.
-    #[error(
-        "subscriber declares {0:?}: implement either ARCH_INVALIDATE_SECONDARY_TLBS or the \
-         INVALIDATE_RANGE_START/END pair, never both"
-    )]
-    ConflictingOps(Ops),
     /// The address space has been released (its process exited): nothing can subscribe.
     #[error("the address space has been released; no new subscriptions are accepted")]
     Released,

@@ -1,111 +1,50 @@
 //! List subscribers: secondary MMUs that receive every callback for the whole address space
 //! (Linux's `struct mmu_notifier` with its `mmu_notifier_ops`).
-
-use std::fmt;
+//!
+//! # Implementing a callback is what makes it called
+//!
+//! Linux's ops table is a set of function pointers: filling one in is the declaration. The
+//! traits here keep that property: every callback of a registered subscriber is called, and
+//! the ones it does not implement are the traits' empty defaults, which are exactly "not
+//! there" (an `end` that does nothing, an aging call that answers "not young"). There is
+//! no separate list of implemented callbacks that could disagree with the code.
+//!
+//! The one combination Linux refuses at registration, a subscriber with both the
+//! secondary-TLB op and the start/end pair, cannot be written: they belong to two traits,
+//! [`ListSubscriber`] (keeps its own copies: start/end) and [`SecondaryTlb`] (shares the
+//! primary's page tables: the TLB op), registered by
+//! [`register`](crate::Subscriptions::register) and
+//! [`register_tlb`](crate::Subscriptions::register_tlb).
+//!
+//! ```compile_fail
+//! use mmu_notifier::ListSubscriber;
+//! struct Both;
+//! impl ListSubscriber for Both {
+//!     // error: not a member of `ListSubscriber`: a TLB that shares the page tables is a
+//!     // `SecondaryTlb`, and has no start/end.
+//!     fn arch_invalidate_secondary_tlbs(&self, _start: u64, _end: u64) {}
+//! }
+//! ```
 
 use crate::range::{Range, WouldBlock};
 
-/// The set of optional callbacks a [`ListSubscriber`] implements.
-///
-/// Rust cannot ask a trait object which default methods were overridden, so a subscriber
-/// declares them here, next to its implementation; registration checks the declaration
-/// against the rules (a subscriber implements either
-/// [`ARCH_INVALIDATE_SECONDARY_TLBS`](Ops::ARCH_INVALIDATE_SECONDARY_TLBS) or the
-/// start/end pair, never both) and the core only calls what is declared.
-///
-/// ```
-/// use mmu_notifier::Ops;
-/// let ops = Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END;
-/// assert!(ops.contains(Ops::INVALIDATE_RANGE_END));
-/// assert!(!ops.contains(Ops::RELEASE));
-/// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Ops(u8);
-
-impl Ops {
-    /// No optional callback.
-    pub const NONE: Ops = Ops(0);
-    /// [`ListSubscriber::release`].
-    pub const RELEASE: Ops = Ops(1 << 0);
-    /// [`ListSubscriber::clear_flush_young`].
-    pub const CLEAR_FLUSH_YOUNG: Ops = Ops(1 << 1);
-    /// [`ListSubscriber::clear_young`].
-    pub const CLEAR_YOUNG: Ops = Ops(1 << 2);
-    /// [`ListSubscriber::test_young`].
-    pub const TEST_YOUNG: Ops = Ops(1 << 3);
-    /// [`ListSubscriber::invalidate_range_start`].
-    pub const INVALIDATE_RANGE_START: Ops = Ops(1 << 4);
-    /// [`ListSubscriber::invalidate_range_end`].
-    pub const INVALIDATE_RANGE_END: Ops = Ops(1 << 5);
-    /// [`ListSubscriber::arch_invalidate_secondary_tlbs`].
-    pub const ARCH_INVALIDATE_SECONDARY_TLBS: Ops = Ops(1 << 6);
-
-    const NAMES: [&'static str; 7] = [
-        "RELEASE",
-        "CLEAR_FLUSH_YOUNG",
-        "CLEAR_YOUNG",
-        "TEST_YOUNG",
-        "INVALIDATE_RANGE_START",
-        "INVALIDATE_RANGE_END",
-        "ARCH_INVALIDATE_SECONDARY_TLBS",
-    ];
-
-    /// Whether every callback in `other` is in `self`.
-    pub const fn contains(self, other: Ops) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// Whether `self` and `other` share a callback.
-    pub const fn intersects(self, other: Ops) -> bool {
-        self.0 & other.0 != 0
-    }
-
-    /// The union of two sets.
-    pub const fn union(self, other: Ops) -> Ops {
-        Ops(self.0 | other.0)
-    }
-}
-
-impl std::ops::BitOr for Ops {
-    type Output = Ops;
-    fn bitor(self, rhs: Ops) -> Ops {
-        self.union(rhs)
-    }
-}
-
-impl fmt::Debug for Ops {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = Self::NAMES
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.0 & (1 << i) != 0)
-            .map(|(_, n)| *n)
-            .collect();
-        if names.is_empty() {
-            write!(f, "Ops(NONE)")
-        } else {
-            write!(f, "Ops({})", names.join(" | "))
-        }
-    }
-}
-
 /// A secondary MMU that subscribes to the whole address space.
 ///
-/// Every callback is optional (the defaults do nothing) and must be declared in
-/// [`ops`](ListSubscriber::ops). Callbacks run without any lock of the core held, inside a
-/// read-side section of the address space's grace-period domain; they may sleep unless
-/// the range is non-blockable.
+/// Every callback is optional: the defaults do nothing, and every callback of a registered
+/// subscriber is called (implementing one is what makes it called). Callbacks run without
+/// any lock of the core held, inside a read-side section of the address space's
+/// grace-period domain; they may sleep unless the range is non-blockable.
+///
+/// A secondary TLB that shares the primary's page tables (and so keeps no copies of its
+/// own) is a [`SecondaryTlb`] instead.
 ///
 /// # Rules
-/// - Implement either [`arch_invalidate_secondary_tlbs`](Self::arch_invalidate_secondary_tlbs)
-///   (a TLB that shares the primary's page tables) or the
-///   [`invalidate_range_start`](Self::invalidate_range_start) /
-///   [`invalidate_range_end`](Self::invalidate_range_end) pair, never both.
 /// - When `invalidate_range_start` returns, the subscriber holds no translation into the
 ///   range and creates none until the matching `invalidate_range_end`.
-/// - A start may fail (return [`WouldBlock`]) only in a non-blockable range, and a
-///   subscriber whose start can fail must not implement `invalidate_range_end`: after a
-///   failure the core calls `end` on every subscriber that has one, so it could not tell.
+/// - A start may fail (return [`WouldBlock`]) only in a non-blockable range. After a
+///   failure the core calls `end` on every subscriber, the failed one included, so a
+///   subscriber whose start can fail must not do real work in `invalidate_range_end`
+///   (it could not tell whether its start succeeded).
 /// - Never unregister a subscriber of the same address space from inside a callback
 ///   (that waits for the callback itself; it panics instead of hanging).
 ///
@@ -113,14 +52,13 @@ impl fmt::Debug for Ops {
 /// ```
 /// use std::sync::{Arc, Mutex};
 /// use std::collections::BTreeMap;
-/// use mmu_notifier::{Event, ListSubscriber, Ops, Range, Subscriptions, WouldBlock};
+/// use mmu_notifier::{Event, ListSubscriber, Range, Subscriptions, WouldBlock};
 ///
 /// /// A secondary TLB caching virtual page -> frame.
 /// #[derive(Default)]
 /// struct DeviceTlb { entries: Mutex<BTreeMap<u64, u64>> }
 ///
 /// impl ListSubscriber for DeviceTlb {
-///     fn ops(&self) -> Ops { Ops::INVALIDATE_RANGE_START }
 ///     fn invalidate_range_start(&self, range: &Range) -> Result<(), WouldBlock> {
 ///         let mut e = match (range.blockable(), self.entries.try_lock()) {
 ///             (_, Ok(e)) => e,
@@ -143,10 +81,6 @@ impl fmt::Debug for Ops {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait ListSubscriber: Send + Sync + 'static {
-    /// Which of the optional callbacks below this subscriber implements. Read once, at
-    /// registration.
-    fn ops(&self) -> Ops;
-
     /// The address space is going away (or the subscriber is being unregistered before it
     /// did): tear down every translation. Called exactly once per registration. Invalidation
     /// callbacks can still arrive concurrently until `release` returns.
@@ -184,13 +118,42 @@ pub trait ListSubscriber: Send + Sync + 'static {
     fn invalidate_range_end(&self, range: &Range) {
         let _ = range;
     }
+}
 
+/// A secondary TLB that shares the primary's page tables (an IOMMU in shared-virtual-memory
+/// mode, Linux's `arch_invalidate_secondary_tlbs` users): it keeps no copies of its own, so
+/// it has no start/end (invalidations never call it); it only drops its cached walks when
+/// the primary flushes its TLB.
+/// Registered by [`Subscriptions::register_tlb`](crate::Subscriptions::register_tlb).
+///
+/// ```
+/// use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+/// use mmu_notifier::{SecondaryTlb, Subscriptions};
+///
+/// #[derive(Default)]
+/// struct Iotlb { flushes: AtomicU64 }
+/// impl SecondaryTlb for Iotlb {
+///     fn arch_invalidate_secondary_tlbs(&self, _start: u64, _end: u64) {
+///         self.flushes.fetch_add(1, Ordering::Relaxed); // ... queue an IOTLB flush ...
+///     }
+/// }
+///
+/// let mm = Subscriptions::new();
+/// let tlb = Arc::new(Iotlb::default());
+/// let reg = mm.register_tlb(tlb.clone())?;
+/// mm.arch_invalidate_secondary_tlbs(0x1000, 0x2000); // the primary flushed its TLB
+/// assert_eq!(tlb.flushes.load(Ordering::Relaxed), 1);
+/// reg.unregister();
+/// # Ok::<(), mmu_notifier::RegisterError>(())
+/// ```
+pub trait SecondaryTlb: Send + Sync + 'static {
     /// The primary flushed its TLB for `[start, end)` after clearing or downgrading page
-    /// table entries: drop the secondary TLB's cached copies (for secondaries that share
-    /// the primary's page tables).
-    fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
-        let _ = (start, end);
-    }
+    /// table entries: drop the cached copies of those entries.
+    fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64);
+
+    /// The address space is going away (or the subscriber is being unregistered before it
+    /// did). Called exactly once per registration; the default does nothing.
+    fn release(&self) {}
 }
 
 /// A list subscriber shared by every user on one address space: one instance per

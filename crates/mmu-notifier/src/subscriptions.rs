@@ -2,7 +2,7 @@
 //!
 //! # How list subscribers are found: a published snapshot
 //!
-//! The list of subscribers is an immutable [`Snapshot`] published through one atomic
+//! The list of subscribers is an immutable snapshot published through one atomic
 //! pointer. Writers (register, unregister, put, release) serialise on `state`, build a new
 //! snapshot, swap the pointer, and free the old one only after a grace period of the
 //! address space's [`Srcu`] domain. Readers (every primary-side call) enter a read-side
@@ -14,7 +14,7 @@
 //!
 //! [`InvalidateGuard`] keeps the section and the snapshot it started with until it drops.
 //! That gives two rules for free:
-//! - *Register never misses an in-flight invalidation (rule 4).* `register` publishes the
+//! - *Register never misses an in-flight invalidation ([rule 4](crate#the-rules)).* `register` publishes the
 //!   new snapshot, then waits for a grace period. Every invalidation that loaded the old
 //!   snapshot began before the grace period, so it has ended when `register` returns;
 //!   every later one loads the new snapshot and calls the new subscriber's start. (Linux
@@ -42,15 +42,39 @@ use std::sync::Arc as StdArc;
 
 use crate::error::{GetError, RegisterError};
 use crate::interval::{self, Itree, ItreeActive};
-use crate::list::{ListSubscriber, Ops, SharedSubscriber};
+use crate::list::{ListSubscriber, SecondaryTlb, SharedSubscriber};
 use crate::range::{Range, WouldBlock};
 use crate::srcu::{Srcu, SrcuReadGuard};
 use crate::sync::{thread, Arc, AtomicPtr, AtomicU64, Condvar, Mutex, MutexGuard};
 
+/// A registered subscriber, by kind: the kind decides which callbacks exist (a secondary
+/// TLB has no start/end, a list subscriber no TLB op), and every callback that exists is
+/// called.
+#[derive(Clone)]
+enum Callbacks {
+    List(StdArc<dyn ListSubscriber>),
+    Tlb(StdArc<dyn SecondaryTlb>),
+}
+
+impl Callbacks {
+    fn release(&self) {
+        match self {
+            Callbacks::List(s) => s.release(),
+            Callbacks::Tlb(s) => s.release(),
+        }
+    }
+    #[inline]
+    fn list(&self) -> Option<&dyn ListSubscriber> {
+        match self {
+            Callbacks::List(s) => Some(&**s),
+            Callbacks::Tlb(_) => None,
+        }
+    }
+}
+
 /// One subscriber as the readers see it.
 struct SnapEntry {
-    sub: StdArc<dyn ListSubscriber>,
-    ops: Ops,
+    sub: Callbacks,
 }
 
 /// An immutable list of subscribers, published through `MmInner::list`.
@@ -96,10 +120,21 @@ enum ReleaseState {
     Released,
 }
 
-struct Entry {
-    id: u64,
-    sub: StdArc<dyn ListSubscriber>,
-    ops: Ops,
+/// What `register_record` did.
+enum Registered {
+    /// A new registration, with its id.
+    New(u64),
+    /// A shared subscriber of that type already has users: nothing was registered.
+    Existing,
+}
+
+/// One registration (a list subscriber, a secondary TLB, or a shared subscriber), from
+/// `register`/`get` until its handle is done with it (`unregister`, the last `put`).
+struct Record {
+    sub: Callbacks,
+    release: ReleaseState,
+    /// Shared subscribers only: the get/put bookkeeping.
+    shared: Option<SharedInfo>,
 }
 
 struct SharedInfo {
@@ -110,20 +145,74 @@ struct SharedInfo {
     ready: bool,
 }
 
+/// The writers' state, under `MmInner::state`. Invariants, kept by the methods below:
+/// - `records` has a record for every registration whose handle still exists;
+/// - `listed` holds, in registration order, the ids of the records whose subscriber is in
+///   the published list (the published snapshot is `listed` mapped to their callbacks);
+///   address-space release empties it, and the records stay, `Released`, until their
+///   handles are done;
+/// - `shared_by_type[T] == id` exactly when `records[id]` is the shared subscriber of type
+///   `T` and has users.
 #[derive(Default)]
 struct State {
-    /// Registrations in the list, in registration order.
-    entries: Vec<Entry>,
-    /// Release state of every registration whose handle still exists.
-    release: HashMap<u64, ReleaseState>,
-    /// get/put bookkeeping, by registration id.
-    shared: HashMap<u64, SharedInfo>,
+    records: HashMap<u64, Record>,
+    listed: Vec<u64>,
+    shared_by_type: HashMap<TypeId, u64>,
     released: bool,
     /// `release` has finished (a second, concurrent `release` waits for it).
     release_done: bool,
     /// Published snapshots tell invalidations to run the interval part.
     itree_enabled: bool,
     next_id: u64,
+}
+
+impl State {
+    /// Adds a live, listed registration.
+    fn add(&mut self, sub: Callbacks, shared: Option<SharedInfo>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Some(info) = &shared {
+            self.shared_by_type.insert(info.type_id, id);
+        }
+        let release = ReleaseState::Live;
+        self.records.insert(
+            id,
+            Record {
+                sub,
+                release,
+                shared,
+            },
+        );
+        self.listed.push(id);
+        id
+    }
+
+    /// Forgets a registration whose handle is done. Returns whether it was listed (the
+    /// caller must then publish).
+    fn forget(&mut self, id: u64) -> bool {
+        if let Some(info) = self.records.remove(&id).and_then(|r| r.shared) {
+            if self.shared_by_type.get(&info.type_id) == Some(&id) {
+                self.shared_by_type.remove(&info.type_id);
+            }
+        }
+        let before = self.listed.len();
+        self.listed.retain(|&l| l != id);
+        before != self.listed.len()
+    }
+
+    fn release_state(&self, id: u64) -> Option<ReleaseState> {
+        self.records.get(&id).map(|r| r.release)
+    }
+
+    fn set_release_state(&mut self, id: u64, to: ReleaseState) {
+        if let Some(r) = self.records.get_mut(&id) {
+            r.release = to;
+        }
+    }
+
+    fn shared_mut(&mut self, id: u64) -> Option<&mut SharedInfo> {
+        self.records.get_mut(&id)?.shared.as_mut()
+    }
 }
 
 struct MmInner {
@@ -188,12 +277,12 @@ impl Default for Subscriptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// List subscribers currently in the list.
+    /// List subscribers and secondary TLBs currently registered.
     pub list_subscribers: usize,
     /// Grace periods completed by the address space's domain.
     pub grace_periods: u64,
-    /// Subscriber bugs reported: a start that failed in a blockable range, or a start that
-    /// failed although the subscriber implements `end`.
+    /// Subscriber bugs reported: a start (list or interval) that failed in a blockable
+    /// range.
     pub subscriber_bugs: u64,
     /// Whether [`Subscriptions::release`] has run.
     pub released: bool,
@@ -235,7 +324,7 @@ impl Subscriptions {
         Stats {
             interval_subscriptions,
             interval_seq,
-            list_subscribers: state.entries.len(),
+            list_subscribers: state.listed.len(),
             grace_periods: self.inner.srcu.grace_periods(),
             subscriber_bugs: self.inner.subscriber_bugs.load(Relaxed),
             released: state.released,
@@ -278,6 +367,11 @@ impl Subscriptions {
     /// sleep). When this returns every subscriber has dropped its translations into the
     /// range; they create none until the returned guard drops (`invalidate_range_end`).
     ///
+    /// It takes the user lock of every interval subscription overlapping the range: a
+    /// thread that holds one of those locks (an [`IntervalGuard`](crate::IntervalGuard)
+    /// or an [`IntervalLockGuard`](crate::IntervalLockGuard)) must not call it, or it
+    /// waits for itself.
+    ///
     /// A subscriber start that fails here is a bug in the subscriber: it is logged,
     /// counted in [`Stats::subscriber_bugs`], and the invalidation carries on.
     #[inline]
@@ -310,10 +404,8 @@ impl Subscriptions {
         } else {
             None
         };
-        for e in snap.entries.iter() {
-            if e.ops.contains(Ops::INVALIDATE_RANGE_START)
-                && e.sub.invalidate_range_start(range).is_err()
-            {
+        for sub in snap.entries.iter().filter_map(|e| e.sub.list()) {
+            if sub.invalidate_range_start(range).is_err() {
                 self.report_bug(format_args!(
                     "invalidate_range_start failed in a blockable range {range:?}"
                 ));
@@ -323,12 +415,13 @@ impl Subscriptions {
     }
 
     /// Non-blocking [`invalidate_range_start`](Self::invalidate_range_start): subscribers
-    /// that would have to sleep return [`WouldBlock`].
+    /// that would have to sleep return [`WouldBlock`]. An interval subscription whose user
+    /// lock is busy is one of them: its `invalidate` is not called, and the result is
+    /// `Err(WouldBlock)`.
     ///
     /// Every subscriber's start is still called. If any failed, `end` is then called on
-    /// every subscriber that implements it (so the ones whose start succeeded stay
-    /// balanced), and the caller gets `Err(WouldBlock)` and no guard, so it cannot call
-    /// `end` by mistake.
+    /// every subscriber (so the ones whose start succeeded stay balanced), and the caller
+    /// gets `Err(WouldBlock)` and no guard, so it cannot call `end` by mistake.
     pub fn try_invalidate_range_start(
         &self,
         range: Range,
@@ -354,18 +447,8 @@ impl Subscriptions {
             _not_send: PhantomData,
         };
         let mut failed = false;
-        for e in snap.entries.iter() {
-            if e.ops.contains(Ops::INVALIDATE_RANGE_START)
-                && e.sub.invalidate_range_start(&range).is_err()
-            {
-                failed = true;
-                if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
-                    self.report_bug(format_args!(
-                        "invalidate_range_start failed but the subscriber implements \
-                         invalidate_range_end, which will be called anyway ({range:?})"
-                    ));
-                }
-            }
+        for sub in snap.entries.iter().filter_map(|e| e.sub.list()) {
+            failed |= sub.invalidate_range_start(&range).is_err();
         }
         if failed {
             drop(guard);
@@ -380,10 +463,8 @@ impl Subscriptions {
         let (_read, snap) = self.read();
         snap.entries
             .iter()
-            .filter(|e| e.ops.contains(Ops::CLEAR_FLUSH_YOUNG))
-            .fold(false, |young, e| {
-                e.sub.clear_flush_young(start, end) | young
-            })
+            .filter_map(|e| e.sub.list())
+            .fold(false, |young, s| s.clear_flush_young(start, end) | young)
     }
 
     /// Like [`clear_flush_young`](Self::clear_flush_young) without the flush.
@@ -391,8 +472,8 @@ impl Subscriptions {
         let (_read, snap) = self.read();
         snap.entries
             .iter()
-            .filter(|e| e.ops.contains(Ops::CLEAR_YOUNG))
-            .fold(false, |young, e| e.sub.clear_young(start, end) | young)
+            .filter_map(|e| e.sub.list())
+            .fold(false, |young, s| s.clear_young(start, end) | young)
     }
 
     /// Whether any secondary has accessed `addr`; stops at the first that says so.
@@ -400,8 +481,8 @@ impl Subscriptions {
         let (_read, snap) = self.read();
         snap.entries
             .iter()
-            .filter(|e| e.ops.contains(Ops::TEST_YOUNG))
-            .any(|e| e.sub.test_young(addr))
+            .filter_map(|e| e.sub.list())
+            .any(|s| s.test_young(addr))
     }
 
     /// The primary flushed its TLB for `[start, end)` after clearing or downgrading page
@@ -409,23 +490,22 @@ impl Subscriptions {
     pub fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
         let (_read, snap) = self.read();
         for e in snap.entries.iter() {
-            if e.ops.contains(Ops::ARCH_INVALIDATE_SECONDARY_TLBS) {
-                e.sub.arch_invalidate_secondary_tlbs(start, end);
+            if let Callbacks::Tlb(tlb) = &e.sub {
+                tlb.arch_invalidate_secondary_tlbs(start, end);
             }
         }
     }
 
     // ----- writers ------------------------------------------------------------------
 
-    /// Publishes a snapshot of `state.entries` and returns the one it replaces, which the
-    /// caller must free after a grace period.
+    /// Publishes a snapshot of the listed registrations and returns the one it replaces,
+    /// which the caller must free after a grace period.
     fn publish(&self, state: &MutexGuard<'_, State>) -> RetiredSnapshot {
         let entries = state
-            .entries
+            .listed
             .iter()
-            .map(|e| SnapEntry {
-                sub: e.sub.clone(),
-                ops: e.ops,
+            .map(|id| SnapEntry {
+                sub: state.records[id].sub.clone(),
             })
             .collect();
         let new = Box::into_raw(Box::new(Snapshot {
@@ -456,97 +536,93 @@ impl Subscriptions {
         unsafe { old.free() };
     }
 
-    fn register_entry(
+    /// Adds a registration, publishes it and waits for the grace period of rule 4.
+    /// `shared` registers the shared subscriber of a type, unless one with users exists:
+    /// then nothing is registered and the answer is [`Registered::Existing`].
+    fn register_record(
         &self,
-        sub: StdArc<dyn ListSubscriber>,
+        sub: Callbacks,
         shared: Option<(TypeId, StdArc<dyn Any + Send + Sync>)>,
-    ) -> Result<Option<u64>, RegisterError> {
-        let ops = sub.ops();
-        if ops.contains(Ops::ARCH_INVALIDATE_SECONDARY_TLBS)
-            && ops.intersects(Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END)
-        {
-            return Err(RegisterError::ConflictingOps(ops));
-        }
+    ) -> Result<Registered, RegisterError> {
         // Checked before anything is published: the grace period below would wait for
         // the caller itself.
         if self.inner.srcu.held_by_current_thread() {
             return Err(RegisterError::InsideCallback);
         }
-        let old = {
+        let (id, old) = {
             let mut state = self.inner.state.lock();
             if state.released {
                 return Err(RegisterError::Released);
             }
             if let Some((type_id, _)) = &shared {
-                if state
-                    .shared
-                    .values()
-                    .any(|s| s.type_id == *type_id && s.users > 0)
-                {
-                    return Ok(None);
+                if state.shared_by_type.contains_key(type_id) {
+                    return Ok(Registered::Existing);
                 }
             }
-            let id = state.next_id;
-            state.next_id += 1;
-            state.entries.push(Entry { id, sub, ops });
-            state.release.insert(id, ReleaseState::Live);
-            if let Some((type_id, instance)) = shared {
-                state.shared.insert(
-                    id,
-                    SharedInfo {
-                        type_id,
-                        users: 1,
-                        instance,
-                        ready: false,
-                    },
-                );
-            }
+            let shared = shared.map(|(type_id, instance)| SharedInfo {
+                type_id,
+                users: 1,
+                instance,
+                ready: false,
+            });
+            let id = state.add(sub, shared);
             (id, self.publish(&state))
         };
         // Rule 4: every invalidation that could have missed the new subscriber (it loaded
         // the old snapshot) has ended when this grace period has.
-        self.retire_sync(old.1);
+        self.retire_sync(old);
         let mut state = self.inner.state.lock();
-        if let Some(info) = state.shared.get_mut(&old.0) {
+        if let Some(info) = state.shared_mut(id) {
             info.ready = true;
             self.inner.state_cv.notify_all();
         }
-        Ok(Some(old.0))
+        Ok(Registered::New(id))
     }
 
-    /// Registers a list subscriber. When this returns, the subscriber receives every later
-    /// callback, and no invalidation that was in flight when it was called is still running
-    /// (each either ended before, or called the new subscriber's start).
+    /// Registers a list subscriber (Linux's `mmu_notifier_register`). When this returns,
+    /// every later callback reaches it, and no invalidation that was in flight when it was
+    /// called is still running (each either ended before, or called the new subscriber's
+    /// start): rule 4 of the [crate rules](crate#the-rules).
     ///
-    /// Errors: [`RegisterError::ConflictingOps`] if the subscriber declares both the TLB op
-    /// and start/end; [`RegisterError::Released`] after the address space was released.
-    ///
-    /// # Panics
-    /// Called from inside a callback of this address space, or while holding one of its
-    /// [`InvalidateGuard`]s (it would wait for itself).
+    /// Errors: [`RegisterError::Released`] after the address space was released;
+    /// [`RegisterError::InsideCallback`] from inside a callback of this address space or
+    /// while holding one of its [`InvalidateGuard`]s (registration waits for in-flight
+    /// invalidations, so it would wait for the caller itself).
     pub fn register<S: ListSubscriber>(
         &self,
         subscriber: StdArc<S>,
     ) -> Result<ListRegistration, RegisterError> {
-        let sub: StdArc<dyn ListSubscriber> = subscriber;
-        let ops = sub.ops();
-        let id = self
-            .register_entry(sub.clone(), None)?
-            .expect("a list registration is never refused for an existing instance");
+        self.register_callbacks(Callbacks::List(subscriber))
+    }
+
+    /// Registers a secondary TLB that shares the primary's page tables: it gets
+    /// [`arch_invalidate_secondary_tlbs`](Self::arch_invalidate_secondary_tlbs) and
+    /// `release`, and no start/end. Same guarantees and errors as
+    /// [`register`](Self::register).
+    pub fn register_tlb<S: SecondaryTlb>(
+        &self,
+        subscriber: StdArc<S>,
+    ) -> Result<ListRegistration, RegisterError> {
+        self.register_callbacks(Callbacks::Tlb(subscriber))
+    }
+
+    fn register_callbacks(&self, sub: Callbacks) -> Result<ListRegistration, RegisterError> {
+        let Registered::New(id) = self.register_record(sub.clone(), None)? else {
+            unreachable!("only shared registrations can find an existing instance")
+        };
         Ok(ListRegistration {
             mm: self.clone(),
             id,
             sub,
-            ops,
             done: false,
         })
     }
 
     fn finish_release(&self, id: u64) {
-        let mut state = self.inner.state.lock();
-        if let Some(s) = state.release.get_mut(&id) {
-            *s = ReleaseState::Released;
-        }
+        self.inner
+            .state
+            .lock()
+            .set_release_state(id, ReleaseState::Released);
         self.inner.state_cv.notify_all();
     }
 
@@ -558,7 +634,7 @@ impl Subscriptions {
     /// may free the pages afterwards. Calling it again does nothing.
     pub fn release(&self) {
         self.release_intervals();
-        let claimed: Vec<(u64, StdArc<dyn ListSubscriber>, Ops)> = {
+        let claimed: Vec<(u64, Callbacks)> = {
             let mut state = self.inner.state.lock();
             if state.released {
                 // Another release is running or ran: return only once it has finished.
@@ -568,38 +644,33 @@ impl Subscriptions {
                 return;
             }
             state.released = true;
-            let ids: Vec<(u64, StdArc<dyn ListSubscriber>, Ops)> = state
-                .entries
-                .iter()
-                .map(|e| (e.id, e.sub.clone(), e.ops))
-                .collect();
             let me = thread::current().id();
-            ids.into_iter()
-                .filter(|(id, _, _)| {
-                    if state.release.get(id) == Some(&ReleaseState::Live) {
-                        state.release.insert(*id, ReleaseState::Releasing(me));
-                        true
-                    } else {
-                        false
-                    }
-                })
-                .collect()
+            let state = &mut *state;
+            let mut claimed = Vec::new();
+            for id in &state.listed {
+                let record = state.records.get_mut(id).expect("listed ids have records");
+                if record.release == ReleaseState::Live {
+                    record.release = ReleaseState::Releasing(me);
+                    claimed.push((*id, record.sub.clone()));
+                }
+            }
+            claimed
         };
-        for (id, sub, ops) in claimed {
-            self.run_release(id, &*sub, ops);
+        for (id, sub) in claimed {
+            self.run_release(id, &sub);
         }
         let old = {
             let mut state = self.inner.state.lock();
             // Releases claimed by racing unregisters must finish before the subscribers
             // leave the list.
             while state
-                .entries
+                .listed
                 .iter()
-                .any(|e| matches!(state.release.get(&e.id), Some(ReleaseState::Releasing(_))))
+                .any(|id| matches!(state.release_state(*id), Some(ReleaseState::Releasing(_))))
             {
                 state = self.inner.state_cv.wait(state);
             }
-            state.entries.clear();
+            state.listed.clear();
             self.publish(&state)
         };
         self.retire_sync(old);
@@ -610,7 +681,7 @@ impl Subscriptions {
     /// Runs a claimed `release`, inside a read-side section (so that `synchronize` and
     /// unregister's grace period wait for it, as Linux runs it under `srcu_read_lock`),
     /// and marks it finished even if the callback panics.
-    fn run_release(&self, id: u64, sub: &dyn ListSubscriber, ops: Ops) {
+    fn run_release(&self, id: u64, sub: &Callbacks) {
         struct Finish<'a>(&'a Subscriptions, u64);
         impl Drop for Finish<'_> {
             fn drop(&mut self) {
@@ -618,10 +689,8 @@ impl Subscriptions {
             }
         }
         let _finish = Finish(self, id);
-        if ops.contains(Ops::RELEASE) {
-            let _read = self.inner.srcu.read_lock();
-            sub.release();
-        }
+        let _read = self.inner.srcu.read_lock();
+        sub.release();
     }
 
     /// Takes a counted reference on the one shared subscriber of type `T` for this address
@@ -656,13 +725,10 @@ impl Subscriptions {
                 if state.released {
                     return Err(RegisterError::Released.into());
                 }
-                let found = state
-                    .shared
-                    .iter()
-                    .find(|(_, s)| s.type_id == TypeId::of::<T>() && s.users > 0)
-                    .map(|(&id, _)| id);
-                if let Some(id) = found {
-                    let info = state.shared.get_mut(&id).expect("found above");
+                if let Some(&id) = state.shared_by_type.get(&TypeId::of::<T>()) {
+                    let info = state
+                        .shared_mut(id)
+                        .expect("indexed shared subscribers exist");
                     if info.users >= T::MAX_USERS {
                         return Err(GetError::TooManyUsers {
                             limit: T::MAX_USERS,
@@ -678,7 +744,12 @@ impl Subscriptions {
                     // that rule 4 holds for this caller too (unless the caller is inside a
                     // read-side section, which that grace period would wait for).
                     if !self.inner.srcu.held_by_current_thread() {
-                        while state.shared.get(&id).is_some_and(|i| !i.ready) {
+                        while state
+                            .records
+                            .get(&id)
+                            .and_then(|r| r.shared.as_ref())
+                            .is_some_and(|i| !i.ready)
+                        {
                             state = self.inner.state_cv.wait(state);
                         }
                     }
@@ -696,8 +767,10 @@ impl Subscriptions {
                 Some(sub) => sub,
                 None => StdArc::new(T::alloc(self)?),
             };
-            match self.register_shared(sub.clone())? {
-                Some(id) => {
+            let instance: StdArc<dyn Any + Send + Sync> = sub.clone();
+            let shared = Some((TypeId::of::<T>(), instance));
+            match self.register_record(Callbacks::List(sub.clone()), shared)? {
+                Registered::New(id) => {
                     return Ok(Shared {
                         mm: self.clone(),
                         id,
@@ -706,35 +779,21 @@ impl Subscriptions {
                     })
                 }
                 // Another get registered one meanwhile: share it, drop ours unused.
-                None => fresh = Some(sub),
+                Registered::Existing => fresh = Some(sub),
             }
         }
-    }
-
-    /// Registers a shared subscriber unless a live one of its type exists (`Ok(None)`).
-    fn register_shared<T: SharedSubscriber>(
-        &self,
-        sub: StdArc<T>,
-    ) -> Result<Option<u64>, RegisterError> {
-        let instance: StdArc<dyn Any + Send + Sync> = sub.clone();
-        self.register_entry(sub, Some((TypeId::of::<T>(), instance)))
     }
 
     fn put(&self, id: u64) {
         let mut state = self.inner.state.lock();
         let info = state
-            .shared
-            .get_mut(&id)
+            .shared_mut(id)
             .expect("put of a shared subscriber that has no users (a put without a get)");
         info.users -= 1;
         if info.users > 0 {
             return;
         }
-        state.shared.remove(&id);
-        state.release.remove(&id);
-        let was_listed = state.entries.len();
-        state.entries.retain(|e| e.id != id);
-        let retired = (was_listed != state.entries.len()).then(|| self.publish(&state));
+        let retired = state.forget(id).then(|| self.publish(&state));
         drop(state);
         if let Some(old) = retired {
             // SAFETY (of the deferred free): `call` runs it after a grace period that
@@ -791,10 +850,8 @@ impl InvalidateGuard<'_> {
     fn end_callbacks(&mut self) {
         // Interval end first, then list subscribers, in the order start called them.
         drop(self.itree.take());
-        for e in self.snap.entries.iter() {
-            if e.ops.contains(Ops::INVALIDATE_RANGE_END) {
-                e.sub.invalidate_range_end(&self.range);
-            }
+        for sub in self.snap.entries.iter().filter_map(|e| e.sub.list()) {
+            sub.invalidate_range_end(&self.range);
         }
     }
 }
@@ -814,9 +871,7 @@ impl Drop for InvalidateGuard<'_> {
 pub struct ListRegistration {
     mm: Subscriptions,
     id: u64,
-    sub: StdArc<dyn ListSubscriber>,
-    /// The ops read at registration (read once).
-    ops: Ops,
+    sub: Callbacks,
     done: bool,
 }
 
@@ -859,11 +914,12 @@ impl ListRegistration {
         );
         let mut state = mm.inner.state.lock();
         let must_release = loop {
-            match state.release.get(&self.id).copied() {
+            match state.release_state(self.id) {
                 Some(ReleaseState::Live) => {
-                    state
-                        .release
-                        .insert(self.id, ReleaseState::Releasing(thread::current().id()));
+                    state.set_release_state(
+                        self.id,
+                        ReleaseState::Releasing(thread::current().id()),
+                    );
                     break true;
                 }
                 Some(ReleaseState::Releasing(owner)) => {
@@ -880,13 +936,10 @@ impl ListRegistration {
         };
         if must_release {
             drop(state);
-            mm.run_release(self.id, &*self.sub, self.ops);
+            mm.run_release(self.id, &self.sub);
             state = mm.inner.state.lock();
         }
-        state.release.remove(&self.id);
-        let before = state.entries.len();
-        state.entries.retain(|e| e.id != self.id);
-        let retired = (before != state.entries.len()).then(|| mm.publish(&state));
+        let retired = state.forget(self.id).then(|| mm.publish(&state));
         drop(state);
         match retired {
             Some(old) => mm.retire_sync(old),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mmu_notifier::{
     Event, IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription,
-    ListSubscriber, Ops, Range, Subscriptions, WouldBlock,
+    ListSubscriber, Range, Subscriptions, WouldBlock,
 };
 
 /// Shared record of what the subscribers saw.
@@ -60,7 +60,6 @@ impl Sub {
 }
 
 impl IntervalSubscriber for Sub {
-    const HAS_RELEASE: bool = true;
     fn invalidate(
         &mut self,
         r: &Range,
@@ -70,17 +69,19 @@ impl IntervalSubscriber for Sub {
         match std::mem::replace(&mut self.action, Action::Nothing) {
             Action::Nothing => {}
             Action::RemoveSelf => ctx.remove_self(),
-            Action::Update(s, l) => ctx.update_self(s, l).unwrap(),
+            Action::Update(s, l) => ctx.update_self(s..s + l).unwrap(),
             Action::Split(a, b) => {
                 let mut right = Sub::new(&format!("{}-right", self.name), &self.log);
                 right.releases = self.releases.clone();
-                let h = ctx.split_self(a, b, right).unwrap();
+                let h = ctx
+                    .split_self(a.0..a.0 + a.1, b.0..b.0 + b.1, right)
+                    .unwrap();
                 self.spawned.lock().unwrap().push(h);
             }
             Action::Insert(s, l) => {
                 let h = ctx
                     .subscriptions()
-                    .insert_interval(s, l, Sub::new("inserted", &self.log))
+                    .insert_interval(s..s + l, Sub::new("inserted", &self.log))
                     .unwrap();
                 self.spawned.lock().unwrap().push(h);
             }
@@ -117,7 +118,9 @@ fn seq_starts_at_two_and_is_odd_only_while_a_subscription_is_being_invalidated()
     let mm = Subscriptions::new();
     assert_eq!(mm.stats().interval_seq, 2);
     let log = Arc::new(Log::default());
-    let _s = mm.insert_interval(10 * P, P, Sub::new("a", &log)).unwrap();
+    let _s = mm
+        .insert_interval(10 * P..11 * P, Sub::new("a", &log))
+        .unwrap();
     {
         let _g = mm.invalidate_range_start(r(0, P)); // misses it
         assert_eq!(
@@ -138,8 +141,8 @@ fn seq_starts_at_two_and_is_odd_only_while_a_subscription_is_being_invalidated()
 fn only_overlapping_subscriptions_are_invalidated_closed_intervals() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let _a = mm.insert_interval(0, P, Sub::new("a", &log)).unwrap(); // [0, P-1]
-    let _b = mm.insert_interval(P, P, Sub::new("b", &log)).unwrap(); // [P, 2P-1]
+    let _a = mm.insert_interval(0..P, Sub::new("a", &log)).unwrap(); // [0, P-1]
+    let _b = mm.insert_interval(P..2 * P, Sub::new("b", &log)).unwrap(); // [P, 2P-1]
     drop(mm.invalidate_range_start(r(P - 1, P))); // last byte of a only
     assert_eq!(log.take(), ["a:Unmap"]);
     drop(mm.invalidate_range_start(r(P, P + 1)));
@@ -152,7 +155,7 @@ fn only_overlapping_subscriptions_are_invalidated_closed_intervals() {
 fn a_fill_that_overlapped_an_invalidation_is_rejected_and_one_after_it_accepted() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let s = mm.insert_interval(0, 4 * P, Sub::new("a", &log)).unwrap();
+    let s = mm.insert_interval(0..4 * P, Sub::new("a", &log)).unwrap();
     let seq = s.read_begin();
     assert!(!s.check_retry(seq));
     drop(mm.invalidate_range_start(r(0, P)));
@@ -169,7 +172,7 @@ fn a_fill_that_overlapped_an_invalidation_is_rejected_and_one_after_it_accepted(
 fn read_begin_waits_while_its_subscription_is_being_invalidated() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let s = Arc::new(mm.insert_interval(0, 4 * P, Sub::new("a", &log)).unwrap());
+    let s = Arc::new(mm.insert_interval(0..4 * P, Sub::new("a", &log)).unwrap());
     let started = Arc::new(Barrier::new(2));
     let ended = Arc::new(AtomicBool::new(false));
     let primary = {
@@ -196,9 +199,6 @@ fn read_begin_waits_while_its_subscription_is_being_invalidated() {
 fn interval_subscribers_are_invalidated_before_list_subscribers_and_end_first() {
     struct ListLog(Arc<Log>);
     impl ListSubscriber for ListLog {
-        fn ops(&self) -> Ops {
-            Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END
-        }
         fn invalidate_range_start(&self, _: &Range) -> Result<(), WouldBlock> {
             self.0.push("list:start".into());
             Ok(())
@@ -210,7 +210,7 @@ fn interval_subscribers_are_invalidated_before_list_subscribers_and_end_first() 
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
     let _l = mm.register(Arc::new(ListLog(log.clone()))).unwrap();
-    let s = mm.insert_interval(0, P, Sub::new("iv", &log)).unwrap();
+    let s = mm.insert_interval(0..P, Sub::new("iv", &log)).unwrap();
     let g = mm.invalidate_range_start(r(0, P));
     assert_eq!(log.take(), ["iv:Unmap", "list:start"]);
     let seq_before = mm.stats().interval_seq;
@@ -224,9 +224,6 @@ fn interval_subscribers_are_invalidated_before_list_subscribers_and_end_first() 
 fn nonblocking_invalidation_fails_when_the_user_lock_is_held_and_skips_list_subscribers() {
     struct ListLog(Arc<Log>);
     impl ListSubscriber for ListLog {
-        fn ops(&self) -> Ops {
-            Ops::INVALIDATE_RANGE_START
-        }
         fn invalidate_range_start(&self, _: &Range) -> Result<(), WouldBlock> {
             self.0.push("list:start".into());
             Ok(())
@@ -235,7 +232,7 @@ fn nonblocking_invalidation_fails_when_the_user_lock_is_held_and_skips_list_subs
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
     let _l = mm.register(Arc::new(ListLog(log.clone()))).unwrap();
-    let s = mm.insert_interval(0, P, Sub::new("iv", &log)).unwrap();
+    let s = mm.insert_interval(0..P, Sub::new("iv", &log)).unwrap();
     let held = s.lock(); // a fill holds the user lock
     assert_eq!(
         mm.try_invalidate_range_start(r(0, P)).err(),
@@ -259,10 +256,12 @@ fn nonblocking_invalidation_fails_when_the_user_lock_is_held_and_skips_list_subs
 fn insert_while_frozen_is_deferred_and_read_begin_waits_for_it() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let _a = mm.insert_interval(0, P, Sub::new("a", &log)).unwrap();
+    let _a = mm.insert_interval(0..P, Sub::new("a", &log)).unwrap();
     let g = mm.invalidate_range_start(r(0, 8 * P)); // freezes (a overlaps)
-    let b = mm.insert_interval(4 * P, P, Sub::new("b", &log)).unwrap();
-    assert_eq!(b.range(), Some((4 * P, 5 * P - 1)));
+    let b = mm
+        .insert_interval(4 * P..5 * P, Sub::new("b", &log))
+        .unwrap();
+    assert_eq!(b.range(), Some(4 * P..5 * P));
     // A second invalidation while frozen does not reach b yet (it is not in the tree).
     drop(mm.invalidate_range_start(r(4 * P, 5 * P)));
     assert_eq!(log.take(), ["a:Unmap"]);
@@ -288,10 +287,12 @@ fn insert_while_frozen_is_deferred_and_read_begin_waits_for_it() {
 fn insert_while_an_invalidation_that_found_nothing_is_in_flight_freezes_and_waits() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let _a = mm.insert_interval(100 * P, P, Sub::new("a", &log)).unwrap();
+    let _a = mm
+        .insert_interval(100 * P..101 * P, Sub::new("a", &log))
+        .unwrap();
     let g = mm.invalidate_range_start(r(0, 8 * P)); // finds nothing: seq stays even
     assert_eq!(mm.stats().interval_seq, 2);
-    let b = Arc::new(mm.insert_interval(0, P, Sub::new("b", &log)).unwrap());
+    let b = Arc::new(mm.insert_interval(0..P, Sub::new("b", &log)).unwrap());
     assert_eq!(mm.stats().interval_seq, 3, "the insert froze the tree");
     let b2 = b.clone();
     let waiter = thread::spawn(move || b2.read_begin());
@@ -310,7 +311,7 @@ fn insert_while_an_invalidation_that_found_nothing_is_in_flight_freezes_and_wait
 fn idle_insert_takes_seq_minus_one_and_read_begin_does_not_wait() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let a = mm.insert_interval(0, P, Sub::new("a", &log)).unwrap();
+    let a = mm.insert_interval(0..P, Sub::new("a", &log)).unwrap();
     let seq = a.read_begin();
     assert!(!a.lock().read_retry(seq));
     assert!(format!("{a:?}").contains("seq: 1"), "{a:?}");
@@ -322,7 +323,7 @@ fn idle_insert_takes_seq_minus_one_and_read_begin_does_not_wait() {
 fn remove_waits_until_off_the_deferred_list_2022_fix() {
     let mm = Subscriptions::new();
     let count = Arc::new(AtomicUsize::new(0));
-    let a = mm.insert_interval(0, P, Plain(count.clone())).unwrap();
+    let a = mm.insert_interval(0..P, Plain(count.clone())).unwrap();
     let g = mm.invalidate_range_start(r(0, P));
     assert_eq!(count.load(SeqCst), 1);
     let done = Arc::new(AtomicBool::new(false));
@@ -356,7 +357,7 @@ fn remove_with_release_from_inside_a_callback_releases_once_after_the_end() {
     let log = Arc::new(Log::default());
     let s = Sub::new("a", &log).with(Action::RemoveSelf);
     let releases = s.releases.clone();
-    let a = mm.insert_interval(0, P, s).unwrap();
+    let a = mm.insert_interval(0..P, s).unwrap();
     let g = mm.invalidate_range_start(r(0, P));
     assert_eq!(
         releases.load(SeqCst),
@@ -390,9 +391,9 @@ fn a_waiting_remove_from_inside_a_callback_panics_with_a_clear_message() {
     }
     let mm = Subscriptions::new();
     let plain = mm
-        .insert_interval(0, P, Plain(Arc::new(AtomicUsize::new(0))))
+        .insert_interval(0..P, Plain(Arc::new(AtomicUsize::new(0))))
         .unwrap();
-    let _r = mm.insert_interval(0, P, RemovesOther(Some(plain))).unwrap();
+    let _r = mm.insert_interval(0..P, RemovesOther(Some(plain))).unwrap();
     let mm2 = mm.clone();
     let err = thread::spawn(move || drop(mm2.invalidate_range_start(r(0, P))))
         .join()
@@ -409,7 +410,7 @@ fn insert_from_inside_a_callback_is_deferred_to_the_end() {
     let log = Arc::new(Log::default());
     let s = Sub::new("a", &log).with(Action::Insert(8 * P, P));
     let spawned = s.spawned.clone();
-    let _a = mm.insert_interval(0, P, s).unwrap();
+    let _a = mm.insert_interval(0..P, s).unwrap();
     drop(mm.invalidate_range_start(r(0, P)));
     assert_eq!(spawned.lock().unwrap().len(), 1);
     drop(mm.invalidate_range_start(r(8 * P, 9 * P)));
@@ -420,12 +421,12 @@ fn insert_from_inside_a_callback_is_deferred_to_the_end() {
 fn queued_changes_collapse_insert_then_remove_cancels() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let _a = mm.insert_interval(0, P, Sub::new("a", &log)).unwrap();
+    let _a = mm.insert_interval(0..P, Sub::new("a", &log)).unwrap();
     let g = mm.invalidate_range_start(r(0, P));
     let b = Sub::new("b", &log);
     let rel = b.releases.clone();
-    let b = mm.insert_interval(4 * P, P, b).unwrap();
-    b.remove(); // cancels the deferred insert: never waits, released at once
+    let b = mm.insert_interval(4 * P..5 * P, b).unwrap();
+    b.remove_nowait(); // cancels the deferred insert: released at once
     assert_eq!(rel.load(SeqCst), 1);
     drop(g);
     assert_eq!(mm.stats().interval_subscriptions, 1);
@@ -437,16 +438,16 @@ fn queued_changes_collapse_insert_then_remove_cancels() {
 fn queued_changes_collapse_last_update_wins_and_remove_wins_over_update() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let a = mm.insert_interval(0, P, Sub::new("a", &log)).unwrap();
+    let a = mm.insert_interval(0..P, Sub::new("a", &log)).unwrap();
     let b = Sub::new("b", &log);
     let b_rel = b.releases.clone();
-    let b = mm.insert_interval(2 * P, P, b).unwrap();
+    let b = mm.insert_interval(2 * P..3 * P, b).unwrap();
     let g = mm.invalidate_range_start(r(0, 4 * P));
-    a.update(10 * P, P).unwrap();
-    a.update(20 * P, P).unwrap(); // last wins
-    b.update(30 * P, P).unwrap();
-    b.remove(); // remove wins over the update
-    assert_eq!(a.range(), Some((20 * P, 21 * P - 1)));
+    a.update(10 * P..11 * P).unwrap();
+    a.update(20 * P..21 * P).unwrap(); // last wins
+    b.update(30 * P..31 * P).unwrap();
+    b.remove_nowait(); // remove wins over the update
+    assert_eq!(a.range(), Some(20 * P..21 * P));
     drop(g);
     assert_eq!(b_rel.load(SeqCst), 1);
     log.take();
@@ -458,16 +459,19 @@ fn queued_changes_collapse_last_update_wins_and_remove_wins_over_update() {
         log.take().is_empty(),
         "neither the first update nor b remained"
     );
-    assert_eq!(a.update(0, 0), Err(IntervalError::ZeroLength));
+    assert_eq!(
+        a.update(0..0),
+        Err(IntervalError::Empty { start: 0, end: 0 })
+    );
 }
 
 #[test]
 fn an_update_takes_effect_no_later_than_the_next_read_begin() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let a = Arc::new(mm.insert_interval(0, P, Sub::new("a", &log)).unwrap());
+    let a = Arc::new(mm.insert_interval(0..P, Sub::new("a", &log)).unwrap());
     let g = mm.invalidate_range_start(r(0, P));
-    a.update(8 * P, P).unwrap();
+    a.update(8 * P..9 * P).unwrap();
     let a2 = a.clone();
     let waiter = thread::spawn(move || a2.read_begin());
     thread::sleep(Duration::from_millis(30));
@@ -484,10 +488,10 @@ fn update_self_from_inside_a_callback_moves_the_range_after_the_end() {
     let log = Arc::new(Log::default());
     // The first page is unmapped: the subscription shrinks to the rest.
     let a = mm
-        .insert_interval(0, 4 * P, Sub::new("a", &log).with(Action::Update(P, 3 * P)))
+        .insert_interval(0..4 * P, Sub::new("a", &log).with(Action::Update(P, 3 * P)))
         .unwrap();
     drop(mm.invalidate_range_start(r(0, P)));
-    assert_eq!(a.range(), Some((P, 4 * P - 1)));
+    assert_eq!(a.range(), Some(P..4 * P));
     drop(mm.invalidate_range_start(r(0, P)));
     drop(mm.invalidate_range_start(r(3 * P, 4 * P)));
     assert_eq!(log.take(), ["a:Unmap", "a:Unmap"]);
@@ -500,22 +504,21 @@ fn split_from_inside_a_callback_punches_a_hole_atomically() {
     // [0, 10P) loses [4P, 6P): left [0, 4P), right [6P, 10P).
     let s = Sub::new("a", &log).with(Action::Split((0, 4 * P), (6 * P, 4 * P)));
     let spawned = s.spawned.clone();
-    let a = mm.insert_interval(0, 10 * P, s).unwrap();
+    let a = mm.insert_interval(0..10 * P, s).unwrap();
     let g = mm.invalidate_range_start(r(4 * P, 6 * P));
     // While frozen, a second invalidation of the right half still reaches the whole one.
     drop(mm.invalidate_range_start(r(7 * P, 8 * P)));
     drop(g);
     assert_eq!(log.take(), ["a:Unmap", "a:Unmap"]);
-    assert_eq!(a.range(), Some((0, 4 * P - 1)));
+    assert_eq!(a.range(), Some(0..4 * P));
     let right = spawned.lock().unwrap().pop().unwrap();
-    assert_eq!(right.range(), Some((6 * P, 10 * P - 1)));
+    assert_eq!(right.range(), Some(6 * P..10 * P));
     drop(mm.invalidate_range_start(r(4 * P, 6 * P)));
     assert!(log.take().is_empty(), "the hole is not watched");
     drop(mm.invalidate_range_start(r(3 * P, 7 * P)));
     assert_eq!(log.take(), ["a:Unmap", "a-right:Unmap"]);
     assert_eq!(
-        a.split((0, P), (0, 2 * P), Sub::new("x", &log))
-            .unwrap_err(),
+        a.split(0..P, 0..2 * P, Sub::new("x", &log)).unwrap_err(),
         IntervalError::SplitOverlap
     );
 }
@@ -525,25 +528,31 @@ fn bad_intervals_are_errors() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
     assert_eq!(
-        mm.insert_interval(0, 0, Sub::new("z", &log)).unwrap_err(),
-        IntervalError::ZeroLength
+        mm.insert_interval(0..0, Sub::new("z", &log)).unwrap_err(),
+        IntervalError::Empty { start: 0, end: 0 }
     );
+    #[allow(clippy::reversed_empty_ranges)]
+    let reversed = 5 * P..3 * P;
+    let err = mm
+        .insert_interval(reversed, Sub::new("r", &log))
+        .unwrap_err();
     assert_eq!(
-        mm.insert_interval(u64::MAX, 2, Sub::new("o", &log))
-            .unwrap_err(),
-        IntervalError::Overflow {
-            start: u64::MAX,
-            length: 2
+        err,
+        IntervalError::Empty {
+            start: 5 * P,
+            end: 3 * P
         }
     );
-    // The last byte of the space is fine.
+    assert_eq!(err.to_string(), "interval 0x5000..0x3000 is empty");
+    // Up to the end of the space is fine.
     let top = mm
-        .insert_interval(u64::MAX, 1, Sub::new("top", &log))
+        .insert_interval(u64::MAX - P..u64::MAX, Sub::new("top", &log))
         .unwrap();
-    assert_eq!(top.range(), Some((u64::MAX, u64::MAX)));
+    assert_eq!(top.range(), Some(u64::MAX - P..u64::MAX));
     // Address 0 is a valid start (no sentinel).
-    let zero = mm.insert_interval(0, 1, Sub::new("zero", &log)).unwrap();
-    assert_eq!(zero.range(), Some((0, 0)));
+    let zero = mm.insert_interval(0..1, Sub::new("zero", &log)).unwrap();
+    assert_eq!(zero.range(), Some(0..1));
+    assert!(format!("{zero:?}").contains("range: 0x0..0x1"), "{zero:?}");
 }
 
 /// The 2020 kernel fix: insert must check that the address space is still alive (its
@@ -552,7 +561,7 @@ fn bad_intervals_are_errors() {
 fn insert_checks_the_address_space_is_alive_2020_fix() {
     let mm = Subscriptions::new();
     let log = Arc::new(Log::default());
-    let a = mm.insert_interval(0, P, Sub::new("a", &log)).unwrap();
+    let a = mm.insert_interval(0..P, Sub::new("a", &log)).unwrap();
     mm.release();
     assert_eq!(
         log.take(),
@@ -560,7 +569,7 @@ fn insert_checks_the_address_space_is_alive_2020_fix() {
         "one Release invalidation over everything"
     );
     assert_eq!(
-        mm.insert_interval(0, P, Sub::new("late", &log))
+        mm.insert_interval(0..P, Sub::new("late", &log))
             .unwrap_err(),
         IntervalError::Released
     );
@@ -571,13 +580,10 @@ fn insert_checks_the_address_space_is_alive_2020_fix() {
 fn the_first_insert_from_inside_a_callback_is_an_error() {
     struct Inserter;
     impl ListSubscriber for Inserter {
-        fn ops(&self) -> Ops {
-            Ops::INVALIDATE_RANGE_START
-        }
         fn invalidate_range_start(&self, _: &Range) -> Result<(), WouldBlock> {
             let mm = Subscriptions::new(); // another space: fine
             assert!(mm
-                .insert_interval(0, P, Plain(Arc::new(AtomicUsize::new(0))))
+                .insert_interval(0..P, Plain(Arc::new(AtomicUsize::new(0))))
                 .is_ok());
             Ok(())
         }
@@ -586,12 +592,12 @@ fn the_first_insert_from_inside_a_callback_is_an_error() {
     let _l = mm.register(Arc::new(Inserter)).unwrap();
     let g = mm.invalidate_range_start(r(0, P));
     let err = mm
-        .insert_interval(0, P, Plain(Arc::new(AtomicUsize::new(0))))
+        .insert_interval(0..P, Plain(Arc::new(AtomicUsize::new(0))))
         .unwrap_err();
     assert_eq!(err, IntervalError::FirstInsertInCallback);
     drop(g);
     assert!(mm
-        .insert_interval(0, P, Plain(Arc::new(AtomicUsize::new(0))))
+        .insert_interval(0..P, Plain(Arc::new(AtomicUsize::new(0))))
         .is_ok());
 }
 
@@ -622,8 +628,7 @@ fn concurrent_fills_and_invalidations_never_install_a_stale_value() {
         Arc::new((0..npages).map(std::sync::atomic::AtomicU64::new).collect());
     let sub = Arc::new(
         mm.insert_interval(
-            0,
-            npages * P,
+            0..npages * P,
             Mirror {
                 pages: vec![None; npages as usize],
             },
@@ -699,4 +704,85 @@ fn a_subscription_costs_under_100_bytes_beyond_its_state() {
     let bytes = IntervalSubscription::<Word>::memory_overhead();
     println!("interval subscription overhead: {bytes} bytes");
     assert!(bytes < 100, "{bytes} bytes per subscription");
+}
+
+/// Implementing `release` is all it takes: it runs exactly once on every removal path, with
+/// no declaration anywhere.
+#[test]
+fn release_runs_exactly_once_on_every_removal_path() {
+    let mm = Subscriptions::new();
+    let log = Arc::new(Log::default());
+    let mk = |name: &str, at: u64| {
+        let s = Sub::new(name, &log);
+        let n = s.releases.clone();
+        (mm.insert_interval(at * P..(at + 1) * P, s).unwrap(), n)
+    };
+    let (a, na) = mk("remove", 0);
+    let (b, nb) = mk("nowait", 1);
+    let (c, nc) = mk("drop", 2);
+    a.remove();
+    b.remove_nowait();
+    drop(c);
+    for n in [&na, &nb, &nc] {
+        assert_eq!(n.load(SeqCst), 1);
+    }
+    // `remove` while frozen waits for the end, then releases on its own thread.
+    let (d, nd) = mk("waiting", 3);
+    let g = mm.invalidate_range_start(r(3 * P, 4 * P));
+    let remover = thread::spawn(move || {
+        d.remove();
+        thread::current().id()
+    });
+    thread::sleep(Duration::from_millis(30));
+    assert_eq!(nd.load(SeqCst), 0, "released before the invalidation ended");
+    drop(g);
+    let _ = remover.join().unwrap();
+    assert_eq!(nd.load(SeqCst), 1);
+    assert_eq!(mm.stats().interval_subscriptions, 0);
+}
+
+#[test]
+fn would_block_from_an_interval_subscriber_in_a_blockable_range_is_a_reported_bug() {
+    struct Refuses;
+    impl IntervalSubscriber for Refuses {
+        fn invalidate(
+            &mut self,
+            _: &Range,
+            _: &mut IntervalContext<'_, Self>,
+        ) -> Result<(), WouldBlock> {
+            Err(WouldBlock)
+        }
+    }
+    let mm = Subscriptions::new();
+    let log = Arc::new(Log::default());
+    let _bad = mm.insert_interval(0..P, Refuses).unwrap();
+    let _good = mm.insert_interval(0..P, Sub::new("good", &log)).unwrap();
+    // Blockable: reported, and the invalidation carries on to the others.
+    drop(mm.invalidate_range_start(r(0, P)));
+    assert_eq!(mm.stats().subscriber_bugs, 1);
+    assert_eq!(log.take(), ["good:Unmap"]);
+    // Non-blockable: legal, the caller gets WouldBlock.
+    assert_eq!(
+        mm.try_invalidate_range_start(r(0, P)).err(),
+        Some(WouldBlock)
+    );
+    assert_eq!(mm.stats().subscriber_bugs, 1);
+}
+
+/// A second overlapping invalidation while the tree is frozen keeps it frozen: only the
+/// last end makes the sequence even again.
+#[test]
+fn nested_overlapping_invalidations_keep_the_tree_frozen_until_the_last_end() {
+    let mm = Subscriptions::new();
+    let log = Arc::new(Log::default());
+    let _a = mm.insert_interval(0..P, Sub::new("a", &log)).unwrap();
+    let g1 = mm.invalidate_range_start(r(0, P));
+    let frozen = mm.stats().interval_seq;
+    assert_eq!(frozen & 1, 1);
+    let g2 = mm.invalidate_range_start(r(0, P));
+    assert_eq!(mm.stats().interval_seq, frozen);
+    drop(g1);
+    assert_eq!(mm.stats().interval_seq, frozen, "still frozen: g2 runs");
+    drop(g2);
+    assert_eq!(mm.stats().interval_seq, frozen + 1);
 }

@@ -9,8 +9,7 @@ use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use loom::sync::Mutex;
 use loom::thread;
 use mmu_notifier::{
-    Event, GetError, ListSubscriber, Ops, Range, Shared, SharedSubscriber, Subscriptions,
-    WouldBlock,
+    Event, GetError, ListSubscriber, Range, Shared, SharedSubscriber, Subscriptions, WouldBlock,
 };
 
 #[derive(Default)]
@@ -24,9 +23,6 @@ struct Counting {
 }
 
 impl ListSubscriber for Counting {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END | Ops::RELEASE
-    }
     fn release(&self) {
         assert!(!self.dead.load(SeqCst), "release after unregister returned");
         self.releases.fetch_add(1, SeqCst);
@@ -51,9 +47,6 @@ struct EndProbe {
 }
 
 impl ListSubscriber for EndProbe {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_END
-    }
     fn invalidate_range_end(&self, _: &Range) {
         self.ended.store(true, SeqCst);
     }
@@ -150,9 +143,6 @@ struct PutsItself {
 }
 
 impl ListSubscriber for PutsItself {
-    fn ops(&self) -> Ops {
-        Ops::RELEASE | Ops::INVALIDATE_RANGE_START
-    }
     fn release(&self) {
         self.released.fetch_add(1, SeqCst);
         let me = self.me.lock().unwrap().take();

@@ -18,7 +18,7 @@ use std::sync::{Arc, Weak};
 
 use mmu_notifier::{
     IntervalContext, IntervalSubscriber, IntervalSubscription, ListRegistration, ListSubscriber,
-    Ops, Range, WouldBlock,
+    Range, SecondaryTlb, WouldBlock,
 };
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE};
 use parking_lot::Mutex;
@@ -70,6 +70,8 @@ type Table = BTreeMap<u64, (FrameRef, bool)>;
 struct MirrorState {
     table: Table,
     tears_down: bool,
+    /// The secondary's counters (invalidations are counted here, bug or not).
+    counters: Arc<Counters>,
 }
 
 impl IntervalSubscriber for MirrorState {
@@ -78,6 +80,7 @@ impl IntervalSubscriber for MirrorState {
         r: &Range,
         _: &mut IntervalContext<'_, Self>,
     ) -> Result<(), WouldBlock> {
+        self.counters.invalidation();
         if self.tears_down {
             crate::take_pages(&mut self.table, r.start(), r.end());
         }
@@ -97,19 +100,13 @@ enum Body {
 }
 
 struct ListPart {
-    kind: Broken,
     mm: Weak<AddressSpace>,
     state: ListState,
     counters: Counters,
 }
 
+/// Registered as a list subscriber (start/end), except `NeverFlushes`, a secondary TLB.
 impl ListSubscriber for ListPart {
-    fn ops(&self) -> Ops {
-        match self.kind {
-            Broken::NeverFlushes => Ops::ARCH_INVALIDATE_SECONDARY_TLBS,
-            _ => Ops::INVALIDATE_RANGE_START,
-        }
-    }
     fn invalidate_range_start(&self, r: &Range) -> Result<(), WouldBlock> {
         self.counters.invalidation();
         let mut t = self.state.table.lock();
@@ -124,6 +121,9 @@ impl ListSubscriber for ListPart {
         }
         Ok(())
     }
+}
+
+impl SecondaryTlb for ListPart {
     fn arch_invalidate_secondary_tlbs(&self, _: u64, _: u64) {
         // The bug: nothing is dropped.
         self.counters.invalidation();
@@ -136,7 +136,7 @@ pub struct BrokenSecondary {
     kind: Broken,
     mm: Weak<AddressSpace>,
     body: Body,
-    counters: Counters,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for BrokenSecondary {
@@ -156,21 +156,22 @@ impl BrokenSecondary {
         start: u64,
         len: u64,
     ) -> Result<Arc<Self>, SecondaryError> {
+        let counters = Arc::new(Counters::default());
         let body = match kind {
             Broken::NeverTearsDown | Broken::IgnoresRetry => {
                 let state = MirrorState {
                     table: Table::new(),
                     tears_down: kind != Broken::NeverTearsDown,
+                    counters: counters.clone(),
                 };
                 let sub = mm
                     .notifier()
-                    .insert_interval(start, len, state)
+                    .insert_interval(start..start + len, state)
                     .map_err(|_| SecondaryError::Gone)?;
                 Body::Mirror(sub)
             }
             Broken::InstallsDuringInvalidation | Broken::NeverFlushes => {
                 let part = Arc::new(ListPart {
-                    kind,
                     mm: Arc::downgrade(mm),
                     state: ListState {
                         table: Mutex::new(Table::new()),
@@ -178,10 +179,11 @@ impl BrokenSecondary {
                     },
                     counters: Counters::default(),
                 });
-                let reg = mm
-                    .notifier()
-                    .register(part.clone())
-                    .map_err(|_| SecondaryError::Gone)?;
+                let reg = match kind {
+                    Broken::NeverFlushes => mm.notifier().register_tlb(part.clone()),
+                    _ => mm.notifier().register(part.clone()),
+                }
+                .map_err(|_| SecondaryError::Gone)?;
                 Body::List(part, Some(reg))
             }
         };
@@ -189,7 +191,7 @@ impl BrokenSecondary {
             kind,
             mm: Arc::downgrade(mm),
             body,
-            counters: Counters::default(),
+            counters,
         });
         if let Some(c) = mm.checker() {
             let weak: Weak<dyn CheckedSecondary> = Arc::downgrade(&s) as _;
@@ -235,6 +237,8 @@ impl SecondaryMmu for BrokenSecondary {
             Body::Mirror(sub) => loop {
                 let seq = sub.read_begin();
                 let frame = mm.fault(addr, write)?;
+                // The race window the bug loses.
+                crate::sched::point();
                 let mut g = sub.lock();
                 if self.kind != Broken::IgnoresRetry && g.read_retry(seq) {
                     self.counters.retry();
@@ -248,6 +252,7 @@ impl SecondaryMmu for BrokenSecondary {
             Body::List(part, _) => loop {
                 let flushes = part.state.flushes.load(Acquire);
                 let frame = mm.fault(addr, write)?;
+                crate::sched::point();
                 let mut t = part.state.table.lock();
                 if part.state.flushes.load(Acquire) != flushes {
                     self.counters.retry();

@@ -369,7 +369,9 @@ impl HmmMirror {
             released: false,
             shared: shared.clone(),
         };
-        let sub = mm.notifier().insert_interval(start, length, table)?;
+        let sub = mm
+            .notifier()
+            .insert_interval(start..start + length, table)?;
         // insert_interval checked that `start + length - 1` fits.
         let end = start + (length - 1) + 1;
         let mirror = Arc::new(Self {
@@ -474,7 +476,7 @@ impl HmmMirror {
                 return Ok(out);
             }
             // Entries faulted in were dropped again before we could use them.
-            if !first && Instant::now() >= deadline {
+            if !first && crate::sched::expired(deadline) {
                 return Err(SecondaryError::Timeout);
             }
             first = false;
@@ -516,7 +518,7 @@ impl HmmMirror {
             if done == data.len() {
                 return Ok(());
             }
-            if !first && Instant::now() >= deadline {
+            if !first && crate::sched::expired(deadline) {
                 return Err(SecondaryError::Timeout);
             }
             first = false;
@@ -592,7 +594,7 @@ impl HmmMirror {
             }
             if dt.read_retry(seq) {
                 drop(dt);
-                self.collided(deadline)?;
+                self.collided_holding_dev_ops(deadline)?;
                 continue;
             }
             dt.fence = Some((s, e));
@@ -681,7 +683,7 @@ impl HmmMirror {
                     break;
                 }
                 drop(dt);
-                self.collided(deadline)?;
+                self.collided_holding_dev_ops(deadline)?;
             }
         }
         Ok(granted)
@@ -712,6 +714,8 @@ impl HmmMirror {
                 .mm
                 .snapshot(start, end, mode)
                 .map_err(|err| self.primary_error(err))?;
+            // The race window: an invalidation here must make step 3 retry.
+            crate::sched::point();
             // 3. Decide under the user lock, which every callback takes too.
             let mut dt = self.sub.lock();
             if dt.released {
@@ -740,14 +744,31 @@ impl HmmMirror {
         }
     }
 
-    /// Counts a lost race; the deadline turns it into `Timeout`.
-    fn collided(&self, deadline: Instant) -> Result<(), SecondaryError> {
+    /// As [`collided`](Self::collided), with the device-operations lock held: never
+    /// parks at a schedule point (another task may need that lock to go on), and keeps
+    /// the deadline in force (no collision can happen there while no other task runs, so
+    /// a loop that does not end is a bug worth a `Timeout`).
+    fn collided_holding_dev_ops(&self, deadline: Instant) -> Result<(), SecondaryError> {
         self.shared.counters.retry();
         if Instant::now() >= deadline {
             return Err(SecondaryError::Timeout);
         }
-        // Let the invalidating thread finish (two cores, and a build running beside).
         std::thread::yield_now();
+        Ok(())
+    }
+
+    /// Counts a lost race; the deadline turns it into `Timeout`.
+    fn collided(&self, deadline: Instant) -> Result<(), SecondaryError> {
+        self.shared.counters.retry();
+        if crate::sched::expired(deadline) {
+            return Err(SecondaryError::Timeout);
+        }
+        if crate::sched::active() {
+            crate::sched::point();
+        } else {
+            // Let the invalidating thread finish (two cores, and a build running beside).
+            std::thread::yield_now();
+        }
         Ok(())
     }
 

@@ -92,7 +92,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Orderin
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use mmu_notifier::{ListRegistration, ListSubscriber, Ops, Range, RegisterError, WouldBlock};
+use mmu_notifier::{ListRegistration, ListSubscriber, Range, RegisterError, WouldBlock};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE, TASK_SIZE};
 use parking_lot::Mutex;
 
@@ -344,15 +344,6 @@ impl ShadowMmu {
 }
 
 impl ListSubscriber for ShadowMmu {
-    fn ops(&self) -> Ops {
-        Ops::RELEASE
-            | Ops::CLEAR_FLUSH_YOUNG
-            | Ops::CLEAR_YOUNG
-            | Ops::TEST_YOUNG
-            | Ops::INVALIDATE_RANGE_START
-            | Ops::INVALIDATE_RANGE_END
-    }
-
     fn release(&self) {
         self.retire();
     }
@@ -735,6 +726,8 @@ impl Kvm {
         // Step 3: may sleep, may cause invalidations (a COW break) that call back into
         // us; we hold no lock of ours.
         let frame = mm.fault(hva, write)?;
+        // The race window: an invalidation here must make step 4 retry.
+        crate::sched::point();
         Ok(Some(Prefetch {
             gfn,
             hva,
@@ -796,7 +789,7 @@ impl Kvm {
         let deadline = self.deadline();
         let mut faulted = false;
         loop {
-            if faulted && deadline.is_some_and(|d| Instant::now() >= d) {
+            if faulted && deadline.is_some_and(crate::sched::expired) {
                 return Err(SecondaryError::Timeout);
             }
             {

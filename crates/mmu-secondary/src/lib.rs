@@ -1,20 +1,25 @@
 //! # mmu-secondary
 //!
-//! The secondary MMUs of the seeds, each a small, readable model of how to write one with
-//! [`mmu_notifier`], running over the simulated primary of [`mmu_sim`] and checked by its
-//! [`Checker`](mmu_sim::Checker):
+//! The secondary MMUs of Linux (KVM, an SVA TLB, an HMM mirror, XPMEM, ODP), each a small,
+//! readable model of how to write one with [`mmu_notifier`], running over the simulated
+//! primary of [`mmu_sim`] and checked by its [`Checker`](mmu_sim::Checker):
 //!
 //! Every secondary implements [`SecondaryMmu`]: a device fault that makes an address
 //! accessible through the secondary's own translation (retrying when it loses a race with
 //! an invalidation), and a device access through that translation. Accesses go through
 //! the address space's checker when one is attached, so every stale translation,
 //! use-after-free or lost write is counted.
+//!
+//! Each fault calls a [`sched::point`] in its race window (after reading the primary,
+//! before installing under its own lock): a scheduler can run other operations right
+//! there, deterministically, so that a lost race is found and replayed exactly.
 #![deny(missing_docs)]
 
 pub mod broken;
 pub mod hmm;
 pub mod kvm;
 pub mod odp;
+pub mod sched;
 pub mod sva;
 pub mod xpmem;
 
@@ -166,10 +171,14 @@ pub fn report_install(
 /// Between two attempts of a fault that lost a race: gives up past the deadline, else lets
 /// the invalidation that won make progress.
 pub(crate) fn backoff(deadline: Option<std::time::Instant>) -> Result<(), SecondaryError> {
-    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+    if deadline.is_some_and(sched::expired) {
         return Err(SecondaryError::Timeout);
     }
-    std::thread::yield_now();
+    if sched::active() {
+        sched::point();
+    } else {
+        std::thread::yield_now();
+    }
     Ok(())
 }
 

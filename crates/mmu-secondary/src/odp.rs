@@ -19,10 +19,10 @@
 //!
 //! **Invalidate** (user lock held): drop the chunk's translations in the range. For an
 //! `Unmap` the pages are gone for good, so the chunk also follows the mapping, from inside
-//! the callback, with the safe updates of SPEC 3.2:
+//! the callback, with the safe updates of interval subscriptions (update and split from
+//! inside the callback, deferred while the tree is frozen):
 //!
-//! - the range covers the whole chunk: `remove_self` (the chunk has a `release` op, so the
-//!   removal never waits; it is marked dead so that a racing fill cannot install in it);
+//! - the range covers the whole chunk: `remove_self` (the removal never waits; it is marked dead so that a racing fill cannot install in it);
 //! - it covers one end: `update_self` shrinks the chunk to the rest;
 //! - it punches a hole in the middle: `split_self` keeps the left part and inserts the
 //!   right part as a new subscription, carrying the right part's translations, atomically
@@ -132,7 +132,7 @@ impl Chunk {
         !self.dead && self.start <= start && end <= self.end
     }
 
-    /// Marks the chunk dead and removes it (never waits: `HAS_RELEASE`).
+    /// Marks the chunk dead and removes it (never waits).
     fn kill(&mut self, ctx: &mut IntervalContext<'_, Self>) {
         self.dead = true;
         self.pages.clear();
@@ -141,8 +141,6 @@ impl Chunk {
 }
 
 impl IntervalSubscriber for Chunk {
-    const HAS_RELEASE: bool = true;
-
     fn invalidate(
         &mut self,
         range: &Range,
@@ -165,13 +163,13 @@ impl IntervalSubscriber for Chunk {
         } else if s <= cs {
             // The unmap covers the head: keep [e, ce).
             self.start = e;
-            if ctx.update_self(e, ce - e).is_err() {
+            if ctx.update_self(e..ce).is_err() {
                 self.kill(ctx);
             }
         } else if ce <= e {
             // The unmap covers the tail: keep [cs, s).
             self.end = s;
-            if ctx.update_self(cs, s - cs).is_err() {
+            if ctx.update_self(cs..s).is_err() {
                 self.kill(ctx);
             }
         } else {
@@ -185,7 +183,7 @@ impl IntervalSubscriber for Chunk {
                 shared: self.shared.clone(),
             };
             self.end = s;
-            match ctx.split_self((cs, s - cs), (e, ce - e), right) {
+            match ctx.split_self(cs..s, e..ce, right) {
                 // Without the region (it is being dropped) the handle is dropped here,
                 // which cancels the new half's insertion; that never waits either.
                 Ok(h) => {
@@ -316,8 +314,8 @@ impl OdpRegion {
             let mut gone = Vec::new();
             for h in std::mem::take(&mut *subs) {
                 match h.range() {
-                    Some((s, last)) => {
-                        out.push((h.clone(), (s, last.saturating_add(1))));
+                    Some(r) => {
+                        out.push((h.clone(), (r.start, r.end)));
                         subs.push(h);
                     }
                     None => gone.push(h),
@@ -376,7 +374,7 @@ impl OdpRegion {
         let sub = self
             .mm
             .notifier()
-            .insert_interval(lo, hi - lo, state)
+            .insert_interval(lo..hi, state)
             .map_err(|e| match e {
                 IntervalError::Released => SecondaryError::Gone,
                 _ => SecondaryError::OutOfRange(page),
@@ -412,15 +410,15 @@ impl OdpRegion {
         loop {
             let sub = self.lookup_or_create(page)?;
             let seq = sub.read_begin();
-            let Some((_, last)) = sub.range() else {
+            let Some(covered) = sub.range() else {
                 // Removed since the lookup: the next lookup drops it.
                 counters.retry();
-                if Instant::now() >= deadline {
+                if crate::sched::expired(deadline) {
                     return Err(SecondaryError::Timeout);
                 }
                 continue;
             };
-            let end = want_end.min(last.saturating_add(1));
+            let end = want_end.min(covered.end);
             // Gather without the user lock (the primary may sleep).
             let mut got: Vec<(u64, FrameRef)> = Vec::new();
             for a in (page..end).step_by(PAGE_SIZE as usize) {
@@ -431,11 +429,13 @@ impl OdpRegion {
                 }
             }
             let got_end = page + got.len() as u64 * PAGE_SIZE;
+            // The race window: an invalidation here must make the check below retry.
+            crate::sched::point();
             let mut c = sub.lock();
             if !c.covers(page, got_end) || c.read_retry(seq) {
                 drop(c);
                 counters.retry();
-                if Instant::now() >= deadline {
+                if crate::sched::expired(deadline) {
                     return Err(SecondaryError::Timeout);
                 }
                 continue;

@@ -78,7 +78,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Orderin
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use mmu_notifier::{ListRegistration, ListSubscriber, Ops, RegisterError};
+use mmu_notifier::{ListRegistration, RegisterError, SecondaryTlb};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE, TASK_SIZE};
 use parking_lot::Mutex;
 
@@ -147,11 +147,7 @@ impl DeviceTlb {
     }
 }
 
-impl ListSubscriber for DeviceTlb {
-    fn ops(&self) -> Ops {
-        Ops::ARCH_INVALIDATE_SECONDARY_TLBS | Ops::RELEASE
-    }
-
+impl SecondaryTlb for DeviceTlb {
     fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
         let mut e = self.lock.lock();
         self.counters.invalidation();
@@ -284,7 +280,7 @@ impl SvaTlb {
             page_requests: AtomicU64::new(0),
             counters: Counters::default(),
         });
-        let registration = mm.notifier().register(tlb.clone())?;
+        let registration = mm.notifier().register_tlb(tlb.clone())?;
         if let Some(checker) = mm.checker() {
             let weak: Weak<dyn CheckedSecondary> = Arc::downgrade(&tlb) as _;
             checker.add_secondary(weak);
@@ -385,6 +381,8 @@ impl SvaTlb {
                         frame: mm.frames().frame_ref(pfn),
                         writable: pte.writable() && pte.dirty(),
                     };
+                    // The race window: a flush here must make the insert retry.
+                    crate::sched::point();
                     return Ok(TlbWalk { entry, generation });
                 }
                 None => {
@@ -395,7 +393,7 @@ impl SvaTlb {
                         return Err(SecondaryError::Gone);
                     }
                     mm.fault(page, write)?;
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if deadline.is_some_and(crate::sched::expired) {
                         return Err(SecondaryError::Timeout);
                     }
                 }
@@ -441,7 +439,7 @@ impl SvaTlb {
         let page = addr & !(P - 1);
         let mut filled = false;
         loop {
-            if filled && deadline.is_some_and(|d| Instant::now() >= d) {
+            if filled && deadline.is_some_and(crate::sched::expired) {
                 return Err(SecondaryError::Timeout);
             }
             {

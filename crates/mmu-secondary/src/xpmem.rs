@@ -47,6 +47,21 @@
 //! `invalidate_range_start` return and the primary change the page. The checker verifies
 //! it: each install is checked against the primary's entry and the open windows.
 //!
+//! The requests waiting for a page are answered only when the fault server reports the
+//! fault *settled* (a second message, sent once it has let go of the user lock), not at
+//! the grant: so a requester never goes on while the fault server still holds a lock its
+//! next operation may need (a non-blockable invalidation would then answer `WouldBlock`
+//! or not depending on timing), and with one requester the whole exchange is
+//! deterministic.
+//!
+//! # Under a scheduler
+//!
+//! With [`crate::sched`], a device request carries the requester's task; the fault server
+//! runs the fault as that task, and its schedule point (between `mm.fault` and the user
+//! lock) is that task's. One request is in flight at a time (others wait at schedule
+//! points), so the consumer and the fault server only ever work for the task that holds
+//! the scheduler's turn, and their own threads add no nondeterminism.
+//!
 //! `remote` stays a superset of what the consumer holds: a page enters it before the
 //! grant is sent, and leaves it only after the consumer has dropped it: after the
 //! acknowledgement of a drop order, or when the fault server handles the consumer's
@@ -104,7 +119,7 @@ use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE
 use parking_lot::{Condvar, Mutex};
 
 use crate::{
-    device_access, report_install, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
+    device_access, report_install, sched, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
 };
 
 /// How long a caller waits for the consumer to answer a request.
@@ -163,6 +178,8 @@ enum ToConsumer {
         write: bool,
         op: Op,
         reply: Reply,
+        /// The scheduler task of the requester, if any (see [`crate::sched`]).
+        task: Option<sched::Task>,
     },
     /// The exporter faulted `addr` in for us (grant number `grant`).
     Grant {
@@ -170,6 +187,12 @@ enum ToConsumer {
         frame: FrameRef,
         writable: bool,
         grant: u64,
+    },
+    /// The fault server is done with the fault of `addr` that it granted: it holds no
+    /// lock of the export any more. The requests waiting for the page are served only
+    /// now, so a requester never goes on while the fault server still works for it.
+    Settled {
+        addr: u64,
     },
     /// The exporter could not fault `addr` in (for writing if `write`).
     Refused {
@@ -201,6 +224,8 @@ enum ToExporter {
     Fault {
         addr: u64,
         write: bool,
+        /// The task of the request that asked, if any: the fault runs as that task.
+        task: Option<sched::Task>,
     },
     /// The consumer dropped these (page, grant id) on its own; reply with how many once
     /// `remote` forgets them.
@@ -363,6 +388,8 @@ pub struct Xpmem {
     control: Arc<Control>,
     exports: Exports,
     next_id: AtomicU64,
+    /// Under a scheduler: a device request is in flight (see [`Xpmem::request`]).
+    in_flight: AtomicBool,
     to_consumer: Sender<ToConsumer>,
     to_exporter: Sender<ToExporter>,
     consumer: Option<JoinHandle<()>>,
@@ -437,6 +464,7 @@ impl Xpmem {
             control,
             exports,
             next_id: AtomicU64::new(1),
+            in_flight: AtomicBool::new(false),
             to_consumer,
             to_exporter,
             consumer: Some(consumer),
@@ -475,7 +503,7 @@ impl Xpmem {
         let sub = self
             .mm
             .notifier()
-            .insert_interval(s, e - s, state)
+            .insert_interval(s..e, state)
             .map_err(|err| match err {
                 IntervalError::Released => SecondaryError::Gone,
                 _ => bad,
@@ -581,17 +609,40 @@ impl Xpmem {
     }
 
     /// Sends a device request to the consumer and waits for its answer.
+    ///
+    /// Under a scheduler ([`crate::sched`]) one request is in flight at a time: the
+    /// consumer and the fault server then work for one task only, whose points are the
+    /// fault server's, and a task that finds a request in flight waits at schedule points
+    /// until it is answered (it would otherwise block holding the scheduler's turn while
+    /// the request it waits behind needs that turn to go on). The answer is awaited
+    /// without a timeout: time means nothing to a task parked at a point.
     fn request(&self, addr: u64, write: bool, op: Op) -> Result<u64, SecondaryError> {
+        let task = sched::current();
+        let _in_flight = match task {
+            // Acquire: pairs with the Release of the previous request's guard, so what its
+            // answer made visible is visible to this request too.
+            Some(_) => loop {
+                if !self.in_flight.swap(true, Acquire) {
+                    break Some(InFlight(&self.in_flight));
+                }
+                sched::point();
+            },
+            None => None,
+        };
         let (reply, answer) = channel();
         let msg = ToConsumer::Request {
             addr: page_of(addr),
             write,
             op,
             reply,
+            task: task.clone(),
         };
         self.to_consumer
             .send(msg)
             .map_err(|_| SecondaryError::Gone)?;
+        if task.is_some() {
+            return answer.recv().unwrap_or(Err(SecondaryError::Gone));
+        }
         match answer.recv_timeout(REPLY_TIMEOUT) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => Err(SecondaryError::Timeout),
@@ -655,6 +706,15 @@ impl Drop for Xpmem {
     }
 }
 
+/// Marks the one request in flight under a scheduler; cleared when dropped.
+struct InFlight<'a>(&'a AtomicBool);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Release);
+    }
+}
+
 /// While alive, the consumer of an [`Xpmem`] serves nothing (see
 /// [`Xpmem::pause_consumer`]).
 ///
@@ -698,6 +758,7 @@ struct Pending {
     write: bool,
     op: Op,
     reply: Reply,
+    task: Option<sched::Task>,
 }
 
 /// The consumer thread's state.
@@ -747,14 +808,22 @@ impl Consumer {
                 write,
                 op,
                 reply,
-            } => self.dispatch(addr, Pending { write, op, reply }),
+                task,
+            } => self.dispatch(
+                addr,
+                Pending {
+                    write,
+                    op,
+                    reply,
+                    task,
+                },
+            ),
             ToConsumer::Grant {
                 addr,
                 frame,
                 writable,
                 grant,
             } => {
-                self.outstanding.remove(&addr);
                 {
                     let mut t = self.remote.table.lock();
                     report_install(&self.mm, &*self.remote, addr, frame, writable);
@@ -768,6 +837,9 @@ impl Consumer {
                     );
                 }
                 self.counters.fill();
+            }
+            ToConsumer::Settled { addr } => {
+                self.outstanding.remove(&addr);
                 for p in self.pending.remove(&addr).unwrap_or_default() {
                     self.dispatch(addr, p);
                 }
@@ -832,6 +904,7 @@ impl Consumer {
             let asked = self.to_exporter.send(ToExporter::Fault {
                 addr,
                 write: p.write,
+                task: p.task.clone(),
             });
             if asked.is_err() {
                 let _ = p.reply.send(Err(SecondaryError::Gone));
@@ -860,12 +933,16 @@ impl FaultServer {
     fn run(mut self) {
         while let Ok(msg) = self.rx.recv() {
             match msg {
-                ToExporter::Fault { addr, write } => {
-                    if let Err(err) = self.fault(addr, write) {
-                        let _ = self
-                            .to_consumer
-                            .send(ToConsumer::Refused { addr, write, err });
-                    }
+                ToExporter::Fault { addr, write, task } => {
+                    // Runs as the requester's task: its points are that task's.
+                    let entered = task.map(sched::enter);
+                    // Sent once `fault` has returned: the export's user lock is released.
+                    let msg = match self.fault(addr, write) {
+                        Ok(()) => ToConsumer::Settled { addr },
+                        Err(err) => ToConsumer::Refused { addr, write, err },
+                    };
+                    drop(entered);
+                    let _ = self.to_consumer.send(msg);
                 }
                 ToExporter::Released { pages, reply } => {
                     let exports: Vec<Arc<Export>> = self.exports.lock().clone();
@@ -901,6 +978,8 @@ impl FaultServer {
             let seq = export.sub.read_begin();
             // Not in a callback: may sleep, may wait for the mmap lock.
             let frame = self.mm.fault(addr, write)?;
+            // The race window: an invalidation here must make `read_retry` fail.
+            sched::point();
             let mut st = export.sub.lock();
             if st.closed {
                 return Err(SecondaryError::Gone);
@@ -908,7 +987,7 @@ impl FaultServer {
             if st.read_retry(seq) {
                 drop(st);
                 self.counters.retry();
-                if Instant::now() >= deadline {
+                if sched::expired(deadline) {
                     return Err(SecondaryError::Timeout);
                 }
                 continue;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mmu_notifier::{Event, IntervalError, ListSubscriber, Ops, OwnerToken, Range};
+use mmu_notifier::{Event, IntervalError, ListSubscriber, OwnerToken, Range};
 use mmu_secondary::hmm::{HmmMirror, MirrorProt};
 use mmu_secondary::{SecondaryError, SecondaryMmu};
 use mmu_sim::{
@@ -540,9 +540,6 @@ struct PingPong {
 }
 
 impl ListSubscriber for PingPong {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_END
-    }
     fn invalidate_range_end(&self, r: &Range) {
         if !self.armed.load(SeqCst) || r.event() != Event::Exclusive || r.owner().is_some() {
             return;

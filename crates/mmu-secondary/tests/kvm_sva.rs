@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mmu_notifier::{ListSubscriber, Ops, OwnerToken, Range, RegisterError, WouldBlock};
+use mmu_notifier::{ListSubscriber, OwnerToken, Range, RegisterError, SecondaryTlb, WouldBlock};
 use mmu_secondary::kvm::{Kvm, MemslotError};
 use mmu_secondary::sva::{SvaTlb, DEFAULT_CAPACITY};
 use mmu_secondary::{SecondaryError, SecondaryMmu};
@@ -412,9 +412,6 @@ impl Blocker {
 }
 
 impl ListSubscriber for Blocker {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START
-    }
     fn invalidate_range_start(&self, _: &Range) -> Result<(), WouldBlock> {
         let mut s = self.state.lock().unwrap();
         if !s.0 {
@@ -568,10 +565,7 @@ fn the_tlb_is_bounded_and_evicts_its_oldest_entry() {
 /// A list subscriber that runs a closure from inside the TLB flush of an invalidation.
 struct InsideCallback(Mutex<Option<Box<dyn FnOnce() + Send>>>);
 
-impl ListSubscriber for InsideCallback {
-    fn ops(&self) -> Ops {
-        Ops::ARCH_INVALIDATE_SECONDARY_TLBS
-    }
+impl SecondaryTlb for InsideCallback {
     fn arch_invalidate_secondary_tlbs(&self, _: u64, _: u64) {
         let f = self.0.lock().unwrap().take();
         if let Some(f) = f {
@@ -636,7 +630,7 @@ fn teardown_leaks_nothing_and_never_deadlocks() {
     kvm.add_memslot(0, 2, a).unwrap();
     let sva = SvaTlb::new(&mm).unwrap();
     let hook = Arc::new(InsideCallback(Mutex::new(None)));
-    let _hook_reg = mm.notifier().register(hook.clone()).unwrap();
+    let _hook_reg = mm.notifier().register_tlb(hook.clone()).unwrap();
     kvm.guest_write(0, 1).unwrap();
     sva.write(a + P, 2).unwrap();
     let ran = Arc::new(AtomicBool::new(false));

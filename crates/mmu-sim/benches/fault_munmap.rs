@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mmu_notifier::{ListSubscriber, Ops, Range, WouldBlock};
+use mmu_notifier::{ListSubscriber, Range, WouldBlock};
 use mmu_sim::{AddressSpace, FrameAllocator, Prot, PAGE_SIZE};
 
 /// Pages mapped, faulted and unmapped per cycle.
@@ -23,9 +23,6 @@ const FRAMES: u32 = 1024;
 struct Nop;
 
 impl ListSubscriber for Nop {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END
-    }
     fn invalidate_range_start(&self, _range: &Range) -> Result<(), WouldBlock> {
         Ok(())
     }

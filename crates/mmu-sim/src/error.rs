@@ -17,6 +17,10 @@ pub enum SimError {
     /// or the zero page (EBUSY).
     #[error("page at {0:#x} is busy")]
     Busy(u64),
+    /// The page lies past the end of the file or shared memory object the mapping maps
+    /// (SIGBUS; EFAULT from a system call).
+    #[error("bus error at {0:#x}: past the end of the mapped object")]
+    Bus(u64),
     /// The mapping does not allow the access (EACCES, or SIGSEGV with SEGV_ACCERR).
     #[error("permission denied at {0:#x}")]
     Permission(u64),

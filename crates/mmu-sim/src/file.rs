@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use parking_lot::Mutex;
 
 use crate::error::SimError;
@@ -25,6 +27,9 @@ use crate::pagetable::PAGE_SIZE;
 /// ```
 pub struct File {
     frames: Arc<FrameAllocator>,
+    /// Size in bytes (`u64::MAX`: no limit); faults on pages at or past it raise SIGBUS,
+    /// as for a shmem object or a file mapped beyond its end.
+    size: AtomicU64,
     /// Page index -> frame.
     pages: Mutex<BTreeMap<u64, Pfn>>,
 }
@@ -47,10 +52,33 @@ fn page_index(offset: u64) -> Result<u64, SimError> {
 impl File {
     /// An empty file whose pages come from `frames`.
     pub fn new(frames: Arc<FrameAllocator>) -> Arc<Self> {
+        Self::with_size(frames, u64::MAX)
+    }
+
+    /// An empty file of `size` bytes (like `memfd_create` and `ftruncate`): mappings of
+    /// pages at or past the end fault with SIGBUS ([`SimError::Bus`]).
+    pub fn with_size(frames: Arc<FrameAllocator>, size: u64) -> Arc<Self> {
         Arc::new(Self {
             frames,
+            size: AtomicU64::new(size),
             pages: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The size in bytes (`u64::MAX` for a file without limit).
+    pub fn size(&self) -> u64 {
+        // Relaxed: a plain value; faults that race a resize may see either.
+        self.size.load(Relaxed)
+    }
+
+    /// Sets the size (like `ftruncate` growing the file; pages already cached stay).
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Relaxed);
+    }
+
+    /// Whether page `index` lies inside the file.
+    pub(crate) fn contains_page(&self, index: u64) -> bool {
+        index < self.size() / PAGE_SIZE + u64::from(self.size() % PAGE_SIZE != 0)
     }
 
     /// The cached frame of page `index`, created (zeroed) if absent, with a new reference

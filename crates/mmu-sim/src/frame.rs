@@ -45,6 +45,9 @@ pub struct FrameAllocator {
 struct Swap {
     /// (data, references) per slot; a free slot has no references.
     slots: Vec<(u64, u32)>,
+    /// The swap cache: slot -> a frame holding its data, with one reference held by the
+    /// cache, for slots swapped in while still shared.
+    cache: std::collections::HashMap<u32, u32>,
     free: Vec<u32>,
 }
 
@@ -113,15 +116,40 @@ impl FrameAllocator {
         self.swap.lock().slots[slot as usize].1 += 1;
     }
 
-    /// Drops a reference on a swap slot; the last frees it.
+    /// Drops a reference on a swap slot; the last frees it (and drops its swap-cache
+    /// page, if any).
     pub fn swap_put(&self, slot: u32) {
         let mut s = self.swap.lock();
         let e = &mut s.slots[slot as usize];
         assert!(e.1 > 0, "put of a free swap slot {slot}");
         e.1 -= 1;
+        let mut cached = None;
         if e.1 == 0 {
             s.free.push(slot);
+            cached = s.cache.remove(&slot);
         }
+        drop(s);
+        if let Some(p) = cached {
+            self.put(Pfn(p));
+        }
+    }
+
+    /// A frame holding the slot's data for a swap-in, with a reference for the caller:
+    /// the swap cache's frame if it has one; else a new frame, which the cache keeps too
+    /// while other references to the slot remain (so they swap in the same page).
+    pub fn swap_in_frame(&self, slot: u32) -> Result<Pfn, SimError> {
+        let mut s = self.swap.lock();
+        if let Some(&p) = s.cache.get(&slot) {
+            self.get(Pfn(p));
+            return Ok(Pfn(p));
+        }
+        let (data, refs) = s.slots[slot as usize];
+        let pfn = self.alloc(data)?;
+        if refs > 1 {
+            self.get(pfn);
+            s.cache.insert(slot, pfn.0);
+        }
+        Ok(pfn)
     }
 
     /// Swap slots in use.

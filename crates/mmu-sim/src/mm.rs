@@ -388,6 +388,9 @@ impl AddressSpace {
         if !vma.prot.read || (write && !vma.prot.write) {
             return Err(SimError::Permission(addr));
         }
+        if write && !vma.shared {
+            vma.prepare_anon(vmas);
+        }
         let leaf = self.pt.leaf_or_alloc(addr);
         let i = pte_index(addr);
         loop {
@@ -441,6 +444,11 @@ impl AddressSpace {
 
     /// The entry for a first touch of `addr` (called under its page-table lock).
     fn new_page(&self, vma: &Vma, addr: u64, write: bool) -> Result<Pte, SimError> {
+        if let Some((file, index)) = vma.file_page(addr) {
+            if !file.contains_page(index) {
+                return Err(SimError::Bus(addr));
+            }
+        }
         Ok(match (vma.file_page(addr), vma.shared) {
             (Some((file, index)), true) => Pte::new(file.get_page(index)?, vma.prot.write),
             (Some((file, index)), false) if !write => Pte::new(file.get_page(index)?, false),
@@ -496,21 +504,25 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Fault on a swap entry: read the slot into a new frame (Linux's `do_swap_page`; no
-    /// invalidation: nothing was mapped).
+    /// Fault on a swap entry (Linux's `do_swap_page`; no invalidation: nothing was
+    /// mapped). The slot's page comes through the swap cache: a slot still referenced by
+    /// another entry (a forked copy) keeps the page cached, so every owner maps the same
+    /// frame and it is mapped read-only while it is shared; a write then copies it (a COW
+    /// break with its `Clear`), as Linux does. The last owner to swap in frees the slot
+    /// and its page becomes private (writable, no copy on write).
     fn swap_in(&self, vma: &Vma, addr: u64, seen: Pte, slot: u32) -> Result<(), SimError> {
-        let pfn = self.frames.alloc(self.frames.swap_load(slot))?;
+        let pfn = self.frames.swap_in_frame(slot)?;
         let leaf = self.pt.leaf(addr).expect("has a swap entry");
         let mut ptes = leaf.lock();
         let i = pte_index(addr);
         if ptes[i] == seen {
-            // Writable only if no forked copy shares the slot.
-            let exclusive = self.frames.swap_refs(slot) == 1;
+            self.frames.swap_put(slot);
+            // Writable only if this entry is the page's only owner now.
+            let exclusive = self.frames.refs(pfn) == 1;
             ptes[i] = seen
                 .to_present(pfn)
                 .with_writable(vma.prot.write && exclusive);
             drop(ptes);
-            self.frames.swap_put(slot);
         } else {
             drop(ptes);
             self.frames.put(pfn);

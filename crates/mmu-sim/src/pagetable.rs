@@ -243,12 +243,18 @@ pub type LeafGuard<'a> = MutexGuard<'a, [Pte; ENTRIES]>;
 
 struct Dir<T> {
     slots: Box<[OnceLock<Box<T>>]>,
+    /// For a middle-level table (the one whose entries point at last-level tables):
+    /// whether it is in use (Linux: the upper-level entry pointing at it is not none).
+    /// Set with the first last-level table under it, cleared when `munmap` frees it; the
+    /// same rules as [`Leaf::live`].
+    live: AtomicBool,
 }
 
 impl<T> Dir<T> {
     fn new() -> Self {
         Self {
             slots: (0..ENTRIES).map(|_| OnceLock::new()).collect(),
+            live: AtomicBool::new(false),
         }
     }
 }
@@ -299,6 +305,10 @@ impl PageTable {
     pub fn leaf_or_alloc(&self, va: u64) -> &Leaf {
         let l3 = self.root.slots[idx(va, 3)].get_or_init(|| Box::new(Dir::new()));
         let l2 = l3.slots[idx(va, 2)].get_or_init(|| Box::new(Dir::new()));
+        // Relaxed: as `live` of the leaf below.
+        if !l2.live.load(Relaxed) {
+            l2.live.store(true, Relaxed);
+        }
         let leaf = l2.slots[idx(va, 1)].get_or_init(|| {
             Box::new(Leaf {
                 ptes: Mutex::new([Pte::default(); ENTRIES]),
@@ -328,6 +338,64 @@ impl PageTable {
             }
             ControlFlow::Continue(())
         });
+        // The middle-level tables the same way (Linux's `free_pmd_range` frees the table
+        // when its whole span lies between the neighbouring mappings).
+        self.walk_middle(start, end, |base, dir| {
+            if !in_use(base, base + (PAGE_SIZE << 18)) {
+                dir.live.store(false, Relaxed);
+            }
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// The start of the first middle-level table in use (Linux: the first populated PUD
+    /// entry, 1 GiB each) overlapping `[start, end)`, clipped to `start`.
+    pub fn first_populated_middle(&self, start: u64, end: u64) -> Option<u64> {
+        let mut first = None;
+        self.walk_middle(start, end, |base, dir| {
+            if !dir.live.load(Relaxed) {
+                return ControlFlow::Continue(());
+            }
+            first = Some(base.max(start));
+            ControlFlow::Break(())
+        });
+        first
+    }
+
+    /// Calls `f` with the base and each existing middle-level table overlapping
+    /// `[start, end)`, in address order, until it breaks.
+    fn walk_middle(
+        &self,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(u64, &Dir<Leaf>) -> ControlFlow<()>,
+    ) {
+        let end = end.min(TASK_SIZE);
+        if start >= end {
+            return;
+        }
+        let span = |level: u32| PAGE_SIZE << (9 * level);
+        let last = end - 1;
+        for i4 in idx(start, 3)..=idx(last, 3) {
+            let Some(l3) = self.root.slots[i4].get() else {
+                continue;
+            };
+            let base3 = i4 as u64 * span(3);
+            let s3 = if base3 <= start { idx(start, 2) } else { 0 };
+            let e3 = if last < base3 + span(3) {
+                idx(last, 2)
+            } else {
+                ENTRIES - 1
+            };
+            for i3 in s3..=e3 {
+                let Some(l2) = l3.slots[i3].get() else {
+                    continue;
+                };
+                if f(base3 + i3 as u64 * span(2), l2).is_break() {
+                    return;
+                }
+            }
+        }
     }
 
     /// The entry for `va` (none when no table covers it). Takes the page-table lock.

@@ -1,8 +1,7 @@
 //! Virtual memory areas: the layout half of an address space.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::file::File;
 use crate::pagetable::PAGE_SIZE;
@@ -63,9 +62,19 @@ pub struct Vma {
     pub shared: bool,
     /// Where the pages come from.
     pub backing: Backing,
-    /// Whether a private anonymous page was ever created in the mapping (Linux: it has
-    /// an `anon_vma`). Shared by the pieces of a split mapping, as Linux shares it.
-    pub(crate) anon_vma: Arc<AtomicBool>,
+    /// For anonymous memory, the page offset the mapping's first page had when it was
+    /// created (Linux's `vm_pgoff`: the address in pages at `mmap` time). Two anonymous
+    /// mappings merge only if their offsets continue each other.
+    pub(crate) pgoff: u64,
+    /// Whether the mapping's memory is charged as committed (Linux's `VM_ACCOUNT`): set
+    /// for a private mapping created writable or later made writable, and kept when the
+    /// write permission goes (but for anonymous memory without an `anon_vma`). Mappings
+    /// merge only if they agree on it.
+    pub(crate) accounted: bool,
+    /// The mapping's `anon_vma` (Linux), created by the first private anonymous page:
+    /// empty until then. Its identity is the inner `Arc`; pieces split after it exists
+    /// share it, pieces split before get their own empty one.
+    pub(crate) anon_vma: Arc<OnceLock<Arc<()>>>,
 }
 
 impl PartialEq for Vma {
@@ -101,43 +110,123 @@ impl Vma {
     /// Whether a private anonymous page was ever created in this mapping (Linux: it has
     /// an `anon_vma`); `fork` copies only such private mappings.
     pub fn has_anon_vma(&self) -> bool {
-        self.anon_vma.load(Relaxed)
+        self.anon_vma.get().is_some()
     }
 
-    /// Records that a private anonymous page is being created in the mapping. Relaxed:
-    /// read under the mmap lock held for writing, which orders it.
-    pub(crate) fn mark_anon(&self) {
-        if !self.anon_vma.load(Relaxed) {
-            self.anon_vma.store(true, Relaxed);
+    /// A new mapping's layout fields with no `anon_vma` yet.
+    pub(crate) fn new(start: u64, end: u64, prot: Prot, shared: bool, backing: Backing) -> Vma {
+        Vma {
+            start,
+            end,
+            prot,
+            shared,
+            backing,
+            pgoff: start / PAGE_SIZE,
+            accounted: !shared && prot.write,
+            anon_vma: Default::default(),
         }
     }
 
-    /// A copy for a forked child: same layout, its own `anon_vma` state.
+    /// Changes the protection as `mprotect` does: a private mapping made writable
+    /// becomes accounted, and stays so, except anonymous memory that never had a page
+    /// (no `anon_vma`), which is unaccounted again when it loses write permission.
+    pub(crate) fn set_prot(&mut self, prot: Prot) {
+        self.prot = prot;
+        if prot.write && !self.shared {
+            self.accounted = true;
+        } else if !prot.write && matches!(self.backing, Backing::Anon) && !self.has_anon_vma() {
+            self.accounted = false;
+        }
+    }
+
+    /// Gives the mapping an `anon_vma` before its first private anonymous page (Linux's
+    /// `anon_vma_prepare`): a neighbour's is reused if the neighbour is adjacent, of the
+    /// same kind (access rights aside) and continues its offsets, else a new one. The
+    /// `OnceLock` makes concurrent faults (under the mmap lock held for reading) agree.
+    pub(crate) fn prepare_anon(&self, vmas: &VmaMap) {
+        if self.has_anon_vma() {
+            return;
+        }
+        let reusable = |a: &Vma, b: &Vma| {
+            a.end == b.start
+                && a.shared == b.shared
+                && a.accounted == b.accounted
+                && a.same_object(b)
+                && a.pgoff_at(b.start).is_some()
+                && a.pgoff_at(b.start) == b.pgoff_at(b.start)
+        };
+        let next = vmas
+            .find(self.end)
+            .filter(|n| reusable(self, n))
+            .and_then(|n| n.anon_vma.get().cloned());
+        let prev = || {
+            self.start
+                .checked_sub(1)
+                .and_then(|a| vmas.find(a))
+                .filter(|p| reusable(p, self))
+                .and_then(|p| p.anon_vma.get().cloned())
+        };
+        let chosen = next.or_else(prev).unwrap_or_default();
+        let _ = self.anon_vma.set(chosen);
+    }
+
+    /// Records that a private anonymous page is being created in the mapping (a new
+    /// `anon_vma` if [`prepare_anon`](Self::prepare_anon) did not run).
+    pub(crate) fn mark_anon(&self) {
+        self.anon_vma.get_or_init(Default::default);
+    }
+
+    /// A copy for a forked child: same layout, its own `anon_vma` if this one has one.
     pub(crate) fn fork_copy(&self) -> Vma {
+        let anon_vma = Arc::new(OnceLock::new());
+        if self.has_anon_vma() {
+            let _ = anon_vma.set(Arc::new(()));
+        }
         Vma {
-            anon_vma: Arc::new(AtomicBool::new(self.has_anon_vma())),
+            anon_vma,
             ..self.clone()
         }
     }
 
-    /// Whether `next` (which starts where this ends) could be the same mapping: same
-    /// protection, sharing and backing (the file continuing at the right offset), and
-    /// compatible anonymous state.
-    pub(crate) fn can_merge(&self, next: &Vma) -> bool {
-        let backing = match (&self.backing, &next.backing) {
+    /// Whether both map the same object: anonymous memory, or the same file.
+    fn same_object(&self, o: &Vma) -> bool {
+        match (&self.backing, &o.backing) {
             (Backing::Anon, Backing::Anon) => true,
-            (Backing::File { file: a, offset: x }, Backing::File { file: b, offset: y }) => {
-                Arc::ptr_eq(a, b) && x.checked_add(self.end - self.start) == Some(*y)
-            }
+            (Backing::File { file: a, .. }, Backing::File { file: b, .. }) => Arc::ptr_eq(a, b),
             _ => false,
+        }
+    }
+
+    /// The page offset (in the file, or Linux's `vm_pgoff` for anonymous memory) that
+    /// `addr` has in this mapping, extrapolated outside it; `None` on overflow.
+    fn pgoff_at(&self, addr: u64) -> Option<u64> {
+        let first = match &self.backing {
+            Backing::Anon => self.pgoff,
+            Backing::File { offset, .. } => offset / PAGE_SIZE,
         };
-        let anon = Arc::ptr_eq(&self.anon_vma, &next.anon_vma)
-            || !self.has_anon_vma()
-            || !next.has_anon_vma();
+        if addr >= self.start {
+            first.checked_add((addr - self.start) / PAGE_SIZE)
+        } else {
+            first.checked_sub((self.start - addr) / PAGE_SIZE)
+        }
+    }
+
+    /// Whether `next` (which starts where this ends) could be the same mapping: same
+    /// protection, sharing and object, offsets continuing (for anonymous memory too, as
+    /// Linux compares `vm_pgoff`), and compatible `anon_vma`s (the same one, or at most
+    /// one of them has one).
+    pub(crate) fn can_merge(&self, next: &Vma) -> bool {
+        let anon = match (self.anon_vma.get(), next.anon_vma.get()) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => true,
+        };
         self.end == next.start
             && self.prot == next.prot
             && self.shared == next.shared
-            && backing
+            && self.accounted == next.accounted
+            && self.same_object(next)
+            && self.pgoff_at(next.start).is_some()
+            && self.pgoff_at(next.start) == next.pgoff_at(next.start)
             && anon
     }
 
@@ -156,18 +245,35 @@ impl Vma {
                 offset: offset + (at - self.start),
             },
         };
+        // An `anon_vma` that exists is shared by both pieces; one that does not yet will
+        // be created separately for each.
+        let anon_vma = if self.has_anon_vma() {
+            self.anon_vma.clone()
+        } else {
+            Arc::new(OnceLock::new())
+        };
         Vma {
             start: at,
             backing,
+            pgoff: self.pgoff + (at - self.start) / PAGE_SIZE,
+            anon_vma,
             ..self.clone()
         }
     }
 
-    /// This mapping moved to start at `new_start` with length `len`.
+    /// This mapping moved to start at `new_start` with length `len` (Linux's `copy_vma`):
+    /// the same object and offsets, except that anonymous memory without an `anon_vma`
+    /// takes the offset of its new address, as if mapped there.
     pub(crate) fn moved(&self, new_start: u64, len: u64) -> Vma {
+        let pgoff = if matches!(self.backing, Backing::Anon) && !self.has_anon_vma() {
+            new_start / PAGE_SIZE
+        } else {
+            self.pgoff
+        };
         Vma {
             start: new_start,
             end: new_start + len,
+            pgoff,
             ..self.clone()
         }
     }
@@ -265,6 +371,35 @@ impl VmaMap {
             prev.anon_vma = next.anon_vma.clone();
         }
         prev.end = next.end;
+    }
+
+    /// Merges the new mapping `[start, end)` with compatible neighbours on both sides,
+    /// the one before first (Linux prefers it when only one side can merge).
+    pub(crate) fn merge_around(&mut self, start: u64, end: u64) {
+        self.merge_at(start);
+        self.merge_at(end);
+    }
+
+    /// Merges the existing mapping `[start, end)` whose flags just changed (`mprotect`)
+    /// with compatible neighbours, as Linux 6.18 merges an existing range: on top of
+    /// [`Vma::can_merge`], a mapping that has an `anon_vma` never merges into a
+    /// neighbour that has none (Linux does not move the `anon_vma` over in that case;
+    /// the other way round, and for new or moved mappings, it does).
+    pub(crate) fn merge_modified(&mut self, start: u64, end: u64) {
+        let Some(src) = self.vmas.get(&start).map(|v| v.anon_vma.get().cloned()) else {
+            return;
+        };
+        let allowed = |tgt: &Vma| match (tgt.anon_vma.get(), &src) {
+            (None, Some(_)) => false,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => true,
+        };
+        if start > 0 && self.find(start - 1).is_some_and(&allowed) {
+            self.merge_at(start);
+        }
+        if self.vmas.get(&end).is_some_and(&allowed) {
+            self.merge_at(end);
+        }
     }
 
     /// Whether `[start, end)` is entirely covered by mappings.

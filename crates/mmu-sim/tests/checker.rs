@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use mmu_notifier::{
     IntervalContext, IntervalSubscriber, IntervalSubscription, ListRegistration, ListSubscriber,
-    Ops, OwnerToken, Range, WouldBlock,
+    OwnerToken, Range, SecondaryTlb, WouldBlock,
 };
 use mmu_sim::{
     AddressSpace, Advice, CheckedSecondary, Checker, FrameAllocator, FrameRef, MapKind, Prot,
@@ -118,8 +118,7 @@ impl Mirror {
         let sub = mm
             .notifier()
             .insert_interval(
-                start,
-                len,
+                start..start + len,
                 MirrorState {
                     map: BTreeMap::new(),
                     broken,
@@ -199,9 +198,6 @@ struct Kvm {
 }
 
 impl ListSubscriber for Kvm {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END
-    }
     fn invalidate_range_start(&self, r: &Range) -> Result<(), WouldBlock> {
         let mut s = self.state.lock().unwrap();
         s.in_progress += 1;
@@ -299,10 +295,7 @@ struct Tlb {
     broken: Broken,
 }
 
-impl ListSubscriber for Tlb {
-    fn ops(&self) -> Ops {
-        Ops::ARCH_INVALIDATE_SECONDARY_TLBS
-    }
+impl SecondaryTlb for Tlb {
     fn arch_invalidate_secondary_tlbs(&self, s: u64, e: u64) {
         let mut t = self.entries.lock().unwrap();
         // Release (under the lock): a fill that sees the old count inserts before us.
@@ -336,7 +329,7 @@ impl Tlb {
             checker: mm.checker().unwrap().clone(),
             broken,
         });
-        let reg = mm.notifier().register(t.clone()).unwrap();
+        let reg = mm.notifier().register_tlb(t.clone()).unwrap();
         let weak: std::sync::Weak<dyn CheckedSecondary> = Arc::downgrade(&t) as _;
         t.checker.add_secondary(weak);
         (t, reg)
@@ -504,10 +497,7 @@ fn a_mirror_that_ignores_read_retry_installs_a_stale_frame_and_is_caught() {
 /// `invalidate_range_start` returned and before `end`.
 struct InsideWindow(Mutex<Option<Box<dyn FnOnce() + Send>>>);
 
-impl ListSubscriber for InsideWindow {
-    fn ops(&self) -> Ops {
-        Ops::ARCH_INVALIDATE_SECONDARY_TLBS
-    }
+impl SecondaryTlb for InsideWindow {
     fn arch_invalidate_secondary_tlbs(&self, _: u64, _: u64) {
         if let Some(f) = self.0.lock().unwrap().take() {
             f();
@@ -524,7 +514,7 @@ fn a_kvm_that_installs_during_an_invalidation_is_caught() {
         let (kvm, _reg) = Kvm::new(&mm, broken);
         let (seq, frame) = kvm.prefetch(&mm, a, true).unwrap();
         let inside = Arc::new(InsideWindow(Mutex::new(None)));
-        let _reg2 = mm.notifier().register(inside.clone()).unwrap();
+        let _reg2 = mm.notifier().register_tlb(inside.clone()).unwrap();
         let (k, m) = (kvm.clone(), mm.clone());
         let installed = Arc::new(AtomicU64::new(0));
         let inst = installed.clone();

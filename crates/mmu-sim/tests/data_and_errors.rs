@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 
-use mmu_notifier::{ListRegistration, ListSubscriber, Ops, OwnerToken, Range, WouldBlock};
+use mmu_notifier::{ListRegistration, ListSubscriber, OwnerToken, Range, WouldBlock};
 use mmu_sim::{
     AddressSpace, Advice, CheckedSecondary, Checker, File, FrameAllocator, FrameRef, MapKind,
     MremapFlags, PageState, Pfn, Prot, PteKind, ReclaimStats, SecondaryKind, SimError,
@@ -118,9 +118,6 @@ impl CheckedSecondary for Shadow {
 }
 
 impl ListSubscriber for Shadow {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END | Ops::RELEASE
-    }
     fn release(&self) {
         self.state.lock().unwrap().map.clear();
     }

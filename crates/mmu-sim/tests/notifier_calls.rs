@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex, Weak};
 
-use mmu_notifier::{Event, ListSubscriber, Ops, Range, WouldBlock};
+use mmu_notifier::{Event, ListSubscriber, Range, WouldBlock};
 use mmu_sim::{AddressSpace, FrameAllocator, Prot, SimError, PAGE_SIZE, TASK_SIZE};
 
 const P: u64 = PAGE_SIZE;
@@ -33,9 +33,6 @@ impl Witness {
 }
 
 impl ListSubscriber for Witness {
-    fn ops(&self) -> Ops {
-        Ops::INVALIDATE_RANGE_START | Ops::INVALIDATE_RANGE_END | Ops::RELEASE
-    }
     fn release(&self) {
         self.log.lock().unwrap().push("release".into());
     }
@@ -176,7 +173,7 @@ fn exit_unmaps_all_of_user_space_for_interval_subscribers() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sub = mm
         .notifier()
-        .insert_interval(a, 2 * P, Seen(seen.clone()))
+        .insert_interval(a..a + 2 * P, Seen(seen.clone()))
         .unwrap();
     mm.exit();
     assert_eq!(

@@ -288,10 +288,9 @@ struct Watcher {
     queue: Arc<NotifyQueue>,
 }
 
+/// Subscriptions are only ever dropped, which never waits (removal may happen inside
+/// libfabric's `notify`, or at `stop`).
 impl IntervalSubscriber for Watcher {
-    // Removal never waits (it may happen inside libfabric's `notify`, or at `stop`).
-    const HAS_RELEASE: bool = true;
-
     fn invalidate(
         &mut self,
         range: &Range,
@@ -462,7 +461,7 @@ fn notifier(queue: &NotifyQueue) {
                 },
             };
             drop(table);
-            drop(dead); // outside the table lock (never waits anyway: HAS_RELEASE)
+            drop(dead); // outside the table lock (dropping never waits anyway)
         }
     }
 }
@@ -553,7 +552,7 @@ unsafe extern "C" fn op_subscribe(
         let sub = match st
             .monitor
             .subscriptions()
-            .insert_interval(start, end - start, watcher)
+            .insert_interval(start..end, watcher)
         {
             Ok(sub) => sub,
             Err(_) => return -libc::ENOMEM,

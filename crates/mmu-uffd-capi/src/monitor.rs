@@ -196,9 +196,12 @@ pub unsafe extern "C" fn mmu_uffd_monitor_stopped(monitor: *const mmu_uffd_monit
     ffi_call(|| {
         // SAFETY: the caller passes NULL or a live monitor.
         let m = unsafe { obj(monitor, "monitor")? };
-        match m.inner.stopped() {
-            None => Ok(0),
-            Some(why) => Err(FfiError::from(mmu_uffd::Error::Stopped { why })),
+        match m.inner.state() {
+            mmu_uffd::MonitorState::Running => Ok(0),
+            mmu_uffd::MonitorState::Failed(why) => {
+                Err(FfiError::from(mmu_uffd::Error::Stopped { why: Some(why) }))
+            }
+            _ => Err(FfiError::from(mmu_uffd::Error::Stopped { why: None })),
         }
     })
 }

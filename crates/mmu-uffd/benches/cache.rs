@@ -303,7 +303,10 @@ fn latency(monitor: &Monitor, bare: Option<Bare>, epoch: Instant) {
             let stamp = Arc::new(AtomicU64::new(0));
             let sub = monitor
                 .subscriptions()
-                .insert_interval(p as u64, 4 * PAGE as u64, Stamp(stamp.clone(), epoch))
+                .insert_interval(
+                    p as u64..p as u64 + 4 * PAGE as u64,
+                    Stamp(stamp.clone(), epoch),
+                )
                 .unwrap();
             let h = cache.get(p, 4 * PAGE).unwrap();
             let t0 = epoch.elapsed().as_nanos() as u64;

@@ -390,12 +390,10 @@ struct Validity {
     dirty: sync::Arc<AtomicBool>,
 }
 
+/// Entries remove their subscription without waiting (`remove_nowait`, also what dropping
+/// does): dropping the last handle never blocks on the monitor thread. That is sound
+/// because `invalidate` only touches the two flags, which this state owns.
 impl IntervalSubscriber for Validity {
-    /// With a release op, removing the subscription never waits for an invalidation in
-    /// flight: dropping the last handle never blocks on the monitor thread. That is sound
-    /// because `invalidate` only touches the two flags, which this state owns.
-    const HAS_RELEASE: bool = true;
-
     fn invalidate(
         &mut self,
         _: &Range,
@@ -475,11 +473,10 @@ impl GateMode {
 
 impl<R: KeyedRegistrar<K>, K> Drop for Entry<R, K> {
     fn drop(&mut self) {
-        // First take it out of the tree (never waits: `Validity` has a release op; an
-        // invalidation still running on it only touches the flags it owns), then release
-        // the registration.
+        // First take it out of the tree (without waiting: an invalidation still running on
+        // it only touches the flags it owns), then release the registration.
         if let Some(s) = self.subscription.take() {
-            s.remove();
+            s.remove_nowait();
         }
         if let Some(r) = self.registration.take() {
             self.registrar.deregister_with(&self.attrs, r);
@@ -929,8 +926,7 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
             .monitor
             .subscriptions()
             .insert_interval(
-                s,
-                e - s,
+                s..e,
                 Validity {
                     valid: valid.clone(),
                     dirty: self.dirty.clone(),
@@ -1168,7 +1164,7 @@ mod loom_model {
                 valid: valid.clone(),
                 dirty: dirty.clone(),
             };
-            let sub = mm.insert_interval(0x1000, 0x1000, validity).unwrap();
+            let sub = mm.insert_interval(0x1000..0x2000, validity).unwrap();
             let mut registered = 0;
             for _ in 0..2 {
                 let seq = sub.read_begin();

@@ -19,6 +19,15 @@
 //! Where userfaultfd cannot be used (permissions, seccomp, kernel configuration)
 //! [`Monitor::new`] fails with [`Error::Unavailable`] saying why.
 //!
+//! # How it works
+//!
+//! Each mechanism's protocol is written down on its module's page: [`monitor`] (the
+//! descriptor, what is watched, the stop sequence), [`reader`] and [`applier`] (the two
+//! threads, and why the reader never allocates), [`queue`] (the hand-over between them),
+//! [`gate`] (why "munmap has returned" implies "the invalidation has been applied", and the
+//! address-reuse check), [`cache`] (the fill protocol of the registration cache and its
+//! limits), [`fork`] (what a child process inherits).
+//!
 //! # What "never stale" covers
 //!
 //! A lookup that starts after an munmap, mremap or madvise of the memory has returned never
@@ -81,19 +90,19 @@ compile_error!(
      The core crate, mmu-notifier, builds on every std target."
 );
 
-mod applier;
-mod cache;
+pub mod applier;
+pub mod cache;
 mod coverage;
 mod error;
-mod fork;
-mod gate;
+pub mod fork;
+pub mod gate;
 #[cfg(feature = "io-uring")]
 pub mod io_uring;
 mod lru;
-mod monitor;
-mod queue;
+pub mod monitor;
+pub mod queue;
 mod ranges;
-mod reader;
+pub mod reader;
 mod sync;
 mod sys;
 
@@ -102,4 +111,4 @@ pub use cache::{
     KeyedRegistrar, RegCache, Registrar,
 };
 pub use error::Error;
-pub use monitor::{Capabilities, Monitor, MonitorConfig, MonitorStats};
+pub use monitor::{Capabilities, Monitor, MonitorConfig, MonitorState, MonitorStats};

@@ -476,12 +476,15 @@ impl Monitor {
         self.shared.try_sync()
     }
 
-    /// Whether the monitor has stopped, and why if it did not stop on request.
-    pub fn stopped(&self) -> Option<Option<String>> {
-        self.shared
-            .gate
-            .stopped()
-            .then(|| self.shared.stop_reason.lock().clone())
+    /// Whether the monitor is still running, and if not, why it stopped.
+    pub fn state(&self) -> MonitorState {
+        if !self.shared.gate.stopped() {
+            return MonitorState::Running;
+        }
+        match self.shared.stop_reason.lock().clone() {
+            None => MonitorState::Stopped,
+            Some(why) => MonitorState::Failed(why),
+        }
     }
 
     /// Stops the monitor (the same as dropping it).
@@ -490,6 +493,21 @@ impl Monitor {
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
+}
+
+/// Whether a [`Monitor`] is running (see [`Monitor::state`]). Once stopped, every
+/// registration made through it reads as invalid and every lookup fails with
+/// [`Error::Stopped`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MonitorState {
+    /// Applying events.
+    Running,
+    /// Stopped on request (the monitor is being dropped).
+    Stopped,
+    /// Stopped by a failure: a subscriber's callback panicked, or reading the descriptor
+    /// failed. The message says which.
+    Failed(String),
 }
 
 impl Drop for Monitor {

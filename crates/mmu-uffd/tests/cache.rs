@@ -442,8 +442,7 @@ fn a_lookup_from_a_callback_is_refused_not_deadlocked() {
     let sub = m
         .subscriptions()
         .insert_interval(
-            p as u64,
-            PAGE as u64,
+            p as u64..p as u64 + PAGE as u64,
             Nosy(cache.clone(), other, seen.clone()),
         )
         .unwrap();

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
-use mmu_uffd::{CacheConfig, RegCache};
+use mmu_uffd::{CacheConfig, MonitorState, RegCache};
 
 /// Set in the child's environment: `heap_child` does the work only there.
 const CHILD_ENV: &str = "MMU_UFFD_HEAP_CHILD";
@@ -123,7 +123,7 @@ fn heap_child() {
     let calls = Arc::new(AtomicU64::new(0));
     let _sub = m
         .subscriptions()
-        .insert_interval(0, u64::MAX, Allocating(calls.clone()))
+        .insert_interval(0..u64::MAX, Allocating(calls.clone()))
         .expect("subscribe");
     let (registered, deregistered) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (r, d) = (registered.clone(), deregistered.clone());
@@ -170,9 +170,9 @@ fn heap_child() {
     let elapsed = started.elapsed();
     m.sync().expect("the monitor still runs");
     assert!(
-        m.stopped().is_none(),
+        m.state() == MonitorState::Running,
         "the monitor stopped: {:?}",
-        m.stopped()
+        m.state()
     );
     let st = m.stats();
     let cs = cache.stats();

@@ -28,7 +28,8 @@ use mmu_notifier::{
     Event, IntervalContext, IntervalSubscriber, IntervalSubscription, Range, WouldBlock,
 };
 use mmu_uffd::{
-    CacheConfig, CachedRegistration, Error, Monitor, MonitorConfig, RegCache, Registrar,
+    CacheConfig, CachedRegistration, Error, Monitor, MonitorConfig, MonitorState, RegCache,
+    Registrar,
 };
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -93,7 +94,10 @@ fn record(m: &Monitor, start: *mut u8, len: usize) -> (IntervalSubscription<Reco
     let log = Log::default();
     let sub = m
         .subscriptions()
-        .insert_interval(start as u64, len as u64, Recorder(log.clone()))
+        .insert_interval(
+            start as u64..start as u64 + len as u64,
+            Recorder(log.clone()),
+        )
         .expect("insert a recording subscription");
     (sub, log)
 }
@@ -434,7 +438,7 @@ fn munmap_patterns(test: &str, kind: Kind) {
         counts.registered.load(SeqCst),
         counts.deregistered.load(SeqCst)
     );
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
 }
 
 #[test]
@@ -1081,7 +1085,7 @@ fn fork_events_close_the_childs_descriptor() {
     unmap(p, 4 * PAGE);
     assert!(!h.is_valid());
     assert_eq!(log.take(), vec![ev(p, 0, 4, Event::Unmap)]);
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
 }
 
 /// Library bug (fixable: `with_config` can wait until its thread is past its start-up; the
@@ -1227,7 +1231,7 @@ fn fork_during_allocating_callback_completes() {
     m.watch(a, PAGE).unwrap();
     let _sub = m
         .subscriptions()
-        .insert_interval(a as u64, PAGE as u64, AllocatesDuringFork)
+        .insert_interval(a as u64..a as u64 + PAGE as u64, AllocatesDuringFork)
         .unwrap();
     let _dog = Watchdog::new(
         "fork_during_allocating_callback_completes: fork() never returned",
@@ -1446,7 +1450,7 @@ fn threads_unmap_and_remap_concurrently() {
     assert_eq!(st.unmaps + st.remaps, expected.len() as u64, "{st:?}");
     assert_eq!(st.invalidations, expected.len() as u64, "{st:?}");
     assert_eq!((st.unexpected_faults, st.unknown), (0, 0));
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
     drop(cache);
     assert_eq!(
         counts.registered.load(SeqCst),
@@ -1559,7 +1563,7 @@ fn drop_releases_and_stops() {
     let p = anon(4);
     let h = cache.get(p, 4 * PAGE).unwrap();
     let (_sub, logp) = record(&m, p, PAGE);
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
     drop(m);
     let release = (0, u64::MAX, Event::Release);
     assert_eq!(log.take(), vec![release]);
@@ -1612,8 +1616,7 @@ fn drop_while_the_applier_is_busy() {
     let _blocker = m
         .subscriptions()
         .insert_interval(
-            a as u64,
-            PAGE as u64,
+            a as u64..a as u64 + PAGE as u64,
             Blocker {
                 open: open.clone(),
                 entered: entered.clone(),
@@ -1731,8 +1734,7 @@ fn watch_while_an_unmap_is_unreported_still_registers() {
     let _blocker = m
         .subscriptions()
         .insert_interval(
-            a as u64,
-            PAGE as u64,
+            a as u64..a as u64 + PAGE as u64,
             Blocker {
                 open: open.clone(),
                 entered: entered.clone(),
@@ -1842,13 +1844,13 @@ fn panicking_callback_stops_the_monitor() {
     let hq = cache.get(q, 2 * PAGE).unwrap();
     let _bomb = m
         .subscriptions()
-        .insert_interval(p as u64, 4 * PAGE as u64, Bomb)
+        .insert_interval(p as u64..p as u64 + 4 * PAGE as u64, Bomb)
         .unwrap();
     unmap(p, 4 * PAGE);
     assert!(!h.is_valid());
     assert!(!hq.is_valid(), "a stopped monitor vouches for nothing");
-    let why = match m.stopped() {
-        Some(Some(why)) => why,
+    let why = match m.state() {
+        MonitorState::Failed(why) => why,
         other => panic!("expected a stop with a reason, got {other:?}"),
     };
     assert!(
@@ -1866,7 +1868,7 @@ fn panicking_callback_stops_the_monitor() {
         Duration::from_secs(5),
         move || unmap(qa as *mut u8, 2 * PAGE),
     );
-    // `stopped()` answers as soon as the gate is closed; the Release is delivered after
+    // `state()` answers as soon as the gate is closed; the Release is delivered after
     // that, on the monitor thread, which dropping the monitor joins.
     drop(m);
     let seen = log.take();
@@ -1945,7 +1947,7 @@ fn watch_errors() {
     }
     // No user registration was made; the monitor runs on.
     assert_eq!(counts.registered.load(SeqCst), 0);
-    assert!(m.stopped().is_none());
+    assert!(m.state() == MonitorState::Running);
     let st = m.stats();
     assert_eq!(st.invalidations, 0, "{st:?}");
     // And it still works.

@@ -50,7 +50,7 @@ fn start(test: &str) -> Option<(Monitor, Watchdog)> {
 fn unmap_slowly(m: &Monitor, p: *mut u8, len: usize) -> IntervalSubscription<Slow> {
     let slow = m
         .subscriptions()
-        .insert_interval(p as u64, len as u64, Slow)
+        .insert_interval(p as u64..p as u64 + len as u64, Slow)
         .unwrap();
     unmap(p, len);
     slow
@@ -62,7 +62,7 @@ fn flag_on(m: &Monitor, p: *mut u8, len: usize) -> (IntervalSubscription<Flag>, 
     let flag = Arc::new(AtomicBool::new(false));
     let sub = m
         .subscriptions()
-        .insert_interval(p as u64, len as u64, Flag(flag.clone()))
+        .insert_interval(p as u64..p as u64 + len as u64, Flag(flag.clone()))
         .expect("subscribe");
     (sub, flag)
 }

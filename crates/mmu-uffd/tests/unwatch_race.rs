@@ -55,8 +55,7 @@ fn unwatch_racing_a_replacement_gives_no_stale_hit() {
     let _hold = m
         .subscriptions()
         .insert_interval(
-            p as u64,
-            4 * PAGE as u64,
+            p as u64..p as u64 + 4 * PAGE as u64,
             HoldClear {
                 entered: entered.clone(),
                 open: open.clone(),

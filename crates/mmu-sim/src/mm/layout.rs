@@ -48,7 +48,11 @@ impl AddressSpace {
 
     /// Linux's `mmap`: maps `len` bytes (rounded up to pages) of `kind` with `prot`, at
     /// the lowest free address, or at exactly `fixed` (`MAP_FIXED`: whatever is mapped
-    /// there is unmapped first, with an `Unmap` invalidation). Returns the start.
+    /// there is unmapped first, with an `Unmap` invalidation). Returns the start. The new
+    /// mapping merges with compatible neighbours into one mapping, as Linux's does (so a
+    /// later per-mapping operation, `madvise` say, makes one range over them). Shared
+    /// anonymous memory is an object of `len` bytes: pages past it (after `mremap` grows
+    /// the mapping) fault with [`SimError::Bus`].
     ///
     /// Errors as Linux: zero length or an unaligned `fixed` or file offset is EINVAL; a
     /// length that overflows or no room is ENOMEM.
@@ -68,10 +72,12 @@ impl AddressSpace {
             .ok_or(SimError::OutOfMemory)?;
         let (shared, backing) = match kind {
             MapKind::AnonPrivate => (false, Backing::Anon),
+            // Linux backs shared anonymous memory with a shmem object of the mapping's
+            // size: pages beyond it (after `mremap` grows the mapping) raise SIGBUS.
             MapKind::AnonShared => (
                 true,
                 Backing::File {
-                    file: File::new(self.frames.clone()),
+                    file: File::with_size(self.frames.clone(), len),
                     offset: 0,
                 },
             ),
@@ -105,14 +111,9 @@ impl AddressSpace {
                 .find_gap(len, MMAP_MIN_ADDR, TASK_SIZE)
                 .ok_or(SimError::OutOfMemory)?,
         };
-        vmas.insert(Vma {
-            start,
-            end: start + len,
-            prot,
-            shared,
-            backing,
-            anon_vma: Default::default(),
-        });
+        vmas.insert(Vma::new(start, start + len, prot, shared, backing));
+        // A new mapping merges with compatible neighbours, as Linux's `mmap_region` does.
+        vmas.merge_around(start, start + len);
         Ok(start)
     }
 
@@ -139,13 +140,25 @@ impl AddressSpace {
             .free_tables(start, end, |s, e| vmas.overlapping(s, e).next().is_some());
     }
 
-    /// Linux's `mprotect`: changes the access allowed to `[addr, addr + len)`. For each
-    /// mapping whose protection changes and that has page tables, one `ProtectionVma`
-    /// invalidation from its first populated table to its end in the range; entries lose
-    /// write permission if the new protection has none (they regain it by faulting).
+    /// Linux's `mprotect`: changes the access allowed to `[addr, addr + len)`.
+    ///
+    /// Mappings are taken in address order from the one containing `addr`; each whose
+    /// protection changes is split to the range, changed, merged with compatible
+    /// neighbours, and, if it has page tables, gets one `ProtectionVma` invalidation from
+    /// its first populated upper-level entry (see below) to its end in the range;
+    /// entries lose write permission if the new protection has none (they regain it by
+    /// faulting). A mapping whose protection already matches is left whole (no split, no
+    /// invalidation). At the first hole the walk stops with ENOMEM, the mappings before
+    /// it changed (as Linux); nothing changes only when `addr` itself is unmapped.
+    ///
+    /// Where the invalidation starts: Linux 6.12 and later (as simulated) start it at the
+    /// first populated entry of the level whose entries each cover 1 GiB (a PUD entry:
+    /// a middle-level table exists under it), clipped to the call's start; Linux 6.10
+    /// started at the first populated 2 MiB entry (a last-level table exists). One
+    /// invalidation per 512 GiB top-level entry the mapping spans.
     ///
     /// A zero length does nothing (as Linux). Errors: EINVAL for an unaligned address,
-    /// ENOMEM for a wrapping range or one not entirely mapped (nothing is changed then).
+    /// ENOMEM for a wrapping range or one not entirely mapped.
     pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<(), SimError> {
         // As Linux: a wrapping or out-of-user-space range has no mapping (ENOMEM).
         let Some(end) = advised_range(addr, len, SimError::OutOfMemory)? else {
@@ -155,29 +168,53 @@ impl AddressSpace {
             return Err(SimError::OutOfMemory);
         }
         let mut vmas = self.mmap.write();
-        if !vmas.covers(addr, end) {
+        let parts: Vec<(u64, u64, Prot)> = vmas
+            .overlapping(addr, end)
+            .map(|v| (v.start.max(addr), v.end.min(end), v.prot))
+            .collect();
+        let mut done = addr;
+        for (s, e, old) in parts {
+            if s > done {
+                // A hole: the mappings before it stay changed.
+                return Err(SimError::OutOfMemory);
+            }
+            done = e;
+            if old == prot {
+                continue;
+            }
+            vmas.split_at(s);
+            vmas.split_at(e);
+            vmas.get_mut(s).expect("just split").set_prot(prot);
+            self.protect_entries(s, e, prot);
+            vmas.merge_modified(s, e);
+        }
+        if done < end {
             return Err(SimError::OutOfMemory);
         }
-        vmas.split_at(addr);
-        vmas.split_at(end);
-        let parts: Vec<(u64, u64)> = vmas
-            .overlapping(addr, end)
-            .filter(|v| v.prot != prot)
-            .map(|v| (v.start, v.end))
-            .collect();
-        for &(s, e) in &parts {
-            vmas.get_mut(s).expect("just listed").prot = prot;
-            let Some(first) = self.pt.first_populated(s, e) else {
+        Ok(())
+    }
+
+    /// The page-table half of `mprotect` for `[s, e)` inside one mapping: per 512 GiB
+    /// top-level entry, a `ProtectionVma` invalidation from the first populated 1 GiB
+    /// entry (clipped to `s`) to the end, while the entries are changed.
+    fn protect_entries(&self, s: u64, e: u64, prot: Prot) {
+        const TOP: u64 = PAGE_SIZE << 27;
+        let mut chunk = s;
+        while chunk < e {
+            let chunk_end = ((chunk / TOP) + 1).saturating_mul(TOP).min(e);
+            let from = chunk;
+            chunk = chunk_end;
+            let Some(first) = self.pt.first_populated_middle(from, chunk_end) else {
                 continue;
             };
             let inv = self.invalidate(
-                Range::new(first, e, Event::ProtectionVma).expect("non-empty"),
+                Range::new(first, chunk_end, Event::ProtectionVma).expect("non-empty"),
                 "mprotect",
             );
             // Entries lose what the new protection forbids: all access for PROT_NONE
             // (not present to any hardware walking the table), else write permission;
             // inaccessible entries become readable again (writes fault first).
-            self.pt.for_each_leaf(first, e, |_, leaf, idx| {
+            self.pt.for_each_leaf(first, chunk_end, |_, leaf, idx| {
                 for pte in &mut leaf[idx] {
                     match pte.kind() {
                         PteKind::Present(_) if !prot.read => *pte = pte.to_prot_none(),
@@ -187,30 +224,35 @@ impl AddressSpace {
                     }
                 }
             });
-            inv.flush(first, e);
+            inv.flush(first, chunk_end);
             drop(inv);
         }
-        // Pieces that now match their neighbours become one mapping again, as in Linux.
-        for &(s, e) in parts.iter().rev() {
-            vmas.merge_at(e);
-            vmas.merge_at(s);
-        }
-        Ok(())
     }
 
     /// Linux's `mremap`: resizes the mapping at `[old_addr, old_addr + old_len)` to
     /// `new_len`, in place if it can, else moving it (`may_move`), or to `fixed`.
     /// Shrinking unmaps the tail (`Unmap` over it); a move is an `Unmap` invalidation over
     /// the old range while the entries move, then the old range is unmapped (Linux unmaps
-    /// the emptied old mapping, which fires a second `Unmap` over it). Returns the new
-    /// start.
+    /// the emptied old mapping, which fires a second `Unmap` over it). A mapping grown in
+    /// place or moved merges with compatible neighbours. Returns the new start.
     ///
-    /// Errors as Linux, in Linux's order: EINVAL for an unaligned address, a zero new
-    /// length, `fixed` without `may_move`, an unaligned, out-of-range or overlapping
-    /// `fixed` target; EFAULT if nothing is mapped at `old_addr` or the old range goes
-    /// past its mapping; EINVAL for a zero old length (Linux's duplication of a shared
-    /// mapping is not simulated) or a file offset that would overflow; ENOMEM if it
-    /// cannot grow and may not move.
+    /// The order is Linux 6.18's:
+    /// 1. Arguments, before any lookup (EINVAL): an unaligned address, a zero new length;
+    ///    with `fixed`: an unaligned target, no `may_move`, old and new ranges that
+    ///    overlap, a target beyond user space.
+    /// 2. `fixed` with equal lengths is a pure move, which since Linux 6.17 may span
+    ///    several mappings: every mapping in the old range moves, one after the other,
+    ///    keeping the gaps between them (EFAULT if `old_addr` itself is unmapped).
+    /// 3. Otherwise EFAULT if nothing is mapped at `old_addr`. Without `fixed`, a shrink
+    ///    just unmaps the tail `[old_addr + new_len, old_addr + old_len)`, wherever it
+    ///    reaches, and equal lengths are done at once.
+    /// 4. Growing or moving, before anything is unmapped: EINVAL for a zero old length
+    ///    (Linux's duplication of a shared mapping is not simulated); EFAULT if the part
+    ///    that stays mapped (the old range, or its first `new_len` bytes when shrinking)
+    ///    goes past its mapping; EINVAL for a file offset that would overflow.
+    /// 5. With `fixed`, the target is unmapped, then the tail, then the move; else the
+    ///    mapping grows in place if it ends the old range and has room, else moves
+    ///    (`may_move`), else ENOMEM.
     pub fn mremap(
         &self,
         old_addr: u64,
@@ -221,61 +263,67 @@ impl AddressSpace {
         if old_addr % PAGE_SIZE != 0 {
             return Err(SimError::InvalidArgument("address not page aligned"));
         }
+        let new_len = new_len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(SimError::InvalidArgument("new length overflows"))?;
         if new_len == 0 {
             return Err(SimError::InvalidArgument("zero new length"));
         }
-        let new_len = new_len
-            .checked_next_multiple_of(PAGE_SIZE)
-            .filter(|&l| l <= TASK_SIZE)
-            .ok_or(SimError::InvalidArgument("new length overflows"))?;
-        if flags.fixed.is_some() && !flags.may_move {
-            return Err(SimError::InvalidArgument(
-                "MREMAP_FIXED without MREMAP_MAYMOVE",
-            ));
+        // As Linux's PAGE_ALIGN: a length that wraps when rounded reads as zero.
+        let old_len = old_len.checked_next_multiple_of(PAGE_SIZE).unwrap_or(0);
+        if let Some(new_addr) = flags.fixed {
+            if new_addr % PAGE_SIZE != 0 {
+                return Err(SimError::InvalidArgument("target not page aligned"));
+            }
+            if !flags.may_move {
+                return Err(SimError::InvalidArgument(
+                    "MREMAP_FIXED without MREMAP_MAYMOVE",
+                ));
+            }
+            let old_end = old_addr.saturating_add(old_len);
+            let new_end = new_addr.saturating_add(new_len);
+            if new_addr < old_end && old_addr < new_end {
+                return Err(SimError::InvalidArgument("old and new ranges overlap"));
+            }
+            if new_len > TASK_SIZE || new_addr > TASK_SIZE - new_len {
+                return Err(SimError::InvalidArgument("target beyond user space"));
+            }
         }
-        let fixed = match flags.fixed {
-            Some(new_addr) => Some((new_addr, check_range(new_addr, new_len)?)),
-            None => None,
-        };
         let mut vmas = self.mmap.write();
+        if let Some(new_addr) = flags.fixed {
+            if old_len == new_len {
+                return self.remap_move(&mut vmas, old_addr, old_len, new_addr);
+            }
+        }
         let vma = vmas
             .find(old_addr)
             .ok_or(SimError::Fault(old_addr))?
             .clone();
-        let old_len = old_len
-            .checked_next_multiple_of(PAGE_SIZE)
-            .filter(|&l| l <= vma.end - old_addr)
-            .ok_or(SimError::Fault(vma.end))?;
-        if old_len == 0 {
-            return Err(SimError::InvalidArgument("zero old length"));
-        }
-        let old_end = old_addr + old_len;
-        if let Backing::File { offset, .. } = &vma.backing {
-            (offset + (old_addr - vma.start))
-                .checked_add(new_len)
-                .ok_or(SimError::InvalidArgument("file offset overflows"))?;
-        }
-        if let Some((new_addr, new_end)) = fixed {
-            if new_addr < old_end && old_addr < new_end {
-                return Err(SimError::InvalidArgument("old and new ranges overlap"));
-            }
-            self.unmap_locked(&mut vmas, new_addr, new_end, "mremap fixed");
-            if new_len < old_len {
-                self.unmap_locked(&mut vmas, old_addr + new_len, old_end, "mremap shrink");
-            }
-            self.move_locked(&mut vmas, old_addr, old_len.min(new_len), new_addr, new_len);
-            return Ok(new_addr);
-        }
-        if new_len <= old_len {
-            if new_len < old_len {
-                self.unmap_locked(&mut vmas, old_addr + new_len, old_end, "mremap shrink");
-            }
+        if flags.fixed.is_none() && new_len <= old_len {
+            self.shrink_locked(&mut vmas, old_addr, old_len, new_len)?;
             return Ok(old_addr);
         }
+        // Growing or moving: the old range must lie in its mapping; a shrink that also
+        // moves may unmap past it (only the part that moves must).
+        self.remap_check(&vma, old_addr, old_len.min(new_len), old_len, new_len)?;
+        if let Some(new_addr) = flags.fixed {
+            self.unmap_locked(&mut vmas, new_addr, new_addr + new_len, "mremap fixed");
+            vmas.find(old_addr).ok_or(SimError::Fault(old_addr))?;
+            let len = if new_len < old_len {
+                self.shrink_locked(&mut vmas, old_addr, old_len, new_len)?;
+                new_len
+            } else {
+                old_len
+            };
+            self.move_locked(&mut vmas, old_addr, len, new_addr, new_len);
+            return Ok(new_addr);
+        }
+        let old_end = old_addr + old_len;
         let grow_end = old_addr.checked_add(new_len).filter(|&e| e <= TASK_SIZE);
         if let Some(grow_end) = grow_end {
             if old_end == vma.end && vmas.overlapping(old_end, grow_end).next().is_none() {
                 vmas.get_mut(vma.start).expect("found").end = grow_end;
+                vmas.merge_at(grow_end);
                 return Ok(old_addr);
             }
         }
@@ -289,8 +337,92 @@ impl AddressSpace {
         Ok(new_addr)
     }
 
+    /// The shrink step of `mremap`: unmaps the tail (nothing if the lengths are equal),
+    /// with `munmap`'s checks (EINVAL for a tail beyond user space).
+    fn shrink_locked(
+        &self,
+        vmas: &mut VmaMap,
+        addr: u64,
+        old_len: u64,
+        new_len: u64,
+    ) -> Result<(), SimError> {
+        if new_len < old_len {
+            let tail = addr
+                .checked_add(new_len)
+                .ok_or(SimError::InvalidArgument("range overflows"))?;
+            let end = check_range(tail, old_len - new_len)?;
+            self.unmap_locked(vmas, tail, end, "mremap shrink");
+        }
+        Ok(())
+    }
+
+    /// The checks before `mremap` grows or moves (Linux's `check_prep_vma`), before
+    /// anything is unmapped: EINVAL for a zero old length, EFAULT if the `moving` bytes
+    /// from `addr` go past the mapping, EINVAL if a resize would overflow the offset.
+    fn remap_check(
+        &self,
+        vma: &Vma,
+        addr: u64,
+        moving: u64,
+        old_len: u64,
+        new_len: u64,
+    ) -> Result<(), SimError> {
+        if old_len == 0 {
+            return Err(SimError::InvalidArgument("zero old length"));
+        }
+        if moving > vma.end - addr {
+            return Err(SimError::Fault(vma.end));
+        }
+        if let Backing::File { offset, .. } = &vma.backing {
+            if new_len != moving {
+                (offset + (addr - vma.start))
+                    .checked_add(new_len)
+                    .ok_or(SimError::InvalidArgument("file offset overflows"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A pure move of `[addr, addr + len)` to `new_addr` (`MREMAP_FIXED`, equal lengths;
+    /// Linux 6.17+): each mapping in the range moves in turn, as a separate move with its
+    /// own target unmap, keeping the gaps between the mappings. The first page must be
+    /// mapped (EFAULT otherwise, and if nothing is).
+    fn remap_move(
+        &self,
+        vmas: &mut VmaMap,
+        addr: u64,
+        len: u64,
+        new_addr: u64,
+    ) -> Result<u64, SimError> {
+        let end = addr.saturating_add(len);
+        let mut cursor = addr;
+        let mut target = new_addr;
+        let mut last_end = None;
+        loop {
+            let Some(vma) = vmas.overlapping(cursor, end).next().cloned() else {
+                break;
+            };
+            let s = vma.start.max(addr);
+            let e = vma.end.min(end);
+            if last_end.is_none() && addr < vma.start {
+                return Err(SimError::Fault(addr));
+            }
+            let to = target + last_end.map_or(0, |l| vma.start - l);
+            last_end = Some(vma.end);
+            self.unmap_locked(vmas, to, to + (e - s), "mremap fixed");
+            self.move_locked(vmas, s, e - s, to, e - s);
+            target = to + (e - s);
+            cursor = e;
+        }
+        if last_end.is_none() {
+            return Err(SimError::Fault(addr));
+        }
+        Ok(new_addr)
+    }
+
     /// Moves `[old, old + len)` (inside one mapping) to `new` as a mapping of `new_len`
-    /// bytes, entries and all, then unmaps the old range.
+    /// bytes, entries and all, merging it with compatible neighbours there, then unmaps
+    /// the old range.
     fn move_locked(&self, vmas: &mut VmaMap, old: u64, len: u64, new: u64, new_len: u64) {
         vmas.split_at(old);
         vmas.split_at(old + len);
@@ -320,6 +452,7 @@ impl AddressSpace {
         }
         drop(inv);
         vmas.insert(moved);
+        vmas.merge_around(new, new + new_len);
         // Linux then unmaps the emptied old mapping (a second `Unmap` over it).
         self.unmap_locked(vmas, old, old + len, "mremap move");
     }

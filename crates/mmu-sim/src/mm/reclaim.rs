@@ -21,6 +21,20 @@ pub enum Advice {
     /// `MADV_FREE` (private anonymous memory only): the pages may be dropped by reclaim
     /// unless written again first.
     Free,
+    /// `MADV_PAGEOUT`: reclaim the pages now, used or not, each inside a `Clear`
+    /// invalidation of the page (as [`AddressSpace::reclaim`] does with pages it does not
+    /// keep). Pages mapped by another owner too (shared with a forked copy, or a file
+    /// page another mapping maps) and the zero page are left alone, as Linux does.
+    PageOut,
+}
+
+/// The frame an entry maps for reclaim and migration: present, or inaccessible
+/// (`PROT_NONE`), which Linux's reverse map unmaps like any mapped page.
+fn mapped(pte: Pte) -> Option<Pfn> {
+    match pte.kind() {
+        PteKind::Present(p) | PteKind::ProtNone(p) => Some(p),
+        _ => None,
+    }
 }
 
 /// What [`AddressSpace::reclaim`] did.
@@ -52,7 +66,8 @@ impl OomReap {
 
 impl AddressSpace {
     /// Linux's `madvise` with `MADV_DONTNEED` or `MADV_FREE` over `[addr, addr + len)`:
-    /// one `Clear` invalidation per mapping, over the advised part of it.
+    /// one `Clear` invalidation per mapping, over the advised part of it; with
+    /// `MADV_PAGEOUT`, one `Clear` per page reclaimed.
     ///
     /// A zero length does nothing (as Linux). Errors: EINVAL for an unaligned or
     /// overflowing range, or `Free` on a shared or file mapping; ENOMEM if part of the
@@ -83,6 +98,7 @@ impl AddressSpace {
                     let inv = self.invalidate(range, "madvise free");
                     self.mark_lazyfree(&inv, s, e);
                 }
+                Advice::PageOut => self.page_out(vma, s, e),
             }
         }
         if holes {
@@ -91,12 +107,34 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// `MADV_PAGEOUT` over `[start, end)` inside `vma`: every page only this entry maps
+    /// is reclaimed, referenced or not.
+    fn page_out(&self, vma: &Vma, start: u64, end: u64) {
+        for a in (start..end).step_by(PAGE_SIZE as usize) {
+            let pte = self.pt.pte(a);
+            let Some(p) = mapped(pte) else {
+                continue;
+            };
+            if FrameAllocator::is_zero_page(p) {
+                continue;
+            }
+            // Mappings of the frame: its references less the page cache's own.
+            let cache = vma
+                .file_page(a)
+                .is_some_and(|(file, index)| file.cached(index) == Some(p));
+            if self.frames.refs(p) - u32::from(cache) > 1 {
+                continue;
+            }
+            self.reclaim_page(vma, a, pte);
+        }
+    }
+
     fn mark_lazyfree(&self, inv: &Invalidation<'_>, start: u64, end: u64) {
         let mut slots = Vec::new();
         self.pt.for_each_leaf(start, end, |_, leaf, idx| {
             for pte in &mut leaf[idx] {
                 match pte.kind() {
-                    PteKind::Present(p)
+                    PteKind::Present(p) | PteKind::ProtNone(p)
                         if !FrameAllocator::is_zero_page(p) && self.frames.refs(p) == 1 =>
                     {
                         *pte = pte.to_lazyfree();
@@ -124,7 +162,7 @@ impl AddressSpace {
         };
         let mut ptes = leaf.lock();
         let i = pte_index(addr);
-        let young = ptes[i].present() && ptes[i].accessed();
+        let young = mapped(ptes[i]).is_some() && ptes[i].accessed();
         if young {
             ptes[i] = ptes[i].old();
         }
@@ -146,7 +184,7 @@ impl AddressSpace {
         for vma in vmas.overlapping(start, end) {
             for a in (vma.start.max(start)..vma.end.min(end)).step_by(PAGE_SIZE as usize) {
                 let pte = self.pt.pte(a);
-                match pte.pfn() {
+                match mapped(pte) {
                     Some(p) if !FrameAllocator::is_zero_page(p) => {}
                     _ => continue,
                 }
@@ -163,14 +201,14 @@ impl AddressSpace {
     }
 
     fn reclaim_page(&self, vma: &Vma, addr: u64, seen: Pte) -> bool {
-        let Some(pfn) = seen.pfn() else {
+        let Some(pfn) = mapped(seen) else {
             return false;
         };
         let inv = self.invalidate(page(addr), "reclaim");
         let leaf = self.pt.leaf(addr).expect("had an entry");
         let i = pte_index(addr);
         let mut ptes = leaf.lock();
-        if ptes[i].pfn() != Some(pfn) {
+        if mapped(ptes[i]) != Some(pfn) {
             return false;
         }
         if vma
@@ -301,7 +339,7 @@ impl AddressSpace {
     }
 
     fn migratable(&self, addr: u64) -> Result<Pfn, SimError> {
-        match self.pt.pte(addr).pfn() {
+        match mapped(self.pt.pte(addr)) {
             Some(p)
                 // One reference: only this entry has it (a page-cache page also has
                 // the cache's reference, a forked page the other entry's).
@@ -319,11 +357,12 @@ impl AddressSpace {
         let leaf = self.pt.leaf(addr).expect("had an entry");
         let i = pte_index(addr);
         let mut ptes = leaf.lock();
-        if ptes[i].pfn() != Some(old) {
+        if mapped(ptes[i]) != Some(old) {
             drop(ptes);
             self.frames.put(new);
             return false;
         }
+        let inaccessible = matches!(ptes[i].kind(), PteKind::ProtNone(_));
         let busy = ptes[i].to_busy();
         ptes[i] = busy;
         drop(ptes);
@@ -333,6 +372,9 @@ impl AddressSpace {
         let moved = ptes[i] == busy;
         if moved {
             ptes[i] = busy.to_present(new);
+            if inaccessible {
+                ptes[i] = ptes[i].to_prot_none();
+            }
         }
         drop(ptes);
         if !moved {

@@ -4,8 +4,9 @@
 //! # The sequence count: a seqcount with many writers
 //!
 //! Each address space keeps `seq` (starts at 2) and `active` (invalidations in flight that
-//! counted themselves), under the interval lock `Itree::state`. The write side has two
-//! states:
+//! counted themselves), under an internal lock of the address space (the *tree lock*, never
+//! held while a callback runs; not to be confused with the user locks below). The write
+//! side has two states:
 //!
 //! - *partially excluded*: `active > 0`, `seq` even. Invalidations are running but none has
 //!   found a subscription in its range; the tree may change.
@@ -21,20 +22,25 @@
 //!
 //! # The subscriber's side
 //!
-//! The library owns the *user lock* of each subscription: the subscriber's state `T` lives in
-//! it. `invalidate` is called with it held (try-locked when the range is not blockable: if
-//! it is busy the subscription answers `WouldBlock`) and with the subscription's own
-//! sequence already set to `cur_seq`, so `set_seq` cannot be forgotten. The fill path:
+//! The library takes the *user lock* of a subscription around its `invalidate` (try-locked
+//! when the range is not blockable: if it is busy the subscription answers `WouldBlock`)
+//! and sets the subscription's own sequence to `cur_seq` under it, so `set_seq` cannot be
+//! forgotten. The user lock is either the subscription's own, with the subscriber's state
+//! `T` inside ([`IntervalSubscriber`], the simple path), or an [`IntervalLock`] that the
+//! subscriber owns and shares between many subscriptions ([`LockedIntervalSubscriber`]:
+//! one lock for a whole device mirror, so a fill that spans several subscriptions takes one
+//! lock). When the user lock is busy in a non-blockable range, `invalidate` is not called
+//! at all and the invalidation fails with `WouldBlock`. The fill path:
 //!
 //! 1. `s = read_begin()`: the subscription's sequence; if it equals the current odd `seq`
 //!    this subscription is being invalidated, so wait until that `seq` is released;
 //! 2. gather translations from the primary, without the user lock (may sleep);
-//! 3. take the user lock; `read_retry(s)` (a method of the lock guard, so it cannot be
+//! 3. take the user lock; `read_retry(s)` (a method of the lock's guard, so it cannot be
 //!    called without the lock) is true if an invalidation set a newer sequence meanwhile:
 //!    drop what was gathered and start again; else install, and unlock.
 //!
 //! `read_begin` is lock-free unless it has to wait: it loads the subscription's sequence
-//! (Acquire) and then the address space's (`Itree::seq`, a mirror of the locked value). An
+//! (Acquire) and then the address space's (a mirror of the value under the tree lock). An
 //! invalidation stores the odd `seq` before any `invalidate` callback sets a subscription's
 //! sequence to it, so a `read_begin` that reads `cur_seq` from the subscription reads at
 //! least `cur_seq` from the address space: it cannot miss that it must wait. Any other race
@@ -53,21 +59,35 @@
 //!   subscription's sequence pushed to the current odd `seq` so that the move takes effect
 //!   no later than the next `read_begin`.
 //! - Remove while frozen: deferred (or, if the subscription's insertion is itself still
-//!   deferred, cancelled on the spot). Without a `release` op the caller then waits until
-//!   the odd `seq` it saw has been released, re-reading `seq` under the lock (a 2022 kernel
-//!   fix: an unlocked read let remove return while the node was still on the deferred list).
-//!   With a `release` op remove never waits: `release` runs once the subscription is out of
-//!   the tree and no callback uses it (at the last end, or at once when not frozen). So
-//!   only subscribers with `release` may remove themselves from inside a callback; a waiting
-//!   remove from inside a callback panics with a message, instead of deadlocking.
+//!   deferred, cancelled on the spot). The caller chooses whether to wait:
+//!   - `remove` (Linux's `mmu_interval_notifier_remove`) waits until the odd `seq` it saw
+//!     has been released, re-reading `seq` under the lock (a 2022 kernel fix: an unlocked
+//!     read let remove return while the node was still on the deferred list), then runs
+//!     `release` itself. When it returns no callback runs or will run. Called from inside
+//!     a callback it would wait for itself: it panics with a message instead.
+//!   - `remove_nowait` (and `remove_self` from inside a callback) never waits: `release`
+//!     runs once the subscription is out of the tree and no callback uses it, at the last
+//!     end of the frozen period (or at once when not frozen).
+//!
+//!   Either way `release` runs exactly once per subscription.
 //! - Queued changes collapse: insert then remove cancels, the last update wins, remove wins
 //!   over update. A pending state is an `Option`, never an address used as a sentinel
 //!   (0 is a valid start).
 //! - Split (munmap punching a hole) updates one subscription and inserts another under one
 //!   hold of the lock, so every invalidation sees either the whole or both halves.
+//!
+//! Ranges are half-open `start..end` byte ranges everywhere, like [`Range`].
 
+pub mod locked;
+
+use std::ops;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc as StdArc;
+
+pub use locked::{
+    IntervalLock, IntervalLockGuard, LockedIntervalContext, LockedIntervalSubscriber,
+    LockedIntervalSubscription,
+};
 
 use crate::itree::{IntervalTree, NodeKey};
 use crate::range::{Range, WouldBlock};
@@ -98,7 +118,7 @@ use crate::sync::{AtomicBool, AtomicU64, Condvar, Mutex, MutexGuard};
 /// }
 ///
 /// let mm = Subscriptions::new();
-/// let sub = mm.insert_interval(0x10000, 4 * 4096, Mirror { pages: vec![None; 4], base: 0x10000 })?;
+/// let sub = mm.insert_interval(0x10000..0x14000, Mirror { pages: vec![None; 4], base: 0x10000 })?;
 /// loop {
 ///     let seq = sub.read_begin();
 ///     let frame = 77; // ... ask the primary MMU, may sleep ...
@@ -113,11 +133,6 @@ use crate::sync::{AtomicBool, AtomicU64, Condvar, Mutex, MutexGuard};
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait IntervalSubscriber: Send + Sized + 'static {
-    /// Whether [`release`](Self::release) is implemented. With it, removing the
-    /// subscription never waits and is allowed from inside any callback of the address
-    /// space; `release` runs once the subscription is out of the tree and unused.
-    const HAS_RELEASE: bool = false;
-
     /// The primary is changing `range`, which overlaps this subscription: drop every
     /// translation into it. Called with the user lock held (`&mut self`) and the
     /// subscription's sequence already advanced. In a non-blockable range, return
@@ -129,9 +144,12 @@ pub trait IntervalSubscriber: Send + Sized + 'static {
         ctx: &mut IntervalContext<'_, Self>,
     ) -> Result<(), WouldBlock>;
 
-    /// The subscription is out of the tree and no callback uses it any more (only called
-    /// when [`HAS_RELEASE`](Self::HAS_RELEASE) is true). Runs on the thread that removed it
-    /// or that ended the last invalidation of the frozen period it was removed in.
+    /// The subscription is out of the tree and no callback uses it any more. Called exactly
+    /// once per subscription, with the user lock held; the default does nothing. Runs on
+    /// the thread that called [`remove`](IntervalSubscription::remove), or, after
+    /// [`remove_nowait`](IntervalSubscription::remove_nowait) and
+    /// [`remove_self`](IntervalContext::remove_self), on the one that removed it or ended
+    /// the last invalidation of the frozen period it was removed in.
     fn release(&mut self) {}
 }
 
@@ -139,16 +157,13 @@ pub trait IntervalSubscriber: Send + Sized + 'static {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum IntervalError {
-    /// The length is zero.
-    #[error("an interval subscription cannot have length zero")]
-    ZeroLength,
-    /// `start + length - 1` does not fit in 64 bits.
-    #[error("interval {start:#x} + {length:#x} overflows the address space")]
-    Overflow {
+    /// The range is empty (`start >= end`).
+    #[error("interval {start:#x}..{end:#x} is empty")]
+    Empty {
         /// The requested start.
         start: u64,
-        /// The requested length.
-        length: u64,
+        /// The requested end.
+        end: u64,
     },
     /// The address space has been released (its process exited).
     #[error("the address space has been released; no new interval subscriptions")]
@@ -168,13 +183,27 @@ pub enum IntervalError {
     SplitOverlap,
 }
 
-fn last_of(start: u64, length: u64) -> Result<u64, IntervalError> {
-    if length == 0 {
-        return Err(IntervalError::ZeroLength);
+/// The last byte of a non-empty half-open range (the tree stores closed intervals).
+fn last_of(range: &ops::Range<u64>) -> Result<u64, IntervalError> {
+    if range.start >= range.end {
+        return Err(IntervalError::Empty {
+            start: range.start,
+            end: range.end,
+        });
     }
-    start
-        .checked_add(length - 1)
-        .ok_or(IntervalError::Overflow { start, length })
+    Ok(range.end - 1)
+}
+
+/// Formats a half-open range in hex, as every `Debug` of this crate does.
+pub(crate) struct HexSpan<'a>(pub(crate) &'a Option<ops::Range<u64>>);
+
+impl std::fmt::Debug for HexSpan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(r) => write!(f, "{:#x}..{:#x}", r.start, r.end),
+            None => write!(f, "removed"),
+        }
+    }
 }
 
 /// The part of a subscription the protocol touches without knowing `T`: sixteen bytes (see
@@ -214,7 +243,6 @@ struct Node<T> {
 /// `Node<T>` with `T` erased, as the tree stores it.
 pub(crate) trait ErasedNode: Send + Sync {
     fn core(&self) -> &NodeCore;
-    fn has_release(&self) -> bool;
     /// Locks the user lock (try-lock when not blockable), sets the sequence, calls
     /// `invalidate`. False when the subscriber could not proceed without blocking.
     fn invalidate(self: StdArc<Self>, mm: &Subscriptions, range: &Range, cur_seq: u64) -> bool;
@@ -226,41 +254,55 @@ impl<T: IntervalSubscriber> ErasedNode for Node<T> {
         &self.core
     }
 
-    fn has_release(&self) -> bool {
-        T::HAS_RELEASE
-    }
-
     fn invalidate(self: StdArc<Self>, mm: &Subscriptions, range: &Range, cur_seq: u64) -> bool {
-        let mut user = if range.blockable() {
-            self.user.lock()
-        } else {
-            match self.user.try_lock() {
-                Some(g) => g,
-                None => return false,
-            }
+        let Some(mut user) = lock_user(&self.user, &self.core, range, cur_seq) else {
+            return false;
         };
-        // set_seq, under the user lock: Release pairs with read_begin's Acquire (see the
-        // module docs); fetch_max keeps it monotonic against an update that pushed it.
-        self.core.seq.fetch_max(cur_seq, Release);
         let mut ctx = IntervalContext {
             mm,
             node: &self,
             cur_seq,
         };
-        match user.invalidate(range, &mut ctx) {
-            Ok(()) => true,
-            Err(WouldBlock) if range.blockable() => {
-                mm.report_bug(format_args!(
-                    "interval invalidate returned WouldBlock in a blockable range {range:?}"
-                ));
-                true
-            }
-            Err(WouldBlock) => false,
-        }
+        let answer = user.invalidate(range, &mut ctx);
+        answered(mm, range, answer)
     }
 
     fn release(&self) {
         self.user.lock().release();
+    }
+}
+
+/// Takes a user lock for an invalidation (blocking in a blockable range, a try-lock
+/// otherwise: `None` when it is busy) and sets the subscription's sequence under it.
+fn lock_user<'a, S>(
+    lock: &'a Mutex<S>,
+    core: &NodeCore,
+    range: &Range,
+    cur_seq: u64,
+) -> Option<MutexGuard<'a, S>> {
+    let guard = if range.blockable() {
+        lock.lock()
+    } else {
+        lock.try_lock()?
+    };
+    // set_seq, under the user lock: Release pairs with read_begin's Acquire (see the module
+    // docs); fetch_max keeps it monotonic against an update that pushed it.
+    core.seq.fetch_max(cur_seq, Release);
+    Some(guard)
+}
+
+/// Whether the invalidation may proceed after a subscriber's answer. `WouldBlock` in a
+/// blockable range is a subscriber bug: reported, and the invalidation carries on.
+fn answered(mm: &Subscriptions, range: &Range, answer: Result<(), WouldBlock>) -> bool {
+    match answer {
+        Ok(()) => true,
+        Err(WouldBlock) if range.blockable() => {
+            mm.report_bug(format_args!(
+                "interval invalidate returned WouldBlock in a blockable range {range:?}"
+            ));
+            true
+        }
+        Err(WouldBlock) => false,
     }
 }
 
@@ -275,7 +317,8 @@ enum DeferredOp {
     Insert(u64, u64),
     /// Move to `[start, last]`.
     Update(u64, u64),
-    Remove,
+    /// Remove; `waiter`: a `remove` call waits for the end and runs `release` itself.
+    Remove { waiter: bool },
 }
 
 struct Deferred {
@@ -428,10 +471,10 @@ fn apply_deferred(st: &mut ItreeState) -> Vec<StdArc<dyn ErasedNode>> {
                 let key = st.tree.insert(start, last, node.clone());
                 core.set_pos(key.map_or(NOT_IN_TREE, NodeKey::to_bits));
             }
-            DeferredOp::Remove => {
+            DeferredOp::Remove { waiter } => {
                 core.set_pos(REMOVED);
                 st.count -= 1;
-                if node.has_release() {
+                if !waiter {
                     releases.push(node);
                 }
             }
@@ -515,7 +558,7 @@ fn update_locked(
         // is a removal (remove wins over update).
         let op = &mut st.deferred[i].op;
         *op = match op {
-            DeferredOp::Remove => return Err(IntervalError::Removed),
+            DeferredOp::Remove { .. } => return Err(IntervalError::Removed),
             DeferredOp::Insert(..) => DeferredOp::Insert(start, last),
             DeferredOp::Update(..) => DeferredOp::Update(start, last),
         };
@@ -547,22 +590,27 @@ fn update_locked(
 
 /// What `remove_locked` leaves the caller to do.
 enum RemoveOutcome {
-    /// Out of the tree and unused: call `release` (if any) now.
+    /// Out of the tree and unused: call `release` now.
     Done,
-    /// Deferred: with `release`, it runs at the end; without, wait for this seq.
+    /// Deferred until the end of the frozen period of this seq: a waiter waits for it and
+    /// then calls `release`; otherwise `release` runs at that end.
     Deferred(u64),
     /// Someone already removed it.
     Already,
 }
 
-fn remove_locked(st: &mut ItreeState, node: &StdArc<dyn ErasedNode>) -> RemoveOutcome {
+fn remove_locked(
+    st: &mut ItreeState,
+    node: &StdArc<dyn ErasedNode>,
+    waiter: bool,
+) -> RemoveOutcome {
     let core = node.core();
     if core.pos() == REMOVED {
         return RemoveOutcome::Already;
     }
     if let Some(i) = st.pending(&**node) {
         return match st.deferred[i].op {
-            DeferredOp::Remove => RemoveOutcome::Already,
+            DeferredOp::Remove { .. } => RemoveOutcome::Already,
             DeferredOp::Insert(..) => {
                 // Never reached the tree: cancel the insert.
                 st.deferred.remove(i);
@@ -571,7 +619,7 @@ fn remove_locked(st: &mut ItreeState, node: &StdArc<dyn ErasedNode>) -> RemoveOu
                 RemoveOutcome::Done
             }
             DeferredOp::Update(..) => {
-                st.deferred[i].op = DeferredOp::Remove; // remove wins
+                st.deferred[i].op = DeferredOp::Remove { waiter }; // remove wins
                 RemoveOutcome::Deferred(st.seq)
             }
         };
@@ -579,7 +627,7 @@ fn remove_locked(st: &mut ItreeState, node: &StdArc<dyn ErasedNode>) -> RemoveOu
     if st.frozen() {
         st.deferred.push(Deferred {
             node: node.clone(),
-            op: DeferredOp::Remove,
+            op: DeferredOp::Remove { waiter },
         });
         return RemoveOutcome::Deferred(st.seq);
     }
@@ -591,41 +639,104 @@ fn remove_locked(st: &mut ItreeState, node: &StdArc<dyn ErasedNode>) -> RemoveOu
     RemoveOutcome::Done
 }
 
-/// The closed interval a node covers, or will cover once its queued change applies.
-fn range_locked(st: &ItreeState, node: &StdArc<dyn ErasedNode>) -> Option<(u64, u64)> {
+/// The range a node covers, or will cover once its queued change applies.
+fn range_locked(st: &ItreeState, node: &StdArc<dyn ErasedNode>) -> Option<ops::Range<u64>> {
     let core = node.core();
     if core.pos() == REMOVED {
         return None;
     }
+    // Closed [s, l] in the tree; l < u64::MAX because every range came in half-open.
     if let Some(i) = st.pending(&**node) {
         match st.deferred[i].op {
-            DeferredOp::Insert(s, l) | DeferredOp::Update(s, l) => return Some((s, l)),
-            DeferredOp::Remove => return None,
+            DeferredOp::Insert(s, l) | DeferredOp::Update(s, l) => return Some(s..l + 1),
+            DeferredOp::Remove { .. } => return None,
         }
     }
     let (s, l, _) = st.tree.get(core.key()?)?;
-    Some((s, l))
+    Some(s..l + 1)
 }
 
 /// An opaque sequence value from [`IntervalSubscription::read_begin`], to be checked with
-/// [`IntervalGuard::read_retry`] or [`IntervalSubscription::check_retry`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// [`IntervalGuard::read_retry`] (or [`IntervalLockGuard::read_retry`]) under the user lock.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct ReadSeq(u64);
 
-/// An interval subscription: a secondary's state `T` for `[start, start + length)` of an
-/// address space. Created by [`Subscriptions::insert_interval`]; dropping it removes it
-/// (see [`remove`](Self::remove)).
+impl std::fmt::Debug for ReadSeq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadSeq({})", self.0)
+    }
+}
+
+/// What both kinds of subscription handle share: the address space and the erased node.
+/// Dropping it removes the subscription without waiting.
+struct Handle {
+    mm: Subscriptions,
+    node: StdArc<dyn ErasedNode>,
+    done: bool,
+}
+
+impl Handle {
+    fn read_begin(&self) -> ReadSeq {
+        let itree = self.mm.itree();
+        let core = self.node.core();
+        // Acquire: see the module docs; the address-space seq read after it is at least
+        // the value an invalidation set this subscription's sequence to.
+        let seq = core.seq.load(Acquire);
+        if itree.seq.load(Acquire) != seq {
+            return ReadSeq(seq);
+        }
+        assert!(
+            !self.mm.srcu().held_by_current_thread(),
+            "read_begin would wait for an invalidation of the same address space that the \
+             current thread is running: it would wait for itself forever"
+        );
+        let mut st = itree.state.lock();
+        while st.seq == seq {
+            st = itree.cv.wait(st);
+        }
+        ReadSeq(seq)
+    }
+
+    fn check_retry(&self, seq: ReadSeq) -> bool {
+        self.node.core().seq.load(Relaxed) != seq.0
+    }
+
+    fn range(&self) -> Option<ops::Range<u64>> {
+        let st = self.mm.itree().state.lock();
+        range_locked(&st, &self.node)
+    }
+
+    fn remove(&mut self, wait: bool) {
+        if !std::mem::replace(&mut self.done, true) {
+            remove_node(&self.mm, &self.node, wait);
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // A destructor never waits: it may run inside a callback, or with the user lock
+        // held while an invalidation waits for that lock.
+        self.remove(false);
+    }
+}
+
+/// An interval subscription: a secondary's state `T` for `start..end` of an address space,
+/// behind the subscription's own user lock. Created by [`Subscriptions::insert_interval`].
+///
+/// Dropping it removes it like [`remove_nowait`](Self::remove_nowait): a destructor never
+/// waits (it may run inside a callback, or with the user lock held while an invalidation
+/// waits for that lock). Call [`remove`](Self::remove) to wait until no callback runs.
 #[must_use = "dropping the subscription removes it"]
 pub struct IntervalSubscription<T: IntervalSubscriber> {
-    mm: Subscriptions,
     node: StdArc<Node<T>>,
-    done: bool,
+    handle: Handle,
 }
 
 impl<T: IntervalSubscriber> std::fmt::Debug for IntervalSubscription<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IntervalSubscription")
-            .field("range", &self.range())
+            .field("range", &HexSpan(&self.range()))
             .field("seq", &self.node.core.seq.load(Relaxed))
             .finish()
     }
@@ -642,7 +753,14 @@ impl<T> IntervalGuard<'_, T> {
     /// gathered and start again from [`IntervalSubscription::read_begin`]. Only callable
     /// with the user lock held, which orders it against `invalidate`.
     pub fn read_retry(&self, seq: ReadSeq) -> bool {
+        // Relaxed: the invalidation sets the sequence under this same lock, which orders it.
         self.core.seq.load(Relaxed) != seq.0
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for IntervalGuard<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("IntervalGuard").field(&*self.guard).finish()
     }
 }
 
@@ -668,29 +786,13 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
     /// If it would have to wait while the current thread is inside a callback of the same
     /// address space or holds one of its `InvalidateGuard`s (it would wait for itself).
     pub fn read_begin(&self) -> ReadSeq {
-        let itree = self.mm.itree();
-        // Acquire: see the module docs; the address-space seq read after it is at least
-        // the value an invalidation set this subscription's sequence to.
-        let seq = self.node.core.seq.load(Acquire);
-        if itree.seq.load(Acquire) != seq {
-            return ReadSeq(seq);
-        }
-        assert!(
-            !self.mm.srcu().held_by_current_thread(),
-            "read_begin would wait for an invalidation of the same address space that the \
-             current thread is running: it would wait for itself forever"
-        );
-        let mut st = itree.state.lock();
-        while st.seq == seq {
-            st = itree.cv.wait(st);
-        }
-        ReadSeq(seq)
+        self.handle.read_begin()
     }
 
     /// Lock-free early hint that `seq` is stale: `true` is reliable, `false` is not (only
     /// [`IntervalGuard::read_retry`] under the lock decides).
     pub fn check_retry(&self, seq: ReadSeq) -> bool {
-        self.node.core.seq.load(Relaxed) != seq.0
+        self.handle.check_retry(seq)
     }
 
     /// Takes the user lock.
@@ -701,59 +803,55 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
         }
     }
 
-    /// The closed interval `[start, last]` the subscription covers, or will cover once a
-    /// change queued in a frozen period is applied; `None` once removed.
-    pub fn range(&self) -> Option<(u64, u64)> {
-        let st = self.mm.itree().state.lock();
-        range_locked(&st, &self.erased())
+    /// The range the subscription covers, or will cover once a change queued in a frozen
+    /// period is applied; `None` once removed.
+    pub fn range(&self) -> Option<ops::Range<u64>> {
+        self.handle.range()
     }
 
-    fn erased(&self) -> StdArc<dyn ErasedNode> {
-        self.node.clone()
-    }
-
-    /// Moves the subscription to `[start, start + length)`. Deferred while the tree is
-    /// frozen; takes effect no later than the next `read_begin`. Never waits, so it may be
-    /// called from inside callbacks.
-    pub fn update(&self, start: u64, length: u64) -> Result<(), IntervalError> {
-        update(&self.mm, &self.erased(), start, length)
+    /// Moves the subscription to `range`. Deferred while the tree is frozen; takes effect
+    /// no later than the next `read_begin`. Never waits, so it may be called from inside
+    /// callbacks.
+    pub fn update(&self, range: ops::Range<u64>) -> Result<(), IntervalError> {
+        update(&self.handle.mm, &self.handle.node, range)
     }
 
     /// Splits the subscription atomically with respect to invalidations: it moves to
-    /// `left` and a new subscription with state `right_state` covers `right` (both
-    /// `(start, length)`; they must not overlap). For munmap punching a hole.
+    /// `left` and a new subscription with state `right_state` covers `right` (they must not
+    /// overlap). For munmap punching a hole.
     pub fn split(
         &self,
-        left: (u64, u64),
-        right: (u64, u64),
+        left: ops::Range<u64>,
+        right: ops::Range<u64>,
         right_state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
-        split(&self.mm, &self.erased(), left, right, right_state)
+        split_owned(&self.handle.mm, &self.handle.node, left, right, right_state)
     }
 
-    /// Removes the subscription. After it returns, its `invalidate` is not running and
-    /// will not be called. Without a `release` op it may wait for the invalidations of the
-    /// current frozen period to end; with one it never waits and `release` runs once the
-    /// subscription is out of the tree and unused (possibly later, on another thread).
+    /// Removes the subscription (Linux's `mmu_interval_notifier_remove`), waiting if an
+    /// invalidation of the current frozen period may still call it; then runs `release`
+    /// on this thread. After it returns, its `invalidate` is not running and will not be
+    /// called.
     ///
     /// # Panics
-    /// A subscriber without `release` removed from inside a callback of the same address
-    /// space, or while holding one of its `InvalidateGuard`s: that would wait for itself
-    /// forever (Linux deadlocks there).
+    /// Called from inside a callback of the same address space, or while holding one of
+    /// its `InvalidateGuard`s: it would wait for itself forever (Linux deadlocks there).
+    /// Use [`remove_nowait`](Self::remove_nowait) or [`IntervalContext::remove_self`].
     pub fn remove(mut self) {
-        self.remove_inner();
+        self.handle.remove(true);
     }
 
-    fn remove_inner(&mut self) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
-        }
-        remove_node(&self.mm, &self.erased());
+    /// Removes the subscription without waiting (what dropping it does): `release` runs
+    /// once it is out of the tree and no callback uses it (possibly later, on the thread
+    /// that ends the invalidation in flight). Allowed anywhere, callbacks included, but
+    /// not while holding this subscription's user lock (`release` takes it).
+    pub fn remove_nowait(mut self) {
+        self.handle.remove(false);
     }
 
     /// The address space.
     pub fn subscriptions(&self) -> &Subscriptions {
-        &self.mm
+        &self.handle.mm
     }
 
     /// Bytes one subscription costs beyond the subscriber's own state `T`: the shared
@@ -769,42 +867,33 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
     }
 }
 
-fn remove_node(mm: &Subscriptions, node: &StdArc<dyn ErasedNode>) {
+fn remove_node(mm: &Subscriptions, node: &StdArc<dyn ErasedNode>, wait: bool) {
     let itree = mm.itree();
+    if wait {
+        assert!(
+            !mm.srcu().held_by_current_thread(),
+            "an interval subscription was removed with `remove` from inside a callback of \
+             its address space (or while holding one of its InvalidateGuards): it would wait \
+             for itself forever. Use remove_nowait, or remove_self from the callback"
+        );
+    }
     let outcome = {
         let mut st = itree.state.lock();
-        remove_locked(&mut st, node)
+        remove_locked(&mut st, node, wait)
     };
     match outcome {
         RemoveOutcome::Already => {}
-        RemoveOutcome::Done => {
-            if node.has_release() {
-                node.release();
-            }
-        }
+        RemoveOutcome::Done => node.release(),
+        RemoveOutcome::Deferred(_) if !wait => {} // released at the end of the period
         RemoveOutcome::Deferred(seq) => {
-            if node.has_release() {
-                return; // released at the end of the frozen period
-            }
-            assert!(
-                !mm.srcu().held_by_current_thread(),
-                "an interval subscription without a release op was removed from inside a \
-                 callback of its address space (or while holding one of its \
-                 InvalidateGuards): remove would wait for itself forever. Implement \
-                 IntervalSubscriber::release (HAS_RELEASE = true) to remove from callbacks"
-            );
             // Re-read seq under the lock each time (the 2022 fix).
             let mut st = itree.state.lock();
             while st.seq == seq {
                 st = itree.cv.wait(st);
             }
+            drop(st);
+            node.release();
         }
-    }
-}
-
-impl<T: IntervalSubscriber> Drop for IntervalSubscription<T> {
-    fn drop(&mut self) {
-        self.remove_inner();
     }
 }
 
@@ -814,6 +903,14 @@ pub struct IntervalContext<'a, T: IntervalSubscriber> {
     mm: &'a Subscriptions,
     node: &'a StdArc<Node<T>>,
     cur_seq: u64,
+}
+
+impl<T: IntervalSubscriber> std::fmt::Debug for IntervalContext<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntervalContext")
+            .field("cur_seq", &self.cur_seq)
+            .finish()
+    }
 }
 
 impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
@@ -827,32 +924,25 @@ impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
         self.cur_seq
     }
 
-    /// Removes this subscription; `release` runs once it is out of the tree and unused.
-    ///
-    /// # Panics
-    /// If `T` has no `release` op (see [`IntervalSubscriber::HAS_RELEASE`]).
+    /// Removes this subscription without waiting; `release` runs once it is out of the
+    /// tree and unused. The handle, if still held, then reports `range() == None`.
     pub fn remove_self(&mut self) {
-        assert!(
-            T::HAS_RELEASE,
-            "remove_self needs IntervalSubscriber::release (HAS_RELEASE = true): without it \
-             removal must wait for the running invalidation, i.e. for itself"
-        );
-        remove_node(self.mm, &self.erased());
+        remove_node(self.mm, &self.erased(), false);
     }
 
     /// Moves this subscription (deferred until the end of the frozen period).
-    pub fn update_self(&mut self, start: u64, length: u64) -> Result<(), IntervalError> {
-        update(self.mm, &self.erased(), start, length)
+    pub fn update_self(&mut self, range: ops::Range<u64>) -> Result<(), IntervalError> {
+        update(self.mm, &self.erased(), range)
     }
 
     /// Splits this subscription (see [`IntervalSubscription::split`]).
     pub fn split_self(
         &mut self,
-        left: (u64, u64),
-        right: (u64, u64),
+        left: ops::Range<u64>,
+        right: ops::Range<u64>,
         right_state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
-        split(self.mm, &self.erased(), left, right, right_state)
+        split_owned(self.mm, &self.erased(), left, right, right_state)
     }
 
     fn erased(&self) -> StdArc<dyn ErasedNode> {
@@ -860,39 +950,46 @@ impl<'a, T: IntervalSubscriber> IntervalContext<'a, T> {
     }
 }
 
-/// Moves `node` to `[start, start + length)` (the handle's and the callback's `update`).
+/// Moves `node` to `range` (the handles' and the callbacks' `update`).
 fn update(
     mm: &Subscriptions,
     node: &StdArc<dyn ErasedNode>,
-    start: u64,
-    length: u64,
+    range: ops::Range<u64>,
 ) -> Result<(), IntervalError> {
-    let last = last_of(start, length)?;
+    let last = last_of(&range)?;
     let itree = mm.itree();
     let mut st = itree.state.lock();
-    update_locked(itree, &mut st, node, start, last)
+    update_locked(itree, &mut st, node, range.start, last)
 }
 
 fn new_node<T: IntervalSubscriber>(state: T) -> StdArc<Node<T>> {
     StdArc::new(Node {
-        core: NodeCore {
-            seq: AtomicU64::new(0),
-            pos: AtomicU64::new(NOT_IN_TREE),
-        },
+        core: NodeCore::new(),
         user: Mutex::new(state),
     })
 }
 
-fn split<T: IntervalSubscriber>(
+impl NodeCore {
+    fn new() -> Self {
+        NodeCore {
+            seq: AtomicU64::new(0),
+            pos: AtomicU64::new(NOT_IN_TREE),
+        }
+    }
+}
+
+/// Moves `old` to `left` and inserts `new` at `right` under one hold of the lock: an
+/// invalidation sees either the whole subscription or both halves.
+fn split_node(
     mm: &Subscriptions,
     old: &StdArc<dyn ErasedNode>,
-    left: (u64, u64),
-    right: (u64, u64),
-    right_state: T,
-) -> Result<IntervalSubscription<T>, IntervalError> {
-    let left_last = last_of(left.0, left.1)?;
-    let right_last = last_of(right.0, right.1)?;
-    if left.0 <= right_last && right.0 <= left_last {
+    left: ops::Range<u64>,
+    right: ops::Range<u64>,
+    new: StdArc<dyn ErasedNode>,
+) -> Result<(), IntervalError> {
+    let left_last = last_of(&left)?;
+    let right_last = last_of(&right)?;
+    if left.start <= right_last && right.start <= left_last {
         return Err(IntervalError::SplitOverlap);
     }
     let itree = mm.itree();
@@ -900,13 +997,47 @@ fn split<T: IntervalSubscriber>(
     if st.released {
         return Err(IntervalError::Released);
     }
-    update_locked(itree, &mut st, old, left.0, left_last)?;
+    update_locked(itree, &mut st, old, left.start, left_last)?;
+    insert_locked(itree, &mut st, new, right.start, right_last);
+    Ok(())
+}
+
+fn split_owned<T: IntervalSubscriber>(
+    mm: &Subscriptions,
+    old: &StdArc<dyn ErasedNode>,
+    left: ops::Range<u64>,
+    right: ops::Range<u64>,
+    right_state: T,
+) -> Result<IntervalSubscription<T>, IntervalError> {
     let node = new_node(right_state);
-    // The new half follows the insert rules, under the same hold of the lock as the move:
-    // an invalidation sees either the whole subscription or both halves.
-    insert_locked(itree, &mut st, node.clone(), right.0, right_last);
-    drop(st);
+    split_node(mm, old, left, right, node.clone())?;
     Ok(IntervalSubscription {
+        handle: Handle {
+            mm: mm.clone(),
+            node: node.clone(),
+            done: false,
+        },
+        node,
+    })
+}
+
+/// Inserts `node` at `range` (both kinds' insert).
+fn insert_node(
+    mm: &Subscriptions,
+    range: ops::Range<u64>,
+    node: StdArc<dyn ErasedNode>,
+) -> Result<Handle, IntervalError> {
+    let last = last_of(&range)?;
+    enable(mm)?;
+    let itree = mm.itree();
+    let mut st = itree.state.lock();
+    // The 2020 fix: check that the address space is alive, not merely allocated.
+    if st.released {
+        return Err(IntervalError::Released);
+    }
+    insert_locked(itree, &mut st, node.clone(), range.start, last);
+    drop(st);
+    Ok(Handle {
         mm: mm.clone(),
         node,
         done: false,
@@ -914,36 +1045,24 @@ fn split<T: IntervalSubscriber>(
 }
 
 impl Subscriptions {
-    /// Subscribes `state` to invalidations overlapping `[start, start + length)`
-    /// (Linux's `mmu_interval_notifier_insert`). Never waits for invalidations (except,
-    /// once per address space, the very first insert, which waits for the ones in flight),
-    /// so it may be called from inside callbacks once the address space has one interval
-    /// subscription. When it returns, the subscription may not be in the tree yet; fill
-    /// through [`read_begin`](IntervalSubscription::read_begin), which waits if needed.
+    /// Subscribes `state` to invalidations overlapping `range` (Linux's
+    /// `mmu_interval_notifier_insert`), behind a user lock of its own. Never waits for
+    /// invalidations (except, once per address space, the very first insert, which waits
+    /// for the ones in flight), so it may be called from inside callbacks once the address
+    /// space has one interval subscription. When it returns, the subscription may not be in
+    /// the tree yet; fill through [`read_begin`](IntervalSubscription::read_begin), which
+    /// waits if needed.
     ///
-    /// Errors: zero length, `start + length - 1` overflowing, a released address space.
+    /// Errors: an empty range, a released address space, a first insert from inside a
+    /// callback.
     pub fn insert_interval<T: IntervalSubscriber>(
         &self,
-        start: u64,
-        length: u64,
+        range: ops::Range<u64>,
         state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
-        let last = last_of(start, length)?;
-        enable(self)?;
-        let itree = self.itree();
-        let mut st = itree.state.lock();
-        // The 2020 fix: check that the address space is alive, not merely allocated.
-        if st.released {
-            return Err(IntervalError::Released);
-        }
         let node = new_node(state);
-        insert_locked(itree, &mut st, node.clone(), start, last);
-        drop(st);
-        Ok(IntervalSubscription {
-            mm: self.clone(),
-            node,
-            done: false,
-        })
+        let handle = insert_node(self, range, node.clone())?;
+        Ok(IntervalSubscription { node, handle })
     }
 
     /// The interval part of address-space release: refuse new subscriptions, then one
