@@ -88,6 +88,13 @@ step "cargo package: the publishable crates package and build from their .crate 
 # Verification builds each crate from its packaged sources (the target/package dir is
 # reused between runs); then the packaged mmu-notifier runs its doc tests, which include
 # the README, from the unpacked .crate (dependencies come from the shared target dir).
+# Cargo verifies each crate against the others' .crate files through a temporary local
+# registry, unpacked into $CARGO_HOME/registry/src/-<hash>/, and never unpacks over an
+# existing copy of the same version: remove those copies of this workspace's crates first,
+# or verification would build the sources of an earlier run.
+cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+rm -rf "$cargo_home"/registry/src/-*/mmu-notifier-[0-9]* \
+  "$cargo_home"/registry/src/-*/mmu-sim-[0-9]* "$cargo_home"/registry/src/-*/mmu-uffd-[0-9]*
 cargo package --allow-dirty --locked -p mmu-notifier -p mmu-sim -p mmu-uffd
 core_version="$(cargo metadata --no-deps --format-version 1 |
   jq -r '.packages[] | select(.name == "mmu-notifier") | .version')"
