@@ -584,6 +584,11 @@ struct Index<R: KeyedRegistrar<K>, K> {
 ///
 /// With registration attributes in the key (`RegCache<R, K>`), see [`KeyedRegistrar`] and
 /// [`RegCache::with_keyed_fns`].
+///
+/// Dropping the cache is [`clear`](Self::clear): it forgets every entry, and a
+/// registration is deregistered when its last handle drops, so a handle still held keeps
+/// its registration (and its validity tracking) after the cache is gone. Once the monitor
+/// stops, every handle reads as invalid.
 pub struct RegCache<R: KeyedRegistrar<K>, K: CacheKey = ()> {
     monitor: Arc<Shared>,
     registrar: Arc<R>,
