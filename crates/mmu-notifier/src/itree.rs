@@ -23,15 +23,27 @@
 //! Index 0 is a sentinel node (all zero) that is never linked into the tree, so an empty
 //! link reads as a subtree whose maximum is 0 and maxima are recomputed without branches.
 //!
-//! Insertion walks down from the root, remembers the path on a fixed-size stack and
-//! retraces it; removal starts at the entry itself and climbs the parent links, so it
-//! never searches. An AVL tree of fewer than 2^31 nodes is at most 44 levels tall, so
-//! every stack is a small array and nothing recurses.
+//! Insertion walks down from the root (one comparison and one conditional store per level)
+//! and retraces upwards through the parent links; removal starts at the entry itself and
+//! climbs the parent links, so it never searches. An AVL tree of fewer than 2^31 nodes is
+//! at most 44 levels tall, so the queries' stacks are small arrays and nothing recurses.
+//!
+//! # Slot indices
+//!
+//! The hot paths read nodes without bounds checks. That is sound because of one
+//! invariant: every index the tree stores (in a link, a parent field, `root` or the free
+//! list) or passes between its own functions is either the empty link 0 while the
+//! sentinel exists, or a slot that was pushed; `nodes` only ever grows. A slot enters the tree only after
+//! `alloc` pushed it (pushing the sentinel first), and keys from callers are checked
+//! against `nodes.len()` and the slot's generation before they are used. Debug builds
+//! assert the bound on every access.
 //!
 //! # Order and augmentation invariants
 //!
-//! - **Order.** An in-order walk visits entries ascending by `(start, index)`: the slot
-//!   index breaks ties, so duplicate intervals are distinct, totally ordered entries.
+//! - **Order.** An in-order walk visits entries ascending by `start`; entries with equal
+//!   starts in the order they were inserted (an insertion goes right of an equal start,
+//!   and rotations and removals keep the in-order sequence), so duplicate intervals are
+//!   distinct, totally ordered entries.
 //! - **Balance.** At every node the heights of the two subtrees differ by at most one, and
 //!   the balance bits say which one (if either) is taller.
 //! - **Augmentation.** Every node's `max` is the largest `last` in its subtree:
@@ -265,32 +277,32 @@ impl<V> IntervalTree<V> {
             index: idx,
             generation,
         };
-        if self.root == NIL {
+        let mut n = self.root;
+        if n == NIL {
             self.root = idx;
             return Ok(key);
         }
-        let mut path = [NIL; MAX_HEIGHT];
-        let mut dirs = 0u64;
-        let mut depth = 0;
-        let mut n = self.root;
-        loop {
-            let node = &mut self.nodes[n as usize];
+        // Down to a leaf position, raising maxima on the way. An equal start goes right:
+        // after the entries already there.
+        // The slice keeps the base pointer in a register across the stores.
+        let nodes = &mut self.nodes[..];
+        let d = loop {
+            debug_assert!((n as usize) < nodes.len());
+            // SAFETY: n is the root or a child link: in bounds (see "Slot indices").
+            let node = unsafe { nodes.get_unchecked_mut(n as usize) };
             if node.max < last {
                 node.max = last;
             }
-            let d = ((start > node.start) | ((start == node.start) & (idx > n))) as usize;
-            path[depth] = n;
-            dirs |= (d as u64) << depth;
-            depth += 1;
+            let d = (start >= node.start) as usize;
             let c = node.child(d);
             if c == NIL {
-                node.set_child(d, idx);
-                self.nodes[idx as usize].parent = n;
-                break;
+                node.link[d] |= idx;
+                break d;
             }
             n = c;
-        }
-        self.insert_retrace(&path, dirs, depth);
+        };
+        self.nd_mut(idx).parent = n;
+        self.insert_retrace(n, d);
         Ok(key)
     }
 
@@ -303,12 +315,12 @@ impl<V> IntervalTree<V> {
             _ => return None,
         }
         let value = self.values[z as usize].take()?;
-        let zn = self.nodes[z as usize];
+        let zn = *self.nd(z);
         let zp = zn.parent;
         let [zl, zr] = [zn.child(0), zn.child(1)];
         // Read z's side early, so the miss on its parent overlaps the successor walk.
         // (For the root this reads the sentinel, harmlessly.)
-        let zside = self.nodes[zp as usize].side_of(z);
+        let zside = self.nd(zp).side_of(z);
 
         // Where the climb starts: the node whose subtree on side `d` lost one level
         // of height (at most), and `zpos`, the node now at z's position (NIL if none).
@@ -318,40 +330,40 @@ impl<V> IntervalTree<V> {
             // place to its right child and takes z's place, links and balance.
             let (mut sp, mut s) = (z, zr);
             loop {
-                let l = self.nodes[s as usize].child(0);
+                let l = self.nd(s).child(0);
                 if l == NIL {
                     break;
                 }
                 (sp, s) = (s, l);
             }
-            let sr = self.nodes[s as usize].child(1);
+            let sr = self.nd(s).child(1);
             let mut link = zn.link;
             if s == zr {
                 // s keeps its right subtree; z's right side shrank.
                 link[1] = (link[1] & HEAVY) | sr;
                 (p, d) = (s, 1);
             } else {
-                self.nodes[sp as usize].set_child(0, sr);
+                self.nd_mut(sp).set_child(0, sr);
                 if sr != NIL {
-                    self.nodes[sr as usize].parent = sp;
+                    self.nd_mut(sr).parent = sp;
                 }
-                self.nodes[zr as usize].parent = s;
+                self.nd_mut(zr).parent = s;
                 (p, d) = (sp, 0);
             }
-            let sn = &mut self.nodes[s as usize];
+            let sn = self.nd_mut(s);
             sn.link = link;
             // The subtrees below z's position lost s, not z.
             below_last = sn.last;
             sn.max = zn.max;
-            self.nodes[zl as usize].parent = s;
-            self.nodes[s as usize].parent = zp;
+            self.nd_mut(zl).parent = s;
+            self.nd_mut(s).parent = zp;
             self.hook_side(zp, zside, s);
             zpos = s;
         } else {
             // At most one child: it takes z's place (one of zl, zr is NIL = 0).
             let c = zl | zr;
             if c != NIL {
-                self.nodes[c as usize].parent = zp;
+                self.nd_mut(c).parent = zp;
             }
             d = zside;
             self.hook_side(zp, zside, c);
@@ -360,8 +372,9 @@ impl<V> IntervalTree<V> {
         self.remove_retrace(p, d, zpos, zn.last, below_last);
 
         self.len -= 1;
-        self.nodes[z as usize] = Node {
-            link: [self.free, NIL],
+        let free = self.free;
+        *self.nd_mut(z) = Node {
+            link: [free, NIL],
             gen: key.generation.wrapping_add(1),
             ..Node::default()
         };
@@ -393,7 +406,7 @@ impl<V> IntervalTree<V> {
 
     /// Calls `f(key, start, last, value)` for every entry that overlaps the closed range
     /// `[start, last]` (shares at least one point with it), ascending by start; entries
-    /// with equal starts come in a fixed order (by slot). O(log n + k) for k results.
+    /// with equal starts come in the order they were inserted. O(log n + k) for k results.
     ///
     /// A query with `start > last` is empty and matches nothing.
     pub fn for_each_overlap(
@@ -402,58 +415,37 @@ impl<V> IntervalTree<V> {
         last: u64,
         mut f: impl FnMut(NodeKey, u64, u64, &V),
     ) {
-        if start > last || self.root == NIL || self.nodes[self.root as usize].max < start {
+        if start > last || self.root == NIL || self.nd(self.root).max < start {
             return;
         }
-        let nodes = &self.nodes[..];
+        if start == 0 {
+            // Every entry ends at or after 0: the overlaps are the entries up to the first
+            // that starts after `last`.
+            for (key, s, l, value) in self.iter() {
+                if s > last {
+                    return;
+                }
+                f(key, s, l, value);
+            }
+            return;
+        }
         // An in-order walk that skips subtrees whose max is below `start` and stops at
-        // the first node that starts after `last`. `stack` holds the nodes whose left
-        // subtree is being walked: they come next in order.
-        let mut stack = [NIL; MAX_HEIGHT];
-        let mut sp = 0;
+        // the first node that starts after `last`; it moves on to the next node in order
+        // through the parent links (no stack). As `start > 0`, the sentinel (max 0) fails
+        // every `max >= start` test: empty links need no check.
         let mut n = self.root;
         'descend: loop {
-            // Invariant: n is a node whose subtree's max reaches `start`. The left/right
-            // choice is data-dependent and unpredictable, so it is made without a
-            // branch; the branches left are taken about once per query.
+            // Invariant: n's subtree has an entry that ends at or after `start`.
             loop {
-                let node = &nodes[n as usize];
-                let [l, r] = [node.child(0), node.child(1)];
-                // Both children's maxima are loaded, in parallel: one of them decides,
-                // the other is the next node's max.
-                let (lmax, rmax) = (nodes[l as usize].max, nodes[r as usize].max);
-                let go_left = (l != NIL) & (lmax >= start);
-                let past = node.start > last;
-                // With nothing on the left, n is the next node in order: it either ends
-                // the walk (`past`) or may match. That is rare, so it gets a branch;
-                // but `go_left` must not (the compiler would split a plain `&&`), hence
-                // the lookup: bit `go_left | past << 1 | ends_late << 2` of 0b0101_0100
-                // is set exactly when !go_left && (past || ends_late).
-                let ends_late = node.last >= start;
-                let case = go_left as u32 | (past as u32) << 1 | (ends_late as u32) << 2;
-                if (0b0101_0100 >> case) & 1 != 0 {
-                    if past {
-                        return;
-                    }
-                    let (key, value) = self.entry(n);
-                    f(key, node.start, node.last, value);
+                let node = self.nd(n);
+                let l = node.child(0);
+                if self.nd(l).max >= start {
+                    // The leftmost candidate is on the left: n comes after it.
+                    n = l;
+                    continue;
                 }
-                stack[sp] = n;
-                sp += go_left as usize;
-                let (next, next_max) = if go_left { (l, lmax) } else { (r, rmax) };
-                if (next == NIL) | (next_max < start) {
-                    break;
-                }
-                n = next;
-            }
-            // Climb to the next node in order whose right subtree may still match.
-            while sp > 0 {
-                sp -= 1;
-                n = stack[sp];
-                let node = &nodes[n as usize];
                 if node.start > last {
-                    // This node, its right subtree and every node left on the stack start
-                    // after the query.
+                    // n and everything after it in order start after the query.
                     return;
                 }
                 if node.last >= start {
@@ -461,12 +453,37 @@ impl<V> IntervalTree<V> {
                     f(key, node.start, node.last, value);
                 }
                 let r = node.child(1);
-                if r != NIL && nodes[r as usize].max >= start {
+                if self.nd(r).max < start {
+                    break;
+                }
+                n = r;
+            }
+            // Climb to the next node in order (the first ancestor whose left subtree n's
+            // subtree is in) and go on from there.
+            loop {
+                let p = self.nd(n).parent;
+                if p == NIL {
+                    return;
+                }
+                let from_right = self.nd(p).child(1) == n;
+                n = p;
+                if from_right {
+                    continue;
+                }
+                let node = self.nd(n);
+                if node.start > last {
+                    return;
+                }
+                if node.last >= start {
+                    let (key, value) = self.entry(n);
+                    f(key, node.start, node.last, value);
+                }
+                let r = node.child(1);
+                if self.nd(r).max >= start {
                     n = r;
                     continue 'descend;
                 }
             }
-            return;
         }
     }
 
@@ -477,15 +494,13 @@ impl<V> IntervalTree<V> {
         if start > last {
             return false;
         }
-        let nodes = &self.nodes[..];
         let mut n = self.root;
         // If the left subtree has an entry ending at or after `start`, it holds an overlap
         // unless that entry starts after `last` — and then so does everything from this
         // node on. Otherwise nothing on the left can overlap, and neither this node nor
-        // the right subtree can if this node starts after `last`. The choice is made
-        // without a branch (see `for_each_overlap`).
+        // the right subtree can if this node starts after `last`.
         while n != NIL {
-            let node = &nodes[n as usize];
+            let node = self.nd(n);
             if node.max < start {
                 return false;
             }
@@ -493,7 +508,7 @@ impl<V> IntervalTree<V> {
                 return true;
             }
             let [l, r] = [node.child(0), node.child(1)];
-            let go_left = (l != NIL) & (nodes[l as usize].max >= start);
+            let go_left = (l != NIL) & (self.nd(l).max >= start);
             if !go_left & (node.start > last) {
                 return false;
             }
@@ -515,8 +530,9 @@ impl<V> IntervalTree<V> {
     }
 
     /// Checks every structural invariant and panics with a description of the first one
-    /// that is broken: order by `(start, index)`, AVL balance and its bits, subtree
-    /// maxima, parent links, `len`, the slots and the free list. O(n); for tests.
+    /// that is broken: order by `start`, AVL balance and its bits, subtree
+    /// maxima, parent links, `len`, the slots and the free list. O(n); for tests. (The
+    /// order among equal starts, insertion order, is checked by the property tests.)
     #[doc(hidden)]
     pub fn check_invariants(&self) {
         assert_eq!(
@@ -596,7 +612,7 @@ impl<V> IntervalTree<V> {
         let (hl, cl) = self.check_subtree(node.child(0), seen, prev);
         let key = (node.start, n);
         if let Some(p) = *prev {
-            assert!(p < key, "order broken: {p:?} before {key:?}");
+            assert!(p.0 <= key.0, "order broken: {p:?} before {key:?}");
         }
         *prev = Some(key);
         let (hr, cr) = self.check_subtree(node.child(1), seen, prev);
@@ -669,12 +685,30 @@ impl<V> IntervalTree<V> {
         }
     }
 
+    /// Node `i`, without a bounds check.
+    #[inline(always)]
+    fn nd(&self, i: u32) -> &Node {
+        debug_assert!((i as usize) < self.nodes.len(), "slot {i} out of range");
+        // SAFETY: `i` is in bounds by the slot-index invariant (see "Slot indices" in the
+        // module documentation): every index the tree stores or passes to this is NIL (and
+        // the sentinel exists) or a pushed slot, and `nodes` never shrinks.
+        unsafe { self.nodes.get_unchecked(i as usize) }
+    }
+
+    /// Node `i`, mutably, without a bounds check.
+    #[inline(always)]
+    fn nd_mut(&mut self, i: u32) -> &mut Node {
+        debug_assert!((i as usize) < self.nodes.len(), "slot {i} out of range");
+        // SAFETY: as in `nd`.
+        unsafe { self.nodes.get_unchecked_mut(i as usize) }
+    }
+
     /// `max(last, max(left), max(right))` of node `n` (the sentinel's max is 0).
     #[inline(always)]
     fn compute_max(&self, n: u32) -> u64 {
-        let node = &self.nodes[n as usize];
-        let l = self.nodes[node.child(0) as usize].max;
-        let r = self.nodes[node.child(1) as usize].max;
+        let node = self.nd(n);
+        let l = self.nd(node.child(0)).max;
+        let r = self.nd(node.child(1)).max;
         node.last.max(l).max(r)
     }
 
@@ -684,7 +718,7 @@ impl<V> IntervalTree<V> {
         if parent == NIL {
             self.root = new;
         } else {
-            let pn = &mut self.nodes[parent as usize];
+            let pn = self.nd_mut(parent);
             let d = pn.side_of(old);
             pn.set_child(d, new);
         }
@@ -696,7 +730,7 @@ impl<V> IntervalTree<V> {
         if parent == NIL {
             self.root = new;
         } else {
-            self.nodes[parent as usize].set_child(d, new);
+            self.nd_mut(parent).set_child(d, new);
         }
     }
 
@@ -705,19 +739,20 @@ impl<V> IntervalTree<V> {
     /// returned node into `p`'s old parent; balance bits are the caller's job too.
     #[inline(always)]
     fn rotate(&mut self, p: u32, d: usize) -> u32 {
-        let c = self.nodes[p as usize].child(d);
-        let inner = self.nodes[c as usize].child(1 - d);
-        self.nodes[p as usize].set_child(d, inner);
+        let pn = *self.nd(p);
+        let c = pn.child(d);
+        let inner = self.nd(c).child(1 - d);
+        self.nd_mut(p).set_child(d, inner);
         if inner != NIL {
-            self.nodes[inner as usize].parent = p;
+            self.nd_mut(inner).parent = p;
         }
-        let pmax = self.nodes[p as usize].max;
-        let cn = &mut self.nodes[c as usize];
+        let cn = self.nd_mut(c);
         cn.set_child(1 - d, p);
-        cn.max = pmax;
-        self.nodes[c as usize].parent = self.nodes[p as usize].parent;
-        self.nodes[p as usize].parent = c;
-        self.nodes[p as usize].max = self.compute_max(p);
+        cn.max = pn.max;
+        cn.parent = pn.parent;
+        self.nd_mut(p).parent = c;
+        let m = self.compute_max(p);
+        self.nd_mut(p).max = m;
         c
     }
 
@@ -726,29 +761,29 @@ impl<V> IntervalTree<V> {
     /// and whether the subtree got shorter than it was before rebalancing (always true
     /// after an insertion).
     fn rebalance(&mut self, p: u32, e: usize) -> (u32, bool) {
-        let pp = self.nodes[p as usize].parent;
-        let c = self.nodes[p as usize].child(e);
-        let ch = self.nodes[c as usize].heavy();
+        let pp = self.nd(p).parent;
+        let c = self.nd(p).child(e);
+        let ch = self.nd(c).heavy();
         let (top, shorter) = if ch == 1 - e {
-            let g = self.nodes[c as usize].child(1 - e);
-            let gh = self.nodes[g as usize].heavy();
+            let g = self.nd(c).child(1 - e);
+            let gh = self.nd(g).heavy();
             self.rotate(c, 1 - e);
-            self.nodes[p as usize].set_child(e, g);
+            self.nd_mut(p).set_child(e, g);
             self.rotate(p, e);
-            self.nodes[p as usize].set_heavy(if gh == e { 1 - e } else { EVEN });
-            self.nodes[c as usize].set_heavy(if gh == 1 - e { e } else { EVEN });
-            self.nodes[g as usize].set_heavy(EVEN);
+            self.nd_mut(p).set_heavy(if gh == e { 1 - e } else { EVEN });
+            self.nd_mut(c).set_heavy(if gh == 1 - e { e } else { EVEN });
+            self.nd_mut(g).set_heavy(EVEN);
             (g, true)
         } else {
             self.rotate(p, e);
             if ch == e {
-                self.nodes[p as usize].set_heavy(EVEN);
-                self.nodes[c as usize].set_heavy(EVEN);
+                self.nd_mut(p).set_heavy(EVEN);
+                self.nd_mut(c).set_heavy(EVEN);
                 (c, true)
             } else {
                 // Only after a removal: the sibling was even.
-                self.nodes[p as usize].set_heavy(e);
-                self.nodes[c as usize].set_heavy(1 - e);
+                self.nd_mut(p).set_heavy(e);
+                self.nd_mut(c).set_heavy(1 - e);
                 (c, false)
             }
         };
@@ -756,20 +791,23 @@ impl<V> IntervalTree<V> {
         (top, shorter)
     }
 
-    /// After a leaf was hung below `path[depth - 1]`: restore the balance upwards.
-    /// (Maxima were raised on the way down.)
-    fn insert_retrace(&mut self, path: &[u32; MAX_HEIGHT], dirs: u64, depth: usize) {
-        let mut i = depth;
-        while i > 0 {
-            i -= 1;
-            let p = path[i];
-            let d = ((dirs >> i) & 1) as usize;
-            let h = self.nodes[p as usize].heavy();
+    /// After a leaf was hung below `p` on side `d`: restore the balance upwards, climbing
+    /// the parent links. (Maxima were raised on the way down.)
+    #[inline(always)]
+    fn insert_retrace(&mut self, mut p: u32, mut d: usize) {
+        loop {
+            let h = self.nd(p).heavy();
             if h == EVEN {
                 // Taller by one on side d; so is the whole subtree.
-                self.nodes[p as usize].set_heavy(d);
+                self.nd_mut(p).set_heavy(d);
+                let c = p;
+                p = self.nd(c).parent;
+                if p == NIL {
+                    return;
+                }
+                d = self.nd(p).side_of(c);
             } else if h != d {
-                self.nodes[p as usize].set_heavy(EVEN);
+                self.nd_mut(p).set_heavy(EVEN);
                 return;
             } else {
                 self.rebalance(p, d);
@@ -795,21 +833,20 @@ impl<V> IntervalTree<V> {
         while p != NIL {
             above |= p == zpos;
             let gone = if above { removed_last } else { below_last };
-            let old_max = self.nodes[p as usize].max;
+            let old_max = self.nd(p).max;
             // Only a max that came from the entry that left can change.
-            let new_max = if old_max > gone {
-                old_max
-            } else {
-                self.compute_max(p)
-            };
-            self.nodes[p as usize].max = new_max;
+            if old_max <= gone {
+                let m = self.compute_max(p);
+                self.nd_mut(p).max = m;
+            }
+            let new_max = self.nd(p).max;
             let mut top = p;
             if shrunk {
-                let h = self.nodes[p as usize].heavy();
+                let h = self.nd(p).heavy();
                 if h == d {
-                    self.nodes[p as usize].set_heavy(EVEN);
+                    self.nd_mut(p).set_heavy(EVEN);
                 } else if h == EVEN {
-                    self.nodes[p as usize].set_heavy(1 - d);
+                    self.nd_mut(p).set_heavy(1 - d);
                     shrunk = false;
                 } else {
                     (top, shrunk) = self.rebalance(p, 1 - d);
@@ -819,9 +856,9 @@ impl<V> IntervalTree<V> {
             if !shrunk && new_max == old_max && above {
                 return;
             }
-            let parent = self.nodes[top as usize].parent;
+            let parent = self.nd(top).parent;
             if parent != NIL {
-                d = self.nodes[parent as usize].side_of(top);
+                d = self.nd(parent).side_of(top);
             }
             p = parent;
         }
@@ -894,6 +931,11 @@ mod tests {
     fn node_is_small() {
         assert_eq!(std::mem::size_of::<Node>(), 40);
         assert_eq!(IntervalTree::<u64>::bytes_per_entry(), 40);
+        // What an interval subscription costs here: its node plus the slot of the
+        // `Arc<dyn ...>` (a fat pointer; `None` is its niche) that the tree's value is.
+        let per_subscription = IntervalTree::<std::sync::Arc<dyn Fn()>>::bytes_per_entry()
+            + std::mem::size_of::<Option<std::sync::Arc<dyn Fn()>>>();
+        assert_eq!(per_subscription, 56);
     }
 
     #[test]

@@ -131,5 +131,5 @@ pub use srcu::{Srcu, SrcuReadGuard};
 pub use subscriptions::{InvalidateGuard, ListRegistration, Shared, Stats, Subscriptions};
 
 #[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

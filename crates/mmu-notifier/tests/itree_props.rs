@@ -3,7 +3,7 @@
 //! queries, with the tree's structural invariants checked after every step.
 #![cfg(not(loom))]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use mmu_notifier::itree::{IntervalTree, InvalidInterval, NodeKey};
 use proptest::prelude::*;
@@ -45,12 +45,24 @@ fn overlaps(s: u64, l: u64, qs: u64, ql: u64) -> bool {
     qs <= ql && s <= ql && qs <= l
 }
 
-/// The naive model: every live entry as (key, start, last, value).
+/// The naive model: every live entry as (key, start, last, value), and when each live
+/// key was inserted (entries with equal starts must come in that order).
 #[derive(Default)]
 struct Model {
     live: Vec<(NodeKey, u64, u64, u32)>,
     removed: Vec<NodeKey>,
     next_value: u32,
+    inserted: HashMap<NodeKey, u32>,
+}
+
+impl Model {
+    /// Whether `entries` (key, start, ..) are ascending by start, equal starts in
+    /// insertion order, each entry once.
+    fn in_order(&self, entries: &[(NodeKey, u64, u64, u32)]) -> bool {
+        entries
+            .windows(2)
+            .all(|w| (w[0].1, self.inserted[&w[0].0]) < (w[1].1, self.inserted[&w[1].0]))
+    }
 }
 
 fn run(ops: &[Op]) {
@@ -69,6 +81,7 @@ fn run(ops: &[Op]) {
                             "key {k:?} handed out twice"
                         );
                         m.live.push((k, s, l, v));
+                        m.inserted.insert(k, v);
                     }
                     Err(e) => {
                         assert!(s > l, "refused [{s}, {l}]");
@@ -103,8 +116,8 @@ fn run(ops: &[Op]) {
                 let mut got = Vec::new();
                 tree.for_each_overlap(qs, ql, |k, s, l, v| got.push((k, s, l, *v)));
                 assert!(
-                    got.windows(2).all(|w| w[0].1 <= w[1].1),
-                    "not ascending by start: {got:?}"
+                    m.in_order(&got),
+                    "not ascending by (start, insertion): {got:?}"
                 );
                 let want: HashSet<_> = m
                     .live
@@ -127,7 +140,7 @@ fn run(ops: &[Op]) {
     }
     // The full walk: ascending by start, and exactly the model's entries.
     let all: Vec<_> = tree.iter().map(|(k, s, l, v)| (k, s, l, *v)).collect();
-    assert!(all.windows(2).all(|w| w[0].1 <= w[1].1));
+    assert!(m.in_order(&all), "walk not in (start, insertion) order");
     let mut want = m.live.clone();
     want.sort_by_key(|e| (e.1, e.3));
     let mut got = all;

@@ -31,6 +31,12 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "mmu-oracle supports Linux only: it observes the kernel's notifier calls through KVM's \
+     tracepoints."
+);
+
 pub mod kernel;
 pub mod script;
 pub mod sim;

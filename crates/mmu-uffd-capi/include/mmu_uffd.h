@@ -84,6 +84,10 @@ typedef struct {
     // Registrations of one lookup that may collide with invalidations before it fails
     // with `-EAGAIN`; 0 means the default, 64.
     uint32_t max_attempts;
+    // Most bytes the cached ranges add up to (the least recently used are evicted, as
+    // for `capacity`; a single longer range is registered but not cached); 0 means no
+    // limit (the default). libfabric's `FI_MR_CACHE_MAX_SIZE`.
+    uint64_t max_bytes;
 } mmu_uffd_cache_config;
 
 // Registers `[addr, addr + len)` (whole pages) and stores the registration's key in
@@ -98,15 +102,34 @@ typedef int (*mmu_uffd_reg_fn)(void *user, void *addr, size_t len, uint64_t *key
 // cache held.
 typedef void (*mmu_uffd_dereg_fn)(void *user, uint64_t key);
 
+// Registration attributes, part of a cache entry's key with its range (as libfabric
+// keys its MR cache by access flags and device): lookups with different attributes never
+// share an entry, even for the same memory. All zeros is "no attributes" (what
+// `mmu_uffd_cache_get` uses).
+typedef struct {
+    // Access flags (for example `FI_READ | FI_WRITE` or `IBV_ACCESS_*`).
+    uint64_t access;
+    // The device (or protection domain, or interface) the registration is for.
+    uint64_t device;
+} mmu_uffd_attrs;
+
+// Registers `[addr, addr + len)` (whole pages) with the attributes `*attrs` (never
+// NULL: all zeros for lookups without attributes) and stores the registration's key in
+// `*key_out`; returns 0 or a negative errno value, as `mmu_uffd_reg_fn`.
+typedef int (*mmu_uffd_reg_attrs_fn)(void *user, void *addr, size_t len, const mmu_uffd_attrs *attrs, uint64_t *key_out);
+
 // How a cache creates and releases registrations (for example memory regions of a NIC).
 typedef struct {
-    // Creates a registration (required).
+    // Creates a registration (required unless `reg_attrs` is set; unused if it is).
     mmu_uffd_reg_fn reg;
     // Releases one (NULL if there is nothing to release).
     mmu_uffd_dereg_fn dereg;
-    // Passed to both. It must be usable from any thread and stay valid until the cache
-    // is freed and every handle from it has been put.
+    // Passed to every callback. It must be usable from any thread and stay valid until
+    // the cache is freed and every handle from it has been put.
     void *user;
+    // Creates a registration with the lookup's attributes (NULL: `reg` is called, and
+    // the attributes only keep entries apart).
+    mmu_uffd_reg_attrs_fn reg_attrs;
 } mmu_uffd_registrar;
 
 // Counters of a cache (`mmu_uffd_cache_get_stats`).
@@ -127,6 +150,12 @@ typedef struct {
     uint64_t registered;
     // Entries currently cached.
     uint64_t entries;
+    // `mmu_uffd_cache_find` calls that found nothing (and registered nothing).
+    uint64_t not_found;
+    // Registrations handed out but not cached: longer than `max_bytes`.
+    uint64_t uncached;
+    // Bytes the cached ranges add up to.
+    uint64_t bytes;
 } mmu_uffd_cache_stats;
 
 // How a monitor is set up. All zeros is the default configuration (a NULL configuration
@@ -180,13 +209,14 @@ extern "C" {
 // until the next failed call on this thread. Thread-safe (each thread has its own).
 const char *mmu_uffd_last_error(void);
 
-// The default cache configuration: capacity 1024, merge on, reuse check on, 64 attempts.
+// The default cache configuration: capacity 1024, merge on, reuse check on, 64 attempts,
+// no limit in bytes.
 mmu_uffd_cache_config mmu_uffd_cache_config_default(void);
 
 // Creates a cache on `monitor`'s address space with `registrar`'s callbacks (copied) and
 // stores it in `*cache_out` (NULL on failure). `config` may be NULL for the defaults.
-// Returns 0, or `-EINVAL` for a NULL `monitor`, `registrar`, `registrar->reg` or
-// `cache_out`. The cache may outlive the monitor (then lookups fail with `-ESHUTDOWN`).
+// Returns 0, or `-EINVAL` for a NULL `monitor`, `registrar` or `cache_out`, or when
+// both `registrar->reg` and `registrar->reg_attrs` are NULL. The cache may outlive the monitor (then lookups fail with `-ESHUTDOWN`).
 // Thread-safe.
 //
 // # Safety
@@ -215,6 +245,26 @@ void mmu_uffd_cache_free(mmu_uffd_cache *cache);
 // `cache` is NULL or a live cache; `reg_out` is NULL or writable. `addr` is only used as
 // a number.
 int mmu_uffd_cache_get(const mmu_uffd_cache *cache, const void *addr, size_t len, mmu_uffd_reg **reg_out);
+
+// `mmu_uffd_cache_get` with registration attributes: a registration covering
+// `[addr, addr + len)` made with `*attrs` (NULL: all zeros, as `mmu_uffd_cache_get`),
+// cached if a valid one with equal attributes exists, else new (through the registrar's
+// `reg_attrs`, or `reg`). Returns as `mmu_uffd_cache_get`. Thread-safe.
+//
+// # Safety
+// As `mmu_uffd_cache_get`; `attrs` is NULL or points to attributes.
+int mmu_uffd_cache_get_attrs(const mmu_uffd_cache *cache, const void *addr, size_t len, const mmu_uffd_attrs *attrs, mmu_uffd_reg **reg_out);
+
+// Looks up a cached valid registration covering `[addr, addr + len)` made with `*attrs`
+// (NULL: all zeros) without ever registering (libfabric's `ofi_mr_cache_find`): never
+// one that an unmap, move or madvise of the range, returned before this call, made
+// stale. Returns 1 with a new handle in `*reg_out`, 0 with NULL there if no such entry
+// is cached, or a negative errno value as `mmu_uffd_cache_get` (no `-ECANCELED` nor
+// `-EAGAIN`: nothing is registered). Thread-safe.
+//
+// # Safety
+// As `mmu_uffd_cache_get`; `attrs` is NULL or points to attributes.
+int mmu_uffd_cache_find(const mmu_uffd_cache *cache, const void *addr, size_t len, const mmu_uffd_attrs *attrs, mmu_uffd_reg **reg_out);
 
 // Invalidates every entry overlapping `[addr, addr + len)` now (for changes the kernel
 // does not report, such as mprotect). Returns 0 or `-EINVAL`. Thread-safe.
@@ -257,6 +307,13 @@ int mmu_uffd_cache_get_stats(const mmu_uffd_cache *cache, mmu_uffd_cache_stats *
 // # Safety
 // `reg` is NULL or a handle not yet put.
 uint64_t mmu_uffd_reg_key(const mmu_uffd_reg *reg);
+
+// Stores the attributes the registration was made with in `*attrs_out`. Returns 0 or
+// `-EINVAL` for NULL. Thread-safe.
+//
+// # Safety
+// `reg` is NULL or a handle not yet put; `attrs_out` is NULL or writable.
+int mmu_uffd_reg_attrs(const mmu_uffd_reg *reg, mmu_uffd_attrs *attrs_out);
 
 // The registered range's start (page-aligned, at or below the address asked for), or
 // NULL for NULL. Thread-safe.

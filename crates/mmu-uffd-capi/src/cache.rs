@@ -3,7 +3,7 @@
 use std::ffi::{c_int, c_void};
 use std::fmt;
 
-use mmu_uffd::{CacheConfig, CachedRegistration, RegCache, Registrar};
+use mmu_uffd::{CacheConfig, CachedRegistration, KeyedRegistrar, RegCache};
 
 use crate::error::{ffi_call, ffi_call_or, FfiError};
 use crate::monitor::mmu_uffd_monitor;
@@ -23,6 +23,34 @@ pub type mmu_uffd_reg_fn = Option<
     ) -> c_int,
 >;
 
+/// Registers `[addr, addr + len)` (whole pages) with the attributes `*attrs` (never
+/// NULL: all zeros for lookups without attributes) and stores the registration's key in
+/// `*key_out`; returns 0 or a negative errno value, as `mmu_uffd_reg_fn`.
+#[allow(non_camel_case_types)]
+pub type mmu_uffd_reg_attrs_fn = Option<
+    unsafe extern "C" fn(
+        user: *mut c_void,
+        addr: *mut c_void,
+        len: usize,
+        attrs: *const mmu_uffd_attrs,
+        key_out: *mut u64,
+    ) -> c_int,
+>;
+
+/// Registration attributes, part of a cache entry's key with its range (as libfabric
+/// keys its MR cache by access flags and device): lookups with different attributes never
+/// share an entry, even for the same memory. All zeros is "no attributes" (what
+/// `mmu_uffd_cache_get` uses).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct mmu_uffd_attrs {
+    /// Access flags (for example `FI_READ | FI_WRITE` or `IBV_ACCESS_*`).
+    pub access: u64,
+    /// The device (or protection domain, or interface) the registration is for.
+    pub device: u64,
+}
+
 /// Releases the registration `key`. Runs on whichever thread drops the last reference to
 /// it (`mmu_uffd_reg_put`, or a cache call that evicts, purges or clears it, or
 /// `mmu_uffd_cache_free`), never on the monitor's threads and without any lock of the
@@ -35,13 +63,16 @@ pub type mmu_uffd_dereg_fn = Option<unsafe extern "C" fn(user: *mut c_void, key:
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct mmu_uffd_registrar {
-    /// Creates a registration (required).
+    /// Creates a registration (required unless `reg_attrs` is set; unused if it is).
     pub reg: mmu_uffd_reg_fn,
     /// Releases one (NULL if there is nothing to release).
     pub dereg: mmu_uffd_dereg_fn,
-    /// Passed to both. It must be usable from any thread and stay valid until the cache
-    /// is freed and every handle from it has been put.
+    /// Passed to every callback. It must be usable from any thread and stay valid until
+    /// the cache is freed and every handle from it has been put.
     pub user: *mut c_void,
+    /// Creates a registration with the lookup's attributes (NULL: `reg` is called, and
+    /// the attributes only keep entries apart).
+    pub reg_attrs: mmu_uffd_reg_attrs_fn,
 }
 
 /// How a cache behaves. Start from `mmu_uffd_cache_config_default()` (a NULL
@@ -62,6 +93,10 @@ pub struct mmu_uffd_cache_config {
     /// Registrations of one lookup that may collide with invalidations before it fails
     /// with `-EAGAIN`; 0 means the default, 64.
     pub max_attempts: u32,
+    /// Most bytes the cached ranges add up to (the least recently used are evicted, as
+    /// for `capacity`; a single longer range is registered but not cached); 0 means no
+    /// limit (the default). libfabric's `FI_MR_CACHE_MAX_SIZE`.
+    pub max_bytes: u64,
 }
 
 /// Counters of a cache (`mmu_uffd_cache_get_stats`).
@@ -85,11 +120,18 @@ pub struct mmu_uffd_cache_stats {
     pub registered: u64,
     /// Entries currently cached.
     pub entries: u64,
+    /// `mmu_uffd_cache_find` calls that found nothing (and registered nothing).
+    pub not_found: u64,
+    /// Registrations handed out but not cached: longer than `max_bytes`.
+    pub uncached: u64,
+    /// Bytes the cached ranges add up to.
+    pub bytes: u64,
 }
 
-/// The C callbacks as a [`Registrar`].
+/// The C callbacks as a [`KeyedRegistrar`] of [`mmu_uffd_attrs`].
 struct CRegistrar {
-    reg: unsafe extern "C" fn(*mut c_void, *mut c_void, usize, *mut u64) -> c_int,
+    reg: mmu_uffd_reg_fn,
+    reg_attrs: mmu_uffd_reg_attrs_fn,
     dereg: mmu_uffd_dereg_fn,
     user: *mut c_void,
 }
@@ -121,15 +163,27 @@ impl fmt::Display for RegFailed {
 
 impl std::error::Error for RegFailed {}
 
-impl Registrar for CRegistrar {
+impl KeyedRegistrar<mmu_uffd_attrs> for CRegistrar {
     type Registration = u64;
     type Error = RegFailed;
 
-    fn register(&self, ptr: *mut u8, len: usize) -> Result<u64, RegFailed> {
+    fn register_with(
+        &self,
+        attrs: &mmu_uffd_attrs,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<u64, RegFailed> {
         let mut key = 0u64;
-        // SAFETY: a function pointer the C caller gave for this purpose, called with its
-        // own `user` pointer and a valid out-pointer.
-        let rc = unsafe { (self.reg)(self.user, ptr.cast(), len, &mut key) };
+        // SAFETY: function pointers the C caller gave for this purpose (`mmu_uffd_cache_new`
+        // checked that one of them is set), called with its own `user` pointer, a valid
+        // attributes pointer and a valid out-pointer.
+        let rc = unsafe {
+            match (self.reg_attrs, self.reg) {
+                (Some(reg_attrs), _) => reg_attrs(self.user, ptr.cast(), len, attrs, &mut key),
+                (None, Some(reg)) => reg(self.user, ptr.cast(), len, &mut key),
+                (None, None) => -libc::EINVAL,
+            }
+        };
         if rc == 0 {
             Ok(key)
         } else {
@@ -137,7 +191,7 @@ impl Registrar for CRegistrar {
         }
     }
 
-    fn deregister(&self, key: u64) {
+    fn deregister_with(&self, _: &mmu_uffd_attrs, key: u64) {
         if let Some(dereg) = self.dereg {
             // SAFETY: as in `register`.
             unsafe { dereg(self.user, key) };
@@ -151,17 +205,18 @@ impl Registrar for CRegistrar {
 /// a cache may be called from any number of threads at once (except `mmu_uffd_cache_free`).
 #[allow(non_camel_case_types)]
 pub struct mmu_uffd_cache {
-    inner: RegCache<CRegistrar>,
+    inner: RegCache<CRegistrar, mmu_uffd_attrs>,
 }
 
 /// A handle to a cached registration (opaque). The registration stays registered while
 /// the handle exists. Readable from any thread; put it (once) with `mmu_uffd_reg_put`.
 #[allow(non_camel_case_types)]
 pub struct mmu_uffd_reg {
-    inner: CachedRegistration<CRegistrar>,
+    inner: CachedRegistration<CRegistrar, mmu_uffd_attrs>,
 }
 
-/// The default cache configuration: capacity 1024, merge on, reuse check on, 64 attempts.
+/// The default cache configuration: capacity 1024, merge on, reuse check on, 64 attempts,
+/// no limit in bytes.
 #[no_mangle]
 pub extern "C" fn mmu_uffd_cache_config_default() -> mmu_uffd_cache_config {
     let d = CacheConfig::default();
@@ -170,13 +225,14 @@ pub extern "C" fn mmu_uffd_cache_config_default() -> mmu_uffd_cache_config {
         merge: d.merge,
         reuse_check: d.reuse_check,
         max_attempts: d.max_attempts,
+        max_bytes: d.max_bytes.unwrap_or(0),
     }
 }
 
 /// Creates a cache on `monitor`'s address space with `registrar`'s callbacks (copied) and
 /// stores it in `*cache_out` (NULL on failure). `config` may be NULL for the defaults.
-/// Returns 0, or `-EINVAL` for a NULL `monitor`, `registrar`, `registrar->reg` or
-/// `cache_out`. The cache may outlive the monitor (then lookups fail with `-ESHUTDOWN`).
+/// Returns 0, or `-EINVAL` for a NULL `monitor`, `registrar` or `cache_out`, or when
+/// both `registrar->reg` and `registrar->reg_attrs` are NULL. The cache may outlive the monitor (then lookups fail with `-ESHUTDOWN`).
 /// Thread-safe.
 ///
 /// # Safety
@@ -196,7 +252,9 @@ pub unsafe extern "C" fn mmu_uffd_cache_new(
         let m = unsafe { obj(monitor, "monitor")? };
         // SAFETY: the caller passes NULL or a registrar.
         let r = unsafe { obj(registrar, "registrar")? };
-        let reg = r.reg.ok_or_else(|| FfiError::null("registrar->reg"))?;
+        if r.reg.is_none() && r.reg_attrs.is_none() {
+            return Err(FfiError::null("registrar->reg (and registrar->reg_attrs)"));
+        }
         // SAFETY: the caller passes NULL or a configuration.
         let c = unsafe { config.as_ref() }
             .copied()
@@ -210,12 +268,16 @@ pub unsafe extern "C" fn mmu_uffd_cache_new(
         if c.max_attempts != 0 {
             cfg.max_attempts = c.max_attempts;
         }
+        if c.max_bytes != 0 {
+            cfg = cfg.with_max_bytes(c.max_bytes);
+        }
         let registrar = CRegistrar {
-            reg,
+            reg: r.reg,
+            reg_attrs: r.reg_attrs,
             dereg: r.dereg,
             user: r.user,
         };
-        let cache = RegCache::new(&m.inner, cfg, registrar);
+        let cache = RegCache::keyed(&m.inner, cfg, registrar);
         *slot = Box::into_raw(Box::new(mmu_uffd_cache { inner: cache }));
         Ok(0)
     })
@@ -262,9 +324,73 @@ pub unsafe extern "C" fn mmu_uffd_cache_get(
         let slot = unsafe { out_slot(reg_out, "reg_out")? };
         // SAFETY: the caller passes NULL or a live cache.
         let c = unsafe { obj(cache, "cache")? };
-        let handle = c.inner.get(addr.cast(), len)?;
+        let handle = c
+            .inner
+            .get_with(&mmu_uffd_attrs::default(), addr.cast(), len)?;
         *slot = Box::into_raw(Box::new(mmu_uffd_reg { inner: handle }));
         Ok(0)
+    })
+}
+
+/// `mmu_uffd_cache_get` with registration attributes: a registration covering
+/// `[addr, addr + len)` made with `*attrs` (NULL: all zeros, as `mmu_uffd_cache_get`),
+/// cached if a valid one with equal attributes exists, else new (through the registrar's
+/// `reg_attrs`, or `reg`). Returns as `mmu_uffd_cache_get`. Thread-safe.
+///
+/// # Safety
+/// As `mmu_uffd_cache_get`; `attrs` is NULL or points to attributes.
+#[no_mangle]
+pub unsafe extern "C" fn mmu_uffd_cache_get_attrs(
+    cache: *const mmu_uffd_cache,
+    addr: *const c_void,
+    len: usize,
+    attrs: *const mmu_uffd_attrs,
+    reg_out: *mut *mut mmu_uffd_reg,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: the caller passes NULL or a writable pointer.
+        let slot = unsafe { out_slot(reg_out, "reg_out")? };
+        // SAFETY: the caller passes NULL or a live cache.
+        let c = unsafe { obj(cache, "cache")? };
+        // SAFETY: the caller passes NULL or attributes.
+        let a = unsafe { attrs.as_ref() }.copied().unwrap_or_default();
+        let handle = c.inner.get_with(&a, addr.cast(), len)?;
+        *slot = Box::into_raw(Box::new(mmu_uffd_reg { inner: handle }));
+        Ok(0)
+    })
+}
+
+/// Looks up a cached valid registration covering `[addr, addr + len)` made with `*attrs`
+/// (NULL: all zeros) without ever registering (libfabric's `ofi_mr_cache_find`): never
+/// one that an unmap, move or madvise of the range, returned before this call, made
+/// stale. Returns 1 with a new handle in `*reg_out`, 0 with NULL there if no such entry
+/// is cached, or a negative errno value as `mmu_uffd_cache_get` (no `-ECANCELED` nor
+/// `-EAGAIN`: nothing is registered). Thread-safe.
+///
+/// # Safety
+/// As `mmu_uffd_cache_get`; `attrs` is NULL or points to attributes.
+#[no_mangle]
+pub unsafe extern "C" fn mmu_uffd_cache_find(
+    cache: *const mmu_uffd_cache,
+    addr: *const c_void,
+    len: usize,
+    attrs: *const mmu_uffd_attrs,
+    reg_out: *mut *mut mmu_uffd_reg,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: the caller passes NULL or a writable pointer.
+        let slot = unsafe { out_slot(reg_out, "reg_out")? };
+        // SAFETY: the caller passes NULL or a live cache.
+        let c = unsafe { obj(cache, "cache")? };
+        // SAFETY: the caller passes NULL or attributes.
+        let a = unsafe { attrs.as_ref() }.copied().unwrap_or_default();
+        Ok(match c.inner.find_with(&a, addr.cast(), len)? {
+            Some(handle) => {
+                *slot = Box::into_raw(Box::new(mmu_uffd_reg { inner: handle }));
+                1
+            }
+            None => 0,
+        })
     })
 }
 
@@ -357,6 +483,9 @@ pub unsafe extern "C" fn mmu_uffd_cache_get_stats(
             merges: s.merges,
             registered: s.registered,
             entries: s.entries as u64,
+            not_found: s.not_found,
+            uncached: s.uncached,
+            bytes: s.bytes,
         };
         // SAFETY: non-null and writable by the caller's promise.
         unsafe { stats_out.write(out) };
@@ -373,6 +502,28 @@ pub unsafe extern "C" fn mmu_uffd_reg_key(reg: *const mmu_uffd_reg) -> u64 {
     ffi_call_or(0, || {
         // SAFETY: the caller passes NULL or a live handle.
         Ok(*unsafe { obj(reg, "reg")? }.inner.registration())
+    })
+}
+
+/// Stores the attributes the registration was made with in `*attrs_out`. Returns 0 or
+/// `-EINVAL` for NULL. Thread-safe.
+///
+/// # Safety
+/// `reg` is NULL or a handle not yet put; `attrs_out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn mmu_uffd_reg_attrs(
+    reg: *const mmu_uffd_reg,
+    attrs_out: *mut mmu_uffd_attrs,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let r = unsafe { obj(reg, "reg")? };
+        if attrs_out.is_null() {
+            return Err(FfiError::null("attrs_out"));
+        }
+        // SAFETY: non-null and writable by the caller's promise.
+        unsafe { attrs_out.write(*r.inner.attrs()) };
+        Ok(0)
     })
 }
 

@@ -54,6 +54,14 @@
 
 #![deny(missing_docs)]
 
+// Built on mmu-uffd, which watches memory with Linux's userfaultfd: Linux-only.
+// `--cfg mmu_uffd_pretend_not_linux` triggers the message on Linux, to test it.
+#[cfg(any(not(target_os = "linux"), mmu_uffd_pretend_not_linux))]
+compile_error!(
+    "mmu-uffd-capi supports Linux only: it is the C library of mmu-uffd, which watches \
+     memory with Linux's userfaultfd."
+);
+
 mod cache;
 mod error;
 mod libfabric;

@@ -1,4 +1,5 @@
-//! The C API from C: the programs in `tests/c/` compiled with `cc -Wall -Wextra -Werror
+//! The C API from C: the programs in `tests/c/` (`cache_test.c`, `cache_parity_test.c`,
+//! `readme_example.c`) compiled with `cc -Wall -Wextra -Werror
 //! -std=c11` and run, linked
 //!
 //! - statically against `libmmu_uffd_capi.a`,
@@ -82,7 +83,7 @@ fn static_libs() -> Vec<String> {
 #[test]
 fn c_static() {
     let dir = work_dir("static");
-    for src in ["cache_test.c", "readme_example.c"] {
+    for src in ["cache_test.c", "cache_parity_test.c", "readme_example.c"] {
         let exe = dir.join(src.trim_end_matches(".c"));
         compile(src, &exe, &[&include_flag()], &static_libs());
         run_c(&exe, &[]);
@@ -135,7 +136,7 @@ fn c_dynamic_pkg_config() {
     let mut link = flags;
     link.push(format!("-Wl,-rpath,{}", libdir.display()));
     let libdir_s = libdir.display().to_string();
-    for src in ["cache_test.c", "readme_example.c"] {
+    for src in ["cache_test.c", "cache_parity_test.c", "readme_example.c"] {
         let exe = dir.join(src.trim_end_matches(".c"));
         compile(src, &exe, &[], &link);
         // The program must load the shared library, not contain it.
@@ -186,25 +187,27 @@ fn c_sanitizers() {
         println!("SKIPPED (sanitizers): {why}");
         return;
     }
-    let exe = dir.join("cache_test");
-    compile(
-        "cache_test.c",
-        &exe,
-        &[
-            &include_flag(),
-            "-fsanitize=address,undefined",
-            "-fno-sanitize-recover=all",
-            "-fno-omit-frame-pointer",
-        ],
-        &static_libs(),
-    );
-    run_c(
-        &exe,
-        &[
-            ("ASAN_OPTIONS", "abort_on_error=0:detect_leaks=1"),
-            ("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1"),
-        ],
-    );
+    for src in ["cache_test.c", "cache_parity_test.c"] {
+        let exe = dir.join(src.trim_end_matches(".c"));
+        compile(
+            src,
+            &exe,
+            &[
+                &include_flag(),
+                "-fsanitize=address,undefined",
+                "-fno-sanitize-recover=all",
+                "-fno-omit-frame-pointer",
+            ],
+            &static_libs(),
+        );
+        run_c(
+            &exe,
+            &[
+                ("ASAN_OPTIONS", "abort_on_error=0:detect_leaks=1"),
+                ("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1"),
+            ],
+        );
+    }
 }
 
 /// The README's C example is `tests/c/readme_example.c` (compiled above), word for word.

@@ -9,7 +9,11 @@
 //! latency part measures, per munmap, the time from just before the call to the moment the
 //! invalidation callback runs on the monitor thread, side by side with a bare userfaultfd
 //! reader (a thread blocked in `read()`, timestamping when the event arrives: what a C
-//! monitor does) in alternating rounds of one run, and prints medians and the ratio.
+//! monitor does), and the time until the unmapper sees its cache handle invalid, for two
+//! placements interleaved in one run: the monitor's threads on another CPU than the
+//! unmapper, and everything on one CPU (`sched_setaffinity`); it prints medians, p99 and
+//! the ratios to the bare reader (`MMU_UFFD_LATENCY_ONLY=1` runs only that part,
+//! `MMU_UFFD_PLACEMENT=other` or `same` only one placement).
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -252,56 +256,101 @@ fn p99(v: &mut [u64]) -> u64 {
     v[v.len() * 99 / 100]
 }
 
-fn latency(monitor: &Monitor, bare: Option<Bare>, epoch: Instant) {
-    let Some(bare) = bare else {
-        println!("bare userfaultfd reader unavailable: latency comparison skipped");
-        return;
-    };
-    let cache = noop_cache(monitor, 64);
+/// One placement of the monitor threads relative to the unmapper: a monitor and a bare
+/// reader whose threads were created (and stay) on the same CPU.
+struct Placement {
+    name: &'static str,
+    monitor: Monitor,
+    bare: Bare,
+}
+
+/// Per-placement samples (ns): bare reader, monitor callback, handle seen invalid.
+#[derive(Default)]
+struct Samples {
+    raw: Vec<u64>,
+    ours: Vec<u64>,
+    to_invalid: Vec<u64>,
+}
+
+/// One watched munmap through the monitor: (call -> callback ran, call -> seen invalid).
+fn monitored_munmap<R: mmu_uffd::Registrar<Registration = usize>>(
+    monitor: &Monitor,
+    cache: &RegCache<R>,
+    epoch: Instant,
+) -> (u64, u64) {
+    let p = anon(4 * PAGE);
+    // SAFETY: touches the first page of the fresh mapping.
+    unsafe { p.write_volatile(1) };
+    let stamp = Arc::new(AtomicU64::new(0));
+    let sub = monitor
+        .subscriptions()
+        .insert_interval(
+            p as u64..p as u64 + 4 * PAGE as u64,
+            Stamp(stamp.clone(), epoch),
+        )
+        .unwrap();
+    let h = cache.get(p, 4 * PAGE).unwrap();
+    let t0 = epoch.elapsed().as_nanos() as u64;
+    // SAFETY: unmaps the mapping made above.
+    unsafe { libc::munmap(p.cast(), 4 * PAGE) };
+    // What a caller observes: the handle invalid right after munmap returned.
+    let valid = h.is_valid();
+    let t2 = epoch.elapsed().as_nanos() as u64;
+    assert!(!valid, "stale handle after munmap returned");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while stamp.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+    let ours = stamp.load(Ordering::Acquire).saturating_sub(t0);
+    drop(h);
+    drop(sub);
+    (ours, t2 - t0)
+}
+
+/// One watched munmap through the bare reader: call -> event read.
+fn bare_munmap(bare: &Bare, epoch: Instant) -> u64 {
+    let p = anon(4 * PAGE);
+    // SAFETY: touches the first page of the fresh mapping.
+    unsafe { p.write_volatile(1) };
+    bare.watch(p, 4 * PAGE);
+    bare.seen.store(0, Ordering::Release);
+    let t0 = epoch.elapsed().as_nanos() as u64;
+    // SAFETY: unmaps the mapping made above.
+    unsafe { libc::munmap(p.cast(), 4 * PAGE) };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while bare.seen.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
+        // On the reader's own CPU a spin would keep it off: let it run.
+        std::thread::yield_now();
+    }
+    bare.seen.load(Ordering::Acquire).saturating_sub(t0)
+}
+
+fn latency(placements: &[Placement], epoch: Instant) {
     let rounds = 2000;
-    let (mut ours, mut raw, mut to_invalid) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..rounds * 2 {
-        let p = anon(4 * PAGE);
-        // SAFETY: touches the first page of the fresh mapping.
-        unsafe { p.write_volatile(1) };
-        if r % 2 == 0 {
-            let stamp = Arc::new(AtomicU64::new(0));
-            let sub = monitor
-                .subscriptions()
-                .insert_interval(
-                    p as u64..p as u64 + 4 * PAGE as u64,
-                    Stamp(stamp.clone(), epoch),
-                )
-                .unwrap();
-            let h = cache.get(p, 4 * PAGE).unwrap();
-            let t0 = epoch.elapsed().as_nanos() as u64;
-            // SAFETY: unmaps the mapping made above.
-            unsafe { libc::munmap(p.cast(), 4 * PAGE) };
-            // What a caller observes: the handle invalid right after munmap returned.
-            let valid = h.is_valid();
-            let t2 = epoch.elapsed().as_nanos() as u64;
-            assert!(!valid, "stale handle after munmap returned");
-            let deadline = Instant::now() + Duration::from_secs(1);
-            while stamp.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
-                std::hint::spin_loop();
+    let caches: Vec<_> = placements
+        .iter()
+        .map(|p| noop_cache(&p.monitor, 64))
+        .collect();
+    let mut samples: Vec<Samples> = placements.iter().map(|_| Samples::default()).collect();
+    // Every round runs each placement's bare reader and monitor once, in a rotating
+    // order, so that drifting machine load hits all of them alike.
+    let variants = placements.len() * 2;
+    for r in 0..rounds {
+        for k in 0..variants {
+            let v = (r + k) % variants;
+            let (i, monitored) = (v / 2, v % 2 == 0);
+            let s = &mut samples[i];
+            if monitored {
+                let (ours, to_invalid) =
+                    monitored_munmap(&placements[i].monitor, &caches[i], epoch);
+                s.ours.push(ours);
+                s.to_invalid.push(to_invalid);
+            } else {
+                s.raw.push(bare_munmap(&placements[i].bare, epoch));
             }
-            ours.push(stamp.load(Ordering::Acquire).saturating_sub(t0));
-            to_invalid.push(t2 - t0);
-            drop(h);
-            drop(sub);
-        } else {
-            bare.watch(p, 4 * PAGE);
-            bare.seen.store(0, Ordering::Release);
-            let t0 = epoch.elapsed().as_nanos() as u64;
-            // SAFETY: unmaps the mapping made above.
-            unsafe { libc::munmap(p.cast(), 4 * PAGE) };
-            let deadline = Instant::now() + Duration::from_secs(1);
-            while bare.seen.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
-                std::hint::spin_loop();
-            }
-            raw.push(bare.seen.load(Ordering::Acquire).saturating_sub(t0));
         }
     }
+    let monitor = &placements[0].monitor;
     // A miss on memory nobody watched yet: the monitor's UFFDIO_REGISTER system call is
     // part of it. Buffers are unmapped after the timed loop.
     let fresh_cache = noop_cache(monitor, 4096);
@@ -342,40 +391,52 @@ fn latency(monitor: &Monitor, bare: Option<Bare>, epoch: Instant) {
         median(&mut plain) as f64 / 1e3,
         p99(&mut plain) as f64 / 1e3
     );
-    let (mo, mr, mi) = (median(&mut ours), median(&mut raw), median(&mut to_invalid));
-    println!("munmap latency, {rounds} rounds each, alternating, median (p99):");
-    println!(
-        "  bare reader: munmap call -> event read                 {:6.2} us ({:.2})",
-        mr as f64 / 1e3,
-        p99(&mut raw) as f64 / 1e3
-    );
-    println!(
-        "  monitor:     munmap call -> invalidation callback ran   {:6.2} us ({:.2})",
-        mo as f64 / 1e3,
-        p99(&mut ours) as f64 / 1e3
-    );
-    println!(
-        "  cache:       munmap call -> handle seen invalid         {:6.2} us ({:.2})",
-        mi as f64 / 1e3,
-        p99(&mut to_invalid) as f64 / 1e3
-    );
-    println!("  ratio monitor / bare: {:.3}", mo as f64 / mr as f64);
+    println!("munmap latency, {rounds} rounds each, interleaved, median (p99):");
+    for (p, s) in placements.iter().zip(&mut samples) {
+        let (mo, mr, mi) = (
+            median(&mut s.ours),
+            median(&mut s.raw),
+            median(&mut s.to_invalid),
+        );
+        println!("  [{}]", p.name);
+        println!(
+            "  bare reader: munmap call -> event read                 {:6.2} us ({:.2})",
+            mr as f64 / 1e3,
+            p99(&mut s.raw) as f64 / 1e3
+        );
+        println!(
+            "  monitor:     munmap call -> invalidation callback ran   {:6.2} us ({:.2})",
+            mo as f64 / 1e3,
+            p99(&mut s.ours) as f64 / 1e3
+        );
+        println!(
+            "  cache:       munmap call -> handle seen invalid         {:6.2} us ({:.2})",
+            mi as f64 / 1e3,
+            p99(&mut s.to_invalid) as f64 / 1e3
+        );
+        println!(
+            "  ratio monitor / bare: {:.3}; seen invalid / bare: {:.3}",
+            mo as f64 / mr as f64,
+            mi as f64 / mr as f64
+        );
+    }
 }
 
 fn main() {
     // The latency depends on where the reader threads run relative to the unmapper; pin
-    // them like the C reference ("other core"): the monitor and bare reader threads are
-    // created on CPU 1, the unmapping thread then moves to CPU 0. MMU_UFFD_SAME_CPU=1
-    // keeps everything on CPU 0 instead.
-    let same = std::env::var_os("MMU_UFFD_SAME_CPU").is_some();
-    let pinned = pin(if same { 0 } else { 1 });
+    // them like the C reference: for "other CPU" the monitor and a bare reader are created
+    // while this thread is on CPU 1 (their threads inherit the mask), for "same CPU"
+    // another pair is created on CPU 0; the unmapping thread then moves to CPU 0 and the
+    // latency part runs both placements interleaved in one run.
+    let cross = pin(1);
     // MMU_UFFD_BUSY_POLL_US=N: the monitor keeps polling N us after each event.
     let busy = std::env::var("MMU_UFFD_BUSY_POLL_US")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_micros)
         .unwrap_or(Duration::ZERO);
-    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
+    let new_monitor = || Monitor::with_config(MonitorConfig::default().with_busy_poll(busy));
+    let monitor = match new_monitor() {
         Ok(m) => m,
         Err(e) => {
             println!("SKIPPED cache benchmarks: {e}");
@@ -384,19 +445,56 @@ fn main() {
     };
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
-    let bare = bare(epoch);
-    let pinned = pinned && pin(0);
+    let bare_cross = bare(epoch);
+    let pinned = pin(0);
+    let same = if pinned {
+        new_monitor().ok().zip(bare(epoch))
+    } else {
+        None
+    };
     println!("monitor busy polling after each event: {busy:?}");
     println!(
         "placement: {}",
-        match (pinned, same) {
+        match (cross && pinned, &same) {
             (false, _) => "not pinned (sched_setaffinity failed)",
-            (true, false) => "readers on CPU 1, unmapper on CPU 0",
-            (true, true) => "everything on CPU 0",
+            (true, None) => "readers on CPU 1, unmapper on CPU 0 (no second monitor)",
+            (true, Some(_)) => "readers on CPU 1 or on CPU 0, unmapper on CPU 0",
         }
     );
+    let run_latency = |monitor: Monitor| {
+        let Some(bare_cross) = bare_cross else {
+            println!("bare userfaultfd reader unavailable: latency comparison skipped");
+            return;
+        };
+        let mut placements = vec![Placement {
+            name: if cross && pinned {
+                "monitor threads on another CPU"
+            } else {
+                "unpinned"
+            },
+            monitor,
+            bare: bare_cross,
+        }];
+        if let Some((monitor, bare)) = same {
+            placements.push(Placement {
+                name: "everything on one CPU",
+                monitor,
+                bare,
+            });
+        }
+        // MMU_UFFD_PLACEMENT=other|same: only that placement (e.g. to count context
+        // switches per munmap with `perf stat -e context-switches`).
+        match std::env::var("MMU_UFFD_PLACEMENT").as_deref() {
+            Ok("other") => placements.truncate(1),
+            Ok("same") if placements.len() > 1 => {
+                placements.remove(0);
+            }
+            _ => {}
+        }
+        latency(&placements, epoch);
+    };
     if std::env::var_os("MMU_UFFD_LATENCY_ONLY").is_some() {
-        latency(&monitor, bare, epoch);
+        run_latency(monitor);
         return;
     }
     if std::env::var_os("MMU_UFFD_MADVISE_ONLY").is_some() {
@@ -411,5 +509,5 @@ fn main() {
     bench_hit_cost(&mut c, &monitor);
     c.final_summary();
     madvise(&monitor);
-    latency(&monitor, bare, epoch);
+    run_latency(monitor);
 }

@@ -37,14 +37,24 @@
 //!   invalid entry from the index on that user thread, so dead registrations do not keep
 //!   old pages pinned, nor hold a registrar's limited slots, until LRU eviction reaches
 //!   them.
-//! - **Bound.** The index holds at most `capacity` entries: a fill into a full index evicts
-//!   the least recently used *before* it registers, so a registrar with exactly
-//!   `capacity` slots never runs out because of the cache. An evicted entry still in use
-//!   stays registered until its last handle drops.
-//! - **Overlap.** Indexed ranges are disjoint. A miss overlapping valid entries registers
-//!   their union when it is watchable and registrable (so alternating overlapping requests
-//!   do not thrash), else just the request; either way the overlapped entries leave the
-//!   index.
+//! - **Find.** [`RegCache::find`] is a hit without the miss: the same gate, index lookup,
+//!   flag check and address-reuse check as `get`, and `None` where `get` would register.
+//! - **Bound.** The index holds at most `capacity` entries and, with
+//!   [`CacheConfig::max_bytes`], ranges adding up to at most that many bytes: a fill
+//!   evicts the least recently used entries *before* it registers until the new range fits
+//!   both limits, so a registrar with exactly `capacity` slots never runs out because of the
+//!   cache. An evicted entry still in use stays registered until its last handle drops. A
+//!   single range longer than `max_bytes` is registered and handed out but not cached
+//!   ([`CacheStats::uncached`]).
+//! - **Keys.** An entry's key is its range *and* the caller's attributes (access flags, a
+//!   device: any `K` of a [`RegCache<R, K>`], `()` by default): lookups, overlap and merging
+//!   only ever consider entries with equal attributes, so registrations of one range with
+//!   different attributes are distinct entries. Invalidations concern memory, not
+//!   attributes: an unmap invalidates the range under every key.
+//! - **Overlap.** Indexed ranges of one key are disjoint. A miss overlapping valid entries
+//!   registers their union when it is watchable and registrable (so alternating overlapping
+//!   requests do not thrash), else just the request; either way the overlapped entries
+//!   leave the index.
 //!
 //! # What "never stale" means with userfaultfd
 //!
@@ -72,6 +82,7 @@
 //! removes the entry and `is_valid` is false.
 
 use std::fmt;
+use std::hash::Hash;
 use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
 use std::sync::Arc;
 
@@ -100,6 +111,108 @@ pub trait Registrar: Send + Sync + 'static {
     /// that evicted or invalidated it), never on the monitor thread and never with the
     /// cache's lock held.
     fn deregister(&self, registration: Self::Registration);
+}
+
+/// Caller attributes that are part of a cache entry's key (with its range): access flags,
+/// a device, a protection domain... Implemented by every type that can be cloned, compared
+/// and hashed, such as `()` (no attributes, the default), integers and tuples of them.
+pub trait CacheKey: Clone + Eq + Hash + fmt::Debug + Send + Sync + 'static {}
+
+impl<K: Clone + Eq + Hash + fmt::Debug + Send + Sync + 'static> CacheKey for K {}
+
+/// A [`Registrar`] whose registrations depend on attributes of the request (access
+/// flags, a device): the attributes `K` are part of the cache key, and reach
+/// `register_with` and `deregister_with`. Every [`Registrar`] is a `KeyedRegistrar<()>`.
+///
+/// ```no_run
+/// use mmu_uffd::{CacheConfig, KeyedRegistrar, Monitor, RegCache};
+///
+/// /// Registers with a device's access flags (here: just remembers them).
+/// struct Nic;
+/// #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// struct Access { write: bool, device: u32 }
+///
+/// impl KeyedRegistrar<Access> for Nic {
+///     type Registration = (usize, Access);
+///     type Error = std::io::Error;
+///     fn register_with(&self, a: &Access, ptr: *mut u8, _len: usize)
+///         -> std::io::Result<(usize, Access)> {
+///         Ok((ptr as usize, *a)) // e.g. ibv_reg_mr(pd_of(a.device), ptr, len, flags(a))
+///     }
+///     fn deregister_with(&self, _: &Access, _mr: (usize, Access)) {}
+/// }
+///
+/// let monitor = Monitor::new()?;
+/// let cache = RegCache::keyed(&monitor, CacheConfig::default(), Nic);
+/// let buf = vec![0u8; 1 << 16];
+/// let read = Access { write: false, device: 0 };
+/// let write = Access { write: true, device: 0 };
+/// let r = cache.get_with(&read, buf.as_ptr(), buf.len())?;
+/// let w = cache.get_with(&write, buf.as_ptr(), buf.len())?; // another entry
+/// assert_eq!(r.1, read);
+/// assert_eq!(w.1, write);
+/// assert_eq!(cache.len(), 2);
+/// # Ok::<(), mmu_uffd::Error>(())
+/// ```
+pub trait KeyedRegistrar<K>: Send + Sync + 'static {
+    /// What a registration is (a buffer index, a memory-region key, ...).
+    type Registration: Send + Sync + 'static;
+    /// Why a registration failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Registers `[ptr, ptr + len)` (whole pages) with the attributes `attrs`.
+    fn register_with(
+        &self,
+        attrs: &K,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<Self::Registration, Self::Error>;
+
+    /// Releases a registration made with `attrs` (on a user thread, never with the
+    /// cache's lock held, as [`Registrar::deregister`]).
+    fn deregister_with(&self, attrs: &K, registration: Self::Registration);
+}
+
+impl<R: Registrar> KeyedRegistrar<()> for R {
+    type Registration = R::Registration;
+    type Error = R::Error;
+    #[inline]
+    fn register_with(&self, _: &(), ptr: *mut u8, len: usize) -> Result<R::Registration, R::Error> {
+        self.register(ptr, len)
+    }
+    #[inline]
+    fn deregister_with(&self, _: &(), registration: R::Registration) {
+        self.deregister(registration)
+    }
+}
+
+/// A [`KeyedRegistrar`] made of two closures (see [`RegCache::with_keyed_fns`]).
+pub struct KeyedFnRegistrar<F, G> {
+    register: F,
+    deregister: G,
+}
+
+impl<F, G> fmt::Debug for KeyedFnRegistrar<F, G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyedFnRegistrar")
+    }
+}
+
+impl<K, T, E, F, G> KeyedRegistrar<K> for KeyedFnRegistrar<F, G>
+where
+    T: Send + Sync + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+    F: Fn(&K, *mut u8, usize) -> Result<T, E> + Send + Sync + 'static,
+    G: Fn(&K, T) + Send + Sync + 'static,
+{
+    type Registration = T;
+    type Error = E;
+    fn register_with(&self, attrs: &K, ptr: *mut u8, len: usize) -> Result<T, E> {
+        (self.register)(attrs, ptr, len)
+    }
+    fn deregister_with(&self, attrs: &K, registration: T) {
+        (self.deregister)(attrs, registration)
+    }
 }
 
 /// A [`Registrar`] made of two closures (see [`RegCache::with_fns`]).
@@ -137,6 +250,10 @@ where
 pub struct CacheConfig {
     /// Most entries the index keeps (least recently used are evicted). Default 1024.
     pub capacity: usize,
+    /// Most bytes the index's ranges add up to (least recently used are evicted, as for
+    /// `capacity`); a single range longer than this is registered but not cached. Default
+    /// `None`: no limit in bytes (libfabric's `FI_MR_CACHE_MAX_SIZE`).
+    pub max_bytes: Option<u64>,
     /// On a miss overlapping cached entries, try to register their union. Default true.
     pub merge: bool,
     /// Fills of one request that may collide with invalidations before `get` gives up with
@@ -164,6 +281,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             capacity: 1024,
+            max_bytes: None,
             merge: true,
             max_attempts: 64,
             reuse_check: true,
@@ -177,6 +295,32 @@ impl CacheConfig {
     /// This configuration with another capacity (at least 1).
     pub fn with_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
+        self
+    }
+
+    /// This configuration with a limit on the bytes the cached ranges add up to: least
+    /// recently used entries are evicted to make room, as for the entry count, and a
+    /// range longer than the limit is registered but not cached.
+    ///
+    /// ```no_run
+    /// use mmu_uffd::{CacheConfig, Monitor, RegCache};
+    /// let monitor = Monitor::new()?;
+    /// let cache = RegCache::with_fns(
+    ///     &monitor,
+    ///     CacheConfig::default().with_max_bytes(1 << 20), // at most 1 MiB registered
+    ///     |ptr, _len| Ok::<_, std::io::Error>(ptr as usize),
+    ///     |_| {},
+    /// );
+    /// let a = vec![0u8; 768 << 10];
+    /// let b = vec![0u8; 768 << 10];
+    /// drop(cache.get(a.as_ptr(), a.len())?);
+    /// drop(cache.get(b.as_ptr(), b.len())?); // evicts a's entry: 1.5 MiB would not fit
+    /// assert_eq!(cache.len(), 1);
+    /// assert!(cache.stats().bytes <= 1 << 20);
+    /// # Ok::<(), mmu_uffd::Error>(())
+    /// ```
+    pub fn with_max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = Some(bytes.max(1));
         self
     }
 
@@ -228,8 +372,14 @@ pub struct CacheStats {
     pub merges: u64,
     /// Registrations created.
     pub registered: u64,
+    /// [`RegCache::find`] lookups that found no valid entry (and registered nothing).
+    pub not_found: u64,
+    /// Registrations handed out but not cached: longer than [`CacheConfig::max_bytes`].
+    pub uncached: u64,
     /// Entries currently in the index.
     pub entries: usize,
+    /// Bytes the ranges of the entries currently in the index add up to.
+    pub bytes: u64,
 }
 
 /// The subscriber state of one entry: clears its flag and marks the cache dirty. That is
@@ -259,9 +409,11 @@ impl IntervalSubscriber for Validity {
     }
 }
 
-struct Entry<R: Registrar> {
+struct Entry<R: KeyedRegistrar<K>, K> {
     start: u64,
     end: u64,
+    /// The caller's attributes, part of the entry's key.
+    attrs: K,
     valid: sync::Arc<AtomicBool>,
     registration: Option<R::Registration>,
     subscription: Option<IntervalSubscription<Validity>>,
@@ -319,7 +471,7 @@ impl GateMode {
     }
 }
 
-impl<R: Registrar> Drop for Entry<R> {
+impl<R: KeyedRegistrar<K>, K> Drop for Entry<R, K> {
     fn drop(&mut self) {
         // First take it out of the tree (without waiting: an invalidation still running on
         // it only touches the flags it owns), then release the registration.
@@ -327,7 +479,7 @@ impl<R: Registrar> Drop for Entry<R> {
             s.remove_nowait();
         }
         if let Some(r) = self.registration.take() {
-            self.registrar.deregister(r);
+            self.registrar.deregister_with(&self.attrs, r);
         }
         // Last: unwatch (if no other entry needs the range) only once the device no
         // longer uses the pages.
@@ -337,11 +489,16 @@ impl<R: Registrar> Drop for Entry<R> {
 
 /// A handle to a cached registration. The registration stays registered while any handle
 /// to it exists; [`is_valid`](Self::is_valid) tells whether the memory has changed since.
-pub struct CachedRegistration<R: Registrar> {
-    entry: Arc<Entry<R>>,
+pub struct CachedRegistration<R: KeyedRegistrar<K>, K = ()> {
+    entry: Arc<Entry<R, K>>,
 }
 
-impl<R: Registrar> CachedRegistration<R> {
+impl<R: KeyedRegistrar<K>, K> CachedRegistration<R, K> {
+    /// The attributes the registration was made with (`&()` without attributes).
+    pub fn attrs(&self) -> &K {
+        &self.entry.attrs
+    }
+
     /// The registered range's start (page-aligned; it covers the requested range).
     pub fn start(&self) -> *mut u8 {
         self.entry.start as *mut u8
@@ -373,7 +530,7 @@ impl<R: Registrar> CachedRegistration<R> {
     }
 }
 
-impl<R: Registrar> Clone for CachedRegistration<R> {
+impl<R: KeyedRegistrar<K>, K> Clone for CachedRegistration<R, K> {
     fn clone(&self) -> Self {
         CachedRegistration {
             entry: self.entry.clone(),
@@ -381,25 +538,26 @@ impl<R: Registrar> Clone for CachedRegistration<R> {
     }
 }
 
-impl<R: Registrar> std::ops::Deref for CachedRegistration<R> {
+impl<R: KeyedRegistrar<K>, K> std::ops::Deref for CachedRegistration<R, K> {
     type Target = R::Registration;
     fn deref(&self) -> &R::Registration {
         self.registration()
     }
 }
 
-impl<R: Registrar> fmt::Debug for CachedRegistration<R> {
+impl<R: KeyedRegistrar<K>, K: fmt::Debug> fmt::Debug for CachedRegistration<R, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedRegistration")
             .field("start", &format_args!("{:#x}", self.entry.start))
             .field("end", &format_args!("{:#x}", self.entry.end))
+            .field("attrs", &self.entry.attrs)
             .field("valid", &self.is_valid())
             .finish()
     }
 }
 
-struct Index<R: Registrar> {
-    lru: LruIndex<Arc<Entry<R>>>,
+struct Index<R: KeyedRegistrar<K>, K> {
+    lru: LruIndex<K, Arc<Entry<R, K>>>,
     stats: CacheStats,
 }
 
@@ -420,19 +578,28 @@ struct Index<R: Registrar> {
 /// let a = cache.get(buf.as_ptr(), buf.len())?;   // miss: registers
 /// let b = cache.get(buf.as_ptr(), 4096)?;        // hit
 /// assert_eq!(*a, *b);
+/// assert!(cache.find(buf.as_ptr(), 8192)?.is_some()); // a hit; a miss would be None
 /// # Ok::<(), mmu_uffd::Error>(())
 /// ```
-pub struct RegCache<R: Registrar> {
+///
+/// With registration attributes in the key (`RegCache<R, K>`), see [`KeyedRegistrar`] and
+/// [`RegCache::with_keyed_fns`].
+///
+/// Dropping the cache is [`clear`](Self::clear): it forgets every entry, and a
+/// registration is deregistered when its last handle drops, so a handle still held keeps
+/// its registration (and its validity tracking) after the cache is gone. Once the monitor
+/// stops, every handle reads as invalid.
+pub struct RegCache<R: KeyedRegistrar<K>, K: CacheKey = ()> {
     monitor: Arc<Shared>,
     registrar: Arc<R>,
     config: CacheConfig,
     gate: GateMode,
-    index: Mutex<Index<R>>,
+    index: Mutex<Index<R, K>>,
     /// Raised by invalidations of entries (see "Purge").
     dirty: sync::Arc<AtomicBool>,
 }
 
-impl<R: Registrar> fmt::Debug for RegCache<R> {
+impl<R: KeyedRegistrar<K>, K: CacheKey> fmt::Debug for RegCache<R, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegCache")
             .field("config", &self.config)
@@ -461,17 +628,108 @@ where
     }
 }
 
+impl<F, G, K, T, E> RegCache<KeyedFnRegistrar<F, G>, K>
+where
+    K: CacheKey,
+    T: Send + Sync + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+    F: Fn(&K, *mut u8, usize) -> Result<T, E> + Send + Sync + 'static,
+    G: Fn(&K, T) + Send + Sync + 'static,
+{
+    /// A cache whose entries are keyed by range and attributes `K`, registered by
+    /// `register(attrs, ptr, len)` and released by `deregister(attrs, registration)`.
+    ///
+    /// ```no_run
+    /// use mmu_uffd::{CacheConfig, Monitor, RegCache};
+    /// const READ: u32 = 1;
+    /// const WRITE: u32 = 2;
+    /// let monitor = Monitor::new()?;
+    /// // (access flags, device index): e.g. ibv_reg_mr(pd[device], ptr, len, access)
+    /// let cache = RegCache::with_keyed_fns(
+    ///     &monitor,
+    ///     CacheConfig::default(),
+    ///     |&(access, device): &(u32, u8), ptr, _len| {
+    ///         Ok::<_, std::io::Error>((ptr as usize, access, device))
+    ///     },
+    ///     |_attrs, _mr| {},
+    /// );
+    /// let buf = vec![0u8; 1 << 16];
+    /// let ro = cache.get_with(&(READ, 0), buf.as_ptr(), buf.len())?;
+    /// let rw = cache.get_with(&(READ | WRITE, 0), buf.as_ptr(), buf.len())?;
+    /// assert_ne!(*ro, *rw); // two registrations of one range
+    /// assert!(cache.find_with(&(READ, 1), buf.as_ptr(), buf.len())?.is_none()); // device 1: none
+    /// # Ok::<(), mmu_uffd::Error>(())
+    /// ```
+    pub fn with_keyed_fns(
+        monitor: &Monitor,
+        config: CacheConfig,
+        register: F,
+        deregister: G,
+    ) -> Self {
+        RegCache::keyed(
+            monitor,
+            config,
+            KeyedFnRegistrar {
+                register,
+                deregister,
+            },
+        )
+    }
+}
+
 impl<R: Registrar> RegCache<R> {
     /// A cache on `monitor`'s address space. The cache works as long as the monitor runs;
     /// once the monitor is dropped every entry is invalid and `get` fails with
     /// [`Error::Stopped`].
     pub fn new(monitor: &Monitor, config: CacheConfig, registrar: R) -> Self {
+        RegCache::keyed(monitor, config, registrar)
+    }
+}
+
+impl<R: KeyedRegistrar<()>> RegCache<R, ()> {
+    /// A registration covering `[ptr, ptr + len)`: a cached one if a valid one exists, else
+    /// a new one (the memory is watched first). Never one that an unmap, move or madvise
+    /// of the range, returned before this call started, has made stale.
+    pub fn get(&self, ptr: *const u8, len: usize) -> Result<CachedRegistration<R>, Error> {
+        self.get_with(&(), ptr, len)
+    }
+
+    /// A cached registration covering `[ptr, ptr + len)` if a valid one exists, else
+    /// `None`: never registers (libfabric's `ofi_mr_cache_find`). The same guarantee as
+    /// [`get`](Self::get): never an entry that an unmap, move or madvise of the range,
+    /// returned before this call started, has made stale.
+    ///
+    /// ```no_run
+    /// use mmu_uffd::{CacheConfig, Monitor, RegCache};
+    /// let monitor = Monitor::new()?;
+    /// let cache = RegCache::with_fns(
+    ///     &monitor,
+    ///     CacheConfig::default(),
+    ///     |ptr, _len| Ok::<_, std::io::Error>(ptr as usize),
+    ///     |_| {},
+    /// );
+    /// let buf = vec![0u8; 1 << 16];
+    /// assert!(cache.find(buf.as_ptr(), buf.len())?.is_none()); // nothing registered
+    /// let reg = cache.get(buf.as_ptr(), buf.len())?;
+    /// assert_eq!(*cache.find(buf.as_ptr(), 4096)?.unwrap(), *reg);
+    /// # Ok::<(), mmu_uffd::Error>(())
+    /// ```
+    pub fn find(&self, ptr: *const u8, len: usize) -> Result<Option<CachedRegistration<R>>, Error> {
+        self.find_with(&(), ptr, len)
+    }
+}
+
+impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
+    /// A cache on `monitor`'s address space whose entries are keyed by range and
+    /// attributes `K` (see [`KeyedRegistrar`]; [`RegCache::new`] is this with `K = ()`).
+    pub fn keyed(monitor: &Monitor, config: CacheConfig, registrar: R) -> Self {
         RegCache {
             monitor: monitor.shared().clone(),
             registrar: Arc::new(registrar),
             config: CacheConfig {
                 capacity: config.capacity.max(1),
                 max_attempts: config.max_attempts.max(1),
+                max_bytes: config.max_bytes.map(|b| b.max(1)),
                 ..config
             },
             gate: GateMode::of(&config),
@@ -483,11 +741,42 @@ impl<R: Registrar> RegCache<R> {
         }
     }
 
-    /// A registration covering `[ptr, ptr + len)`: a cached one if a valid one exists, else
-    /// a new one (the memory is watched first). Never one that an unmap, move or madvise
-    /// of the range, returned before this call started, has made stale.
-    pub fn get(&self, ptr: *const u8, len: usize) -> Result<CachedRegistration<R>, Error> {
+    /// [`get`](RegCache::get) with attributes: a registration covering `[ptr, ptr + len)`
+    /// made with `attrs`, cached if a valid one exists, else new.
+    pub fn get_with(
+        &self,
+        attrs: &K,
+        ptr: *const u8,
+        len: usize,
+    ) -> Result<CachedRegistration<R, K>, Error> {
         let (start, end) = byte_range(ptr, len)?;
+        match self.lookup(attrs, start, end, false)? {
+            Some(handle) => Ok(handle),
+            None => self.fill(attrs, start, end),
+        }
+    }
+
+    /// [`find`](RegCache::find) with attributes: a cached valid registration covering
+    /// `[ptr, ptr + len)` made with `attrs`, or `None`; never registers.
+    pub fn find_with(
+        &self,
+        attrs: &K,
+        ptr: *const u8,
+        len: usize,
+    ) -> Result<Option<CachedRegistration<R, K>>, Error> {
+        let (start, end) = byte_range(ptr, len)?;
+        self.lookup(attrs, start, end, true)
+    }
+
+    /// The hit path of `get` and `find`: `None` where `get` goes on to fill.
+    #[inline]
+    fn lookup(
+        &self,
+        attrs: &K,
+        start: u64,
+        end: u64,
+        find: bool,
+    ) -> Result<Option<CachedRegistration<R, K>>, Error> {
         // The gate now; the in-flight check only on a hit (see `confirm_hit`): a miss
         // registers the memory as it is now, which no event in flight can make stale
         // (such an event invalidates the new entry: a later miss, never a stale hit).
@@ -497,7 +786,7 @@ impl<R: Registrar> RegCache<R> {
         }
         let (hit, dead) = {
             let mut ix = self.index.lock();
-            match ix.lru.find_covering(start, end) {
+            match ix.lru.find_covering(attrs, start, end) {
                 Some(id) => {
                     let entry = ix.lru.value(id);
                     // Acquire: pairs with the Release clear in `Validity::invalidate`
@@ -520,7 +809,7 @@ impl<R: Registrar> RegCache<R> {
         drop(dead); // outside the lock: may deregister
         if let Some(handle) = hit {
             if self.confirm_hit(&handle)? {
-                return Ok(handle);
+                return Ok(Some(handle));
             }
             drop(handle);
             let mut ix = self.index.lock();
@@ -529,7 +818,10 @@ impl<R: Registrar> RegCache<R> {
             drop(ix);
             self.purge_dirty();
         }
-        self.fill(start, end)
+        if find {
+            self.index.lock().stats.not_found += 1;
+        }
+        Ok(None)
     }
 
     /// With the address-reuse check: waits until no event is in flight and every event
@@ -538,7 +830,7 @@ impl<R: Registrar> RegCache<R> {
     /// (which the caller then mapped again) and whose event had not reached the monitor
     /// when the gate was passed; after `sync` that event is applied and the flag is clear.
     #[inline]
-    fn confirm_hit(&self, handle: &CachedRegistration<R>) -> Result<bool, Error> {
+    fn confirm_hit(&self, handle: &CachedRegistration<R, K>) -> Result<bool, Error> {
         if self.gate != GateMode::Sync {
             return Ok(true);
         }
@@ -553,15 +845,29 @@ impl<R: Registrar> RegCache<R> {
         self.gate.pass(&self.monitor)
     }
 
+    /// Whether a range of `len` bytes may enter the index ([`CacheConfig::max_bytes`]).
+    fn cacheable(&self, len: u64) -> bool {
+        self.config.max_bytes.map_or(true, |max| len <= max)
+    }
+
+    /// Whether the index must evict before an entry of `len` more bytes joins it.
+    fn over_limits(&self, ix: &Index<R, K>, len: u64) -> bool {
+        ix.lru.len() >= self.config.capacity
+            || self
+                .config
+                .max_bytes
+                .is_some_and(|max| ix.lru.bytes().saturating_add(len) > max)
+    }
+
     #[cold]
-    fn fill(&self, start: u64, end: u64) -> Result<CachedRegistration<R>, Error> {
+    fn fill(&self, attrs: &K, start: u64, end: u64) -> Result<CachedRegistration<R, K>, Error> {
         let (ps, pe) = self.monitor.page_range(start, end - start)?;
         let mut attempts = 0;
         'attempt: while attempts < self.config.max_attempts {
             attempts += 1;
             // Try the union with overlapping valid entries first, then the request alone.
             let mut union = if self.config.merge {
-                self.union_with_overlaps(ps, pe)
+                self.union_with_overlaps(attrs, ps, pe)
             } else {
                 (ps, pe)
             };
@@ -570,7 +876,11 @@ impl<R: Registrar> RegCache<R> {
             if union != (ps, pe) && self.gate == GateMode::Sync {
                 self.monitor.sync()?;
                 self.purge_dirty();
-                union = self.union_with_overlaps(ps, pe);
+                union = self.union_with_overlaps(attrs, ps, pe);
+            }
+            // A union too long to cache would only pin more memory for nothing.
+            if !self.cacheable(union.1 - union.0) {
+                union = (ps, pe);
             }
             let candidates: &[(u64, u64)] = if union != (ps, pe) {
                 &[union, (ps, pe)]
@@ -579,7 +889,7 @@ impl<R: Registrar> RegCache<R> {
             };
             for (i, &(s, e)) in candidates.iter().enumerate() {
                 let last = i + 1 == candidates.len();
-                match self.try_fill(s, e, !last) {
+                match self.try_fill(attrs, s, e, !last) {
                     Ok(Some(handle)) => return Ok(handle),
                     Ok(None) => continue 'attempt, // collided with an invalidation
                     Err(err) if !last => {
@@ -598,10 +908,10 @@ impl<R: Registrar> RegCache<R> {
         })
     }
 
-    fn union_with_overlaps(&self, s: u64, e: u64) -> (u64, u64) {
+    fn union_with_overlaps(&self, attrs: &K, s: u64, e: u64) -> (u64, u64) {
         let ix = self.index.lock();
         ix.lru
-            .overlapping(s, e)
+            .overlapping(attrs, s, e)
             .into_iter()
             .filter(|&id| ix.lru.value(id).valid.load(Acquire))
             .map(|id| ix.lru.range(id))
@@ -611,10 +921,11 @@ impl<R: Registrar> RegCache<R> {
     /// One fill attempt of `[s, e)`: `Ok(None)` if it collided with an invalidation.
     fn try_fill(
         &self,
+        attrs: &K,
         s: u64,
         e: u64,
         merged: bool,
-    ) -> Result<Option<CachedRegistration<R>>, Error> {
+    ) -> Result<Option<CachedRegistration<R, K>>, Error> {
         let valid = sync::Arc::new(AtomicBool::new(false));
         let subscription = self
             .monitor
@@ -632,20 +943,28 @@ impl<R: Registrar> RegCache<R> {
             })?;
         let seq = subscription.read_begin();
         let lease = self.monitor.lease(s, e - s)?;
-        // Make room before registering, so a registrar with `capacity` slots has one free.
+        // Make room before registering, so a registrar with `capacity` slots has one free
+        // (and the registered bytes stay within `max_bytes`). A range too long to cache
+        // evicts nothing.
+        let cacheable = self.cacheable(e - s);
         let evicted = {
             let mut ix = self.index.lock();
-            if ix.lru.len() >= self.config.capacity {
-                ix.stats.evictions += 1;
-                ix.lru.pop_lru()
-            } else {
-                None
+            let mut evicted = Vec::new();
+            while cacheable && self.over_limits(&ix, e - s) {
+                match ix.lru.pop_lru() {
+                    Some(v) => {
+                        ix.stats.evictions += 1;
+                        evicted.push(v);
+                    }
+                    None => break,
+                }
             }
+            evicted
         };
         drop(evicted); // outside the lock: may deregister
         let registration = self
             .registrar
-            .register(s as *mut u8, (e - s) as usize)
+            .register_with(attrs, s as *mut u8, (e - s) as usize)
             .map_err(|source| Error::Register {
                 start: s,
                 end: e,
@@ -654,6 +973,7 @@ impl<R: Registrar> RegCache<R> {
         let entry = Arc::new(Entry {
             start: s,
             end: e,
+            attrs: attrs.clone(),
             valid,
             registration: Some(registration),
             subscription: None,
@@ -685,19 +1005,35 @@ impl<R: Registrar> RegCache<R> {
         };
         let removed = {
             let mut ix = self.index.lock();
-            let mut removed = ix.lru.insert(s, e, entry);
+            ix.stats.misses += 1;
+            ix.stats.registered += 1;
             if merged {
                 ix.stats.merges += 1;
             }
-            while ix.lru.len() > self.config.capacity {
-                if let Some(v) = ix.lru.pop_lru() {
-                    removed.push(v);
-                    ix.stats.evictions += 1;
+            if cacheable {
+                let mut removed = ix.lru.insert(attrs.clone(), s, e, entry);
+                // Other fills may have filled the room made above. The new entry is the
+                // most recently used and fits alone: it is never the one evicted.
+                while ix.lru.len() > self.config.capacity
+                    || self
+                        .config
+                        .max_bytes
+                        .is_some_and(|max| ix.lru.bytes() > max)
+                {
+                    match ix.lru.pop_lru() {
+                        Some(v) => {
+                            removed.push(v);
+                            ix.stats.evictions += 1;
+                        }
+                        None => break,
+                    }
                 }
+                removed
+            } else {
+                ix.stats.uncached += 1;
+                // The handle is the only reference: the entry is deregistered when it drops.
+                vec![entry]
             }
-            ix.stats.misses += 1;
-            ix.stats.registered += 1;
-            removed
         };
         drop(removed); // outside the lock: may deregister
         Ok(Some(handle))
@@ -775,6 +1111,7 @@ impl<R: Registrar> RegCache<R> {
         let ix = self.index.lock();
         CacheStats {
             entries: ix.lru.len(),
+            bytes: ix.lru.bytes(),
             ..ix.stats
         }
     }
@@ -794,7 +1131,7 @@ fn byte_range(ptr: *const u8, len: usize) -> Result<(u64, u64), Error> {
     Ok((start, end))
 }
 
-impl<R: Registrar> Drop for RegCache<R> {
+impl<R: KeyedRegistrar<K>, K: CacheKey> Drop for RegCache<R, K> {
     fn drop(&mut self) {
         self.clear();
     }

@@ -42,13 +42,63 @@
 //! check (`Shared::sync`).
 //!
 //! The fast path costs two Acquire loads of words that change only when events arrive.
+//!
+//! # Waiting
+//!
+//! A lookup that finds the gate closed waits for the monitor's two threads: the reader
+//! still has to hand the batch over, the applier to apply it. How it waits depends on where
+//! they last ran. The reader (in `begin`) and the applier (in `applied_through`) each note
+//! the CPU they run on; a waiter compares them with its own CPU:
+//!
+//! - **Same CPU as either.** Spinning there would only keep the thread it waits for off
+//!   that CPU (until the waiter's time slice ends or it gives up), so the waiter yields at
+//!   once: `sched_yield` lets the runnable monitor thread run (typically the applier,
+//!   which applies, opens the gate and goes back to sleep), and the waiter finds the gate
+//!   open when it is scheduled again: no futex wait or wake at all. A few yields at most
+//!   (the reader may run first), then it sleeps.
+//! - **Other CPUs.** The batch is a few microseconds of in-memory work happening in
+//!   parallel: the waiter spins briefly (pause instructions), then sleeps.
+//!
+//! The CPUs are hints, read and written Relaxed: a monitor thread may migrate at any time,
+//! and a wrong guess costs only time (a yield that returns at once, or a bounded spin). The
+//! sleep that ends every wait is always the same: `done` is checked with `lock` held and
+//! every change of the counters is followed by a wake-up under `lock`.
 
-use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use crate::sync::{spin_hint, AtomicBool, AtomicU64, Condvar, Mutex};
 
-/// Spins before sleeping (one under loom, whose spins are yields that multiply states).
+/// Spins before sleeping when the monitor runs on other CPUs (one under loom, whose spins
+/// are yields that multiply states).
 const SPINS: u32 = if cfg!(loom) { 1 } else { 200 };
+/// Yields before sleeping when a monitor thread last ran on the waiter's CPU.
+const YIELDS: u32 = if cfg!(loom) { 1 } else { 4 };
+/// A CPU not known (the initial value, or `sched_getcpu` failed).
+const NO_CPU: u64 = u64::MAX;
+
+/// The CPU the calling thread runs on, or [`NO_CPU`]. Under loom there are no CPUs: every
+/// waiter takes the spinning branch (loom's spins are yields anyway).
+#[inline]
+fn current_cpu() -> u64 {
+    #[cfg(not(loom))]
+    {
+        // SAFETY: sched_getcpu takes no arguments and only returns a value (through rseq
+        // or the vDSO: no system call on current kernels).
+        let cpu = unsafe { libc::sched_getcpu() };
+        if cpu >= 0 {
+            return cpu as u64;
+        }
+    }
+    NO_CPU
+}
+
+/// Lets another runnable thread of this CPU run (under loom: a loom yield).
+fn yield_cpu() {
+    #[cfg(not(loom))]
+    std::thread::yield_now();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}
 
 /// What a reader learns at the gate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +117,10 @@ pub(crate) struct Gate {
     /// Every batch up to this number has been applied (applier only).
     applied: AtomicU64,
     stopped: AtomicBool,
+    /// The CPU the reader last began a batch on, and the one the applier last applied
+    /// one on ([`NO_CPU`] if not known). Scheduling hints only (see "Waiting").
+    reader_cpu: AtomicU64,
+    applier_cpu: AtomicU64,
     /// Lookups that gave up spinning sleep here. They check the counters with `lock`
     /// held, and `wake` takes `lock` after changing them, so a wake-up cannot fall between
     /// a sleeper's check and its sleep.
@@ -86,6 +140,8 @@ impl Gate {
             begun: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            reader_cpu: AtomicU64::new(NO_CPU),
+            applier_cpu: AtomicU64::new(NO_CPU),
             lock: Mutex::new(()),
             cv: Condvar::new(),
         }
@@ -94,6 +150,7 @@ impl Gate {
     /// Reader: a `read()` is about to hand over events; returns the batch's number.
     /// Allocation-free and lock-free (the reader may never wait for a user thread).
     pub(crate) fn begin(&self) -> u64 {
+        note_cpu(&self.reader_cpu);
         // SeqCst RMW: ordered before the read() that follows (see the module docs); the
         // kernel's lock hand-over carries it to the unmapper.
         self.begun.fetch_add(1, SeqCst) + 1
@@ -101,6 +158,7 @@ impl Gate {
 
     /// Applier: every event of batches up to `batch` has been applied.
     pub(crate) fn applied_through(&self, batch: u64) {
+        note_cpu(&self.applier_cpu);
         // Release: publishes the invalidations applied so far to any lookup that loads the
         // new value with Acquire.
         self.applied.store(batch, Release);
@@ -167,12 +225,21 @@ impl Gate {
                 None
             }
         };
-        // A batch is a few microseconds of in-memory work: spin a little first.
-        for _ in 0..SPINS {
+        // Yield or spin a little first (see "Waiting" in the module docs).
+        let me = current_cpu();
+        // Relaxed: hints; a stale value only picks the less efficient branch.
+        let shared = me != NO_CPU
+            && (self.reader_cpu.load(Relaxed) == me || self.applier_cpu.load(Relaxed) == me);
+        let (rounds, pause): (u32, fn()) = if shared {
+            (YIELDS, yield_cpu)
+        } else {
+            (SPINS, spin_hint)
+        };
+        for _ in 0..rounds {
             if let Some(p) = done() {
                 return p;
             }
-            spin_hint();
+            pause();
         }
         let mut g = self.lock.lock();
         loop {
@@ -182,6 +249,22 @@ impl Gate {
             g = self.cv.wait(g);
         }
     }
+}
+
+/// Records the calling thread's CPU in `slot` (a store only when it changed, so the line
+/// is not dirtied on every batch). Nothing under loom (no CPUs; and no extra states).
+#[inline]
+fn note_cpu(slot: &AtomicU64) {
+    #[cfg(not(loom))]
+    {
+        let cpu = current_cpu();
+        // Relaxed: a scheduling hint, never part of the protocol.
+        if slot.load(Relaxed) != cpu {
+            slot.store(cpu, Relaxed);
+        }
+    }
+    #[cfg(loom)]
+    let _ = slot;
 }
 
 #[cfg(all(test, loom))]
@@ -318,5 +401,64 @@ mod loom_model {
             assert_eq!(waiter.join().unwrap(), Pass::Stopped);
             assert_eq!(gate.pass(), Pass::Stopped);
         });
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    //! The waiting branches with real threads (the orderings are the loom models' job).
+    use super::{current_cpu, Gate, Pass, NO_CPU};
+    use std::sync::Arc;
+
+    /// Pins the calling thread to the CPU it runs on; threads it spawns inherit that.
+    fn pin_here() -> bool {
+        let cpu = current_cpu();
+        if cpu == NO_CPU {
+            return false;
+        }
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it;
+        // sched_setaffinity(0, ...) applies to the calling thread only.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        }
+    }
+
+    /// Everything on one CPU: the waiter sees the reader's CPU as its own, takes the
+    /// yielding branch, and passes once the applier (which can only run because the
+    /// waiter gives the CPU away, or after it sleeps) has applied the batch.
+    #[test]
+    fn waiter_on_the_monitors_cpu_passes() {
+        // In a thread of its own, so that the pinning ends with it.
+        std::thread::spawn(|| {
+            if !pin_here() {
+                println!("SKIPPED: cannot pin to one CPU (sched_getcpu/sched_setaffinity)");
+                return;
+            }
+            for round in 1..=50u64 {
+                let gate = Arc::new(Gate::new());
+                let batch = gate.begin(); // the reader's CPU: this one
+                assert_eq!(gate.reader_cpu.load(super::Relaxed), current_cpu());
+                let applier = {
+                    let gate = gate.clone();
+                    std::thread::spawn(move || gate.applied_through(batch))
+                };
+                assert_eq!(gate.pass(), Pass::Open, "round {round}");
+                assert_eq!(gate.applied.load(super::Acquire), batch);
+                applier.join().unwrap();
+            }
+            // And a stop releases a waiter on the yielding branch as well.
+            let gate = Arc::new(Gate::new());
+            gate.begin();
+            let stopper = {
+                let gate = gate.clone();
+                std::thread::spawn(move || gate.stop())
+            };
+            assert_eq!(gate.pass(), Pass::Stopped);
+            stopper.join().unwrap();
+        })
+        .join()
+        .unwrap();
     }
 }

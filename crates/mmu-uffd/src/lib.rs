@@ -81,6 +81,15 @@
 
 #![deny(missing_docs)]
 
+// userfaultfd, its non-cooperative events and `/proc/self/maps` are Linux's: this crate is
+// Linux-only (the core crate, mmu-notifier, builds on any `std` target).
+// `--cfg mmu_uffd_pretend_not_linux` triggers the message on Linux, to test it.
+#[cfg(any(not(target_os = "linux"), mmu_uffd_pretend_not_linux))]
+compile_error!(
+    "mmu-uffd supports Linux only: it watches memory with Linux's userfaultfd. \
+     The core crate, mmu-notifier, builds on every std target."
+);
+
 pub mod applier;
 pub mod cache;
 mod coverage;
@@ -97,6 +106,9 @@ pub mod reader;
 mod sync;
 mod sys;
 
-pub use cache::{CacheConfig, CacheStats, CachedRegistration, FnRegistrar, RegCache, Registrar};
+pub use cache::{
+    CacheConfig, CacheKey, CacheStats, CachedRegistration, FnRegistrar, KeyedFnRegistrar,
+    KeyedRegistrar, RegCache, Registrar,
+};
 pub use error::Error;
 pub use monitor::{Capabilities, Monitor, MonitorConfig, MonitorState, MonitorStats};

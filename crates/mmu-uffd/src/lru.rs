@@ -1,45 +1,71 @@
-//! The cache's index: disjoint ranges by start address, with an exact LRU order.
+//! The cache's index: for each key (the caller's registration attributes), disjoint ranges
+//! by start address; one exact LRU order across all keys; the total bytes indexed.
 //!
 //! A slab of slots threaded on an intrusive doubly linked list (most recently used at the
-//! head) plus a vector of `(start, slot)` sorted by start. Ranges never overlap, so the only
-//! candidate to cover `[s, e)` is the range with the greatest start `<= s`: a lookup is one
-//! binary search, a touch is four index writes, eviction pops the tail. Everything runs
-//! under the cache's lock.
+//! head) plus, per key, a *group*: a vector of `(start, slot)` sorted by start. Ranges of
+//! one key never overlap, so the only candidate to cover `[s, e)` is the range with the
+//! greatest start `<= s` in that key's group: a lookup is one group search (a comparison
+//! per distinct key while there are at most [`LINEAR_GROUPS`], a hash lookup beyond) and
+//! one binary search, a touch is four index writes, eviction pops the tail. Ranges of
+//! different keys may overlap. Everything runs under the cache's lock.
 //!
 //! Why a sorted vector and not a `BTreeMap`: lookups are the hot path (a cache hit) and a
 //! binary search over a contiguous array beats the tree's node walk (measured in
 //! `benches/cache.rs`); inserts and removals (misses) move at most `capacity` 16-byte
 //! pairs, which is small next to the registration a miss performs anyway.
 
+use std::collections::HashMap;
+use std::hash::Hash;
+
 const NIL: u32 = u32::MAX;
+
+/// Up to this many distinct keys, a key's group is found by comparing keys (the common
+/// case: `()`, or a few access-flag and device combinations); beyond, through a hash map.
+pub(crate) const LINEAR_GROUPS: usize = 8;
 
 #[derive(Debug)]
 struct Slot<V> {
     start: u64,
     end: u64,
+    /// The slot's group (an index into `groups`).
+    group: u32,
     value: Option<V>,
     prev: u32,
     next: u32,
 }
 
-/// Disjoint `[start, end)` ranges with values, in LRU order.
+/// The ranges of one key, sorted by start.
 #[derive(Debug)]
-pub(crate) struct LruIndex<V> {
+struct Group<K> {
+    key: K,
     by_start: Vec<(u64, u32)>,
+}
+
+/// Per key, disjoint `[start, end)` ranges with values, in one LRU order.
+#[derive(Debug)]
+pub(crate) struct LruIndex<K, V> {
+    groups: Vec<Group<K>>,
+    /// Key to group index, kept for every group (consulted past `LINEAR_GROUPS`).
+    by_key: HashMap<K, u32>,
     slots: Vec<Slot<V>>,
     free: Vec<u32>,
     head: u32,
     tail: u32,
+    len: usize,
+    bytes: u64,
 }
 
-impl<V> Default for LruIndex<V> {
+impl<K, V> Default for LruIndex<K, V> {
     fn default() -> Self {
         LruIndex {
-            by_start: Vec::new(),
+            groups: Vec::new(),
+            by_key: HashMap::new(),
             slots: Vec::new(),
             free: Vec::new(),
             head: NIL,
             tail: NIL,
+            len: 0,
+            bytes: 0,
         }
     }
 }
@@ -48,22 +74,35 @@ impl<V> Default for LruIndex<V> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SlotId(u32);
 
-impl<V> LruIndex<V> {
+impl<K: Clone + Eq + Hash, V> LruIndex<K, V> {
     pub(crate) fn len(&self) -> usize {
-        self.by_start.len()
+        self.len
     }
 
-    /// The range covering `[start, end)`, if any.
+    /// The sum of the lengths of the indexed ranges.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     #[inline]
-    pub(crate) fn find_covering(&self, start: u64, end: u64) -> Option<SlotId> {
-        let i = self.by_start.partition_point(|&(s, _)| s <= start);
-        let (_, slot) = *self.by_start.get(i.checked_sub(1)?)?;
-        (self.slots[slot as usize].end >= end).then_some(SlotId(slot))
+    fn group_of(&self, key: &K) -> Option<u32> {
+        if self.groups.len() <= LINEAR_GROUPS {
+            self.groups
+                .iter()
+                .position(|g| g.key == *key)
+                .map(|i| i as u32)
+        } else {
+            self.by_key.get(key).copied()
+        }
     }
 
-    /// Position in `by_start` of the first range starting at or after `start`.
-    fn position(&self, start: u64) -> usize {
-        self.by_start.partition_point(|&(s, _)| s < start)
+    /// The range of `key` covering `[start, end)`, if any.
+    #[inline]
+    pub(crate) fn find_covering(&self, key: &K, start: u64, end: u64) -> Option<SlotId> {
+        let by_start = &self.groups[self.group_of(key)? as usize].by_start;
+        let i = by_start.partition_point(|&(s, _)| s <= start);
+        let (_, slot) = *by_start.get(i.checked_sub(1)?)?;
+        (self.slots[slot as usize].end >= end).then_some(SlotId(slot))
     }
 
     pub(crate) fn value(&self, id: SlotId) -> &V {
@@ -78,11 +117,15 @@ impl<V> LruIndex<V> {
         (s.start, s.end)
     }
 
-    /// Ranges overlapping `[start, end)`.
-    pub(crate) fn overlapping(&self, start: u64, end: u64) -> Vec<SlotId> {
+    /// Ranges of `key` overlapping `[start, end)`.
+    pub(crate) fn overlapping(&self, key: &K, start: u64, end: u64) -> Vec<SlotId> {
         let mut out = Vec::new();
-        let below_end = self.by_start.partition_point(|&(s, _)| s < end);
-        for &(_, slot) in self.by_start[..below_end].iter().rev() {
+        let Some(g) = self.group_of(key) else {
+            return out;
+        };
+        let by_start = &self.groups[g as usize].by_start;
+        let below_end = by_start.partition_point(|&(s, _)| s < end);
+        for &(_, slot) in by_start[..below_end].iter().rev() {
             if self.slots[slot as usize].end <= start {
                 break;
             }
@@ -132,27 +175,65 @@ impl<V> LruIndex<V> {
     /// Removes `id` and returns its value.
     pub(crate) fn remove(&mut self, id: SlotId) -> V {
         self.unlink(id.0);
-        let at = self.position(self.slots[id.0 as usize].start);
-        self.by_start.remove(at);
-        let s = &mut self.slots[id.0 as usize];
+        let (start, end, g) = {
+            let s = &self.slots[id.0 as usize];
+            (s.start, s.end, s.group)
+        };
+        let by_start = &mut self.groups[g as usize].by_start;
+        let at = by_start.partition_point(|&(s, _)| s < start);
+        by_start.remove(at);
+        if by_start.is_empty() {
+            self.drop_group(g);
+        }
+        self.len -= 1;
+        self.bytes -= end - start;
         self.free.push(id.0);
-        s.value
+        self.slots[id.0 as usize]
+            .value
             .take()
             .expect("slot ids are only handed out for occupied slots")
     }
 
-    /// Inserts `[start, end)` as most recently used, removing (and returning) every range
-    /// that overlaps it.
-    pub(crate) fn insert(&mut self, start: u64, end: u64, value: V) -> Vec<V> {
+    /// Removes the empty group `g`; the last group takes its index.
+    fn drop_group(&mut self, g: u32) {
+        let gone = self.groups.swap_remove(g as usize);
+        self.by_key.remove(&gone.key);
+        if let Some(moved) = self.groups.get(g as usize) {
+            for &(_, slot) in &moved.by_start {
+                self.slots[slot as usize].group = g;
+            }
+            self.by_key.insert(moved.key.clone(), g);
+        }
+    }
+
+    /// The group of `key`, created if missing.
+    fn group_for(&mut self, key: K) -> u32 {
+        if let Some(g) = self.group_of(&key) {
+            return g;
+        }
+        let g = self.groups.len() as u32;
+        self.by_key.insert(key.clone(), g);
+        self.groups.push(Group {
+            key,
+            by_start: Vec::new(),
+        });
+        g
+    }
+
+    /// Inserts `[start, end)` of `key` as most recently used, removing (and returning)
+    /// every range of `key` that overlaps it.
+    pub(crate) fn insert(&mut self, key: K, start: u64, end: u64, value: V) -> Vec<V> {
         debug_assert!(start < end);
         let removed: Vec<V> = self
-            .overlapping(start, end)
+            .overlapping(&key, start, end)
             .into_iter()
             .map(|id| self.remove(id))
             .collect();
+        let group = self.group_for(key);
         let slot = Slot {
             start,
             end,
+            group,
             value: Some(value),
             prev: NIL,
             next: NIL,
@@ -167,9 +248,12 @@ impl<V> LruIndex<V> {
                 (self.slots.len() - 1) as u32
             }
         };
-        let at = self.position(start);
-        self.by_start.insert(at, (start, i));
+        let by_start = &mut self.groups[group as usize].by_start;
+        let at = by_start.partition_point(|&(s, _)| s < start);
+        by_start.insert(at, (start, i));
         self.push_front(i);
+        self.len += 1;
+        self.bytes += end - start;
         removed
     }
 
@@ -184,8 +268,9 @@ impl<V> LruIndex<V> {
     /// Removes (and returns) every value for which `dead` holds.
     pub(crate) fn remove_where(&mut self, mut dead: impl FnMut(&V) -> bool) -> Vec<V> {
         let ids: Vec<SlotId> = self
-            .by_start
+            .groups
             .iter()
+            .flat_map(|g| g.by_start.iter())
             .filter(|&&(_, i)| {
                 dead(
                     self.slots[i as usize]
@@ -210,12 +295,15 @@ impl<V> LruIndex<V> {
 
     /// Values from most to least recently used (tests).
     #[cfg(test)]
-    fn order(&self) -> Vec<(u64, u64)> {
+    fn order(&self) -> Vec<V>
+    where
+        V: Clone,
+    {
         let mut out = Vec::new();
         let mut i = self.head;
         while i != NIL {
             let s = &self.slots[i as usize];
-            out.push((s.start, s.end));
+            out.push(s.value.clone().expect("linked slots are occupied"));
             i = s.next;
         }
         out
@@ -229,55 +317,91 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Insert(u64, u64),
-        Get(u64, u64),
+        Insert(u8, u64, u64),
+        Get(u8, u64, u64),
         Pop,
     }
 
-    fn op() -> impl Strategy<Value = Op> {
+    /// Keys below `keys`: 3 stays on the linear group search, 20 crosses
+    /// `LINEAR_GROUPS` both ways (groups are created and dropped as ranges come and go).
+    fn op(keys: u8) -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0u64..100, 1u64..20).prop_map(|(s, l)| Op::Insert(s, s + l)),
-            (0u64..100, 1u64..10).prop_map(|(s, l)| Op::Get(s, s + l)),
+            (0..keys, 0u64..100, 1u64..20).prop_map(|(k, s, l)| Op::Insert(k, s, s + l)),
+            (0..keys, 0u64..100, 1u64..10).prop_map(|(k, s, l)| Op::Get(k, s, s + l)),
             Just(Op::Pop),
         ]
     }
 
-    proptest! {
-        /// Against a model: a Vec in MRU order of disjoint ranges.
-        #[test]
-        fn matches_a_vector_model(ops in proptest::collection::vec(op(), 0..80)) {
-            let mut idx = LruIndex::default();
-            let mut model: Vec<(u64, u64)> = Vec::new();
-            for op in ops {
-                match op {
-                    Op::Insert(s, e) => {
-                        let mut removed: Vec<(u64, u64)> = idx.insert(s, e, (s, e));
-                        let mut want: Vec<(u64, u64)> = model.iter().copied().filter(|&(a, b)| a < e && b > s).collect();
-                        model.retain(|&(a, b)| !(a < e && b > s));
-                        model.insert(0, (s, e));
-                        removed.sort();
-                        want.sort();
-                        prop_assert_eq!(removed, want);
-                    }
-                    Op::Get(s, e) => {
-                        let got = idx.find_covering(s, e);
-                        let want = model.iter().position(|&(a, b)| a <= s && b >= e);
-                        prop_assert_eq!(got.is_some(), want.is_some());
-                        if let (Some(id), Some(pos)) = (got, want) {
-                            prop_assert_eq!(*idx.value(id), model[pos]);
-                            prop_assert_eq!(idx.range(id), model[pos]);
-                            idx.touch(id);
-                            let r = model.remove(pos);
-                            model.insert(0, r);
-                        }
-                    }
-                    Op::Pop => {
-                        prop_assert_eq!(idx.pop_lru(), model.pop());
+    /// Against a model: a Vec in MRU order of `(key, start, end)`, disjoint per key.
+    fn check(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let mut idx = LruIndex::default();
+        let mut model: Vec<(u8, u64, u64)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Insert(k, s, e) => {
+                    let mut removed = idx.insert(k, s, e, (k, s, e));
+                    let overlaps = |&(b, x, y): &(u8, u64, u64)| b == k && x < e && y > s;
+                    let mut want: Vec<_> = model.iter().copied().filter(overlaps).collect();
+                    model.retain(|r| !overlaps(r));
+                    model.insert(0, (k, s, e));
+                    removed.sort();
+                    want.sort();
+                    prop_assert_eq!(removed, want);
+                }
+                Op::Get(k, s, e) => {
+                    let got = idx.find_covering(&k, s, e);
+                    let want = model
+                        .iter()
+                        .position(|&(b, x, y)| b == k && x <= s && y >= e);
+                    prop_assert_eq!(got.is_some(), want.is_some());
+                    if let (Some(id), Some(pos)) = (got, want) {
+                        prop_assert_eq!(*idx.value(id), model[pos]);
+                        prop_assert_eq!(idx.range(id), (model[pos].1, model[pos].2));
+                        idx.touch(id);
+                        let r = model.remove(pos);
+                        model.insert(0, r);
                     }
                 }
-                prop_assert_eq!(idx.order(), model.clone());
-                prop_assert_eq!(idx.len(), model.len());
+                Op::Pop => {
+                    prop_assert_eq!(idx.pop_lru(), model.pop());
+                }
             }
+            prop_assert_eq!(idx.order(), model.clone());
+            prop_assert_eq!(idx.len(), model.len());
+            let bytes: u64 = model.iter().map(|&(_, s, e)| e - s).sum();
+            prop_assert_eq!(idx.bytes(), bytes);
         }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn matches_a_vector_model_with_few_keys(ops in proptest::collection::vec(op(3), 0..80)) {
+            check(ops)?;
+        }
+
+        #[test]
+        fn matches_a_vector_model_with_many_keys(ops in proptest::collection::vec(op(20), 0..200)) {
+            check(ops)?;
+        }
+    }
+
+    #[test]
+    fn remove_where_and_drain_empty_every_group() {
+        let mut idx = LruIndex::default();
+        for k in 0..12u8 {
+            idx.insert(k, 0, 10, k);
+            idx.insert(k, 20, 30, k + 100);
+        }
+        let odd = idx.remove_where(|v| v % 2 == 1);
+        assert_eq!(odd.len(), 12);
+        assert_eq!(idx.len(), 12);
+        assert_eq!(idx.bytes(), 120);
+        for k in 0..12u8 {
+            assert_eq!(idx.find_covering(&k, 0, 10).is_some(), k % 2 == 0);
+        }
+        assert_eq!(idx.drain().len(), 12);
+        assert_eq!((idx.len(), idx.bytes(), idx.groups.len()), (0, 0, 0));
+        assert!(idx.by_key.is_empty());
     }
 }

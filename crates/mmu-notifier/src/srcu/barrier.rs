@@ -10,16 +10,23 @@
 //!   (threads not running passed one at their context switch). Reader sections become
 //!   almost free; each grace period pays one system call.
 //! - *Symmetric*: SeqCst fences on both sides. Used where membarrier is missing or refused
-//!   (old kernels, seccomp), when `MMU_NOTIFIER_SYMMETRIC_BARRIERS=1` is set, and always
+//!   (old kernels, seccomp), when `MMU_NOTIFIER_SYMMETRIC_BARRIERS=1` is set, always on
+//!   targets other than Linux and Android (no membarrier: the fence-only implementation
+//!   below is compiled instead, so the crate builds on any `std` target), and always
 //!   under loom (which cannot model the asymmetric form; the symmetric one is strictly
-//!   stronger for readers).
+//!   stronger for readers). `--cfg mmu_notifier_fence_only` compiles the fence-only
+//!   implementation on Linux too, so that the tests exercise it.
 //!
 //! The flavour is decided once per process, by the first `Srcu::new`, before any reader of
 //! any domain can exist, and never changes.
 
 use std::sync::atomic::{compiler_fence, Ordering::SeqCst};
 
-#[cfg(not(loom))]
+#[cfg(all(
+    not(loom),
+    not(mmu_notifier_fence_only),
+    any(target_os = "linux", target_os = "android")
+))]
 mod imp {
     use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     use std::sync::Once;
@@ -76,6 +83,26 @@ mod imp {
     }
 }
 
+/// Targets without membarrier (and `--cfg mmu_notifier_fence_only`): the symmetric
+/// barriers, always. No system call, no `libc`.
+#[cfg(all(
+    not(loom),
+    any(
+        mmu_notifier_fence_only,
+        not(any(target_os = "linux", target_os = "android"))
+    )
+))]
+mod imp {
+    pub(in crate::srcu) fn init() {}
+    #[inline(always)]
+    pub(in crate::srcu) fn asymmetric() -> bool {
+        false
+    }
+    pub(in crate::srcu) fn heavy() {
+        unreachable!("the fence-only barriers never take the asymmetric path")
+    }
+}
+
 #[cfg(loom)]
 mod imp {
     pub(in crate::srcu) fn init() {}
@@ -106,4 +133,60 @@ pub(super) fn updater() {
         imp::heavy();
     }
     crate::sync::fence(SeqCst);
+}
+
+/// The implementation this build has, run by the unit tests: `scripts/test.sh` also builds
+/// them with `--cfg mmu_notifier_fence_only`, the implementation of targets without
+/// membarrier.
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::Srcu;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst as Sc};
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    /// Whether this build compiled the fence-only implementation.
+    const FENCE_ONLY: bool =
+        cfg!(mmu_notifier_fence_only) || !cfg!(any(target_os = "linux", target_os = "android"));
+
+    #[test]
+    fn the_flavour_is_the_one_this_build_has() {
+        init();
+        println!(
+            "fence-only build: {FENCE_ONLY}; asymmetric barriers: {}",
+            asymmetric()
+        );
+        if FENCE_ONLY {
+            assert!(!asymmetric(), "a fence-only build took the membarrier path");
+        }
+        // Both halves run without failing whichever flavour is in use.
+        reader();
+        updater();
+    }
+
+    #[test]
+    fn a_grace_period_waits_for_a_reader_inside_its_section() {
+        let srcu = Srcu::new();
+        let left = Arc::new(AtomicBool::new(false));
+        let (inside_tx, inside_rx) = mpsc::channel();
+        let reader = {
+            let (srcu, left) = (srcu.clone(), left.clone());
+            std::thread::spawn(move || {
+                let guard = srcu.read_lock();
+                inside_tx.send(()).unwrap();
+                // Long enough that a synchronize that did not wait would return first.
+                std::thread::sleep(Duration::from_millis(50));
+                left.store(true, Sc);
+                drop(guard);
+            })
+        };
+        inside_rx.recv().unwrap();
+        srcu.synchronize();
+        assert!(
+            left.load(Sc),
+            "synchronize returned while a reader that began before it was inside"
+        );
+        reader.join().unwrap();
+    }
 }
