@@ -41,6 +41,15 @@ fn render(ops: &[script::Op], steps: &[mmu_oracle::Step]) -> String {
         .collect()
 }
 
+/// One kernel runner at a time in this process: runners share the machine's swap (each
+/// adds its own swap file and removes it when dropped) and pin their workers to the same
+/// CPU, so a runner dropped by one test would change what `MADV_PAGEOUT` does in another's.
+static ONE_RUNNER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_runner() -> std::sync::MutexGuard<'static, ()> {
+    ONE_RUNNER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn kernel() -> Option<Kernel> {
     match Kernel::open(Path::new(env!("CARGO_BIN_EXE_mmu-oracle"))) {
         Ok(k) => Some(k),
@@ -65,6 +74,7 @@ fn the_simulation_gives_the_recorded_kernel_results_of_the_minimised_scripts() {
 
 #[test]
 fn the_kernel_and_the_simulation_agree_on_every_operation() {
+    let _one = one_runner();
     let Some(k) = kernel() else { return };
     let mut failures = Vec::new();
     for (f, ops, expected) in scripts() {
@@ -113,6 +123,7 @@ fn the_kernel_and_the_simulation_agree_on_every_operation() {
 
 #[test]
 fn the_comparison_catches_a_simulation_that_diverges() {
+    let _one = one_runner();
     let Some(k) = kernel() else { return };
     // The simulation as it was before new mappings merged: the second mapping is made
     // incompatible, which splits the range the way the old simulation did.
@@ -143,6 +154,7 @@ fn ours_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn nothing_is_left_behind_even_after_a_panic_or_a_killed_runner() {
+    let _one = one_runner();
     let Some(k) = kernel() else { return };
     let instance = k.instance().to_path_buf();
     let instances = instance.parent().expect("instances dir").to_path_buf();
