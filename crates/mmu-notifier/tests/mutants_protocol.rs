@@ -154,3 +154,105 @@ impl LockedIntervalSubscriber for Shared2 {
         Ok(())
     }
 }
+
+/// Records the events of its invalidations.
+struct Events(Arc<std::sync::Mutex<Vec<Event>>>);
+
+impl IntervalSubscriber for Events {
+    fn invalidate(
+        &mut self,
+        r: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        self.0.lock().unwrap().push(r.event());
+        Ok(())
+    }
+}
+
+/// Address-space release runs one `Release` invalidation; releasing again does nothing.
+#[test]
+fn a_second_release_invalidates_nothing() {
+    let mm = Subscriptions::new();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _a = mm.insert_interval(0..P, Events(seen.clone())).unwrap();
+    mm.release();
+    mm.release();
+    assert_eq!(*seen.lock().unwrap(), [Event::Release]);
+    assert_eq!(mm.stats().interval_seq, 4, "one frozen period");
+}
+
+/// Moving a subscription while an invalidation that found nothing is in flight freezes the
+/// tree (that invalidation may cover the new range): the moved subscription takes the odd
+/// sequence and a fill through it waits for the end.
+#[test]
+fn an_update_while_a_partial_exclusion_is_in_flight_freezes_and_takes_the_odd_seq() {
+    let mm = Subscriptions::new();
+    let n = Arc::new(AtomicUsize::new(0));
+    let a = Arc::new(mm.insert_interval(0..P, Counter(n.clone())).unwrap());
+    let g = mm.invalidate_range_start(unmap(10 * P, 11 * P)); // misses a
+    assert_eq!(mm.stats().interval_seq, 2, "partially excluded");
+    a.update(10 * P..11 * P).unwrap();
+    assert_eq!(mm.stats().interval_seq, 3, "the update froze the tree");
+    assert!(format!("{a:?}").contains("seq: 3"), "{a:?}");
+    assert_eq!(
+        a.range(),
+        Some(10 * P..11 * P),
+        "moved at once (not frozen)"
+    );
+    let (tx, rx) = mpsc::channel();
+    let filler = {
+        let a = a.clone();
+        thread::spawn(move || {
+            let seq = a.read_begin();
+            tx.send(()).unwrap();
+            seq
+        })
+    };
+    assert!(
+        rx.recv_timeout(Duration::from_millis(50)).is_err(),
+        "read_begin returned while the update's freeze was in force"
+    );
+    drop(g);
+    let seq = filler.join().unwrap();
+    assert_eq!(mm.stats().interval_seq, 4);
+    assert!(!a.lock().read_retry(seq));
+    assert_eq!(
+        n.load(SeqCst),
+        0,
+        "the in-flight invalidation had found nothing"
+    );
+}
+
+/// The halves of a split may lie either way round; they must not overlap, whichever is
+/// below.
+#[test]
+fn split_halves_may_be_in_either_order_and_must_not_overlap() {
+    let mm = Subscriptions::new();
+    let n = Arc::new(AtomicUsize::new(0));
+    let a = mm
+        .insert_interval(4 * P..8 * P, Counter(n.clone()))
+        .unwrap();
+    // The new subscription below the old one.
+    let low = a
+        .split(6 * P..8 * P, 4 * P..5 * P, Counter(n.clone()))
+        .unwrap();
+    assert_eq!(a.range(), Some(6 * P..8 * P));
+    assert_eq!(low.range(), Some(4 * P..5 * P));
+    drop(mm.invalidate_range_start(unmap(5 * P, 6 * P)));
+    assert_eq!(n.load(SeqCst), 0, "the hole");
+    drop(mm.invalidate_range_start(unmap(4 * P, 5 * P)));
+    assert_eq!(n.load(SeqCst), 1);
+    // Overlapping halves, either way round.
+    for (left, right) in [(6 * P..8 * P, 7 * P..9 * P), (6 * P..8 * P, 5 * P..7 * P)] {
+        assert_eq!(
+            a.split(left, right, Counter(n.clone())).unwrap_err(),
+            mmu_notifier::IntervalError::SplitOverlap
+        );
+    }
+    assert_eq!(
+        a.range(),
+        Some(6 * P..8 * P),
+        "a refused split changes nothing"
+    );
+    assert_eq!(mm.stats().interval_subscriptions, 2);
+}
