@@ -256,3 +256,81 @@ fn split_halves_may_be_in_either_order_and_must_not_overlap() {
     );
     assert_eq!(mm.stats().interval_subscriptions, 2);
 }
+
+/// A range's accessors and its overlap test, at the edges (half-open: touching is not
+/// overlapping).
+#[test]
+fn range_accessors_and_half_open_overlap() {
+    let r = Range::new(0x1000, 0x3000, Event::Clear).unwrap();
+    assert_eq!((r.start(), r.end(), r.len()), (0x1000, 0x3000, 0x2000));
+    assert!(!r.is_empty());
+    assert_eq!(r.event(), Event::Clear);
+    assert!(r.blockable());
+    assert_eq!(r.owner(), None);
+    assert!(r.overlaps(0x2fff, 0x4000));
+    assert!(r.overlaps(0, 0x1001));
+    assert!(r.overlaps(0x1800, 0x1900));
+    assert!(r.overlaps(0, u64::MAX));
+    assert!(!r.overlaps(0x3000, 0x4000), "starts at the end");
+    assert!(!r.overlaps(0, 0x1000), "ends at the start");
+    let all = Range::everything(Event::Release);
+    assert_eq!((all.start(), all.end()), (0, u64::MAX));
+    assert_eq!(all.event(), Event::Release);
+    assert!(all.blockable());
+    assert_eq!(
+        format!("{all:?}"),
+        "Range(0x0..0xffffffffffffffff, Release, blockable)"
+    );
+}
+
+/// The list subscriber that implements nothing: aging answers "not young", its start
+/// succeeds, even in a non-blockable range.
+#[test]
+fn a_list_subscriber_that_implements_nothing_is_never_young_and_never_blocks() {
+    struct Nothing;
+    impl mmu_notifier::ListSubscriber for Nothing {}
+    let mm = Subscriptions::new();
+    let _r = mm.register(Arc::new(Nothing)).unwrap();
+    assert!(!mm.clear_flush_young(0, P));
+    assert!(!mm.clear_young(0, P));
+    assert!(!mm.test_young(0));
+    drop(mm.try_invalidate_range_start(unmap(0, P)).unwrap());
+}
+
+/// Aging ORs the answers of every subscriber: two young subscribers still make "young".
+#[test]
+fn aging_with_two_young_subscribers_is_young() {
+    struct Young(AtomicUsize);
+    impl mmu_notifier::ListSubscriber for Young {
+        fn clear_flush_young(&self, _: u64, _: u64) -> bool {
+            self.0.fetch_add(1, SeqCst);
+            true
+        }
+        fn clear_young(&self, _: u64, _: u64) -> bool {
+            self.0.fetch_add(1, SeqCst);
+            true
+        }
+    }
+    let mm = Subscriptions::new();
+    let subs = [
+        Arc::new(Young(AtomicUsize::new(0))),
+        Arc::new(Young(AtomicUsize::new(0))),
+    ];
+    let _regs: Vec<_> = subs
+        .iter()
+        .map(|s| mm.register(s.clone()).unwrap())
+        .collect();
+    assert!(mm.clear_flush_young(0, P));
+    assert!(mm.clear_young(0, P));
+    assert!(
+        subs.iter().all(|s| s.0.load(SeqCst) == 2),
+        "every one asked"
+    );
+}
+
+#[test]
+fn same_tells_handles_of_one_address_space_apart_from_another() {
+    let mm = Subscriptions::new();
+    assert!(mm.same(&mm.clone()));
+    assert!(!mm.same(&Subscriptions::new()));
+}
