@@ -26,10 +26,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-part="${1:-notifier}"
-out="${2:-target/mutants}"
-shift $(($# > 2 ? 2 : $#))
-[[ "${1:-}" == "--" ]] && shift
+part=notifier
+out=target/mutants
+if (($#)) && [[ "$1" != "--" ]]; then
+  part="$1"
+  shift
+fi
+if (($#)) && [[ "$1" != "--" ]]; then
+  out="$1"
+  shift
+fi
+if (($#)) && [[ "$1" == "--" ]]; then
+  shift
+fi
 extra=("$@")
 
 if ! cargo mutants --version >/dev/null 2>&1; then
