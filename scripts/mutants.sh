@@ -50,14 +50,22 @@ fi
 # setting, it does not touch the normal target directory).
 export CARGO_PROFILE_TEST_DEBUG=0 CARGO_PROFILE_DEV_DEBUG=0
 
+# run NAME CARGO-MUTANTS-ARGS... -- CARGO-TEST-ARGS...
 run() {
   local name="$1"
   shift
+  local margs=()
+  while (($#)) && [[ "$1" != "--" ]]; do
+    margs+=("$1")
+    shift
+  done
+  (($#)) && shift
   mkdir -p "$out/$name"
   echo "==> cargo mutants: $name -> $out/$name/mutants.out" >&2
   # Exit status 2 means "some mutants were missed", 3 "some timed out": still a result.
   local rc=0
-  nice -n 19 cargo mutants --jobs 1 --no-shuffle --output "$out/$name" "$@" "${extra[@]}" ||
+  nice -n 19 cargo mutants --jobs 1 --no-shuffle --output "$out/$name" \
+    "${margs[@]}" "${extra[@]}" -- "$@" ||
     rc=$?
   case $rc in
   0 | 2 | 3) ;;
@@ -66,8 +74,11 @@ run() {
     return "$rc"
     ;;
   esac
+  local f n
   for f in caught missed timeout unviable; do
-    printf '%-9s %s\n' "$f" "$(wc -l <"$out/$name/mutants.out/$f.txt" 2>/dev/null || echo 0)"
+    n=0
+    [[ -f "$out/$name/mutants.out/$f.txt" ]] && n=$(wc -l <"$out/$name/mutants.out/$f.txt")
+    printf '%s %-9s %s\n' "$name" "$f" "$n"
   done
 }
 
