@@ -89,7 +89,7 @@ run() {
 notifier() {
   run notifier --package mmu-notifier \
     --file 'crates/mmu-notifier/src/**/*.rs' --exclude 'crates/mmu-notifier/src/itree.rs' \
-    --timeout 60 --build-timeout 900 \
+    --timeout 30 --build-timeout 900 \
     -- --lib --test interval --test interval_locked --test interval_props --test rules \
     --test srcu_stress --test mutants_protocol
 }
