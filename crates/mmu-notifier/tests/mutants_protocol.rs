@@ -334,3 +334,73 @@ fn same_tells_handles_of_one_address_space_apart_from_another() {
     assert!(mm.same(&mm.clone()));
     assert!(!mm.same(&Subscriptions::new()));
 }
+
+/// Shared subscribers of two types on one address space: the first `get` of the second
+/// type registers it (the "already registered" check matches the type, not any entry).
+#[test]
+fn shared_subscribers_of_two_types_are_both_registered() {
+    struct A;
+    impl mmu_notifier::ListSubscriber for A {}
+    impl mmu_notifier::SharedSubscriber for A {
+        fn alloc(_: &Subscriptions) -> Result<Self, mmu_notifier::GetError> {
+            Ok(A)
+        }
+    }
+    struct B;
+    impl mmu_notifier::ListSubscriber for B {}
+    impl mmu_notifier::SharedSubscriber for B {
+        fn alloc(_: &Subscriptions) -> Result<Self, mmu_notifier::GetError> {
+            Ok(B)
+        }
+    }
+    let mm = Subscriptions::new();
+    let (tx, rx) = mpsc::channel();
+    {
+        let mm = mm.clone();
+        // Detached: a get that loops for ever fails the test at the deadline below.
+        thread::spawn(move || {
+            let a = mm.get::<A>().unwrap();
+            let b = mm.get::<B>().unwrap();
+            let n = mm.stats().list_subscribers;
+            drop((a, b));
+            let _ = tx.send(n);
+        });
+    }
+    let n = rx
+        .recv_timeout(DEADLINE)
+        .expect("the first get of a second shared type never returned");
+    assert_eq!(n, 2);
+}
+
+/// Two first `get`s of one type that both allocate: one instance is registered and
+/// shared, the other dropped unused.
+#[test]
+fn racing_first_gets_register_one_instance() {
+    static BOTH_ALLOCATING: std::sync::Barrier = std::sync::Barrier::new(2);
+    static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+    struct Racy(usize);
+    impl mmu_notifier::ListSubscriber for Racy {}
+    impl mmu_notifier::SharedSubscriber for Racy {
+        fn alloc(_: &Subscriptions) -> Result<Self, mmu_notifier::GetError> {
+            let n = ALLOCS.fetch_add(1, SeqCst);
+            // Both callers are past the "already registered?" look-up when this returns.
+            BOTH_ALLOCATING.wait();
+            Ok(Racy(n))
+        }
+    }
+    let mm = Subscriptions::new();
+    let getters: Vec<_> = (0..2)
+        .map(|_| {
+            let mm = mm.clone();
+            thread::spawn(move || {
+                let h = mm.get::<Racy>().unwrap();
+                let id = h.0;
+                (h, id)
+            })
+        })
+        .collect();
+    let got: Vec<_> = getters.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(ALLOCS.load(SeqCst), 2, "both allocated");
+    assert_eq!(got[0].1, got[1].1, "both share one instance");
+    assert_eq!(mm.stats().list_subscribers, 1, "one registration");
+}
