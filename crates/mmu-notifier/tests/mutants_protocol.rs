@@ -404,3 +404,78 @@ fn racing_first_gets_register_one_instance() {
     assert_eq!(got[0].1, got[1].1, "both share one instance");
     assert_eq!(mm.stats().list_subscribers, 1, "one registration");
 }
+
+/// Every handle leads back to its own address space.
+#[test]
+fn handles_lead_back_to_their_address_space() {
+    struct Reg;
+    impl mmu_notifier::ListSubscriber for Reg {}
+    impl mmu_notifier::SharedSubscriber for Reg {
+        fn alloc(_: &Subscriptions) -> Result<Self, mmu_notifier::GetError> {
+            Ok(Reg)
+        }
+    }
+    let mm = Subscriptions::new();
+    let n = Arc::new(AtomicUsize::new(0));
+    let sub = mm.insert_interval(0..P, Counter(n)).unwrap();
+    assert!(sub.subscriptions().same(&mm));
+    let lock = IntervalLock::new(0usize);
+    let locked = mm.insert_locked_interval(P..2 * P, &lock, Shared).unwrap();
+    assert!(locked.subscriptions().same(&mm));
+    assert!(Arc::ptr_eq(locked.lock(), &lock));
+    let reg = mm.register(Arc::new(Reg)).unwrap();
+    assert!(reg.subscriptions().same(&mm));
+    let shared = mm.get::<Reg>().unwrap();
+    assert!(shared.subscriptions().same(&mm));
+    let g = mm.invalidate_range_start(unmap(0, P));
+    assert!(g.subscriptions().same(&mm));
+    assert_eq!((g.range().start(), g.range().end()), (0, P));
+}
+
+/// A `get` that loses the race to register still returns only after the winner's grace
+/// period: an invalidation in flight when both started has ended by then.
+#[test]
+fn a_get_that_lost_the_race_waits_for_the_winners_grace_period() {
+    static BOTH_ALLOCATING: std::sync::Barrier = std::sync::Barrier::new(2);
+    struct Slow;
+    impl mmu_notifier::ListSubscriber for Slow {}
+    impl mmu_notifier::SharedSubscriber for Slow {
+        fn alloc(_: &Subscriptions) -> Result<Self, mmu_notifier::GetError> {
+            BOTH_ALLOCATING.wait();
+            Ok(Slow)
+        }
+    }
+    let mm = Subscriptions::new();
+    let (held_tx, held_rx) = mpsc::channel();
+    let (end_tx, end_rx) = mpsc::channel::<()>();
+    let primary = {
+        let mm = mm.clone();
+        thread::spawn(move || {
+            let g = mm.invalidate_range_start(unmap(0, P));
+            held_tx.send(()).unwrap();
+            end_rx.recv().unwrap();
+            drop(g);
+        })
+    };
+    held_rx.recv().unwrap();
+    let (done_tx, done_rx) = mpsc::channel();
+    let getters: Vec<_> = (0..2)
+        .map(|_| {
+            let (mm, done_tx) = (mm.clone(), done_tx.clone());
+            thread::spawn(move || {
+                let h = mm.get::<Slow>().unwrap();
+                done_tx.send(()).unwrap();
+                h
+            })
+        })
+        .collect();
+    assert!(
+        done_rx.recv_timeout(Duration::from_millis(100)).is_err(),
+        "a get returned while an invalidation it may have missed was in flight"
+    );
+    end_tx.send(()).unwrap();
+    primary.join().unwrap();
+    for t in getters {
+        drop(t.join().unwrap());
+    }
+}
