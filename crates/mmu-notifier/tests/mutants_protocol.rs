@@ -423,10 +423,20 @@ fn handles_lead_back_to_their_address_space() {
     let locked = mm.insert_locked_interval(P..2 * P, &lock, Shared).unwrap();
     assert!(locked.subscriptions().same(&mm));
     assert!(Arc::ptr_eq(locked.lock(), &lock));
+    let seq = locked.read_begin();
+    assert!(!locked.check_retry(seq), "nothing ran since read_begin");
+    drop(mm.invalidate_range_start(unmap(P, 2 * P)));
+    assert!(locked.check_retry(seq));
     let reg = mm.register(Arc::new(Reg)).unwrap();
     assert!(reg.subscriptions().same(&mm));
+    assert!(
+        format!("{reg:?}").starts_with("ListRegistration { id: "),
+        "{reg:?}"
+    );
     let shared = mm.get::<Reg>().unwrap();
     assert!(shared.subscriptions().same(&mm));
+    let s = format!("{shared:?}");
+    assert!(s.starts_with("Shared") && s.contains("Reg"), "{s}");
     let g = mm.invalidate_range_start(unmap(0, P));
     assert!(g.subscriptions().same(&mm));
     assert_eq!((g.range().start(), g.range().end()), (0, P));
