@@ -489,3 +489,94 @@ fn a_get_that_lost_the_race_waits_for_the_winners_grace_period() {
         drop(t.join().unwrap());
     }
 }
+
+/// What a shared-lock subscriber's callback sees in its context: the odd sequence, the
+/// address space, and a move of its own subscription that applies at the end.
+#[test]
+fn a_locked_callbacks_context_shows_the_odd_seq_and_moves_its_subscription() {
+    #[derive(Default)]
+    struct Seen(Vec<String>);
+    struct Mover;
+    impl LockedIntervalSubscriber for Mover {
+        type State = Seen;
+        fn invalidate(
+            &self,
+            seen: &mut Seen,
+            _: &Range,
+            ctx: &mut LockedIntervalContext<'_, Self>,
+        ) -> Result<(), WouldBlock> {
+            seen.0.push(format!("{ctx:?}"));
+            seen.0.push(format!("cur_seq {}", ctx.cur_seq()));
+            let n = ctx.subscriptions().stats().interval_subscriptions;
+            seen.0.push(format!("subscriptions {n}"));
+            ctx.update_self(8 * P..9 * P).unwrap();
+            Ok(())
+        }
+    }
+    let mm = Subscriptions::new();
+    let lock = IntervalLock::new(Seen::default());
+    let a = mm.insert_locked_interval(0..P, &lock, Mover).unwrap();
+    drop(mm.invalidate_range_start(unmap(0, P)));
+    assert_eq!(
+        lock.lock().0,
+        [
+            "LockedIntervalContext { cur_seq: 3 }",
+            "cur_seq 3",
+            "subscriptions 1"
+        ]
+    );
+    assert_eq!(a.range(), Some(8 * P..9 * P), "moved by update_self");
+}
+
+/// `remove` of a shared-lock subscription waits for the invalidation in flight, then
+/// runs `release` (dropping it would not wait).
+#[test]
+fn removing_a_locked_subscription_waits_for_the_invalidation_in_flight() {
+    struct Rel(Arc<AtomicUsize>);
+    impl LockedIntervalSubscriber for Rel {
+        type State = ();
+        fn invalidate(
+            &self,
+            _: &mut (),
+            _: &Range,
+            _: &mut LockedIntervalContext<'_, Self>,
+        ) -> Result<(), WouldBlock> {
+            Ok(())
+        }
+        fn release(&self) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+    let mm = Subscriptions::new();
+    let lock = IntervalLock::new(());
+    let released = Arc::new(AtomicUsize::new(0));
+    let a = mm
+        .insert_locked_interval(0..P, &lock, Rel(released.clone()))
+        .unwrap();
+    let (held_tx, held_rx) = mpsc::channel();
+    let (end_tx, end_rx) = mpsc::channel::<()>();
+    let primary = {
+        let mm = mm.clone();
+        thread::spawn(move || {
+            let g = mm.invalidate_range_start(unmap(0, P));
+            held_tx.send(()).unwrap();
+            end_rx.recv().unwrap();
+            drop(g);
+        })
+    };
+    held_rx.recv().unwrap();
+    let (done_tx, done_rx) = mpsc::channel();
+    let remover = thread::spawn(move || {
+        a.remove();
+        done_tx.send(()).unwrap();
+    });
+    assert!(
+        done_rx.recv_timeout(Duration::from_millis(100)).is_err(),
+        "remove returned while an invalidation could still call the subscription"
+    );
+    assert_eq!(released.load(SeqCst), 0);
+    end_tx.send(()).unwrap();
+    primary.join().unwrap();
+    remover.join().unwrap();
+    assert_eq!(released.load(SeqCst), 1);
+}
