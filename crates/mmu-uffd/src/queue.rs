@@ -208,4 +208,23 @@ mod tests {
         assert_eq!(t.iter().count(), CAPACITY + 1);
         assert_eq!(t.through, 2);
     }
+
+    #[test]
+    fn a_newer_empty_batch_and_late_work_of_a_taken_batch_are_both_fresh() {
+        let q = Queue::new();
+        let mut t = Taken::new();
+        q.push(1, std::iter::empty());
+        assert!(q.take(&mut t), "a newer batch, even with no work, is fresh");
+        assert_eq!((t.through, t.iter().count()), (1, 0));
+        q.push(1, [inv(0, 10, Event::Clear)].into_iter());
+        assert!(q.take(&mut t), "work under an already-taken batch number is fresh");
+        assert_eq!(t.iter().collect::<Vec<_>>(), vec![inv(0, 10, Event::Clear)]);
+    }
+
+    #[test]
+    fn an_unmap_wins_a_merge_from_either_side_and_otherwise_the_first_event_stays() {
+        assert_eq!(stronger(Event::Unmap, Event::Clear), Event::Unmap);
+        assert_eq!(stronger(Event::Clear, Event::Unmap), Event::Unmap);
+        assert_eq!(stronger(Event::Clear, Event::Clear), Event::Clear);
+    }
 }
