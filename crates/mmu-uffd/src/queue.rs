@@ -217,7 +217,10 @@ mod tests {
         assert!(q.take(&mut t), "a newer batch, even with no work, is fresh");
         assert_eq!((t.through, t.iter().count()), (1, 0));
         q.push(1, [inv(0, 10, Event::Clear)].into_iter());
-        assert!(q.take(&mut t), "work under an already-taken batch number is fresh");
+        assert!(
+            q.take(&mut t),
+            "work under an already-taken batch number is fresh"
+        );
         assert_eq!(t.iter().collect::<Vec<_>>(), vec![inv(0, 10, Event::Clear)]);
     }
 
