@@ -144,11 +144,11 @@ impl<S> IntervalLockGuard<'_, S> {
         T: LockedIntervalSubscriber<State = S>,
     {
         assert!(
-            std::ptr::eq(self.lock, &*sub.node.lock),
+            std::ptr::eq(self.lock, &*sub.handle.node.lock),
             "read_retry with the guard of a lock the subscription was not inserted under"
         );
         // Relaxed: the invalidation sets the sequence under this same lock, which orders it.
-        sub.node.core.seq.load(Relaxed) != seq.0
+        sub.handle.node.core.seq.load(Relaxed) != seq.0
     }
 }
 
@@ -242,15 +242,14 @@ fn new_node<T: LockedIntervalSubscriber>(
 /// [`IntervalSubscription`](crate::IntervalSubscription).
 #[must_use = "dropping the subscription removes it"]
 pub struct LockedIntervalSubscription<T: LockedIntervalSubscriber> {
-    node: Arc<LockedNode<T>>,
-    handle: Handle,
+    handle: Handle<LockedNode<T>>,
 }
 
 impl<T: LockedIntervalSubscriber> std::fmt::Debug for LockedIntervalSubscription<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LockedIntervalSubscription")
             .field("range", &HexSpan(&self.range()))
-            .field("seq", &self.node.core.seq.load(Relaxed))
+            .field("seq", &self.handle.node.core.seq.load(Relaxed))
             .finish()
     }
 }
@@ -275,12 +274,12 @@ impl<T: LockedIntervalSubscriber> LockedIntervalSubscription<T> {
 
     /// The subscription's own (immutable) data.
     pub fn data(&self) -> &T {
-        &self.node.data
+        &self.handle.node.data
     }
 
     /// The lock the subscription was inserted under.
     pub fn lock(&self) -> &Arc<IntervalLock<T::State>> {
-        &self.node.lock
+        &self.handle.node.lock
     }
 
     /// The range the subscription covers, or will cover once a queued change is applied;
@@ -292,7 +291,7 @@ impl<T: LockedIntervalSubscriber> LockedIntervalSubscription<T> {
     /// Moves the subscription to `range` (see
     /// [`IntervalSubscription::update`](crate::IntervalSubscription::update)).
     pub fn update(&self, range: ops::Range<u64>) -> Result<(), IntervalError> {
-        update(&self.handle.mm, &self.handle.node, range)
+        self.handle.update(range)
     }
 
     /// Splits the subscription: it moves to `left`, and a new subscription under the same
@@ -305,8 +304,8 @@ impl<T: LockedIntervalSubscriber> LockedIntervalSubscription<T> {
     ) -> Result<LockedIntervalSubscription<T>, IntervalError> {
         split_locked(
             &self.handle.mm,
-            &self.handle.node,
-            &self.node.lock,
+            &self.handle.erased(),
+            &self.handle.node.lock,
             left,
             right,
             right_data,
@@ -346,12 +345,7 @@ fn split_locked<T: LockedIntervalSubscriber>(
     let node = new_node(lock, right_data);
     split_node(mm, old, left, right, node.clone())?;
     Ok(LockedIntervalSubscription {
-        handle: Handle {
-            mm: mm.clone(),
-            node: node.clone(),
-            done: false,
-        },
-        node,
+        handle: Handle::new(mm, node),
     })
 }
 
@@ -424,8 +418,7 @@ impl Subscriptions {
         lock: &Arc<IntervalLock<T::State>>,
         data: T,
     ) -> Result<LockedIntervalSubscription<T>, IntervalError> {
-        let node = new_node(lock, data);
-        let handle = insert_node(self, range, node.clone())?;
-        Ok(LockedIntervalSubscription { node, handle })
+        let handle = insert_node(self, range, new_node(lock, data))?;
+        Ok(LockedIntervalSubscription { handle })
     }
 }

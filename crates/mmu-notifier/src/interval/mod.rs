@@ -667,15 +667,29 @@ impl std::fmt::Debug for ReadSeq {
     }
 }
 
-/// What both kinds of subscription handle share: the address space and the erased node.
-/// Dropping it removes the subscription without waiting.
-struct Handle {
+/// What both kinds of subscription handle share: the address space and the node, typed so
+/// that the fill path (`read_begin`, `check_retry`, the lock) reaches the node without a
+/// virtual call. Dropping it removes the subscription without waiting.
+struct Handle<N: ErasedNode + 'static> {
     mm: Subscriptions,
-    node: StdArc<dyn ErasedNode>,
+    node: StdArc<N>,
     done: bool,
 }
 
-impl Handle {
+impl<N: ErasedNode + 'static> Handle<N> {
+    fn new(mm: &Subscriptions, node: StdArc<N>) -> Self {
+        Handle {
+            mm: mm.clone(),
+            node,
+            done: false,
+        }
+    }
+
+    /// The node as the tree stores it.
+    fn erased(&self) -> StdArc<dyn ErasedNode> {
+        self.node.clone()
+    }
+
     fn read_begin(&self) -> ReadSeq {
         let itree = self.mm.itree();
         let core = self.node.core();
@@ -703,17 +717,21 @@ impl Handle {
 
     fn range(&self) -> Option<ops::Range<u64>> {
         let st = self.mm.itree().state.lock();
-        range_locked(&st, &self.node)
+        range_locked(&st, &self.erased())
+    }
+
+    fn update(&self, range: ops::Range<u64>) -> Result<(), IntervalError> {
+        update(&self.mm, &self.erased(), range)
     }
 
     fn remove(&mut self, wait: bool) {
         if !std::mem::replace(&mut self.done, true) {
-            remove_node(&self.mm, &self.node, wait);
+            remove_node(&self.mm, &self.erased(), wait);
         }
     }
 }
 
-impl Drop for Handle {
+impl<N: ErasedNode + 'static> Drop for Handle<N> {
     fn drop(&mut self) {
         // A destructor never waits: it may run inside a callback, or with the user lock
         // held while an invalidation waits for that lock.
@@ -729,15 +747,14 @@ impl Drop for Handle {
 /// waits for that lock). Call [`remove`](Self::remove) to wait until no callback runs.
 #[must_use = "dropping the subscription removes it"]
 pub struct IntervalSubscription<T: IntervalSubscriber> {
-    node: StdArc<Node<T>>,
-    handle: Handle,
+    handle: Handle<Node<T>>,
 }
 
 impl<T: IntervalSubscriber> std::fmt::Debug for IntervalSubscription<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IntervalSubscription")
             .field("range", &HexSpan(&self.range()))
-            .field("seq", &self.node.core.seq.load(Relaxed))
+            .field("seq", &self.handle.node.core.seq.load(Relaxed))
             .finish()
     }
 }
@@ -798,8 +815,8 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
     /// Takes the user lock.
     pub fn lock(&self) -> IntervalGuard<'_, T> {
         IntervalGuard {
-            guard: self.node.user.lock(),
-            core: &self.node.core,
+            guard: self.handle.node.user.lock(),
+            core: &self.handle.node.core,
         }
     }
 
@@ -813,7 +830,7 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
     /// no later than the next `read_begin`. Never waits, so it may be called from inside
     /// callbacks.
     pub fn update(&self, range: ops::Range<u64>) -> Result<(), IntervalError> {
-        update(&self.handle.mm, &self.handle.node, range)
+        self.handle.update(range)
     }
 
     /// Splits the subscription atomically with respect to invalidations: it moves to
@@ -825,7 +842,13 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
         right: ops::Range<u64>,
         right_state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
-        split_owned(&self.handle.mm, &self.handle.node, left, right, right_state)
+        split_owned(
+            &self.handle.mm,
+            &self.handle.erased(),
+            left,
+            right,
+            right_state,
+        )
     }
 
     /// Removes the subscription (Linux's `mmu_interval_notifier_remove`), waiting if an
@@ -1012,21 +1035,16 @@ fn split_owned<T: IntervalSubscriber>(
     let node = new_node(right_state);
     split_node(mm, old, left, right, node.clone())?;
     Ok(IntervalSubscription {
-        handle: Handle {
-            mm: mm.clone(),
-            node: node.clone(),
-            done: false,
-        },
-        node,
+        handle: Handle::new(mm, node),
     })
 }
 
 /// Inserts `node` at `range` (both kinds' insert).
-fn insert_node(
+fn insert_node<N: ErasedNode + 'static>(
     mm: &Subscriptions,
     range: ops::Range<u64>,
-    node: StdArc<dyn ErasedNode>,
-) -> Result<Handle, IntervalError> {
+    node: StdArc<N>,
+) -> Result<Handle<N>, IntervalError> {
     let last = last_of(&range)?;
     enable(mm)?;
     let itree = mm.itree();
@@ -1037,11 +1055,7 @@ fn insert_node(
     }
     insert_locked(itree, &mut st, node.clone(), range.start, last);
     drop(st);
-    Ok(Handle {
-        mm: mm.clone(),
-        node,
-        done: false,
-    })
+    Ok(Handle::new(mm, node))
 }
 
 impl Subscriptions {
@@ -1060,9 +1074,8 @@ impl Subscriptions {
         range: ops::Range<u64>,
         state: T,
     ) -> Result<IntervalSubscription<T>, IntervalError> {
-        let node = new_node(state);
-        let handle = insert_node(self, range, node.clone())?;
-        Ok(IntervalSubscription { node, handle })
+        let handle = insert_node(self, range, new_node(state))?;
+        Ok(IntervalSubscription { handle })
     }
 
     /// The interval part of address-space release: refuse new subscriptions, then one
