@@ -319,17 +319,8 @@ pub unsafe extern "C" fn mmu_uffd_cache_get(
     len: usize,
     reg_out: *mut *mut mmu_uffd_reg,
 ) -> c_int {
-    ffi_call(|| {
-        // SAFETY: the caller passes NULL or a writable pointer.
-        let slot = unsafe { out_slot(reg_out, "reg_out")? };
-        // SAFETY: the caller passes NULL or a live cache.
-        let c = unsafe { obj(cache, "cache")? };
-        let handle = c
-            .inner
-            .get_with(&mmu_uffd_attrs::default(), addr.cast(), len)?;
-        *slot = Box::into_raw(Box::new(mmu_uffd_reg { inner: handle }));
-        Ok(0)
-    })
+    // SAFETY: the caller's contract is `mmu_uffd_cache_get_attrs`'s, with NULL attributes.
+    unsafe { mmu_uffd_cache_get_attrs(cache, addr, len, std::ptr::null(), reg_out) }
 }
 
 /// `mmu_uffd_cache_get` with registration attributes: a registration covering
