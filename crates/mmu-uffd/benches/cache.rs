@@ -21,7 +21,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
 use mmu_uffd::{CacheConfig, Monitor, MonitorConfig, RegCache};
 
 const PAGE: usize = 4096;
@@ -221,26 +220,11 @@ fn bench_hit_miss(c: &mut Criterion, monitor: &Monitor) {
     );
 }
 
-/// An interval subscriber that records when its invalidation ran.
-struct Stamp(Arc<AtomicU64>, Instant);
-
-impl IntervalSubscriber for Stamp {
-    fn invalidate(
-        &mut self,
-        _: &Range,
-        _: &mut IntervalContext<'_, Self>,
-    ) -> Result<(), WouldBlock> {
-        self.0
-            .store(self.1.elapsed().as_nanos() as u64, Ordering::Release);
-        Ok(())
-    }
-}
-
 /// The bare userfaultfd reader and the pinning, shared with `mmn bench`.
 #[path = "../../mmn/src/bench/bare.rs"]
 mod bare_reader;
 
-use bare_reader::{pin, Bare};
+use bare_reader::{pin, Bare, Stamp};
 
 fn bare(epoch: Instant) -> Option<Bare> {
     Bare::new(epoch).ok()

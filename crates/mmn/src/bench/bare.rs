@@ -1,11 +1,30 @@
-//! A bare userfaultfd reader, the baseline of the cache's munmap latency, and CPU pinning;
-//! shared by `mmn bench` and the criterion bench `crates/mmu-uffd/benches/cache.rs` (which
-//! includes this file). Depends on `libc` only.
+//! A bare userfaultfd reader, the baseline of the cache's munmap latency, the timestamping
+//! subscriber of the monitored side, and CPU pinning; shared by `mmn bench` and the
+//! criterion bench `crates/mmu-uffd/benches/cache.rs` (which includes this file). Depends
+//! on `libc` and `mmu_notifier` only.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
+
+/// An interval subscriber that records when its invalidation ran (ns since the epoch).
+pub struct Stamp(pub Arc<AtomicU64>, pub Instant);
+
+impl IntervalSubscriber for Stamp {
+    fn invalidate(
+        &mut self,
+        _: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        // Release: pairs with the unmapping thread's Acquire load of the stamp.
+        self.0
+            .store(self.1.elapsed().as_nanos() as u64, Ordering::Release);
+        Ok(())
+    }
+}
 
 /// A bare reader: a userfaultfd opened and registered like the monitor's (user-mode
 /// faults only, write-protect mode, unmap events), and a thread blocked in `read()` that

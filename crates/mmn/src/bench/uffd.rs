@@ -19,10 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mmu_notifier::{IntervalContext, IntervalSubscriber, Range, WouldBlock};
 use mmu_uffd::{CacheConfig, Monitor, RegCache};
 
-use super::bare::{pin, Bare};
+use super::bare::{pin, Bare, Stamp};
 use super::{batched_on, interleaved, Clock, Distribution, Plan, Report, Stat};
 
 const PAGE: usize = 4096;
@@ -65,22 +64,6 @@ fn cache_with(
             black_box(r);
         },
     )
-}
-
-/// An interval subscriber that records when its invalidation ran (ns since `epoch`).
-struct Stamp(Arc<AtomicU64>, Instant);
-
-impl IntervalSubscriber for Stamp {
-    fn invalidate(
-        &mut self,
-        _: &Range,
-        _: &mut IntervalContext<'_, Self>,
-    ) -> Result<(), WouldBlock> {
-        // Release: pairs with the unmapping thread's Acquire load of the stamp.
-        self.0
-            .store(self.1.elapsed().as_nanos() as u64, Ordering::Release);
-        Ok(())
-    }
 }
 
 pub(super) fn run(plan: &Plan, report: &mut Report) {
