@@ -11,6 +11,9 @@
 #             changes, removal, the subscriber's answer): the short run, about an hour
 #   uffd      crates/mmu-uffd/src/{monitor,applier,reader,queue}.rs
 #   itree     crates/mmu-notifier/src/itree.rs
+#   rest      what `core` and the run of list/range/subscriptions/locked left out: the
+#             other functions of interval/mod.rs, srcu.rs, srcu/barrier.rs, sync.rs
+#   cache     crates/mmu-uffd/src/{cache,gate}.rs: the registration cache and event gate
 #   all       the three, one after the other
 #
 # Results go to OUT_DIR/<part>/mutants.out (default OUT_DIR: target/mutants); follow a run
@@ -102,6 +105,22 @@ core() {
     -- --test interval --test interval_locked --test interval_props --test mutants_protocol
 }
 
+rest() {
+  run rest --package mmu-notifier \
+    --file 'crates/mmu-notifier/src/interval/mod.rs' --file 'crates/mmu-notifier/src/srcu.rs' \
+    --file 'crates/mmu-notifier/src/srcu/barrier.rs' --file 'crates/mmu-notifier/src/sync.rs' \
+    --exclude-re "$CORE_RE" --timeout 30 --build-timeout 900 \
+    -- --lib --test interval --test interval_locked --test interval_props --test rules \
+    --test srcu_stress --test mutants_protocol
+}
+
+cache() {
+  run cache --package mmu-uffd \
+    --file 'crates/mmu-uffd/src/cache.rs' --file 'crates/mmu-uffd/src/gate.rs' \
+    --timeout 120 --build-timeout 900 \
+    -- --lib --tests
+}
+
 itree() {
   run itree --package mmu-notifier --file 'crates/mmu-notifier/src/itree.rs' \
     --timeout 150 --build-timeout 900 \
@@ -121,13 +140,15 @@ notifier) notifier ;;
 core) core ;;
 uffd) uffd ;;
 itree) itree ;;
+rest) rest ;;
+cache) cache ;;
 all)
   notifier
   uffd
   itree
   ;;
 *)
-  echo "usage: $0 [notifier|core|uffd|itree|all] [OUT_DIR] [-- cargo-mutants args]" >&2
+  echo "usage: $0 [notifier|core|uffd|itree|rest|cache|all] [OUT_DIR] [-- cargo-mutants args]" >&2
   exit 64
   ;;
 esac
