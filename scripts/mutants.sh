@@ -131,7 +131,7 @@ uffd() {
   run uffd --package mmu-uffd \
     --file 'crates/mmu-uffd/src/monitor.rs' --file 'crates/mmu-uffd/src/applier.rs' \
     --file 'crates/mmu-uffd/src/reader.rs' --file 'crates/mmu-uffd/src/queue.rs' \
-    --timeout 300 --build-timeout 900 \
+    --timeout 120 --build-timeout 900 \
     -- --lib --tests
 }
 
