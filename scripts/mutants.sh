@@ -25,7 +25,9 @@
 # shared. Each mutant is built in a scratch copy of the tree, so the working tree is never
 # modified. Tests run: the package's own unit and integration tests without the doc tests
 # (each doc test is a separate compile: they would double the cost of every mutant) and
-# without the loom models (they need RUSTFLAGS=--cfg loom, a separate build).
+# without the loom models (they need RUSTFLAGS=--cfg loom, a separate build). mmu-uffd is
+# built with its fault-injection feature, as `cargo test --workspace` builds it (mmn turns
+# it on): without it the code behind the feature is compiled out and its mutants survive.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -117,7 +119,7 @@ rest() {
 cache() {
   run cache --package mmu-uffd \
     --file 'crates/mmu-uffd/src/cache.rs' --file 'crates/mmu-uffd/src/gate.rs' \
-    --timeout 120 --build-timeout 900 \
+    --features fault-injection --timeout 120 --build-timeout 900 \
     -- --lib --tests
 }
 
@@ -131,7 +133,7 @@ uffd() {
   run uffd --package mmu-uffd \
     --file 'crates/mmu-uffd/src/monitor.rs' --file 'crates/mmu-uffd/src/applier.rs' \
     --file 'crates/mmu-uffd/src/reader.rs' --file 'crates/mmu-uffd/src/queue.rs' \
-    --timeout 120 --build-timeout 900 \
+    --features fault-injection --timeout 120 --build-timeout 900 \
     -- --lib --tests
 }
 
