@@ -1,0 +1,129 @@
+//! What an interval subscription costs in memory, measured at the allocator:
+//! `IntervalSubscription::memory_overhead` must be what the heap actually pays per
+//! subscription (not only a formula under 100 bytes), and that must stay under 100 bytes.
+//!
+//! One test in this binary, so no other test thread allocates while it measures; the
+//! counting allocator counts only the measuring thread anyway.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+
+use mmu_notifier::{
+    IntervalContext, IntervalSubscriber, IntervalSubscription, Range, Subscriptions, WouldBlock,
+};
+
+/// The system allocator, counting the live bytes allocated by a thread that turned
+/// counting on.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn counting() -> bool {
+    COUNTING.try_with(Cell::get).unwrap_or(false)
+}
+
+// SAFETY: every call is forwarded to `System` with the caller's layout and pointer; the
+// counter is a side effect only.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if counting() {
+            LIVE.fetch_add(layout.size() as isize, Relaxed);
+        }
+        // SAFETY: the caller's contract for `alloc` is `System::alloc`'s.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if counting() {
+            LIVE.fetch_sub(layout.size() as isize, Relaxed);
+        }
+        // SAFETY: `ptr` was allocated by `System` with `layout` (every allocation is).
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if counting() {
+            LIVE.fetch_add(new_size as isize - layout.size() as isize, Relaxed);
+        }
+        // SAFETY: as for `dealloc`; `new_size` is the caller's, checked by it.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+struct Word(#[allow(dead_code)] u64);
+
+impl IntervalSubscriber for Word {
+    fn invalidate(
+        &mut self,
+        _: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        Ok(())
+    }
+}
+
+/// The allocator's live bytes after each of `n` inserts of one-page subscriptions.
+fn live_bytes_after_each_insert(
+    mm: &Subscriptions,
+    n: u64,
+) -> (Vec<isize>, Vec<IntervalSubscription<Word>>) {
+    const P: u64 = 4096;
+    let mut subs = Vec::with_capacity(n as usize);
+    let mut live = Vec::with_capacity(n as usize);
+    COUNTING.with(|c| c.set(true));
+    for i in 0..n {
+        subs.push(
+            mm.insert_interval(2 * i * P..(2 * i + 1) * P, Word(i))
+                .unwrap(),
+        );
+        live.push(LIVE.load(Relaxed));
+    }
+    COUNTING.with(|c| c.set(false));
+    (live, subs)
+}
+
+/// The tree's storage grows now and then (a vector doubling, say): at the insert just
+/// before a growth it is full, with no slack. Between two such moments the heap grew by
+/// exactly what the subscriptions added in between cost, storage included; that is the
+/// figure `memory_overhead` claims (which, by its docs, leaves growth slack out).
+#[test]
+fn memory_overhead_is_what_the_allocator_pays_per_subscription() {
+    let mm = Subscriptions::new();
+    let (live, subs) = live_bytes_after_each_insert(&mm, 5000);
+    let deltas: Vec<isize> = live.windows(2).map(|w| w[1] - w[0]).collect();
+    // The cost of an insert that does not grow the storage: the most frequent delta.
+    let mut counts = std::collections::HashMap::new();
+    for d in &deltas {
+        *counts.entry(*d).or_insert(0usize) += 1;
+    }
+    let plain = *counts.iter().max_by_key(|(_, n)| **n).unwrap().0;
+    // Inserts (indices into `live`) that grew the storage.
+    let growths: Vec<usize> = (0..deltas.len())
+        .filter(|&i| deltas[i] > plain)
+        .map(|i| i + 1)
+        .collect();
+    assert!(
+        growths.len() >= 2,
+        "the storage never grew twice in 5000 inserts: {growths:?}"
+    );
+    let (g1, g2) = (growths[growths.len() - 2], growths[growths.len() - 1]);
+    let full = |g: usize| live[g - 1];
+    let per_sub =
+        (full(g2) - full(g1)) as f64 / (g2 - g1) as f64 - std::mem::size_of::<Word>() as f64;
+    let claimed = IntervalSubscription::<Word>::memory_overhead() as f64;
+    println!(
+        "interval subscription: {per_sub:.1} bytes measured between storage growths at inserts {g1} and {g2}, {claimed} claimed; an insert that does not grow the storage allocates {plain} bytes"
+    );
+    assert!(
+        (per_sub - claimed).abs() < 4.0,
+        "memory_overhead() says {claimed} bytes, the allocator paid {per_sub:.1} per subscription"
+    );
+    assert!(per_sub < 100.0, "{per_sub:.1} bytes per subscription");
+    drop(subs);
+}
