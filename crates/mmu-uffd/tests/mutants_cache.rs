@@ -30,6 +30,8 @@ fn keyed_registrations_are_deregistered_with_their_key() {
     let read = cache.get_with(&1, p, 4 * PAGE).unwrap();
     let write = cache.get_with(&2, p, 4 * PAGE).unwrap();
     assert_eq!((*read, *write), (p as usize, p as usize));
+    assert_eq!(read.len(), 4 * PAGE);
+    assert!(!read.is_empty(), "a handle covers at least one page");
     drop((read, write));
     assert!(released.lock().is_empty(), "cached, not yet released");
     cache.clear();
