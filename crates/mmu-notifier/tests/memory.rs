@@ -2,52 +2,53 @@
 //! `IntervalSubscription::memory_overhead` must be what the heap actually pays per
 //! subscription (not only a formula under 100 bytes), and that must stay under 100 bytes.
 //!
-//! One test in this binary, so no other test thread allocates while it measures; the
-//! counting allocator counts only the measuring thread anyway.
+//! The counting allocator keeps one count per thread, so tests running in parallel do not
+//! see each other's allocations.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 
+use mmu_notifier::srcu::Srcu;
 use mmu_notifier::{
     IntervalContext, IntervalSubscriber, IntervalSubscription, Range, Subscriptions, WouldBlock,
 };
 
-/// The system allocator, counting the live bytes allocated by a thread that turned
-/// counting on.
+/// The system allocator, counting the bytes a thread that turned counting on allocates
+/// minus those it frees.
 struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
 
 thread_local! {
     static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static LIVE: Cell<isize> = const { Cell::new(0) };
 }
 
-fn counting() -> bool {
-    COUNTING.try_with(Cell::get).unwrap_or(false)
+fn count(bytes: isize) {
+    let _ = COUNTING.try_with(|on| {
+        if on.get() {
+            let _ = LIVE.try_with(|l| l.set(l.get() + bytes));
+        }
+    });
+}
+
+fn live() -> isize {
+    LIVE.with(Cell::get)
 }
 
 // SAFETY: every call is forwarded to `System` with the caller's layout and pointer; the
 // counter is a side effect only.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if counting() {
-            LIVE.fetch_add(layout.size() as isize, Relaxed);
-        }
+        count(layout.size() as isize);
         // SAFETY: the caller's contract for `alloc` is `System::alloc`'s.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if counting() {
-            LIVE.fetch_sub(layout.size() as isize, Relaxed);
-        }
+        count(-(layout.size() as isize));
         // SAFETY: `ptr` was allocated by `System` with `layout` (every allocation is).
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if counting() {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Relaxed);
-        }
+        count(new_size as isize - layout.size() as isize);
         // SAFETY: as for `dealloc`; `new_size` is the caller's, checked by it.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -75,17 +76,17 @@ fn live_bytes_after_each_insert(
 ) -> (Vec<isize>, Vec<IntervalSubscription<Word>>) {
     const P: u64 = 4096;
     let mut subs = Vec::with_capacity(n as usize);
-    let mut live = Vec::with_capacity(n as usize);
+    let mut after = Vec::with_capacity(n as usize);
     COUNTING.with(|c| c.set(true));
     for i in 0..n {
         subs.push(
             mm.insert_interval(2 * i * P..(2 * i + 1) * P, Word(i))
                 .unwrap(),
         );
-        live.push(LIVE.load(Relaxed));
+        after.push(live());
     }
     COUNTING.with(|c| c.set(false));
-    (live, subs)
+    (after, subs)
 }
 
 /// The tree's storage grows now and then (a vector doubling, say): at the insert just
@@ -126,4 +127,32 @@ fn memory_overhead_is_what_the_allocator_pays_per_subscription() {
     );
     assert!(per_sub < 100.0, "{per_sub:.1} bytes per subscription");
     drop(subs);
+}
+
+/// A thread that reads many short-lived grace-period domains keeps a bounded list of its
+/// reader slots: the slots of dropped domains are forgotten (it would otherwise hold one
+/// slot per domain it ever read, forever), also while it reads many live ones.
+#[test]
+fn a_thread_forgets_the_reader_slots_of_dropped_domains() {
+    let live_domains: Vec<Srcu> = (0..20).map(|_| Srcu::new()).collect();
+    for d in &live_domains {
+        drop(d.read_lock());
+    }
+    let read_in_new_domains = |n: usize| {
+        for _ in 0..n {
+            let domain = Srcu::new();
+            drop(domain.read_lock());
+        }
+    };
+    read_in_new_domains(100);
+    COUNTING.with(|c| c.set(true));
+    let before = live();
+    read_in_new_domains(2000);
+    let grown = live() - before;
+    COUNTING.with(|c| c.set(false));
+    println!("2000 more domains read and dropped: {grown} bytes still held by the thread");
+    assert!(
+        grown < 16 * 1024,
+        "{grown} bytes kept for 2000 dropped domains"
+    );
 }
