@@ -23,7 +23,7 @@ fn keyed_registrations_are_deregistered_with_their_key() {
     let cache = RegCache::with_keyed_fns(
         &m,
         CacheConfig::default(),
-        |&access: &u32, ptr, _len| Ok::<_, std::io::Error>(ptr as usize),
+        |_: &u32, ptr, _len| Ok::<_, std::io::Error>(ptr as usize),
         move |&access: &u32, start: usize| r2.lock().push((access, start)),
     );
     let p = anon(4);
@@ -54,4 +54,98 @@ fn gate_skipped_config_keeps_the_other_settings() {
     assert_eq!(c.capacity, 7);
     assert!(!c.merge);
     assert!(!CacheConfig::default().skip_gate, "off by default");
+}
+
+/// Zero limits written straight into the configuration's fields are raised to the
+/// smallest that works, as the builders do: a zero capacity, byte limit or attempt count
+/// gives the cache the builders' `with_capacity(0)`, `with_max_bytes(0)`,
+/// `with_max_attempts(0)` would give.
+#[test]
+fn zero_limits_in_the_fields_mean_what_the_builders_make_of_them() {
+    let Some(m) = monitor_or_skip("zero_limits_in_the_fields") else {
+        return;
+    };
+    let run = |config: CacheConfig| {
+        let (cache, counts) = counting_cache(&m, config);
+        let a = anon(2);
+        let b = anon(2);
+        let first = cache.get(a, 2 * PAGE).map(|h| *h);
+        let second = cache.get(b, 2 * PAGE).map(|h| *h);
+        let again = cache.get(a, 2 * PAGE).map(|h| *h);
+        let out = (
+            first.is_ok(),
+            second.is_ok(),
+            again.is_ok(),
+            cache.len(),
+            counts.registered.load(std::sync::atomic::Ordering::SeqCst),
+        );
+        drop(cache);
+        unmap(a, 2 * PAGE);
+        unmap(b, 2 * PAGE);
+        out
+    };
+    let mut capacity = CacheConfig::default();
+    capacity.capacity = 0;
+    let mut bytes = CacheConfig::default();
+    bytes.max_bytes = Some(0);
+    let mut attempts = CacheConfig::default();
+    attempts.max_attempts = 0;
+    let d = CacheConfig::default;
+    // (raw fields, builders, expected: three gets served, entries kept, registrations)
+    let cases = [
+        (
+            "capacity",
+            capacity,
+            d().with_capacity(0),
+            (true, true, true, 1, 3),
+        ),
+        (
+            "max_bytes",
+            bytes,
+            d().with_max_bytes(0),
+            (true, true, true, 0, 3),
+        ),
+        (
+            "max_attempts",
+            attempts,
+            d().with_max_attempts(0),
+            (true, true, true, 2, 2),
+        ),
+    ];
+    for (what, raw, built, expected) in cases {
+        assert_eq!(run(raw), run(built), "{what}: fields and builder differ");
+        assert_eq!(run(raw), expected, "{what}");
+    }
+}
+
+/// The `Debug` of a cache and of a handle: what a user prints when a registration
+/// surprises them (range in hex, validity, the configuration and counters).
+#[test]
+fn debug_shows_the_range_validity_configuration_and_counters() {
+    let Some(m) = monitor_or_skip("debug_shows_the_range") else {
+        return;
+    };
+    let (cache, _) = counting_cache(&m, CacheConfig::default().with_capacity(3));
+    let p = anon(1);
+    let h = cache.get(p, PAGE).unwrap();
+    let shown = format!("{h:?}");
+    assert_eq!(
+        shown,
+        format!(
+            "CachedRegistration {{ start: {:#x}, end: {:#x}, attrs: (), valid: true }}",
+            p as usize,
+            p as usize + PAGE
+        )
+    );
+    let shown = format!("{cache:?}");
+    assert!(
+        shown.starts_with("RegCache { config: CacheConfig { capacity: 3"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("stats: CacheStats { hits: 0, misses: 1"),
+        "{shown}"
+    );
+    drop(h);
+    unmap(p, PAGE);
 }
