@@ -7,6 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use mmu_notifier::{Event, Range};
 use mmu_uffd::CacheConfig;
 use mmu_uffd::RegCache;
 use parking_lot::Mutex;
@@ -148,4 +149,39 @@ fn debug_shows_the_range_validity_configuration_and_counters() {
     );
     drop(h);
     unmap(p, PAGE);
+}
+
+/// A fill that collides on every attempt (its registration invalidates the range while it
+/// registers, as a concurrent mprotect bracketed by `RegCache::invalidate` would) makes
+/// exactly `max_attempts` attempts, then reports the contention: not one more, and keeps
+/// nothing.
+#[test]
+fn a_fill_that_always_collides_makes_exactly_max_attempts_attempts() {
+    let Some(m) = monitor_or_skip("a_fill_that_always_collides") else {
+        return;
+    };
+    let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let a2 = attempts.clone();
+    let subscriptions = m.subscriptions().clone();
+    let cache = RegCache::with_fns(
+        &m,
+        CacheConfig::default().with_max_attempts(3),
+        move |ptr: *mut u8, len: usize| {
+            a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let start = ptr as u64;
+            let range = Range::new(start, start + len as u64, Event::Clear).unwrap();
+            drop(subscriptions.invalidate_range_start(range));
+            Ok::<_, std::io::Error>(ptr as usize)
+        },
+        |_| {},
+    );
+    let p = anon(2);
+    let got = cache.get(p, 2 * PAGE);
+    assert!(
+        matches!(got, Err(mmu_uffd::Error::Contended { .. })),
+        "{got:?}"
+    );
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(cache.len(), 0, "nothing stale kept");
+    unmap(p, 2 * PAGE);
 }
