@@ -198,3 +198,49 @@ fn a_panicking_deferred_callback_does_not_stop_the_others() {
     srcu.barrier();
     assert_eq!(ran.load(SeqCst), 2, "the worker still runs callbacks");
 }
+
+/// The process uses the barrier flavour its environment asks for: the symmetric (fence)
+/// one when `MMU_NOTIFIER_SYMMETRIC_BARRIERS=1` (as `scripts/test.sh` runs this file
+/// again), else membarrier where the kernel offers it.
+#[test]
+fn the_barrier_flavour_is_the_one_the_environment_asks_for() {
+    let forced = std::env::var_os("MMU_NOTIFIER_SYMMETRIC_BARRIERS")
+        .is_some_and(|v| v != "0" && !v.is_empty());
+    if forced {
+        assert!(!Srcu::asymmetric_barriers(), "fences were asked for");
+    } else if !cfg!(target_os = "linux") {
+        assert!(!Srcu::asymmetric_barriers(), "membarrier is Linux's");
+    }
+    println!(
+        "asymmetric barriers: {} (forced symmetric: {forced})",
+        Srcu::asymmetric_barriers()
+    );
+}
+
+/// The statistics of a domain count what happened: one grace period per `synchronize`,
+/// one reader slot per thread reading at the same time; a read guard shows its index.
+#[test]
+fn grace_periods_and_reader_slots_count_what_happened() {
+    let srcu = Srcu::new();
+    assert_eq!((srcu.grace_periods(), srcu.reader_slots()), (0, 0));
+    for _ in 0..3 {
+        srcu.synchronize();
+    }
+    assert_eq!(srcu.grace_periods(), 3);
+    let guard = srcu.read_lock();
+    assert_eq!(format!("{guard:?}"), "SrcuReadGuard { idx: 1 }");
+    let inside = std::sync::Barrier::new(3);
+    thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                let _g = srcu.read_lock();
+                inside.wait(); // all three read at once
+                inside.wait();
+            });
+        }
+        inside.wait();
+        assert_eq!(srcu.reader_slots(), 3);
+        inside.wait();
+    });
+    drop(guard);
+}
