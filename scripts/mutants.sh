@@ -96,7 +96,7 @@ notifier() {
     --file 'crates/mmu-notifier/src/**/*.rs' --exclude 'crates/mmu-notifier/src/itree.rs' \
     --timeout 30 --build-timeout 900 \
     -- --lib --test interval --test interval_locked --test interval_props --test rules \
-    --test srcu_stress --test mutants_protocol --test mutants_api --test memory
+    --test srcu_stress --test mutants_protocol --test mutants_api --test memory --test leak
 }
 
 # The functions of the collision-retry protocol (interval/mod.rs), by name.
@@ -113,7 +113,7 @@ rest() {
     --file 'crates/mmu-notifier/src/srcu/barrier.rs' --file 'crates/mmu-notifier/src/sync.rs' \
     --exclude-re "$CORE_RE" --timeout 30 --build-timeout 900 \
     -- --lib --test interval --test interval_locked --test interval_props --test rules \
-    --test srcu_stress --test mutants_protocol --test mutants_api --test memory
+    --test srcu_stress --test mutants_protocol --test mutants_api --test memory --test leak
 }
 
 cache() {
