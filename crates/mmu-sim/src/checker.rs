@@ -43,6 +43,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::frame::FrameRef;
 use crate::mm::AddressSpace;
+use crate::op::SimOp;
 use crate::pagetable::{PteKind, PAGE_SIZE};
 
 /// How a secondary relates to the primary's page tables.
@@ -87,8 +88,8 @@ pub struct Violation {
     /// What went wrong.
     pub kind: ViolationKind,
     /// The primary operation whose invalidation was broken, or the secondary's own
-    /// operation (`install`, `read`, `write`).
-    pub op: &'static str,
+    /// operation ([`SimOp::Install`], [`SimOp::Read`], [`SimOp::Write`]).
+    pub op: SimOp,
     /// The page address.
     pub addr: u64,
     /// The secondary's name.
@@ -113,7 +114,7 @@ struct Window {
     id: u64,
     start: u64,
     end: u64,
-    op: &'static str,
+    op: SimOp,
 }
 
 /// Most violations kept in full; the rest are only counted.
@@ -195,14 +196,7 @@ impl Checker {
         self.checks.load(Relaxed)
     }
 
-    fn report(
-        &self,
-        kind: ViolationKind,
-        op: &'static str,
-        addr: u64,
-        secondary: &str,
-        detail: String,
-    ) {
+    fn report(&self, kind: ViolationKind, op: SimOp, addr: u64, secondary: &str, detail: String) {
         self.total.fetch_add(1, Relaxed);
         let v = Violation {
             kind,
@@ -232,7 +226,7 @@ impl Checker {
     }
 
     /// The operation of an open window covering `addr`, if any.
-    fn window_at(&self, addr: u64) -> Option<&'static str> {
+    fn window_at(&self, addr: u64) -> Option<SimOp> {
         self.windows
             .lock()
             .iter()
@@ -244,7 +238,7 @@ impl Checker {
 
     /// `invalidate_range_start(range)` for `op` has returned: shadowing secondaries must
     /// hold nothing in the range from now until [`closing`](Self::closing).
-    pub(crate) fn opened(&self, range: &Range, op: &'static str) -> u64 {
+    pub(crate) fn opened(&self, range: &Range, op: SimOp) -> u64 {
         self.checks.fetch_add(1, Relaxed);
         self.each_secondary(|s| {
             if s.kind() != SecondaryKind::Shadow {
@@ -287,7 +281,7 @@ impl Checker {
 
     /// The primary flushed `[start, end)`: shared-table secondaries must no longer hold a
     /// translation there that the primary does not have.
-    pub(crate) fn flushed(&self, mm: &AddressSpace, start: u64, end: u64, op: &'static str) {
+    pub(crate) fn flushed(&self, mm: &AddressSpace, start: u64, end: u64, op: SimOp) {
         self.checks.fetch_add(1, Relaxed);
         self.each_secondary(|s| {
             if s.kind() != SecondaryKind::SharedTables {
@@ -351,7 +345,7 @@ impl Checker {
         if !ok {
             self.report(
                 ViolationKind::StaleTranslation,
-                "install",
+                SimOp::Install,
                 addr,
                 secondary.name(),
                 format!(
@@ -403,7 +397,11 @@ impl Checker {
     ) -> u64 {
         self.checks.fetch_add(1, Relaxed);
         let addr = addr & !(PAGE_SIZE - 1);
-        let what = if write.is_some() { "write" } else { "read" };
+        let what = if write.is_some() {
+            SimOp::Write
+        } else {
+            SimOp::Read
+        };
         mm.with_pte_locked(addr, |pte| {
             // Look the windows up with the page-table lock held: the primary opens a
             // window before it changes an entry under this lock, so an entry seen changed
@@ -449,7 +447,7 @@ impl Checker {
                     if !excused && !coherent {
                         self.report(
                             ViolationKind::LostWrite,
-                            window.unwrap_or("write"),
+                            window.unwrap_or(SimOp::Write),
                             addr,
                             s.name(),
                             format!(
@@ -465,7 +463,7 @@ impl Checker {
                     if !excused && !maps {
                         self.report(
                             ViolationKind::StaleTranslation,
-                            "read",
+                            SimOp::Read,
                             addr,
                             s.name(),
                             format!(

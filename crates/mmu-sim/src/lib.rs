@@ -77,6 +77,7 @@ mod error;
 mod file;
 mod frame;
 mod mm;
+mod op;
 mod pagetable;
 mod vma;
 
@@ -88,5 +89,6 @@ pub use mm::{
     AddressSpace, Advice, MapKind, MremapFlags, OomReap, PageState, ReclaimStats, SnapshotMode,
     MMAP_MIN_ADDR,
 };
+pub use op::SimOp;
 pub use pagetable::{pte_index, Leaf, LeafGuard, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
 pub use vma::{Backing, Prot, Vma, VmaMap};

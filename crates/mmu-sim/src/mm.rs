@@ -44,6 +44,7 @@ use parking_lot::RwLock;
 use crate::checker::Checker;
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, FrameRef, Pfn};
+use crate::op::SimOp;
 use crate::pagetable::{pte_index, LeafGuard, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
 use crate::vma::{Vma, VmaMap};
 
@@ -151,7 +152,7 @@ pub(crate) fn page(addr: u64) -> Range {
 /// `invalidate_range_end`) and the checker's window.
 pub(crate) struct Invalidation<'a> {
     mm: &'a AddressSpace,
-    op: &'static str,
+    op: SimOp,
     window: Option<u64>,
     // Declared last: dropped after the window closes.
     _guard: Option<InvalidateGuard<'a>>,
@@ -247,7 +248,7 @@ impl AddressSpace {
     // ----- invalidations ------------------------------------------------------------
 
     /// Starts a blockable invalidation of `range` for the primary operation `op`.
-    pub(crate) fn invalidate(&self, range: Range, op: &'static str) -> Invalidation<'_> {
+    pub(crate) fn invalidate(&self, range: Range, op: SimOp) -> Invalidation<'_> {
         let guard = self
             .notify
             .then(|| self.notifier.invalidate_range_start(range));
@@ -263,7 +264,7 @@ impl AddressSpace {
     pub(crate) fn try_invalidate(
         &self,
         range: Range,
-        op: &'static str,
+        op: SimOp,
     ) -> Result<Invalidation<'_>, WouldBlock> {
         let guard = if self.notify {
             Some(self.notifier.try_invalidate_range_start(range)?)
@@ -473,7 +474,7 @@ impl AddressSpace {
         let old = seen.pfn().expect("present");
         let new = self.frames.alloc(self.frames.read(old))?;
         vma.mark_anon();
-        let inv = self.invalidate(page(addr), "cow break");
+        let inv = self.invalidate(page(addr), SimOp::CowBreak);
         let leaf = self.pt.leaf(addr).expect("faulted");
         let i = pte_index(addr);
         let mut ptes = leaf.lock();
@@ -535,7 +536,7 @@ impl AddressSpace {
     fn restore_exclusive(&self, addr: u64) {
         let p = page(addr);
         let range = Range::new(p.start(), p.end(), Event::Exclusive).expect("one page");
-        let inv = self.invalidate(range, "exclusive restore");
+        let inv = self.invalidate(range, SimOp::ExclusiveRestore);
         if let Some(leaf) = self.pt.leaf(addr) {
             let mut ptes = leaf.lock();
             let i = pte_index(addr);
@@ -592,7 +593,7 @@ impl AddressSpace {
             return;
         }
         *vmas = VmaMap::default();
-        let inv = self.invalidate(Range::everything(Event::Unmap), "exit");
+        let inv = self.invalidate(Range::everything(Event::Unmap), SimOp::Exit);
         self.zap(&inv, 0, TASK_SIZE);
         drop(inv);
     }

@@ -376,7 +376,7 @@ fn space(seed: u64) -> (Arc<AddressSpace>, Arc<Checker>) {
 fn kinds(c: &Checker) -> Vec<(ViolationKind, &'static str, String)> {
     c.violations()
         .into_iter()
-        .map(|v| (v.kind, v.op, v.secondary))
+        .map(|v| (v.kind, v.op.as_str(), v.secondary))
         .collect()
 }
 

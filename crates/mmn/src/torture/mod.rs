@@ -754,7 +754,7 @@ impl TortureReport {
         let violation = |v: &Violation| {
             json!({
                 "kind": snake_key(&format!("{:?}", v.kind)),
-                "op": snake_key(v.op),
+                "op": snake_key(v.op.as_str()),
                 "addr": format!("{:#x}", v.addr),
                 "secondary": v.secondary,
                 "detail": v.detail,

@@ -8,6 +8,7 @@ use mmu_notifier::{Event, Range};
 use super::{advised_range, check_range, AddressSpace, MMAP_MIN_ADDR};
 use crate::error::SimError;
 use crate::file::File;
+use crate::op::SimOp;
 use crate::pagetable::{Pte, PteKind, PAGE_SIZE, TASK_SIZE};
 use crate::vma::{Backing, Prot, Vma, VmaMap};
 
@@ -104,7 +105,7 @@ impl AddressSpace {
                 if addr.checked_add(len).map_or(true, |e| e > TASK_SIZE) {
                     return Err(SimError::OutOfMemory);
                 }
-                self.unmap_locked(&mut vmas, addr, addr + len, "mmap fixed");
+                self.unmap_locked(&mut vmas, addr, addr + len, SimOp::MmapFixed);
                 addr
             }
             None => vmas
@@ -122,13 +123,13 @@ impl AddressSpace {
     pub fn munmap(&self, addr: u64, len: u64) -> Result<(), SimError> {
         let end = check_range(addr, len)?;
         let mut vmas = self.mmap.write();
-        self.unmap_locked(&mut vmas, addr, end, "munmap");
+        self.unmap_locked(&mut vmas, addr, end, SimOp::Munmap);
         Ok(())
     }
 
     /// Removes the mappings in `[start, end)` and zaps their entries inside one `Unmap`
     /// invalidation over the range (none if nothing is mapped there).
-    pub(crate) fn unmap_locked(&self, vmas: &mut VmaMap, start: u64, end: u64, op: &'static str) {
+    pub(crate) fn unmap_locked(&self, vmas: &mut VmaMap, start: u64, end: u64, op: SimOp) {
         if vmas.overlapping(start, end).next().is_none() {
             return;
         }
@@ -209,7 +210,7 @@ impl AddressSpace {
             };
             let inv = self.invalidate(
                 Range::new(first, chunk_end, Event::ProtectionVma).expect("non-empty"),
-                "mprotect",
+                SimOp::Mprotect,
             );
             // Entries lose what the new protection forbids: all access for PROT_NONE
             // (not present to any hardware walking the table), else write permission;
@@ -307,7 +308,7 @@ impl AddressSpace {
         // moves may unmap past it (only the part that moves must).
         self.remap_check(&vma, old_addr, old_len.min(new_len), old_len, new_len)?;
         if let Some(new_addr) = flags.fixed {
-            self.unmap_locked(&mut vmas, new_addr, new_addr + new_len, "mremap fixed");
+            self.unmap_locked(&mut vmas, new_addr, new_addr + new_len, SimOp::MremapFixed);
             vmas.find(old_addr).ok_or(SimError::Fault(old_addr))?;
             let len = if new_len < old_len {
                 self.shrink_locked(&mut vmas, old_addr, old_len, new_len)?;
@@ -351,7 +352,7 @@ impl AddressSpace {
                 .checked_add(new_len)
                 .ok_or(SimError::InvalidArgument("range overflows"))?;
             let end = check_range(tail, old_len - new_len)?;
-            self.unmap_locked(vmas, tail, end, "mremap shrink");
+            self.unmap_locked(vmas, tail, end, SimOp::MremapShrink);
         }
         Ok(())
     }
@@ -409,7 +410,7 @@ impl AddressSpace {
             }
             let to = target + last_end.map_or(0, |l| vma.start - l);
             last_end = Some(vma.end);
-            self.unmap_locked(vmas, to, to + (e - s), "mremap fixed");
+            self.unmap_locked(vmas, to, to + (e - s), SimOp::MremapFixed);
             self.move_locked(vmas, s, e - s, to, e - s);
             target = to + (e - s);
             cursor = e;
@@ -432,7 +433,7 @@ impl AddressSpace {
             .moved(new, new_len);
         let inv = self.invalidate(
             Range::new(old, old + len, Event::Unmap).expect("non-empty"),
-            "mremap move",
+            SimOp::MremapMove,
         );
         let mut entries: Vec<(u64, Pte)> = Vec::new();
         self.pt.for_each_leaf(old, old + len, |base, leaf, idx| {
@@ -454,7 +455,7 @@ impl AddressSpace {
         vmas.insert(moved);
         vmas.merge_around(new, new + new_len);
         // Linux then unmaps the emptied old mapping (a second `Unmap` over it).
-        self.unmap_locked(vmas, old, old + len, "mremap move");
+        self.unmap_locked(vmas, old, old + len, SimOp::MremapMove);
     }
 
     /// Linux's `fork`: a new address space with a copy of every mapping. Shared mappings
@@ -476,7 +477,7 @@ impl AddressSpace {
             }
             let inv = self.invalidate(
                 Range::new(vma.start, vma.end, Event::ProtectionPage).expect("non-empty"),
-                "fork",
+                SimOp::Fork,
             );
             let mut copied: Vec<(u64, Pte)> = Vec::new();
             self.pt

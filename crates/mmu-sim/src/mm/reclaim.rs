@@ -9,6 +9,7 @@ use mmu_notifier::{Event, OwnerToken, Range};
 use super::{advised_range, check_range, page, AddressSpace, Invalidation};
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, FrameRef, Pfn};
+use crate::op::SimOp;
 use crate::pagetable::{pte_index, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
 use crate::vma::Vma;
 
@@ -91,11 +92,11 @@ impl AddressSpace {
             let range = Range::new(s, e, Event::Clear).expect("non-empty");
             match advice {
                 Advice::DontNeed => {
-                    let inv = self.invalidate(range, "madvise dontneed");
+                    let inv = self.invalidate(range, SimOp::MadviseDontNeed);
                     self.zap(&inv, s, e);
                 }
                 Advice::Free => {
-                    let inv = self.invalidate(range, "madvise free");
+                    let inv = self.invalidate(range, SimOp::MadviseFree);
                     self.mark_lazyfree(&inv, s, e);
                 }
                 Advice::PageOut => self.page_out(vma, s, e),
@@ -204,7 +205,7 @@ impl AddressSpace {
         let Some(pfn) = mapped(seen) else {
             return false;
         };
-        let inv = self.invalidate(page(addr), "reclaim");
+        let inv = self.invalidate(page(addr), SimOp::Reclaim);
         let leaf = self.pt.leaf(addr).expect("had an entry");
         let i = pte_index(addr);
         let mut ptes = leaf.lock();
@@ -290,7 +291,7 @@ impl AddressSpace {
         vmas.find(addr).ok_or(SimError::Fault(addr))?;
         let old = self.migratable(addr)?;
         let new = self.frames.alloc(0)?;
-        let inv = self.invalidate(page(addr), "migrate");
+        let inv = self.invalidate(page(addr), SimOp::Migrate);
         let moved = self.move_page(&inv, addr, old, new);
         drop(inv);
         if moved {
@@ -321,7 +322,7 @@ impl AddressSpace {
         let range = Range::new(start, end, Event::Migrate)
             .expect("non-empty")
             .with_owner(owner);
-        let inv = self.invalidate(range, "migrate range");
+        let inv = self.invalidate(range, SimOp::MigrateRange);
         let mut moved = Vec::new();
         for vma in vmas.overlapping(start, end) {
             for a in (vma.start.max(start)..vma.end.min(end)).step_by(PAGE_SIZE as usize) {
@@ -392,7 +393,7 @@ impl AddressSpace {
     /// write-protected, so the next write faults and marks it again.
     pub fn clear_soft_dirty(&self) {
         let vmas = self.mmap.read();
-        let inv = self.invalidate(Range::everything(Event::SoftDirty), "soft-dirty reset");
+        let inv = self.invalidate(Range::everything(Event::SoftDirty), SimOp::SoftDirtyReset);
         for vma in vmas.iter() {
             self.pt.for_each_leaf(vma.start, vma.end, |_, leaf, idx| {
                 for pte in &mut leaf[idx] {
@@ -424,7 +425,7 @@ impl AddressSpace {
             let range = Range::new(addr, addr + PAGE_SIZE, Event::Exclusive)
                 .expect("one page")
                 .with_owner(owner);
-            let inv = self.invalidate(range, "make exclusive");
+            let inv = self.invalidate(range, SimOp::MakeExclusive);
             let leaf = self.pt.leaf(addr).expect("faulted");
             let mut ptes = leaf.lock();
             if ptes[i].same_mapping(seen) {
@@ -453,7 +454,7 @@ impl AddressSpace {
         let mut r = OomReap::default();
         for vma in vmas.iter().filter(|v| !v.shared) {
             let range = Range::new(vma.start, vma.end, Event::Unmap).expect("non-empty");
-            match self.try_invalidate(range, "oom reap") {
+            match self.try_invalidate(range, SimOp::OomReap) {
                 Ok(inv) => {
                     self.zap(&inv, vma.start, vma.end);
                     r.reaped += 1;
