@@ -32,8 +32,13 @@
 //! clears the entry, and the owner, finding its entry gone when it comes back, drops the
 //! frames it holds.
 
+mod exclusive;
 mod layout;
+mod madvise;
+mod migrate;
+mod oom;
 mod reclaim;
+mod soft_dirty;
 
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::{Arc, OnceLock};
@@ -49,7 +54,9 @@ use crate::pagetable::{pte_index, LeafGuard, PageTable, Pte, PteKind, PAGE_SIZE,
 use crate::vma::{Vma, VmaMap};
 
 pub use layout::{MapKind, MremapFlags};
-pub use reclaim::{Advice, OomReap, ReclaimStats};
+pub use madvise::Advice;
+pub use oom::OomReap;
+pub use reclaim::ReclaimStats;
 
 /// Lowest address `mmap` hands out without a hint (like `mmap_min_addr`).
 pub const MMAP_MIN_ADDR: u64 = 0x10000;
@@ -529,22 +536,6 @@ impl AddressSpace {
             self.frames.put(pfn);
         }
         Ok(())
-    }
-
-    /// CPU access to a device-exclusive page: an `Exclusive` invalidation without an
-    /// owner tells the device it lost the page, then the entry is restored.
-    fn restore_exclusive(&self, addr: u64) {
-        let p = page(addr);
-        let range = Range::new(p.start(), p.end(), Event::Exclusive).expect("one page");
-        let inv = self.invalidate(range, SimOp::ExclusiveRestore);
-        if let Some(leaf) = self.pt.leaf(addr) {
-            let mut ptes = leaf.lock();
-            let i = pte_index(addr);
-            if let PteKind::Exclusive(pfn) = ptes[i].kind() {
-                ptes[i] = ptes[i].to_present(pfn);
-            }
-        }
-        drop(inv);
     }
 
     // ----- teardown -------------------------------------------------------------------
