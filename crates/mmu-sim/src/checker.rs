@@ -41,10 +41,11 @@ use std::sync::{Arc, Weak};
 use mmu_notifier::Range;
 use parking_lot::{Mutex, RwLock};
 
+use crate::addr::VirtAddr;
 use crate::frame::FrameRef;
 use crate::mm::AddressSpace;
 use crate::op::SimOp;
-use crate::pagetable::{PteKind, PAGE_SIZE};
+use crate::pagetable::PteKind;
 
 /// How a secondary relates to the primary's page tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -315,12 +316,12 @@ impl Checker {
         &self,
         mm: &AddressSpace,
         secondary: &dyn CheckedSecondary,
-        addr: u64,
+        addr: impl Into<VirtAddr>,
         frame: FrameRef,
         writable: bool,
     ) -> bool {
         self.checks.fetch_add(1, Relaxed);
-        let addr = addr & !(PAGE_SIZE - 1);
+        let addr = addr.into().page_down().get();
         match (secondary.kind(), self.window_at(addr)) {
             (SecondaryKind::Shadow, Some(op)) => {
                 self.report(
@@ -365,10 +366,10 @@ impl Checker {
         &self,
         mm: &AddressSpace,
         secondary: &dyn CheckedSecondary,
-        addr: u64,
+        addr: impl Into<VirtAddr>,
         frame: FrameRef,
     ) -> u64 {
-        self.access(mm, secondary, addr, frame, None)
+        self.access(mm, secondary, addr.into(), frame, None)
     }
 
     /// `secondary` writes `value` to the page at `addr` through its translation to
@@ -378,12 +379,12 @@ impl Checker {
         &self,
         mm: &AddressSpace,
         secondary: &dyn CheckedSecondary,
-        addr: u64,
+        addr: impl Into<VirtAddr>,
         frame: FrameRef,
         value: u64,
     ) -> bool {
         let before = self.violation_count();
-        self.access(mm, secondary, addr, frame, Some(value));
+        self.access(mm, secondary, addr.into(), frame, Some(value));
         self.violation_count() == before
     }
 
@@ -391,12 +392,12 @@ impl Checker {
         &self,
         mm: &AddressSpace,
         s: &dyn CheckedSecondary,
-        addr: u64,
+        addr: VirtAddr,
         frame: FrameRef,
         write: Option<u64>,
     ) -> u64 {
         self.checks.fetch_add(1, Relaxed);
-        let addr = addr & !(PAGE_SIZE - 1);
+        let addr = addr.page_down().get();
         let what = if write.is_some() {
             SimOp::Write
         } else {

@@ -20,6 +20,9 @@
 //!
 //! The module docs of `mm` (see [`AddressSpace`]) state the locking and ordering rules.
 //!
+//! Calls take addresses as [`VirtAddr`] and lengths as [`Len`] (or plain `u64`s, which
+//! convert to either), so that typed callers cannot pass an end where a length belongs.
+//!
 //! # Which Linux
 //! The simulation follows Linux 6.18, checked against it operation by operation: the
 //! `mmu-oracle` crate runs the same scripts on the running kernel (observing its notifier
@@ -72,6 +75,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod addr;
 mod checker;
 mod error;
 mod file;
@@ -81,6 +85,7 @@ mod op;
 mod pagetable;
 mod vma;
 
+pub use addr::{Len, VirtAddr};
 pub use checker::{CheckedSecondary, Checker, SecondaryKind, Violation, ViolationKind};
 pub use error::SimError;
 pub use file::File;

@@ -46,6 +46,7 @@ use std::sync::{Arc, OnceLock};
 use mmu_notifier::{Event, InvalidateGuard, Range, Subscriptions, WouldBlock};
 use parking_lot::RwLock;
 
+use crate::addr::{Len, VirtAddr};
 use crate::checker::Checker;
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, FrameRef, Pfn};
@@ -111,48 +112,59 @@ pub enum SnapshotMode {
 
 /// Checks an address and length as `munmap` does (EINVAL for unaligned, empty,
 /// overflowing or beyond user space); returns the page-aligned end.
-pub(crate) fn check_range(addr: u64, len: u64) -> Result<u64, SimError> {
-    if addr % PAGE_SIZE != 0 {
+pub(crate) fn check_range(addr: VirtAddr, len: Len) -> Result<u64, SimError> {
+    if !addr.is_page_aligned() {
         return Err(SimError::InvalidArgument("address not page aligned"));
     }
-    if len == 0 {
+    if len.is_zero() {
         return Err(SimError::InvalidArgument("zero length"));
     }
     let len = len
-        .checked_next_multiple_of(PAGE_SIZE)
+        .page_up()
         .ok_or(SimError::InvalidArgument("length overflows"))?;
     let end = addr
         .checked_add(len)
         .ok_or(SimError::InvalidArgument("range overflows"))?;
-    if end > TASK_SIZE {
+    if end.get() > TASK_SIZE {
         return Err(SimError::InvalidArgument("range beyond user space"));
     }
-    Ok(end)
+    Ok(end.get())
+}
+
+/// Checks a start and an end as the calls taking both do: EINVAL for an empty or
+/// reversed range, then [`check_range`]'s checks.
+pub(crate) fn check_span(start: VirtAddr, end: VirtAddr) -> Result<(), SimError> {
+    match end.checked_since(start) {
+        Some(len) if !len.is_zero() => check_range(start, len).map(|_| ()),
+        _ => Err(SimError::InvalidArgument("empty range")),
+    }
 }
 
 /// The argument checks `mprotect` and `madvise` share (Linux's): EINVAL for an unaligned
 /// start; `None` for a zero length (nothing to do, not an error); else the end of the
 /// page-rounded range, or `wrapped` if it wraps.
 pub(crate) fn advised_range(
-    addr: u64,
-    len: u64,
+    addr: VirtAddr,
+    len: Len,
     wrapped: SimError,
 ) -> Result<Option<u64>, SimError> {
-    if addr % PAGE_SIZE != 0 {
+    if !addr.is_page_aligned() {
         return Err(SimError::InvalidArgument("address not page aligned"));
     }
-    if len == 0 {
+    if len.is_zero() {
         return Ok(None);
     }
-    len.checked_next_multiple_of(PAGE_SIZE)
+    len.page_up()
         .and_then(|l| addr.checked_add(l))
-        .map(Some)
+        .map(|end| Some(end.get()))
         .ok_or(wrapped)
 }
 
+/// A `Clear` of the page containing `addr`.
 pub(crate) fn page(addr: u64) -> Range {
-    let a = addr & !(PAGE_SIZE - 1);
-    Range::new(a, a + PAGE_SIZE, Event::Clear).expect("one page")
+    let a = VirtAddr::new(addr).page_down();
+    let end = a + Len::pages(1);
+    Range::new(a.get(), end.get(), Event::Clear).expect("one page")
 }
 
 /// One invalidation in progress, made by the primary: the notifier's guard (its drop is
@@ -234,8 +246,8 @@ impl AddressSpace {
     }
 
     /// The page-table entry for `addr` (takes only its page-table lock).
-    pub fn pte(&self, addr: u64) -> Pte {
-        self.pt.pte(addr)
+    pub fn pte(&self, addr: impl Into<VirtAddr>) -> Pte {
+        self.pt.pte(addr.into().get())
     }
 
     /// Runs `f` on the entry for `addr` with its page-table lock held (an absent table
@@ -293,7 +305,8 @@ impl AddressSpace {
     /// memory), breaks COW on a write to a shared or zero page, swaps in, restores a
     /// device-exclusive page, marks the entry accessed (and dirty on a write), and returns
     /// the frame without pinning it.
-    pub fn fault(&self, addr: u64, write: bool) -> Result<FrameRef, SimError> {
+    pub fn fault(&self, addr: impl Into<VirtAddr>, write: bool) -> Result<FrameRef, SimError> {
+        let addr = addr.into().get();
         let vmas = self.mmap.read();
         let (ptes, i) = self.fault_locked(&vmas, addr, write)?;
         let pfn = ptes[i].pfn().expect("fault leaves the entry present");
@@ -301,14 +314,16 @@ impl AddressSpace {
     }
 
     /// Reads the data word of the page at `addr` as the CPU would (faulting it in).
-    pub fn read(&self, addr: u64) -> Result<u64, SimError> {
+    pub fn read(&self, addr: impl Into<VirtAddr>) -> Result<u64, SimError> {
+        let addr = addr.into().get();
         let vmas = self.mmap.read();
         let (ptes, i) = self.fault_locked(&vmas, addr, false)?;
         Ok(self.frames.read(ptes[i].pfn().expect("present")))
     }
 
     /// Writes the data word of the page at `addr` as the CPU would (faulting it in).
-    pub fn write(&self, addr: u64, value: u64) -> Result<(), SimError> {
+    pub fn write(&self, addr: impl Into<VirtAddr>, value: u64) -> Result<(), SimError> {
+        let addr = addr.into().get();
         let vmas = self.mmap.read();
         let (ptes, i) = self.fault_locked(&vmas, addr, true)?;
         self.frames.write(ptes[i].pfn().expect("present"), value);
@@ -320,7 +335,7 @@ impl AddressSpace {
     /// secondary that keeps one must be subscribed to hear when it goes.
     pub fn get_user_pages(
         &self,
-        start: u64,
+        start: impl Into<VirtAddr>,
         n: u64,
         write: bool,
     ) -> Result<Vec<FrameRef>, SimError> {
@@ -328,8 +343,9 @@ impl AddressSpace {
             return Ok(Vec::new());
         }
         // The page containing an unaligned start, as Linux.
-        let start = start & !(PAGE_SIZE - 1);
-        let end = check_range(start, n.saturating_mul(PAGE_SIZE))?;
+        let start = start.into().page_down();
+        let end = check_range(start, Len::new(n.saturating_mul(PAGE_SIZE)))?;
+        let start = start.get();
         let vmas = self.mmap.read();
         (start..end)
             .step_by(PAGE_SIZE as usize)
@@ -345,14 +361,13 @@ impl AddressSpace {
     /// where the mapping forbids the access is `Permission`.
     pub fn snapshot(
         &self,
-        start: u64,
-        end: u64,
+        start: impl Into<VirtAddr>,
+        end: impl Into<VirtAddr>,
         mode: SnapshotMode,
     ) -> Result<Vec<PageState>, SimError> {
-        if end <= start {
-            return Err(SimError::InvalidArgument("empty range"));
-        }
-        check_range(start, end - start)?;
+        let (start, end) = (start.into(), end.into());
+        check_span(start, end)?;
+        let (start, end) = (start.get(), end.get());
         let vmas = self.mmap.read();
         let mut out = Vec::with_capacity(((end - start) / PAGE_SIZE) as usize);
         for a in (start..end).step_by(PAGE_SIZE as usize) {

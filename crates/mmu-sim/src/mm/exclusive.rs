@@ -15,6 +15,7 @@
 use mmu_notifier::{Event, OwnerToken, Range};
 
 use super::{page, AddressSpace};
+use crate::addr::VirtAddr;
 use crate::error::SimError;
 use crate::frame::FrameRef;
 use crate::op::SimOp;
@@ -28,7 +29,12 @@ impl AddressSpace {
     /// `Exclusive` invalidation without owner. Returns the frame the device may use.
     ///
     /// Errors: EFAULT if not mapped, permission if not writable.
-    pub fn make_exclusive(&self, addr: u64, owner: OwnerToken) -> Result<FrameRef, SimError> {
+    pub fn make_exclusive(
+        &self,
+        addr: impl Into<VirtAddr>,
+        owner: OwnerToken,
+    ) -> Result<FrameRef, SimError> {
+        let addr = addr.into().get();
         let vmas = self.mmap.read();
         let addr = addr & !(PAGE_SIZE - 1);
         loop {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use mmu_notifier::{Event, Range};
 
 use super::{advised_range, check_range, AddressSpace, MMAP_MIN_ADDR};
+use crate::addr::{Len, VirtAddr};
 use crate::error::SimError;
 use crate::file::File;
 use crate::op::SimOp;
@@ -43,7 +44,7 @@ pub struct MremapFlags {
 impl AddressSpace {
     /// Maps `len` bytes of anonymous private memory with `prot`, at the lowest free
     /// address. Returns its start.
-    pub fn mmap_anon(&self, len: u64, prot: Prot) -> Result<u64, SimError> {
+    pub fn mmap_anon(&self, len: impl Into<Len>, prot: Prot) -> Result<u64, SimError> {
         self.mmap(len, prot, MapKind::AnonPrivate, None)
     }
 
@@ -59,11 +60,12 @@ impl AddressSpace {
     /// length that overflows or no room is ENOMEM.
     pub fn mmap(
         &self,
-        len: u64,
+        len: impl Into<Len>,
         prot: Prot,
         kind: MapKind,
         fixed: Option<u64>,
     ) -> Result<u64, SimError> {
+        let len = len.into().get();
         if len == 0 {
             return Err(SimError::InvalidArgument("zero length"));
         }
@@ -120,8 +122,10 @@ impl AddressSpace {
 
     /// Unmaps `[addr, addr + len)` (Linux's `munmap`): one `Unmap` invalidation over the
     /// whole range, across every mapping in it. Unmapping nothing is not an error.
-    pub fn munmap(&self, addr: u64, len: u64) -> Result<(), SimError> {
-        let end = check_range(addr, len)?;
+    pub fn munmap(&self, addr: impl Into<VirtAddr>, len: impl Into<Len>) -> Result<(), SimError> {
+        let addr = addr.into();
+        let end = check_range(addr, len.into())?;
+        let addr = addr.get();
         let mut vmas = self.mmap.write();
         self.unmap_locked(&mut vmas, addr, end, SimOp::Munmap);
         Ok(())
@@ -160,11 +164,18 @@ impl AddressSpace {
     ///
     /// A zero length does nothing (as Linux). Errors: EINVAL for an unaligned address,
     /// ENOMEM for a wrapping range or one not entirely mapped.
-    pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<(), SimError> {
+    pub fn mprotect(
+        &self,
+        addr: impl Into<VirtAddr>,
+        len: impl Into<Len>,
+        prot: Prot,
+    ) -> Result<(), SimError> {
+        let addr = addr.into();
         // As Linux: a wrapping or out-of-user-space range has no mapping (ENOMEM).
-        let Some(end) = advised_range(addr, len, SimError::OutOfMemory)? else {
+        let Some(end) = advised_range(addr, len.into(), SimError::OutOfMemory)? else {
             return Ok(());
         };
+        let addr = addr.get();
         if end > TASK_SIZE {
             return Err(SimError::OutOfMemory);
         }
@@ -256,11 +267,16 @@ impl AddressSpace {
     ///    (`may_move`), else ENOMEM.
     pub fn mremap(
         &self,
-        old_addr: u64,
-        old_len: u64,
-        new_len: u64,
+        old_addr: impl Into<VirtAddr>,
+        old_len: impl Into<Len>,
+        new_len: impl Into<Len>,
         flags: MremapFlags,
     ) -> Result<u64, SimError> {
+        let (old_addr, old_len, new_len) = (
+            old_addr.into().get(),
+            old_len.into().get(),
+            new_len.into().get(),
+        );
         if old_addr % PAGE_SIZE != 0 {
             return Err(SimError::InvalidArgument("address not page aligned"));
         }
@@ -351,7 +367,7 @@ impl AddressSpace {
             let tail = addr
                 .checked_add(new_len)
                 .ok_or(SimError::InvalidArgument("range overflows"))?;
-            let end = check_range(tail, old_len - new_len)?;
+            let end = check_range(VirtAddr::new(tail), Len::new(old_len - new_len))?;
             self.unmap_locked(vmas, tail, end, SimOp::MremapShrink);
         }
         Ok(())

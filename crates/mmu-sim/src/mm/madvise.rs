@@ -20,6 +20,7 @@ use mmu_notifier::{Event, Range};
 
 use super::reclaim::mapped;
 use super::{advised_range, AddressSpace, Invalidation};
+use crate::addr::{Len, VirtAddr};
 use crate::error::SimError;
 use crate::frame::FrameAllocator;
 use crate::op::SimOp;
@@ -50,13 +51,20 @@ impl AddressSpace {
     /// A zero length does nothing (as Linux). Errors: EINVAL for an unaligned or
     /// overflowing range, or `Free` on a shared or file mapping; ENOMEM if part of the
     /// range is not mapped (the mapped parts are still advised, as Linux does).
-    pub fn madvise(&self, addr: u64, len: u64, advice: Advice) -> Result<(), SimError> {
+    pub fn madvise(
+        &self,
+        addr: impl Into<VirtAddr>,
+        len: impl Into<Len>,
+        advice: Advice,
+    ) -> Result<(), SimError> {
+        let (addr, len) = (addr.into(), len.into());
         // As Linux: a length that overflows when rounded, or a wrapping end, is EINVAL;
         // a range reaching beyond user space just has no mapping there (ENOMEM below).
         let Some(end) = advised_range(addr, len, SimError::InvalidArgument("range overflows"))?
         else {
             return Ok(());
         };
+        let addr = addr.get();
         let vmas = self.mmap.read();
         let holes = !vmas.covers(addr, end);
         for vma in vmas.overlapping(addr, end) {

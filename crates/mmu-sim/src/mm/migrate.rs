@@ -17,7 +17,8 @@
 use mmu_notifier::{Event, OwnerToken, Range};
 
 use super::reclaim::mapped;
-use super::{check_range, page, AddressSpace, Invalidation};
+use super::{check_span, page, AddressSpace, Invalidation};
+use crate::addr::VirtAddr;
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, FrameRef, Pfn};
 use crate::op::SimOp;
@@ -30,7 +31,8 @@ impl AddressSpace {
     /// Errors: EFAULT if not mapped; EBUSY if the page is not present, is the zero page,
     /// is in the page cache, or is shared with a forked copy (the simulation has no reverse
     /// map to find the other owner's entry).
-    pub fn migrate(&self, addr: u64) -> Result<FrameRef, SimError> {
+    pub fn migrate(&self, addr: impl Into<VirtAddr>) -> Result<FrameRef, SimError> {
+        let addr = addr.into().get();
         let vmas = self.mmap.read();
         vmas.find(addr).ok_or(SimError::Fault(addr))?;
         let old = self.migratable(addr)?;
@@ -51,14 +53,13 @@ impl AddressSpace {
     /// pages moved with their new frames.
     pub fn migrate_range(
         &self,
-        start: u64,
-        end: u64,
+        start: impl Into<VirtAddr>,
+        end: impl Into<VirtAddr>,
         owner: OwnerToken,
     ) -> Result<Vec<(u64, FrameRef)>, SimError> {
-        if end <= start {
-            return Err(SimError::InvalidArgument("empty range"));
-        }
-        check_range(start, end - start)?;
+        let (start, end) = (start.into(), end.into());
+        check_span(start, end)?;
+        let (start, end) = (start.get(), end.get());
         let vmas = self.mmap.read();
         if !vmas.covers(start, end) {
             return Err(SimError::Fault(start));

@@ -16,7 +16,8 @@
 //! one-page `Clear` in every other mapping linked to the page's `anon_vma` before
 //! looking for the page there.
 
-use super::{check_range, page, AddressSpace};
+use super::{check_span, page, AddressSpace};
+use crate::addr::VirtAddr;
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, Pfn};
 use crate::op::SimOp;
@@ -61,11 +62,14 @@ impl AddressSpace {
     /// the notifier) is kept and aged; the others are reclaimed, each inside a `Clear`
     /// invalidation of the page: private anonymous pages are swapped out (or dropped if
     /// lazy-free and clean), file pages are unmapped and stay in the page cache.
-    pub fn reclaim(&self, start: u64, end: u64) -> Result<ReclaimStats, SimError> {
-        if end <= start {
-            return Err(SimError::InvalidArgument("empty range"));
-        }
-        check_range(start, end - start)?;
+    pub fn reclaim(
+        &self,
+        start: impl Into<VirtAddr>,
+        end: impl Into<VirtAddr>,
+    ) -> Result<ReclaimStats, SimError> {
+        let (start, end) = (start.into(), end.into());
+        check_span(start, end)?;
+        let (start, end) = (start.get(), end.get());
         let vmas = self.mmap.read();
         let mut stats = ReclaimStats::default();
         for vma in vmas.overlapping(start, end) {
@@ -131,11 +135,14 @@ impl AddressSpace {
     /// Idle-page tracking / multi-generational LRU aging of `[start, end)`: clears the
     /// accessed state in the primary and in every secondary (`clear_young`, no flush).
     /// Returns how many pages were young.
-    pub fn age(&self, start: u64, end: u64) -> Result<usize, SimError> {
-        if end <= start {
-            return Err(SimError::InvalidArgument("empty range"));
-        }
-        check_range(start, end - start)?;
+    pub fn age(
+        &self,
+        start: impl Into<VirtAddr>,
+        end: impl Into<VirtAddr>,
+    ) -> Result<usize, SimError> {
+        let (start, end) = (start.into(), end.into());
+        check_span(start, end)?;
+        let (start, end) = (start.get(), end.get());
         let vmas = self.mmap.read();
         let mut young = 0;
         for vma in vmas.overlapping(start, end) {
@@ -153,7 +160,8 @@ impl AddressSpace {
 
     /// Whether the page at `addr` was used since it was last aged, by the CPU or a
     /// secondary (`test_young`); clears nothing.
-    pub fn test_young(&self, addr: u64) -> bool {
+    pub fn test_young(&self, addr: impl Into<VirtAddr>) -> bool {
+        let addr = addr.into().get();
         let vmas = self.mmap.read();
         if vmas.find(addr).is_none() {
             return false;
