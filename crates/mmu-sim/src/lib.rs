@@ -86,7 +86,9 @@ mod pagetable;
 mod vma;
 
 pub use addr::{Len, VirtAddr};
-pub use checker::{CheckedSecondary, Checker, SecondaryKind, Violation, ViolationKind};
+pub use checker::{
+    CheckedSecondary, Checker, SecondaryKind, Translation, Violation, ViolationKind,
+};
 pub use error::SimError;
 pub use file::File;
 pub use frame::{FrameAllocator, FrameRef, Pfn};
@@ -95,5 +97,7 @@ pub use mm::{
     MMAP_MIN_ADDR,
 };
 pub use op::SimOp;
-pub use pagetable::{pte_index, Leaf, LeafGuard, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
+pub use pagetable::{
+    pte_index, Leaf, LeafGuard, PageOrder, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE,
+};
 pub use vma::{Backing, Prot, Vma, VmaMap};

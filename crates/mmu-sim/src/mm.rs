@@ -51,7 +51,9 @@ use crate::checker::Checker;
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, FrameRef, Pfn};
 use crate::op::SimOp;
-use crate::pagetable::{pte_index, LeafGuard, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
+use crate::pagetable::{
+    pte_index, Leaf, LeafGuard, PageOrder, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE,
+};
 use crate::vma::{Vma, VmaMap};
 
 pub use layout::{MapKind, MremapFlags};
@@ -160,11 +162,11 @@ pub(crate) fn advised_range(
         .ok_or(wrapped)
 }
 
-/// A `Clear` of the page containing `addr`.
-pub(crate) fn page(addr: u64) -> Range {
-    let a = VirtAddr::new(addr).page_down();
-    let end = a + Len::pages(1);
-    Range::new(a.get(), end.get(), Event::Clear).expect("one page")
+/// A `Clear` of the mapping of size `order` containing `addr` (the extent of the entry
+/// that maps `addr`).
+pub(crate) fn clear_of(addr: u64, order: PageOrder) -> Range {
+    let (start, end) = order.span(addr);
+    Range::new(start, end, Event::Clear).expect("a whole mapping")
 }
 
 /// One invalidation in progress, made by the primary: the notifier's guard (its drop is
@@ -178,6 +180,13 @@ pub(crate) struct Invalidation<'a> {
 }
 
 impl Invalidation<'_> {
+    /// The TLB flush of what one entry of size `order` maps at `addr`, after it was
+    /// cleared or downgraded.
+    pub(crate) fn flush_mapping(&self, addr: u64, order: PageOrder) {
+        let (start, end) = order.span(addr);
+        self.flush(start, end);
+    }
+
     /// The TLB flush of `[start, end)` after entries in it were cleared or downgraded.
     pub(crate) fn flush(&self, start: u64, end: u64) {
         if self.mm.notify {
@@ -250,11 +259,11 @@ impl AddressSpace {
         self.pt.pte(addr.into().get())
     }
 
-    /// Runs `f` on the entry for `addr` with its page-table lock held (an absent table
-    /// reads as an empty entry).
+    /// Runs `f` on the entry that maps `addr` with its page-table lock held (an absent
+    /// table reads as an empty entry).
     pub(crate) fn with_pte_locked<R>(&self, addr: u64, f: impl FnOnce(Pte) -> R) -> R {
         match self.pt.leaf(addr) {
-            Some(leaf) => f(leaf.lock()[pte_index(addr)]),
+            Some(leaf) => f(Leaf::entry(&leaf.lock(), addr)),
             None => f(Pte::default()),
         }
     }
@@ -496,7 +505,7 @@ impl AddressSpace {
         let old = seen.pfn().expect("present");
         let new = self.frames.alloc(self.frames.read(old))?;
         vma.mark_anon();
-        let inv = self.invalidate(page(addr), SimOp::CowBreak);
+        let inv = self.invalidate(clear_of(addr, seen.order()), SimOp::CowBreak);
         let leaf = self.pt.leaf(addr).expect("faulted");
         let i = pte_index(addr);
         let mut ptes = leaf.lock();
@@ -509,7 +518,7 @@ impl AddressSpace {
         let busy = ptes[i].to_busy();
         ptes[i] = busy;
         drop(ptes);
-        inv.flush(addr, addr + PAGE_SIZE);
+        inv.flush_mapping(addr, busy.order());
         // Copy again now that no one can write the old frame (a shared-table TLB could
         // until the flush).
         self.frames.write(new, self.frames.read(old));

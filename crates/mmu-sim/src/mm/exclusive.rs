@@ -14,7 +14,7 @@
 
 use mmu_notifier::{Event, OwnerToken, Range};
 
-use super::{page, AddressSpace};
+use super::AddressSpace;
 use crate::addr::VirtAddr;
 use crate::error::SimError;
 use crate::frame::FrameRef;
@@ -41,8 +41,9 @@ impl AddressSpace {
             let (ptes, i) = self.fault_locked(&vmas, addr, true)?;
             let seen = ptes[i];
             drop(ptes);
-            let range = Range::new(addr, addr + PAGE_SIZE, Event::Exclusive)
-                .expect("one page")
+            let (start, end) = seen.order().span(addr);
+            let range = Range::new(start, end, Event::Exclusive)
+                .expect("a whole mapping")
                 .with_owner(owner);
             let inv = self.invalidate(range, SimOp::MakeExclusive);
             let leaf = self.pt.leaf(addr).expect("faulted");
@@ -50,7 +51,7 @@ impl AddressSpace {
             if ptes[i].same_mapping(seen) {
                 ptes[i] = ptes[i].to_exclusive();
                 drop(ptes);
-                inv.flush(addr, addr + PAGE_SIZE);
+                inv.flush_mapping(addr, seen.order());
                 let pfn = seen.pfn().expect("present");
                 return Ok(self.frames.frame_ref(pfn));
             }
@@ -60,8 +61,8 @@ impl AddressSpace {
     /// CPU access to a device-exclusive page: an `Exclusive` invalidation without an
     /// owner tells the device it lost the page, then the entry is restored.
     pub(super) fn restore_exclusive(&self, addr: u64) {
-        let p = page(addr);
-        let range = Range::new(p.start(), p.end(), Event::Exclusive).expect("one page");
+        let (start, end) = self.pt.pte(addr).order().span(addr);
+        let range = Range::new(start, end, Event::Exclusive).expect("a whole mapping");
         let inv = self.invalidate(range, SimOp::ExclusiveRestore);
         if let Some(leaf) = self.pt.leaf(addr) {
             let mut ptes = leaf.lock();

@@ -17,12 +17,12 @@
 use mmu_notifier::{Event, OwnerToken, Range};
 
 use super::reclaim::mapped;
-use super::{check_span, page, AddressSpace, Invalidation};
+use super::{check_span, clear_of, AddressSpace, Invalidation};
 use crate::addr::VirtAddr;
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, FrameRef, Pfn};
 use crate::op::SimOp;
-use crate::pagetable::{pte_index, PteKind, PAGE_SIZE};
+use crate::pagetable::{pte_index, PageOrder, PteKind, PAGE_SIZE};
 
 impl AddressSpace {
     /// Migrates the page at `addr` to a new frame (compaction or NUMA balancing): a
@@ -35,9 +35,9 @@ impl AddressSpace {
         let addr = addr.into().get();
         let vmas = self.mmap.read();
         vmas.find(addr).ok_or(SimError::Fault(addr))?;
-        let old = self.migratable(addr)?;
+        let (old, order) = self.migratable(addr)?;
         let new = self.frames.alloc(0)?;
-        let inv = self.invalidate(page(addr), SimOp::Migrate);
+        let inv = self.invalidate(clear_of(addr, order), SimOp::Migrate);
         let moved = self.move_page(&inv, addr, old, new);
         drop(inv);
         if moved {
@@ -71,7 +71,7 @@ impl AddressSpace {
         let mut moved = Vec::new();
         for vma in vmas.overlapping(start, end) {
             for a in (vma.start.max(start)..vma.end.min(end)).step_by(PAGE_SIZE as usize) {
-                let Ok(old) = self.migratable(a) else {
+                let Ok((old, _)) = self.migratable(a) else {
                     continue;
                 };
                 let new = self.frames.alloc(0)?;
@@ -84,14 +84,16 @@ impl AddressSpace {
         Ok(moved)
     }
 
-    fn migratable(&self, addr: u64) -> Result<Pfn, SimError> {
-        match mapped(self.pt.pte(addr)) {
+    /// The frame at `addr` if it can move, with the size of its entry.
+    fn migratable(&self, addr: u64) -> Result<(Pfn, PageOrder), SimError> {
+        let pte = self.pt.pte(addr);
+        match mapped(pte) {
             Some(p)
                 // One reference: only this entry has it (a page-cache page also has
                 // the cache's reference, a forked page the other entry's).
                 if !FrameAllocator::is_zero_page(p) && self.frames.refs(p) == 1 =>
             {
-                Ok(p)
+                Ok((p, pte.order()))
             }
             _ => Err(SimError::Busy(addr)),
         }
@@ -112,7 +114,7 @@ impl AddressSpace {
         let busy = ptes[i].to_busy();
         ptes[i] = busy;
         drop(ptes);
-        inv.flush(addr, addr + PAGE_SIZE);
+        inv.flush_mapping(addr, busy.order());
         self.frames.write(new, self.frames.read(old));
         let mut ptes = leaf.lock();
         let moved = ptes[i] == busy;

@@ -16,7 +16,7 @@
 //! one-page `Clear` in every other mapping linked to the page's `anon_vma` before
 //! looking for the page there.
 
-use super::{check_span, page, AddressSpace};
+use super::{check_span, clear_of, AddressSpace};
 use crate::addr::VirtAddr;
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, Pfn};
@@ -80,7 +80,8 @@ impl AddressSpace {
                     _ => continue,
                 }
                 let cpu = self.clear_accessed(a);
-                let secondary = self.notify && self.notifier.clear_flush_young(a, a + PAGE_SIZE);
+                let (s, e) = pte.order().span(a);
+                let secondary = self.notify && self.notifier.clear_flush_young(s, e);
                 if cpu || secondary {
                     stats.referenced += 1;
                 } else if self.reclaim_page(vma, a, pte) {
@@ -95,7 +96,7 @@ impl AddressSpace {
         let Some(pfn) = mapped(seen) else {
             return false;
         };
-        let inv = self.invalidate(page(addr), SimOp::Reclaim);
+        let inv = self.invalidate(clear_of(addr, seen.order()), SimOp::Reclaim);
         let leaf = self.pt.leaf(addr).expect("had an entry");
         let i = pte_index(addr);
         let mut ptes = leaf.lock();
@@ -110,14 +111,14 @@ impl AddressSpace {
             // file page is anonymous memory and is swapped like any other.)
             ptes[i] = Pte::default();
             drop(ptes);
-            inv.flush(addr, addr + PAGE_SIZE);
+            inv.flush_mapping(addr, seen.order());
             self.frames.put(pfn);
             return true;
         }
         let busy = ptes[i].to_busy();
         ptes[i] = busy;
         drop(ptes);
-        inv.flush(addr, addr + PAGE_SIZE);
+        inv.flush_mapping(addr, busy.order());
         let data = self.frames.read(pfn);
         let mut ptes = leaf.lock();
         if ptes[i] == busy {
@@ -147,11 +148,13 @@ impl AddressSpace {
         let mut young = 0;
         for vma in vmas.overlapping(start, end) {
             for a in (vma.start.max(start)..vma.end.min(end)).step_by(PAGE_SIZE as usize) {
-                if !self.pt.pte(a).present() {
+                let pte = self.pt.pte(a);
+                if !pte.present() {
                     continue;
                 }
                 let cpu = self.clear_accessed(a);
-                let secondary = self.notify && self.notifier.clear_young(a, a + PAGE_SIZE);
+                let (s, e) = pte.order().span(a);
+                let secondary = self.notify && self.notifier.clear_young(s, e);
                 young += usize::from(cpu || secondary);
             }
         }
@@ -169,6 +172,6 @@ impl AddressSpace {
         let pte = self.pt.pte(addr);
         pte.present()
             && (pte.accessed()
-                || (self.notify && self.notifier.test_young(addr & !(PAGE_SIZE - 1))))
+                || (self.notify && self.notifier.test_young(pte.order().align_down(addr))))
     }
 }
