@@ -33,6 +33,13 @@
 //! Each violation names the operation (the primary operation whose window or flush it
 //! broke, else `install` / `read` / `write`), the address, the secondary and the seed the
 //! run was started with.
+//!
+//! A translation has a size ([`Translation`]: an address and a [`PageOrder`]): a window
+//! that overlaps any of it makes it stale, and the primary's entry must be at least as
+//! large and map its first frame at its address (a huge entry's frames follow its first).
+//! Today every translation is one page (the default of
+//! [`CheckedSecondary::translations`]); the sizes are checked so that larger ones need no
+//! change here.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -41,9 +48,11 @@ use std::sync::{Arc, Weak};
 use mmu_notifier::Range;
 use parking_lot::{Mutex, RwLock};
 
+use crate::addr::VirtAddr;
 use crate::frame::FrameRef;
 use crate::mm::AddressSpace;
-use crate::pagetable::{PteKind, PAGE_SIZE};
+use crate::op::SimOp;
+use crate::pagetable::{PageOrder, Pte, PAGE_SIZE};
 
 /// How a secondary relates to the primary's page tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,6 +77,64 @@ pub trait CheckedSecondary: Send + Sync {
     /// Every translation it holds for a page in `[start, end)`: (page address, frame as
     /// seen when installed).
     fn translations_in(&self, start: u64, end: u64) -> Vec<(u64, FrameRef)>;
+    /// Every translation it holds that overlaps `[start, end)`, with its size. The
+    /// checker asks this one; by default it is [`translations_in`](Self::translations_in)
+    /// with each translation one page. A secondary that maps larger entries overrides it.
+    fn translations(&self, start: u64, end: u64) -> Vec<Translation> {
+        self.translations_in(start, end)
+            .into_iter()
+            .map(Translation::from)
+            .collect()
+    }
+}
+
+/// One translation a secondary holds: `PAGE_SIZE << order` bytes from `addr` (aligned to
+/// that size) to the frames from `frame` on, as seen when it was installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The first address translated.
+    pub addr: u64,
+    /// The size (0: one page; 9: 2 MiB).
+    pub order: PageOrder,
+    /// The first frame.
+    pub frame: FrameRef,
+}
+
+impl Translation {
+    /// A translation of the one page at `addr` (rounded down to its page).
+    pub fn page(addr: u64, frame: FrameRef) -> Self {
+        Translation {
+            addr: PageOrder::BASE.align_down(addr),
+            order: PageOrder::BASE,
+            frame,
+        }
+    }
+
+    /// The end of what it translates.
+    pub fn end(&self) -> u64 {
+        self.addr.saturating_add(self.order.size())
+    }
+}
+
+impl From<(u64, FrameRef)> for Translation {
+    fn from((addr, frame): (u64, FrameRef)) -> Self {
+        Translation::page(addr, frame)
+    }
+}
+
+/// Whether the primary's entry `pte` (the one mapping `t.addr`) maps what `t` does: it is
+/// present, at least as large (a translation larger than the primary's entry covers
+/// memory the entry does not map), and has `t`'s first frame at `t.addr` (a huge entry's
+/// frames follow its first).
+fn primary_maps(pte: Pte, t: &Translation) -> bool {
+    let Some(first) = pte.pfn() else {
+        return false;
+    };
+    if t.order > pte.order() {
+        return false;
+    }
+    let offset = (t.addr - pte.order().align_down(t.addr)) / PAGE_SIZE;
+    u64::from(first.0) + offset == u64::from(t.frame.pfn.0)
 }
 
 /// The kind of a [`Violation`].
@@ -87,8 +154,8 @@ pub struct Violation {
     /// What went wrong.
     pub kind: ViolationKind,
     /// The primary operation whose invalidation was broken, or the secondary's own
-    /// operation (`install`, `read`, `write`).
-    pub op: &'static str,
+    /// operation ([`SimOp::Install`], [`SimOp::Read`], [`SimOp::Write`]).
+    pub op: SimOp,
     /// The page address.
     pub addr: u64,
     /// The secondary's name.
@@ -113,7 +180,7 @@ struct Window {
     id: u64,
     start: u64,
     end: u64,
-    op: &'static str,
+    op: SimOp,
 }
 
 /// Most violations kept in full; the rest are only counted.
@@ -195,14 +262,7 @@ impl Checker {
         self.checks.load(Relaxed)
     }
 
-    fn report(
-        &self,
-        kind: ViolationKind,
-        op: &'static str,
-        addr: u64,
-        secondary: &str,
-        detail: String,
-    ) {
+    fn report(&self, kind: ViolationKind, op: SimOp, addr: u64, secondary: &str, detail: String) {
         self.total.fetch_add(1, Relaxed);
         let v = Violation {
             kind,
@@ -232,11 +292,16 @@ impl Checker {
     }
 
     /// The operation of an open window covering `addr`, if any.
-    fn window_at(&self, addr: u64) -> Option<&'static str> {
+    fn window_at(&self, addr: u64) -> Option<SimOp> {
+        self.window_over(addr, addr + 1)
+    }
+
+    /// The operation of an open window overlapping `[start, end)`, if any.
+    fn window_over(&self, start: u64, end: u64) -> Option<SimOp> {
         self.windows
             .lock()
             .iter()
-            .find(|w| w.start <= addr && addr < w.end)
+            .find(|w| w.start < end && start < w.end)
             .map(|w| w.op)
     }
 
@@ -244,22 +309,22 @@ impl Checker {
 
     /// `invalidate_range_start(range)` for `op` has returned: shadowing secondaries must
     /// hold nothing in the range from now until [`closing`](Self::closing).
-    pub(crate) fn opened(&self, range: &Range, op: &'static str) -> u64 {
+    pub(crate) fn opened(&self, range: &Range, op: SimOp) -> u64 {
         self.checks.fetch_add(1, Relaxed);
         self.each_secondary(|s| {
             if s.kind() != SecondaryKind::Shadow {
                 return;
             }
-            for (addr, f) in s.translations_in(range.start(), range.end()) {
+            for t in s.translations(range.start(), range.end()) {
                 self.report(
                     ViolationKind::StaleTranslation,
                     op,
-                    addr,
+                    t.addr,
                     s.name(),
                     format!(
                         "still maps frame {:?} after invalidate_range_start({:#x}..{:#x}, {:?}) \
                          returned",
-                        f.pfn,
+                        t.frame.pfn,
                         range.start(),
                         range.end(),
                         range.event()
@@ -287,24 +352,24 @@ impl Checker {
 
     /// The primary flushed `[start, end)`: shared-table secondaries must no longer hold a
     /// translation there that the primary does not have.
-    pub(crate) fn flushed(&self, mm: &AddressSpace, start: u64, end: u64, op: &'static str) {
+    pub(crate) fn flushed(&self, mm: &AddressSpace, start: u64, end: u64, op: SimOp) {
         self.checks.fetch_add(1, Relaxed);
         self.each_secondary(|s| {
             if s.kind() != SecondaryKind::SharedTables {
                 return;
             }
-            for (addr, f) in s.translations_in(start, end) {
-                let pte = mm.pte(addr);
-                if pte.pfn() != Some(f.pfn) || !mm.frames().is_current(f) {
+            for t in s.translations(start, end) {
+                let pte = mm.pte(t.addr);
+                if !primary_maps(pte, &t) || !mm.frames().is_current(t.frame) {
                     self.report(
                         ViolationKind::StaleTranslation,
                         op,
-                        addr,
+                        t.addr,
                         s.name(),
                         format!(
                             "still caches frame {:?} after the TLB flush of {start:#x}..{end:#x} \
                              (primary entry now {pte:?})",
-                            f.pfn
+                            t.frame.pfn
                         ),
                     );
                 }
@@ -321,13 +386,27 @@ impl Checker {
         &self,
         mm: &AddressSpace,
         secondary: &dyn CheckedSecondary,
-        addr: u64,
+        addr: impl Into<VirtAddr>,
         frame: FrameRef,
         writable: bool,
     ) -> bool {
+        let t = Translation::page(addr.into().get(), frame);
+        self.check_install_translation(mm, secondary, t, writable)
+    }
+
+    /// [`check_install`](Self::check_install) of a translation of any size: no window
+    /// may overlap any of it (for a shadowing secondary), and the primary's entry at its
+    /// address must map it whole, at least as large.
+    pub fn check_install_translation(
+        &self,
+        mm: &AddressSpace,
+        secondary: &dyn CheckedSecondary,
+        t: Translation,
+        writable: bool,
+    ) -> bool {
         self.checks.fetch_add(1, Relaxed);
-        let addr = addr & !(PAGE_SIZE - 1);
-        match (secondary.kind(), self.window_at(addr)) {
+        let (addr, frame) = (t.addr, t.frame);
+        match (secondary.kind(), self.window_over(t.addr, t.end())) {
             (SecondaryKind::Shadow, Some(op)) => {
                 self.report(
                     ViolationKind::StaleTranslation,
@@ -345,13 +424,12 @@ impl Checker {
             _ => {}
         }
         let pte = mm.pte(addr);
-        let ok = pte.pfn() == Some(frame.pfn)
-            && mm.frames().is_current(frame)
-            && (!writable || pte.writable());
+        let ok =
+            primary_maps(pte, &t) && mm.frames().is_current(frame) && (!writable || pte.writable());
         if !ok {
             self.report(
                 ViolationKind::StaleTranslation,
-                "install",
+                SimOp::Install,
                 addr,
                 secondary.name(),
                 format!(
@@ -371,10 +449,10 @@ impl Checker {
         &self,
         mm: &AddressSpace,
         secondary: &dyn CheckedSecondary,
-        addr: u64,
+        addr: impl Into<VirtAddr>,
         frame: FrameRef,
     ) -> u64 {
-        self.access(mm, secondary, addr, frame, None)
+        self.access(mm, secondary, addr.into(), frame, None)
     }
 
     /// `secondary` writes `value` to the page at `addr` through its translation to
@@ -384,12 +462,12 @@ impl Checker {
         &self,
         mm: &AddressSpace,
         secondary: &dyn CheckedSecondary,
-        addr: u64,
+        addr: impl Into<VirtAddr>,
         frame: FrameRef,
         value: u64,
     ) -> bool {
         let before = self.violation_count();
-        self.access(mm, secondary, addr, frame, Some(value));
+        self.access(mm, secondary, addr.into(), frame, Some(value));
         self.violation_count() == before
     }
 
@@ -397,13 +475,17 @@ impl Checker {
         &self,
         mm: &AddressSpace,
         s: &dyn CheckedSecondary,
-        addr: u64,
+        addr: VirtAddr,
         frame: FrameRef,
         write: Option<u64>,
     ) -> u64 {
         self.checks.fetch_add(1, Relaxed);
-        let addr = addr & !(PAGE_SIZE - 1);
-        let what = if write.is_some() { "write" } else { "read" };
+        let addr = addr.page_down().get();
+        let what = if write.is_some() {
+            SimOp::Write
+        } else {
+            SimOp::Read
+        };
         mm.with_pte_locked(addr, |pte| {
             // Look the windows up with the page-table lock held: the primary opens a
             // window before it changes an entry under this lock, so an entry seen changed
@@ -439,7 +521,7 @@ impl Checker {
                 );
                 return 0;
             }
-            let maps = matches!(pte.kind(), PteKind::Present(p) if p == frame.pfn);
+            let maps = primary_maps(pte, &Translation::page(addr, frame));
             // A shared-table TLB may use an entry the primary already cleared until the
             // flush, which comes inside the window.
             let excused = s.kind() == SecondaryKind::SharedTables && window.is_some();
@@ -449,7 +531,7 @@ impl Checker {
                     if !excused && !coherent {
                         self.report(
                             ViolationKind::LostWrite,
-                            window.unwrap_or("write"),
+                            window.unwrap_or(SimOp::Write),
                             addr,
                             s.name(),
                             format!(
@@ -465,7 +547,7 @@ impl Checker {
                     if !excused && !maps {
                         self.report(
                             ViolationKind::StaleTranslation,
-                            "read",
+                            SimOp::Read,
                             addr,
                             s.name(),
                             format!(
@@ -478,5 +560,99 @@ impl Checker {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use mmu_notifier::Event;
+
+    use super::*;
+    use crate::frame::{FrameAllocator, Pfn};
+
+    fn frame(pfn: u32) -> FrameRef {
+        FrameRef {
+            pfn: Pfn(pfn),
+            generation: 0,
+        }
+    }
+
+    fn huge(addr: u64, pfn: u32) -> Translation {
+        Translation {
+            addr,
+            order: PageOrder::PMD,
+            frame: frame(pfn),
+        }
+    }
+
+    #[test]
+    fn a_translation_matches_the_primary_entry_by_frame_and_size() {
+        let base = 0x4000_0000;
+        let small = Pte::new(Pfn(7), true);
+        let big = Pte::new(Pfn(512), true).with_order(PageOrder::PMD);
+        assert!(primary_maps(small, &Translation::page(base, frame(7))));
+        assert!(!primary_maps(small, &Translation::page(base, frame(8))));
+        assert!(!primary_maps(
+            Pte::default(),
+            &Translation::page(base, frame(0))
+        ));
+        // Pages of a 2 MiB entry: its frames follow the first.
+        assert!(primary_maps(big, &Translation::page(base, frame(512))));
+        assert!(primary_maps(
+            big,
+            &Translation::page(base + 0x3000, frame(515))
+        ));
+        assert!(!primary_maps(
+            big,
+            &Translation::page(base + 0x3000, frame(512))
+        ));
+        // A 2 MiB translation needs a 2 MiB entry.
+        assert!(primary_maps(big, &huge(base, 512)));
+        assert!(!primary_maps(small, &huge(base, 7)));
+        assert_eq!(huge(base, 512).end(), base + 0x20_0000);
+        assert_eq!(
+            Translation::from((base + 0x123, frame(7))),
+            Translation::page(base, frame(7))
+        );
+    }
+
+    struct Nothing;
+    impl CheckedSecondary for Nothing {
+        fn name(&self) -> &str {
+            "nothing"
+        }
+        fn translations_in(&self, _: u64, _: u64) -> Vec<(u64, FrameRef)> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn installing_2mib_over_an_open_window_on_one_of_its_pages_is_caught() {
+        let mm = AddressSpace::new(Arc::new(FrameAllocator::new(16)));
+        let checker = Checker::new(3);
+        let base = 0x4000_0000;
+        let page = base + 0x1f_f000; // the last page of the 2 MiB
+        let range = Range::new(page, page + PAGE_SIZE, Event::Clear).unwrap();
+        let id = checker.opened(&range, SimOp::Reclaim);
+        // One page at `base`: outside the window, refused only because the primary maps
+        // nothing there (an install, not the window's reclaim).
+        assert!(!checker.check_install(&mm, &Nothing, base, frame(1), false));
+        // The 2 MiB from `base` overlaps the window: refused for the reclaim.
+        assert!(!checker.check_install_translation(&mm, &Nothing, huge(base, 1), false));
+        let ops: Vec<(ViolationKind, SimOp, u64)> = checker
+            .violations()
+            .iter()
+            .map(|v| (v.kind, v.op, v.addr))
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                (ViolationKind::StaleTranslation, SimOp::Install, base),
+                (ViolationKind::StaleTranslation, SimOp::Reclaim, base)
+            ]
+        );
+        checker.closing(id);
     }
 }

@@ -20,6 +20,9 @@
 //!
 //! The module docs of `mm` (see [`AddressSpace`]) state the locking and ordering rules.
 //!
+//! Calls take addresses as [`VirtAddr`] and lengths as [`Len`] (or plain `u64`s, which
+//! convert to either), so that typed callers cannot pass an end where a length belongs.
+//!
 //! # Which Linux
 //! The simulation follows Linux 6.18, checked against it operation by operation: the
 //! `mmu-oracle` crate runs the same scripts on the running kernel (observing its notifier
@@ -72,15 +75,20 @@
 //! ```
 #![deny(missing_docs)]
 
+mod addr;
 mod checker;
 mod error;
 mod file;
 mod frame;
 mod mm;
+mod op;
 mod pagetable;
 mod vma;
 
-pub use checker::{CheckedSecondary, Checker, SecondaryKind, Violation, ViolationKind};
+pub use addr::{Len, VirtAddr};
+pub use checker::{
+    CheckedSecondary, Checker, SecondaryKind, Translation, Violation, ViolationKind,
+};
 pub use error::SimError;
 pub use file::File;
 pub use frame::{FrameAllocator, FrameRef, Pfn};
@@ -88,5 +96,8 @@ pub use mm::{
     AddressSpace, Advice, MapKind, MremapFlags, OomReap, PageState, ReclaimStats, SnapshotMode,
     MMAP_MIN_ADDR,
 };
-pub use pagetable::{pte_index, Leaf, LeafGuard, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
+pub use op::SimOp;
+pub use pagetable::{
+    pte_index, Leaf, LeafGuard, PageOrder, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE,
+};
 pub use vma::{Backing, Prot, Vma, VmaMap};

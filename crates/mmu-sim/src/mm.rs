@@ -32,8 +32,13 @@
 //! clears the entry, and the owner, finding its entry gone when it comes back, drops the
 //! frames it holds.
 
+mod exclusive;
 mod layout;
+mod madvise;
+mod migrate;
+mod oom;
 mod reclaim;
+mod soft_dirty;
 
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::{Arc, OnceLock};
@@ -41,14 +46,20 @@ use std::sync::{Arc, OnceLock};
 use mmu_notifier::{Event, InvalidateGuard, Range, Subscriptions, WouldBlock};
 use parking_lot::RwLock;
 
+use crate::addr::{Len, VirtAddr};
 use crate::checker::Checker;
 use crate::error::SimError;
 use crate::frame::{FrameAllocator, FrameRef, Pfn};
-use crate::pagetable::{pte_index, LeafGuard, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE};
+use crate::op::SimOp;
+use crate::pagetable::{
+    pte_index, Leaf, LeafGuard, PageOrder, PageTable, Pte, PteKind, PAGE_SIZE, TASK_SIZE,
+};
 use crate::vma::{Vma, VmaMap};
 
 pub use layout::{MapKind, MremapFlags};
-pub use reclaim::{Advice, OomReap, ReclaimStats};
+pub use madvise::Advice;
+pub use oom::OomReap;
+pub use reclaim::ReclaimStats;
 
 /// Lowest address `mmap` hands out without a hint (like `mmap_min_addr`).
 pub const MMAP_MIN_ADDR: u64 = 0x10000;
@@ -103,61 +114,79 @@ pub enum SnapshotMode {
 
 /// Checks an address and length as `munmap` does (EINVAL for unaligned, empty,
 /// overflowing or beyond user space); returns the page-aligned end.
-pub(crate) fn check_range(addr: u64, len: u64) -> Result<u64, SimError> {
-    if addr % PAGE_SIZE != 0 {
+pub(crate) fn check_range(addr: VirtAddr, len: Len) -> Result<u64, SimError> {
+    if !addr.is_page_aligned() {
         return Err(SimError::InvalidArgument("address not page aligned"));
     }
-    if len == 0 {
+    if len.is_zero() {
         return Err(SimError::InvalidArgument("zero length"));
     }
     let len = len
-        .checked_next_multiple_of(PAGE_SIZE)
+        .page_up()
         .ok_or(SimError::InvalidArgument("length overflows"))?;
     let end = addr
         .checked_add(len)
         .ok_or(SimError::InvalidArgument("range overflows"))?;
-    if end > TASK_SIZE {
+    if end.get() > TASK_SIZE {
         return Err(SimError::InvalidArgument("range beyond user space"));
     }
-    Ok(end)
+    Ok(end.get())
+}
+
+/// Checks a start and an end as the calls taking both do: EINVAL for an empty or
+/// reversed range, then [`check_range`]'s checks.
+pub(crate) fn check_span(start: VirtAddr, end: VirtAddr) -> Result<(), SimError> {
+    match end.checked_since(start) {
+        Some(len) if !len.is_zero() => check_range(start, len).map(|_| ()),
+        _ => Err(SimError::InvalidArgument("empty range")),
+    }
 }
 
 /// The argument checks `mprotect` and `madvise` share (Linux's): EINVAL for an unaligned
 /// start; `None` for a zero length (nothing to do, not an error); else the end of the
 /// page-rounded range, or `wrapped` if it wraps.
 pub(crate) fn advised_range(
-    addr: u64,
-    len: u64,
+    addr: VirtAddr,
+    len: Len,
     wrapped: SimError,
 ) -> Result<Option<u64>, SimError> {
-    if addr % PAGE_SIZE != 0 {
+    if !addr.is_page_aligned() {
         return Err(SimError::InvalidArgument("address not page aligned"));
     }
-    if len == 0 {
+    if len.is_zero() {
         return Ok(None);
     }
-    len.checked_next_multiple_of(PAGE_SIZE)
+    len.page_up()
         .and_then(|l| addr.checked_add(l))
-        .map(Some)
+        .map(|end| Some(end.get()))
         .ok_or(wrapped)
 }
 
-pub(crate) fn page(addr: u64) -> Range {
-    let a = addr & !(PAGE_SIZE - 1);
-    Range::new(a, a + PAGE_SIZE, Event::Clear).expect("one page")
+/// A `Clear` of the mapping of size `order` containing `addr` (the extent of the entry
+/// that maps `addr`).
+pub(crate) fn clear_of(addr: u64, order: PageOrder) -> Range {
+    let (start, end) = order.span(addr);
+    Range::new(start, end, Event::Clear).expect("a whole mapping")
 }
 
 /// One invalidation in progress, made by the primary: the notifier's guard (its drop is
 /// `invalidate_range_end`) and the checker's window.
 pub(crate) struct Invalidation<'a> {
     mm: &'a AddressSpace,
-    op: &'static str,
+    op: SimOp,
     window: Option<u64>,
     // Declared last: dropped after the window closes.
     _guard: Option<InvalidateGuard<'a>>,
 }
 
 impl Invalidation<'_> {
+    /// The TLB flush of what one entry of size `order` maps at `addr`, after it was
+    /// cleared or downgraded.
+    pub(crate) fn flush_mapping(&self, addr: u64, order: PageOrder) {
+        let (start, end) = order.span(addr);
+        self.flush(start, end);
+    }
+
     /// The TLB flush of `[start, end)` after entries in it were cleared or downgraded.
     pub(crate) fn flush(&self, start: u64, end: u64) {
         if self.mm.notify {
@@ -226,15 +255,15 @@ impl AddressSpace {
     }
 
     /// The page-table entry for `addr` (takes only its page-table lock).
-    pub fn pte(&self, addr: u64) -> Pte {
-        self.pt.pte(addr)
+    pub fn pte(&self, addr: impl Into<VirtAddr>) -> Pte {
+        self.pt.pte(addr.into().get())
     }
 
-    /// Runs `f` on the entry for `addr` with its page-table lock held (an absent table
-    /// reads as an empty entry).
+    /// Runs `f` on the entry that maps `addr` with its page-table lock held (an absent
+    /// table reads as an empty entry).
     pub(crate) fn with_pte_locked<R>(&self, addr: u64, f: impl FnOnce(Pte) -> R) -> R {
         match self.pt.leaf(addr) {
-            Some(leaf) => f(leaf.lock()[pte_index(addr)]),
+            Some(leaf) => f(Leaf::entry(&leaf.lock(), addr)),
             None => f(Pte::default()),
         }
     }
@@ -247,7 +276,7 @@ impl AddressSpace {
     // ----- invalidations ------------------------------------------------------------
 
     /// Starts a blockable invalidation of `range` for the primary operation `op`.
-    pub(crate) fn invalidate(&self, range: Range, op: &'static str) -> Invalidation<'_> {
+    pub(crate) fn invalidate(&self, range: Range, op: SimOp) -> Invalidation<'_> {
         let guard = self
             .notify
             .then(|| self.notifier.invalidate_range_start(range));
@@ -263,7 +292,7 @@ impl AddressSpace {
     pub(crate) fn try_invalidate(
         &self,
         range: Range,
-        op: &'static str,
+        op: SimOp,
     ) -> Result<Invalidation<'_>, WouldBlock> {
         let guard = if self.notify {
             Some(self.notifier.try_invalidate_range_start(range)?)
@@ -285,7 +314,8 @@ impl AddressSpace {
     /// memory), breaks COW on a write to a shared or zero page, swaps in, restores a
     /// device-exclusive page, marks the entry accessed (and dirty on a write), and returns
     /// the frame without pinning it.
-    pub fn fault(&self, addr: u64, write: bool) -> Result<FrameRef, SimError> {
+    pub fn fault(&self, addr: impl Into<VirtAddr>, write: bool) -> Result<FrameRef, SimError> {
+        let addr = addr.into().get();
         let vmas = self.mmap.read();
         let (ptes, i) = self.fault_locked(&vmas, addr, write)?;
         let pfn = ptes[i].pfn().expect("fault leaves the entry present");
@@ -293,14 +323,16 @@ impl AddressSpace {
     }
 
     /// Reads the data word of the page at `addr` as the CPU would (faulting it in).
-    pub fn read(&self, addr: u64) -> Result<u64, SimError> {
+    pub fn read(&self, addr: impl Into<VirtAddr>) -> Result<u64, SimError> {
+        let addr = addr.into().get();
         let vmas = self.mmap.read();
         let (ptes, i) = self.fault_locked(&vmas, addr, false)?;
         Ok(self.frames.read(ptes[i].pfn().expect("present")))
     }
 
     /// Writes the data word of the page at `addr` as the CPU would (faulting it in).
-    pub fn write(&self, addr: u64, value: u64) -> Result<(), SimError> {
+    pub fn write(&self, addr: impl Into<VirtAddr>, value: u64) -> Result<(), SimError> {
+        let addr = addr.into().get();
         let vmas = self.mmap.read();
         let (ptes, i) = self.fault_locked(&vmas, addr, true)?;
         self.frames.write(ptes[i].pfn().expect("present"), value);
@@ -312,7 +344,7 @@ impl AddressSpace {
     /// secondary that keeps one must be subscribed to hear when it goes.
     pub fn get_user_pages(
         &self,
-        start: u64,
+        start: impl Into<VirtAddr>,
         n: u64,
         write: bool,
     ) -> Result<Vec<FrameRef>, SimError> {
@@ -320,8 +352,9 @@ impl AddressSpace {
             return Ok(Vec::new());
         }
         // The page containing an unaligned start, as Linux.
-        let start = start & !(PAGE_SIZE - 1);
-        let end = check_range(start, n.saturating_mul(PAGE_SIZE))?;
+        let start = start.into().page_down();
+        let end = check_range(start, Len::new(n.saturating_mul(PAGE_SIZE)))?;
+        let start = start.get();
         let vmas = self.mmap.read();
         (start..end)
             .step_by(PAGE_SIZE as usize)
@@ -337,14 +370,13 @@ impl AddressSpace {
     /// where the mapping forbids the access is `Permission`.
     pub fn snapshot(
         &self,
-        start: u64,
-        end: u64,
+        start: impl Into<VirtAddr>,
+        end: impl Into<VirtAddr>,
         mode: SnapshotMode,
     ) -> Result<Vec<PageState>, SimError> {
-        if end <= start {
-            return Err(SimError::InvalidArgument("empty range"));
-        }
-        check_range(start, end - start)?;
+        let (start, end) = (start.into(), end.into());
+        check_span(start, end)?;
+        let (start, end) = (start.get(), end.get());
         let vmas = self.mmap.read();
         let mut out = Vec::with_capacity(((end - start) / PAGE_SIZE) as usize);
         for a in (start..end).step_by(PAGE_SIZE as usize) {
@@ -473,7 +505,7 @@ impl AddressSpace {
         let old = seen.pfn().expect("present");
         let new = self.frames.alloc(self.frames.read(old))?;
         vma.mark_anon();
-        let inv = self.invalidate(page(addr), "cow break");
+        let inv = self.invalidate(clear_of(addr, seen.order()), SimOp::CowBreak);
         let leaf = self.pt.leaf(addr).expect("faulted");
         let i = pte_index(addr);
         let mut ptes = leaf.lock();
@@ -486,7 +518,7 @@ impl AddressSpace {
         let busy = ptes[i].to_busy();
         ptes[i] = busy;
         drop(ptes);
-        inv.flush(addr, addr + PAGE_SIZE);
+        inv.flush_mapping(addr, busy.order());
         // Copy again now that no one can write the old frame (a shared-table TLB could
         // until the flush).
         self.frames.write(new, self.frames.read(old));
@@ -528,22 +560,6 @@ impl AddressSpace {
             self.frames.put(pfn);
         }
         Ok(())
-    }
-
-    /// CPU access to a device-exclusive page: an `Exclusive` invalidation without an
-    /// owner tells the device it lost the page, then the entry is restored.
-    fn restore_exclusive(&self, addr: u64) {
-        let p = page(addr);
-        let range = Range::new(p.start(), p.end(), Event::Exclusive).expect("one page");
-        let inv = self.invalidate(range, "exclusive restore");
-        if let Some(leaf) = self.pt.leaf(addr) {
-            let mut ptes = leaf.lock();
-            let i = pte_index(addr);
-            if let PteKind::Exclusive(pfn) = ptes[i].kind() {
-                ptes[i] = ptes[i].to_present(pfn);
-            }
-        }
-        drop(inv);
     }
 
     // ----- teardown -------------------------------------------------------------------
@@ -592,7 +608,7 @@ impl AddressSpace {
             return;
         }
         *vmas = VmaMap::default();
-        let inv = self.invalidate(Range::everything(Event::Unmap), "exit");
+        let inv = self.invalidate(Range::everything(Event::Unmap), SimOp::Exit);
         self.zap(&inv, 0, TASK_SIZE);
         drop(inv);
     }

@@ -2,6 +2,16 @@
 //! levels are allocated lazily and never freed (like Linux, which frees page tables only
 //! in `free_pgtables`); each last-level table has its own lock, the *page-table lock*, so
 //! faults on different 2 MiB regions run in parallel.
+//!
+//! # Mapping sizes
+//! An entry maps `PAGE_SIZE << order` bytes ([`PageOrder`]): order 0 is a 4 KiB page, the
+//! only size the simulation creates today. A last-level table can also stand for one
+//! 2 MiB entry ([`PageOrder::PMD`], Linux's huge PMD): its first slot holds the entry,
+//! with that order, and the other slots are empty; [`PageTable::pte`] and
+//! [`Leaf::entry`] then give that entry for every address in the 2 MiB. Code that needs
+//! the extent of what an entry maps asks the entry ([`Pte::order`],
+//! [`PageOrder::span`]) rather than assuming a page, so that huge entries can be
+//! created later without changing the readers.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -16,6 +26,61 @@ pub const PAGE_SIZE: u64 = 4096;
 /// The first address above user space (48-bit, like x86-64 with 4-level paging).
 pub const TASK_SIZE: u64 = 1 << 47;
 const ENTRIES: usize = 512;
+
+/// The size of a mapping, as a power of two of pages: it maps `PAGE_SIZE << order` bytes.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageOrder(u8);
+
+impl PageOrder {
+    /// A 4 KiB page.
+    pub const BASE: PageOrder = PageOrder(0);
+    /// A 2 MiB entry: a whole last-level table's span (Linux's PMD-mapped huge page).
+    pub const PMD: PageOrder = PageOrder(9);
+
+    /// The order `order`, if an entry can have it (at most [`PMD`](Self::PMD)).
+    pub const fn new(order: u8) -> Option<Self> {
+        if order <= Self::PMD.0 {
+            Some(PageOrder(order))
+        } else {
+            None
+        }
+    }
+
+    /// The order as a number (0 for 4 KiB, 9 for 2 MiB).
+    pub const fn get(self) -> u8 {
+        self.0
+    }
+
+    /// Bytes mapped.
+    pub const fn size(self) -> u64 {
+        PAGE_SIZE << self.0
+    }
+
+    /// Pages mapped.
+    pub const fn pages(self) -> u64 {
+        1 << self.0
+    }
+
+    /// The start of the mapping of this size that contains `addr`.
+    pub const fn align_down(self, addr: u64) -> u64 {
+        addr & !(self.size() - 1)
+    }
+
+    /// `[start, end)` of the mapping of this size that contains `addr`.
+    pub const fn span(self, addr: u64) -> (u64, u64) {
+        let start = self.align_down(addr);
+        (start, start + self.size())
+    }
+}
+
+impl std::fmt::Debug for PageOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.size() {
+            s if s >= 1 << 20 => write!(f, "PageOrder({} = {} MiB)", self.0, s >> 20),
+            s => write!(f, "PageOrder({} = {} KiB)", self.0, s >> 10),
+        }
+    }
+}
 
 /// A page-table entry: flag bits, a kind, and a frame (or swap slot) number.
 ///
@@ -52,8 +117,16 @@ impl Pte {
     const DIRTY: u64 = 1 << 3;
     const SOFT_DIRTY: u64 = 1 << 4;
     const LAZYFREE: u64 = 1 << 8;
-    const FLAGS: u64 =
-        Self::WRITABLE | Self::ACCESSED | Self::DIRTY | Self::SOFT_DIRTY | Self::LAZYFREE;
+    const ORDER_SHIFT: u32 = 9;
+    const ORDER_MASK: u64 = 0b1111 << Self::ORDER_SHIFT;
+    /// What stays when the entry changes kind (to busy, exclusive, back to present): the
+    /// flags and the size.
+    const FLAGS: u64 = Self::WRITABLE
+        | Self::ACCESSED
+        | Self::DIRTY
+        | Self::SOFT_DIRTY
+        | Self::LAZYFREE
+        | Self::ORDER_MASK;
     const KIND_SHIFT: u32 = 5;
     const KIND_MASK: u64 = 0b111 << Self::KIND_SHIFT;
     const KIND_SWAP: u64 = 1;
@@ -61,13 +134,23 @@ impl Pte {
     const KIND_EXCLUSIVE: u64 = 3;
     const KIND_PROT_NONE: u64 = 4;
 
-    /// A present entry for `pfn`.
+    /// A present entry for `pfn`, mapping one page (order 0; see
+    /// [`with_order`](Self::with_order)).
     pub fn new(pfn: Pfn, writable: bool) -> Self {
         let mut p = Pte(((pfn.0 as u64) << 32) | Self::PRESENT);
         p.set(Self::WRITABLE, writable);
         p
     }
-    /// A swap entry for `slot`, keeping this entry's soft-dirty bit.
+    /// The size this entry maps: `PAGE_SIZE << order` bytes from the address aligned to
+    /// it (for a frame, the frames from its number on).
+    pub fn order(self) -> PageOrder {
+        PageOrder(((self.0 & Self::ORDER_MASK) >> Self::ORDER_SHIFT) as u8)
+    }
+    /// The entry mapping `order` (its frame is the first of `order.pages()`).
+    pub fn with_order(self, order: PageOrder) -> Self {
+        Pte((self.0 & !Self::ORDER_MASK) | ((order.0 as u64) << Self::ORDER_SHIFT))
+    }
+    /// A swap entry for `slot` (one page), keeping this entry's soft-dirty bit.
     pub fn to_swap(self, slot: u32) -> Self {
         Pte(((slot as u64) << 32)
             | (Self::KIND_SWAP << Self::KIND_SHIFT)
@@ -207,11 +290,15 @@ impl Pte {
 impl std::fmt::Debug for Pte {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let flags = format!(
-            "{}{}{}{}",
+            "{}{}{}{}{}",
             if self.writable() { " W" } else { " RO" },
             if self.accessed() { " A" } else { "" },
             if self.dirty() { " D" } else { "" },
             if self.soft_dirty() { " SD" } else { "" },
+            match self.order().get() {
+                0 => String::new(),
+                o => format!(" order {o}"),
+            },
         );
         match self.kind() {
             PteKind::None => write!(f, "Pte(none)"),
@@ -398,10 +485,11 @@ impl PageTable {
         }
     }
 
-    /// The entry for `va` (none when no table covers it). Takes the page-table lock.
+    /// The entry that maps `va`: its page's, or the 2 MiB entry of its table (none when
+    /// no table covers it). Takes the page-table lock.
     pub fn pte(&self, va: u64) -> Pte {
         self.leaf(va)
-            .map_or(Pte::default(), |l| l.lock()[pte_index(va)])
+            .map_or(Pte::default(), |l| Leaf::entry(&l.lock(), va))
     }
 
     /// Calls `f` with each existing last-level table overlapping `[start, end)`, locked,
@@ -495,5 +583,79 @@ impl Leaf {
     /// Takes the page-table lock.
     pub fn lock(&self) -> LeafGuard<'_> {
         self.ptes.lock()
+    }
+
+    /// The entry of the locked table `ptes` that maps `va`: the slot of `va`'s page, or,
+    /// if the table stands for one 2 MiB entry, that entry (in the first slot).
+    pub fn entry(ptes: &[Pte; ENTRIES], va: u64) -> Pte {
+        let own = ptes[pte_index(va)];
+        if own.is_none() && ptes[0].order() == PageOrder::PMD {
+            ptes[0]
+        } else {
+            own
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_orders_give_sizes_and_spans() {
+        assert_eq!(PageOrder::BASE.size(), 4096);
+        assert_eq!(PageOrder::PMD.size(), 2 << 20);
+        assert_eq!(PageOrder::PMD.pages(), 512);
+        assert_eq!(PageOrder::new(9), Some(PageOrder::PMD));
+        assert_eq!(PageOrder::new(10), None);
+        assert_eq!(
+            PageOrder::PMD.span(0x20_3456),
+            (0x20_0000, 0x40_0000),
+            "the 2 MiB around the address"
+        );
+        assert_eq!(PageOrder::BASE.span(0x20_3456), (0x20_3000, 0x20_4000));
+        assert_eq!(format!("{:?}", PageOrder::PMD), "PageOrder(9 = 2 MiB)");
+    }
+
+    #[test]
+    fn an_entry_keeps_its_size_through_its_transitions_but_not_into_swap() {
+        let huge = Pte::new(Pfn(512), true).with_order(PageOrder::PMD);
+        assert_eq!(Pte::new(Pfn(1), true).order(), PageOrder::BASE);
+        assert_eq!(huge.order(), PageOrder::PMD);
+        assert_eq!(huge.pfn(), Some(Pfn(512)));
+        assert!(huge.writable());
+        for changed in [
+            huge.to_busy(),
+            huge.to_exclusive(),
+            huge.to_prot_none(),
+            huge.to_busy().to_present(Pfn(1024)),
+            huge.with_writable(false).old().clean().soft_clean(),
+        ] {
+            assert_eq!(changed.order(), PageOrder::PMD, "{changed:?}");
+        }
+        assert_eq!(huge.to_busy().to_present(Pfn(1024)).pfn(), Some(Pfn(1024)));
+        assert_eq!(huge.to_swap(3).order(), PageOrder::BASE);
+        assert_eq!(huge.to_swap(3).kind(), PteKind::Swap(3));
+        assert!(format!("{huge:?}").contains("order 9"), "{huge:?}");
+    }
+
+    #[test]
+    fn a_table_can_stand_for_one_2mib_entry() {
+        let pt = PageTable::new();
+        let base = 0x4000_0000;
+        let huge = Pte::new(Pfn(512), true).with_order(PageOrder::PMD);
+        pt.leaf_or_alloc(base).lock()[0] = huge;
+        for va in [base, base + 0x1000, base + 0x1f_f000, base + 0x12_3456] {
+            assert_eq!(pt.pte(va), huge, "{va:#x}");
+        }
+        assert!(
+            pt.pte(base + 0x20_0000).is_none(),
+            "the next 2 MiB is not mapped"
+        );
+        // A 4 KiB entry in slot 0 does not stand for the table.
+        let small = Pte::new(Pfn(7), true);
+        pt.leaf_or_alloc(base).lock()[0] = small;
+        assert_eq!(pt.pte(base), small);
+        assert!(pt.pte(base + 0x1000).is_none());
     }
 }

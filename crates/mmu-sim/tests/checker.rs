@@ -13,16 +13,17 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
 
+mod common;
+
+use common::{Rng, P};
 use mmu_notifier::{
     IntervalContext, IntervalSubscriber, IntervalSubscription, ListRegistration, ListSubscriber,
     OwnerToken, Range, SecondaryTlb, WouldBlock,
 };
 use mmu_sim::{
     AddressSpace, Advice, CheckedSecondary, Checker, FrameAllocator, FrameRef, MapKind, Prot,
-    SecondaryKind, ViolationKind, PAGE_SIZE,
+    SecondaryKind, ViolationKind,
 };
-
-const P: u64 = PAGE_SIZE;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Broken {
@@ -376,7 +377,7 @@ fn space(seed: u64) -> (Arc<AddressSpace>, Arc<Checker>) {
 fn kinds(c: &Checker) -> Vec<(ViolationKind, &'static str, String)> {
     c.violations()
         .into_iter()
-        .map(|v| (v.kind, v.op, v.secondary))
+        .map(|v| (v.kind, v.op.as_str(), v.secondary))
         .collect()
 }
 
@@ -581,19 +582,6 @@ fn a_write_through_a_translation_kept_across_fork_is_a_lost_write_and_corrupts_t
 }
 
 // ----- concurrent: random primary operations against secondaries on other threads -----
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 const PAGES: u64 = 32;
 

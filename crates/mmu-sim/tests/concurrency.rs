@@ -6,24 +6,13 @@
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 
+mod common;
+
+use common::{Rng, P};
 use mmu_notifier::OwnerToken;
-use mmu_sim::{AddressSpace, Advice, FrameAllocator, Prot, SimError, PAGE_SIZE};
+use mmu_sim::{AddressSpace, Advice, FrameAllocator, Prot, SimError};
 
-const P: u64 = PAGE_SIZE;
 const PAGES: u64 = 64;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Writes `v` at `a`, retrying while a racing `mprotect` has made it read-only.
 fn write_retrying(mm: &AddressSpace, a: u64, v: u64) {

@@ -7,14 +7,16 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 
+mod common;
+
+use common::{Rng, P};
 use mmu_notifier::{ListRegistration, ListSubscriber, OwnerToken, Range, WouldBlock};
 use mmu_sim::{
     AddressSpace, Advice, CheckedSecondary, Checker, File, FrameAllocator, FrameRef, MapKind,
     MremapFlags, PageState, Pfn, Prot, PteKind, ReclaimStats, SecondaryKind, SimError,
-    SnapshotMode, ViolationKind, MMAP_MIN_ADDR, PAGE_SIZE, TASK_SIZE,
+    SnapshotMode, ViolationKind, MMAP_MIN_ADDR, TASK_SIZE,
 };
 
-const P: u64 = PAGE_SIZE;
 const RW: Prot = Prot::READ_WRITE;
 const MOVE: MremapFlags = MremapFlags {
     may_move: true,
@@ -1434,25 +1436,6 @@ fn nothing_mapped_after_exit_can_leak() {
 }
 
 // ----- random calls: no panic, no leak ----------------------------------------------------
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len() as u64) as usize]
-    }
-}
 
 /// Pages of the region the random calls mostly aim at (where `mmap` without a hint puts
 /// things too).

@@ -1337,7 +1337,7 @@ impl StraceReport {
                 format!(
                     "{{\"kind\":{},\"op\":{},\"addr\":{},\"secondary\":{},\"detail\":{}}}",
                     json_str(&snake(&format!("{:?}", v.kind))),
-                    json_str(v.op),
+                    json_str(v.op.as_str()),
                     json_str(&format!("{:#x}", v.addr)),
                     json_str(&v.secondary),
                     json_str(&v.detail)

@@ -7,7 +7,8 @@
 //! `S * 0x9E37_79B9 + i`): half its steps are primary operations (munmap, madvise,
 //! mprotect, reclaim, migration, fork, soft-dirty reset, device-exclusive access, aging,
 //! mremap, the OOM reaper, file writes, CPU reads and writes), half are device faults and
-//! accesses of a randomly chosen secondary. Operations are numbered in the order they
+//! accesses of a randomly chosen secondary. Each is drawn from a weighted table of
+//! [`TortureOp`]s ([`PRIMARY`], [`SECONDARY`]). Operations are numbered in the order they
 //! start (tickets): with `--ops N` exactly `N` tickets are handed out, whatever the number
 //! of workers.
 //!
@@ -132,7 +133,7 @@ pub struct FirstViolation {
 /// What happened.
 #[derive(Debug)]
 pub struct TortureReport {
-    /// Operations by kind (display labels).
+    /// Operations by kind (display labels, [`TortureOp::name`]).
     pub ops: BTreeMap<&'static str, u64>,
     /// `invalidate_range_start` calls by event (display labels), plus `release`.
     pub events: BTreeMap<String, u64>,
@@ -207,6 +208,133 @@ impl Rng {
     }
 }
 
+/// An operation of a torture worker: a primary operation (from [`PRIMARY`]) or a device
+/// fault or access (from [`SECONDARY`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TortureOp {
+    /// `munmap` of a few pages, mapped again at once.
+    Munmap,
+    /// `madvise(MADV_DONTNEED)`.
+    MadviseDontNeed,
+    /// `madvise(MADV_FREE)`.
+    MadviseFree,
+    /// `mprotect` to read-only and back.
+    Mprotect,
+    /// Reclaim of a few pages.
+    Reclaim,
+    /// Migration of one page.
+    Migrate,
+    /// Migration of a range, with the torture's own owner token.
+    MigrateRange,
+    /// A device migrates pages to itself.
+    DeviceMigrate,
+    /// `fork`, a write in each process, the child's exit.
+    Fork,
+    /// Soft-dirty reset.
+    SoftDirtyReset,
+    /// Device-exclusive access to a page.
+    MakeExclusive,
+    /// Aging, then `test_young`.
+    Age,
+    /// `mremap` away and back.
+    Mremap,
+    /// One pass of the OOM reaper.
+    OomReap,
+    /// A write to the shared file mapping, then reclaim of the page.
+    FileWrite,
+    /// A CPU write.
+    CpuWrite,
+    /// A CPU read.
+    CpuRead,
+    /// A device fault (for reading or writing).
+    DeviceFault,
+    /// A device write through its translation.
+    DeviceWrite,
+    /// A device read through its translation.
+    DeviceRead,
+}
+
+impl TortureOp {
+    /// The label of the report's tables (its JSON key is the snake_case of it).
+    pub const fn name(self) -> &'static str {
+        match self {
+            TortureOp::Munmap => "munmap",
+            TortureOp::MadviseDontNeed => "madvise dontneed",
+            TortureOp::MadviseFree => "madvise free",
+            TortureOp::Mprotect => "mprotect",
+            TortureOp::Reclaim => "reclaim",
+            TortureOp::Migrate => "migrate",
+            TortureOp::MigrateRange => "migrate range",
+            TortureOp::DeviceMigrate => "device migrate",
+            TortureOp::Fork => "fork",
+            TortureOp::SoftDirtyReset => "soft-dirty reset",
+            TortureOp::MakeExclusive => "make exclusive",
+            TortureOp::Age => "age",
+            TortureOp::Mremap => "mremap",
+            TortureOp::OomReap => "oom reap",
+            TortureOp::FileWrite => "file write",
+            TortureOp::CpuWrite => "cpu write",
+            TortureOp::CpuRead => "cpu read",
+            TortureOp::DeviceFault => "device fault",
+            TortureOp::DeviceWrite => "device write",
+            TortureOp::DeviceRead => "device read",
+        }
+    }
+}
+
+/// The primary operations a worker draws from, each with its weight: one draw below the
+/// sum of the weights, taken by the entries in this order (see [`pick_weighted`]).
+///
+/// Replay files record the seed and the schedule, not the operations, so a change here
+/// (a new entry, a weight, the order) makes the same seed draw other operations: replay
+/// files written before it no longer replay. A new operation is one more entry (at the
+/// end); nothing else is renumbered.
+pub const PRIMARY: &[(TortureOp, u64)] = &[
+    (TortureOp::Munmap, 8),
+    (TortureOp::MadviseDontNeed, 6),
+    (TortureOp::MadviseFree, 4),
+    (TortureOp::Mprotect, 6),
+    (TortureOp::Reclaim, 8),
+    (TortureOp::Migrate, 6),
+    (TortureOp::MigrateRange, 3),
+    (TortureOp::Fork, 4),
+    (TortureOp::SoftDirtyReset, 2),
+    (TortureOp::MakeExclusive, 5),
+    (TortureOp::Age, 4),
+    (TortureOp::Mremap, 3),
+    (TortureOp::OomReap, 1),
+    (TortureOp::DeviceMigrate, 1),
+    (TortureOp::FileWrite, 4),
+    (TortureOp::CpuWrite, 18),
+    (TortureOp::CpuRead, 17),
+];
+
+/// The device operations, with their weights (as [`PRIMARY`]).
+pub const SECONDARY: &[(TortureOp, u64)] = &[
+    (TortureOp::DeviceFault, 1),
+    (TortureOp::DeviceWrite, 1),
+    (TortureOp::DeviceRead, 2),
+];
+
+/// The entry of `table` that the draw `x` (below the sum of the weights) falls in: the
+/// entries share the draws in their order, each as many as its weight. A draw past the
+/// sum falls in the last entry.
+pub fn pick_weighted(table: &[(TortureOp, u64)], mut x: u64) -> TortureOp {
+    for &(op, weight) in table {
+        if x < weight {
+            return op;
+        }
+        x -= weight;
+    }
+    table.last().map_or(TortureOp::CpuRead, |&(op, _)| op)
+}
+
+/// One draw from `table`, in proportion to the weights.
+fn choose(rng: &mut Rng, table: &[(TortureOp, u64)]) -> TortureOp {
+    let total: u64 = table.iter().map(|&(_, w)| w).sum();
+    pick_weighted(table, rng.below(total.max(1)))
+}
+
 struct World {
     mm: Arc<AddressSpace>,
     base: u64,
@@ -225,8 +353,8 @@ impl World {
         }
     }
 
-    /// One primary operation; returns its name.
-    fn primary(&self, rng: &mut Rng) -> &'static str {
+    /// One primary operation, drawn from [`PRIMARY`]; returns it.
+    fn primary(&self, rng: &mut Rng) -> TortureOp {
         let mm = &self.mm;
         let i = self.pick(rng, REGION_PAGES);
         let p = self.base + i * PAGE_SIZE;
@@ -235,65 +363,54 @@ impl World {
         let remap = |a: u64, l: u64| {
             let _ = mm.mmap(l, Prot::READ_WRITE, MapKind::AnonPrivate, Some(a));
         };
-        match rng.below(100) {
-            0..=7 => {
+        let op = choose(rng, PRIMARY);
+        match op {
+            TortureOp::Munmap => {
                 let _ = mm.munmap(p, len);
                 remap(p, len);
-                "munmap"
             }
-            8..=13 => {
+            TortureOp::MadviseDontNeed => {
                 let _ = mm.madvise(p, len, Advice::DontNeed);
-                "madvise dontneed"
             }
-            14..=17 => {
+            TortureOp::MadviseFree => {
                 let _ = mm.madvise(p, len, Advice::Free);
-                "madvise free"
             }
-            18..=23 => {
+            TortureOp::Mprotect => {
                 let _ = mm.mprotect(p, len, Prot::READ);
                 let _ = mm.mprotect(p, len, Prot::READ_WRITE);
-                "mprotect"
             }
-            24..=31 => {
+            TortureOp::Reclaim => {
                 let _ = mm.reclaim(p, p + len);
-                "reclaim"
             }
-            32..=37 => {
+            TortureOp::Migrate => {
                 let _ = mm.migrate(p);
-                "migrate"
             }
-            38..=40 => {
+            TortureOp::MigrateRange => {
                 let _ = mm.migrate_range(p, p + len, TORTURE_OWNER);
-                "migrate range"
             }
-            60 => {
+            TortureOp::DeviceMigrate => {
                 // A device migrates pages to itself (the HMM mirror: its Migrate carries
                 // its owner token, and it keeps its translations through it).
                 let (_, d) = &self.devices[rng.below(self.devices.len() as u64) as usize];
                 let _ = d.migrate_to_device(p, n);
-                "device migrate"
             }
-            41..=44 => {
+            TortureOp::Fork => {
                 let child = mm.fork();
                 let _ = child.write(p, rng.next());
                 let _ = mm.write(p, rng.next());
                 child.exit();
-                "fork"
             }
-            45..=46 => {
+            TortureOp::SoftDirtyReset => {
                 mm.clear_soft_dirty();
-                "soft-dirty reset"
             }
-            47..=51 => {
+            TortureOp::MakeExclusive => {
                 let _ = mm.make_exclusive(p, OwnerToken(0xE));
-                "make exclusive"
             }
-            52..=55 => {
+            TortureOp::Age => {
                 let _ = mm.age(p, p + len);
                 let _ = mm.test_young(p);
-                "age"
             }
-            56..=58 => {
+            TortureOp::Mremap => {
                 // Move the pages away and back (two Unmap pairs each way).
                 let flags = MremapFlags {
                     may_move: true,
@@ -307,51 +424,48 @@ impl World {
                     let _ = mm.mremap(moved, len, len, back);
                 }
                 remap(p, len);
-                "mremap"
             }
-            59 => {
+            TortureOp::OomReap => {
                 let _ = mm.oom_reap();
-                "oom reap"
             }
-            61..=64 => {
+            TortureOp::FileWrite => {
                 let f = self.file_base + self.pick(rng, FILE_PAGES) * PAGE_SIZE;
                 let _ = mm.write(f, rng.next());
                 let _ = mm.reclaim(f, f + PAGE_SIZE);
-                "file write"
             }
-            65..=82 => {
+            TortureOp::CpuWrite => {
                 let _ = mm.write(p, rng.next());
-                "cpu write"
             }
-            _ => {
+            TortureOp::CpuRead => {
                 let _ = mm.read(p);
-                "cpu read"
             }
+            // Not in the primary table.
+            TortureOp::DeviceFault | TortureOp::DeviceWrite | TortureOp::DeviceRead => {}
         }
+        op
     }
 
-    /// One device fault or access of a random secondary.
-    fn secondary(&self, rng: &mut Rng) -> &'static str {
+    /// One device fault or access of a random secondary, drawn from [`SECONDARY`].
+    fn secondary(&self, rng: &mut Rng) -> TortureOp {
         let (_, d) = &self.devices[rng.below(self.devices.len() as u64) as usize];
         let p = if rng.below(8) == 0 {
             self.file_base + self.pick(rng, FILE_PAGES) * PAGE_SIZE
         } else {
             self.base + self.pick(rng, REGION_PAGES) * PAGE_SIZE
         };
-        match rng.below(4) {
-            0 => {
+        let op = choose(rng, SECONDARY);
+        match op {
+            TortureOp::DeviceFault => {
                 let _ = d.fault(p, rng.below(2) == 0);
-                "device fault"
             }
-            1 => {
+            TortureOp::DeviceWrite => {
                 let _ = d.access(p, Some(rng.next()));
-                "device write"
             }
             _ => {
                 let _ = d.access(p, None);
-                "device read"
             }
         }
+        op
     }
 }
 
@@ -483,7 +597,7 @@ pub fn run(o: &TortureOptions, attach: Attach) -> Result<TortureReport, String> 
             let seed = o.seed.wrapping_mul(0x9E37_79B9).wrapping_add(w as u64);
             s.spawn(move || {
                 let mut rng = Rng::new(seed);
-                let mut local = BTreeMap::<&'static str, u64>::new();
+                let mut local = BTreeMap::<TortureOp, u64>::new();
                 let _entered = baton.as_ref().map(|b| {
                     b.wait_turn(w);
                     sched::enter(Task::new(b.clone(), w))
@@ -511,7 +625,7 @@ pub fn run(o: &TortureOptions, attach: Attach) -> Result<TortureReport, String> 
                 }
                 let mut all = ops.lock().unwrap();
                 for (k, v) in local {
-                    *all.entry(k).or_default() += v;
+                    *all.entry(k.name()).or_default() += v;
                 }
             });
         }
@@ -754,7 +868,7 @@ impl TortureReport {
         let violation = |v: &Violation| {
             json!({
                 "kind": snake_key(&format!("{:?}", v.kind)),
-                "op": snake_key(v.op),
+                "op": snake_key(v.op.as_str()),
                 "addr": format!("{:#x}", v.addr),
                 "secondary": v.secondary,
                 "detail": v.detail,
@@ -784,5 +898,67 @@ impl TortureReport {
             "interrupted": self.interrupted,
             "replay_file": replay_file,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each draw picks the operation the numbered `match rng.below(100)` it replaced
+    /// picked, so runs (and replay files, which record the seed, not the operations)
+    /// draw the same operations as before.
+    #[test]
+    fn the_tables_pick_what_the_numbered_draws_picked() {
+        use TortureOp::*;
+        let numbered = |d: u64| match d {
+            0..=7 => Munmap,
+            8..=13 => MadviseDontNeed,
+            14..=17 => MadviseFree,
+            18..=23 => Mprotect,
+            24..=31 => Reclaim,
+            32..=37 => Migrate,
+            38..=40 => MigrateRange,
+            60 => DeviceMigrate,
+            41..=44 => Fork,
+            45..=46 => SoftDirtyReset,
+            47..=51 => MakeExclusive,
+            52..=55 => Age,
+            56..=58 => Mremap,
+            59 => OomReap,
+            61..=64 => FileWrite,
+            65..=82 => CpuWrite,
+            _ => CpuRead,
+        };
+        assert_eq!(PRIMARY.iter().map(|&(_, w)| w).sum::<u64>(), 100);
+        for d in 0..100 {
+            assert_eq!(pick_weighted(PRIMARY, d), numbered(d), "draw {d}");
+        }
+        let device = [DeviceFault, DeviceWrite, DeviceRead, DeviceRead];
+        assert_eq!(SECONDARY.iter().map(|&(_, w)| w).sum::<u64>(), 4);
+        for (d, op) in device.into_iter().enumerate() {
+            assert_eq!(pick_weighted(SECONDARY, d as u64), op, "draw {d}");
+        }
+    }
+
+    #[test]
+    fn a_weight_takes_as_many_draws_and_past_the_sum_is_the_last_entry() {
+        let t = [
+            (TortureOp::Age, 2),
+            (TortureOp::Fork, 0),
+            (TortureOp::CpuRead, 3),
+        ];
+        let picks: Vec<TortureOp> = (0..6).map(|d| pick_weighted(&t, d)).collect();
+        assert_eq!(
+            picks,
+            [
+                TortureOp::Age,
+                TortureOp::Age,
+                TortureOp::CpuRead,
+                TortureOp::CpuRead,
+                TortureOp::CpuRead,
+                TortureOp::CpuRead
+            ]
+        );
     }
 }

@@ -53,7 +53,7 @@ impl Recorded {
             kind: snake_key(&format!("{:?}", f.violation.kind)),
             addr: f.violation.addr,
             secondary: f.violation.secondary.clone(),
-            op: snake_key(f.violation.op),
+            op: snake_key(f.violation.op.as_str()),
         }
     }
 }

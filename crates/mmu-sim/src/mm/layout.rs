@@ -6,8 +6,10 @@ use std::sync::Arc;
 use mmu_notifier::{Event, Range};
 
 use super::{advised_range, check_range, AddressSpace, MMAP_MIN_ADDR};
+use crate::addr::{Len, VirtAddr};
 use crate::error::SimError;
 use crate::file::File;
+use crate::op::SimOp;
 use crate::pagetable::{Pte, PteKind, PAGE_SIZE, TASK_SIZE};
 use crate::vma::{Backing, Prot, Vma, VmaMap};
 
@@ -42,7 +44,7 @@ pub struct MremapFlags {
 impl AddressSpace {
     /// Maps `len` bytes of anonymous private memory with `prot`, at the lowest free
     /// address. Returns its start.
-    pub fn mmap_anon(&self, len: u64, prot: Prot) -> Result<u64, SimError> {
+    pub fn mmap_anon(&self, len: impl Into<Len>, prot: Prot) -> Result<u64, SimError> {
         self.mmap(len, prot, MapKind::AnonPrivate, None)
     }
 
@@ -58,11 +60,12 @@ impl AddressSpace {
     /// length that overflows or no room is ENOMEM.
     pub fn mmap(
         &self,
-        len: u64,
+        len: impl Into<Len>,
         prot: Prot,
         kind: MapKind,
         fixed: Option<u64>,
     ) -> Result<u64, SimError> {
+        let len = len.into().get();
         if len == 0 {
             return Err(SimError::InvalidArgument("zero length"));
         }
@@ -104,7 +107,7 @@ impl AddressSpace {
                 if addr.checked_add(len).map_or(true, |e| e > TASK_SIZE) {
                     return Err(SimError::OutOfMemory);
                 }
-                self.unmap_locked(&mut vmas, addr, addr + len, "mmap fixed");
+                self.unmap_locked(&mut vmas, addr, addr + len, SimOp::MmapFixed);
                 addr
             }
             None => vmas
@@ -119,16 +122,18 @@ impl AddressSpace {
 
     /// Unmaps `[addr, addr + len)` (Linux's `munmap`): one `Unmap` invalidation over the
     /// whole range, across every mapping in it. Unmapping nothing is not an error.
-    pub fn munmap(&self, addr: u64, len: u64) -> Result<(), SimError> {
-        let end = check_range(addr, len)?;
+    pub fn munmap(&self, addr: impl Into<VirtAddr>, len: impl Into<Len>) -> Result<(), SimError> {
+        let addr = addr.into();
+        let end = check_range(addr, len.into())?;
+        let addr = addr.get();
         let mut vmas = self.mmap.write();
-        self.unmap_locked(&mut vmas, addr, end, "munmap");
+        self.unmap_locked(&mut vmas, addr, end, SimOp::Munmap);
         Ok(())
     }
 
     /// Removes the mappings in `[start, end)` and zaps their entries inside one `Unmap`
     /// invalidation over the range (none if nothing is mapped there).
-    pub(crate) fn unmap_locked(&self, vmas: &mut VmaMap, start: u64, end: u64, op: &'static str) {
+    pub(crate) fn unmap_locked(&self, vmas: &mut VmaMap, start: u64, end: u64, op: SimOp) {
         if vmas.overlapping(start, end).next().is_none() {
             return;
         }
@@ -159,11 +164,18 @@ impl AddressSpace {
     ///
     /// A zero length does nothing (as Linux). Errors: EINVAL for an unaligned address,
     /// ENOMEM for a wrapping range or one not entirely mapped.
-    pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<(), SimError> {
+    pub fn mprotect(
+        &self,
+        addr: impl Into<VirtAddr>,
+        len: impl Into<Len>,
+        prot: Prot,
+    ) -> Result<(), SimError> {
+        let addr = addr.into();
         // As Linux: a wrapping or out-of-user-space range has no mapping (ENOMEM).
-        let Some(end) = advised_range(addr, len, SimError::OutOfMemory)? else {
+        let Some(end) = advised_range(addr, len.into(), SimError::OutOfMemory)? else {
             return Ok(());
         };
+        let addr = addr.get();
         if end > TASK_SIZE {
             return Err(SimError::OutOfMemory);
         }
@@ -209,7 +221,7 @@ impl AddressSpace {
             };
             let inv = self.invalidate(
                 Range::new(first, chunk_end, Event::ProtectionVma).expect("non-empty"),
-                "mprotect",
+                SimOp::Mprotect,
             );
             // Entries lose what the new protection forbids: all access for PROT_NONE
             // (not present to any hardware walking the table), else write permission;
@@ -255,11 +267,16 @@ impl AddressSpace {
     ///    (`may_move`), else ENOMEM.
     pub fn mremap(
         &self,
-        old_addr: u64,
-        old_len: u64,
-        new_len: u64,
+        old_addr: impl Into<VirtAddr>,
+        old_len: impl Into<Len>,
+        new_len: impl Into<Len>,
         flags: MremapFlags,
     ) -> Result<u64, SimError> {
+        let (old_addr, old_len, new_len) = (
+            old_addr.into().get(),
+            old_len.into().get(),
+            new_len.into().get(),
+        );
         if old_addr % PAGE_SIZE != 0 {
             return Err(SimError::InvalidArgument("address not page aligned"));
         }
@@ -307,7 +324,7 @@ impl AddressSpace {
         // moves may unmap past it (only the part that moves must).
         self.remap_check(&vma, old_addr, old_len.min(new_len), old_len, new_len)?;
         if let Some(new_addr) = flags.fixed {
-            self.unmap_locked(&mut vmas, new_addr, new_addr + new_len, "mremap fixed");
+            self.unmap_locked(&mut vmas, new_addr, new_addr + new_len, SimOp::MremapFixed);
             vmas.find(old_addr).ok_or(SimError::Fault(old_addr))?;
             let len = if new_len < old_len {
                 self.shrink_locked(&mut vmas, old_addr, old_len, new_len)?;
@@ -350,8 +367,8 @@ impl AddressSpace {
             let tail = addr
                 .checked_add(new_len)
                 .ok_or(SimError::InvalidArgument("range overflows"))?;
-            let end = check_range(tail, old_len - new_len)?;
-            self.unmap_locked(vmas, tail, end, "mremap shrink");
+            let end = check_range(VirtAddr::new(tail), Len::new(old_len - new_len))?;
+            self.unmap_locked(vmas, tail, end, SimOp::MremapShrink);
         }
         Ok(())
     }
@@ -409,7 +426,7 @@ impl AddressSpace {
             }
             let to = target + last_end.map_or(0, |l| vma.start - l);
             last_end = Some(vma.end);
-            self.unmap_locked(vmas, to, to + (e - s), "mremap fixed");
+            self.unmap_locked(vmas, to, to + (e - s), SimOp::MremapFixed);
             self.move_locked(vmas, s, e - s, to, e - s);
             target = to + (e - s);
             cursor = e;
@@ -432,7 +449,7 @@ impl AddressSpace {
             .moved(new, new_len);
         let inv = self.invalidate(
             Range::new(old, old + len, Event::Unmap).expect("non-empty"),
-            "mremap move",
+            SimOp::MremapMove,
         );
         let mut entries: Vec<(u64, Pte)> = Vec::new();
         self.pt.for_each_leaf(old, old + len, |base, leaf, idx| {
@@ -454,7 +471,7 @@ impl AddressSpace {
         vmas.insert(moved);
         vmas.merge_around(new, new + new_len);
         // Linux then unmaps the emptied old mapping (a second `Unmap` over it).
-        self.unmap_locked(vmas, old, old + len, "mremap move");
+        self.unmap_locked(vmas, old, old + len, SimOp::MremapMove);
     }
 
     /// Linux's `fork`: a new address space with a copy of every mapping. Shared mappings
@@ -476,7 +493,7 @@ impl AddressSpace {
             }
             let inv = self.invalidate(
                 Range::new(vma.start, vma.end, Event::ProtectionPage).expect("non-empty"),
-                "fork",
+                SimOp::Fork,
             );
             let mut copied: Vec<(u64, Pte)> = Vec::new();
             self.pt
