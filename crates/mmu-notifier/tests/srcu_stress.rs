@@ -201,20 +201,37 @@ fn a_panicking_deferred_callback_does_not_stop_the_others() {
 
 /// The process uses the barrier flavour its environment asks for: the symmetric (fence)
 /// one when `MMU_NOTIFIER_SYMMETRIC_BARRIERS=1` (as `scripts/test.sh` runs this file
-/// again), else membarrier where the kernel offers it.
+/// again, and once more with `=0`, which asks for nothing), else membarrier where the
+/// kernel offers it.
 #[test]
 fn the_barrier_flavour_is_the_one_the_environment_asks_for() {
     let forced = std::env::var_os("MMU_NOTIFIER_SYMMETRIC_BARRIERS")
         .is_some_and(|v| v != "0" && !v.is_empty());
     if forced {
         assert!(!Srcu::asymmetric_barriers(), "fences were asked for");
-    } else if !cfg!(target_os = "linux") {
-        assert!(!Srcu::asymmetric_barriers(), "membarrier is Linux's");
+    } else {
+        assert_eq!(Srcu::asymmetric_barriers(), kernel_offers_membarrier());
     }
     println!(
         "asymmetric barriers: {} (forced symmetric: {forced})",
         Srcu::asymmetric_barriers()
     );
+}
+
+/// Whether the kernel offers the private expedited membarrier (queried here directly).
+fn kernel_offers_membarrier() -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        const QUERY: libc::c_long = 0;
+        const PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+        // SAFETY: membarrier(MEMBARRIER_CMD_QUERY, 0) only reads; it has no memory operands.
+        let cmds = unsafe { libc::syscall(libc::SYS_membarrier, QUERY, 0) };
+        cmds >= 0 && cmds & PRIVATE_EXPEDITED != 0
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        false
+    }
 }
 
 /// The statistics of a domain count what happened: one grace period per `synchronize`,
