@@ -185,3 +185,35 @@ fn a_fill_that_always_collides_makes_exactly_max_attempts_attempts() {
     assert_eq!(cache.len(), 0, "nothing stale kept");
     unmap(p, 2 * PAGE);
 }
+
+/// With a byte limit, a fill merges with an overlapping entry only if the union fits the
+/// limit: a union that fits is registered whole, one that does not leaves the request
+/// registered alone.
+#[test]
+fn a_union_is_registered_only_if_it_fits_the_byte_limit() {
+    let Some(m) = monitor_or_skip("a_union_is_registered_only_if_it_fits") else {
+        return;
+    };
+    let p = anon(8);
+    let at = |page: usize| p.wrapping_add(page * PAGE);
+    let (cache, _) = counting_cache(&m, CacheConfig::default().with_max_bytes(3 * PAGE as u64));
+    let first = cache.get(at(0), 2 * PAGE).unwrap();
+    // [1, 3) overlaps [0, 2): the union [0, 3) is 3 pages, within the limit.
+    let fits = cache.get(at(1), 2 * PAGE).unwrap();
+    assert_eq!(
+        (fits.start(), fits.len()),
+        (at(0), 3 * PAGE),
+        "the union, registered whole"
+    );
+    // [2, 4) overlaps [0, 3): the union [0, 4) is 4 pages, over the limit.
+    let alone = cache.get(at(2), 2 * PAGE).unwrap();
+    assert_eq!(
+        (alone.start(), alone.len()),
+        (at(2), 2 * PAGE),
+        "the request alone"
+    );
+    assert_eq!(cache.stats().merges, 1);
+    drop((first, fits, alone));
+    drop(cache);
+    unmap(p, 8 * PAGE);
+}
