@@ -37,6 +37,7 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::Arc as StdArc;
 
@@ -63,33 +64,79 @@ impl Callbacks {
             Callbacks::Tlb(s) => s.release(),
         }
     }
-    #[inline]
-    fn list(&self) -> Option<&dyn ListSubscriber> {
-        match self {
-            Callbacks::List(s) => Some(&**s),
-            Callbacks::Tlb(_) => None,
-        }
+}
+
+/// A list subscriber as the readers call it: the trait object resolved once, when its
+/// snapshot is built, so that an invalidation makes one indirect call per subscriber and
+/// nothing else (no kind to match on, no offset of the value inside its `Arc` to compute).
+#[derive(Clone, Copy)]
+struct ListPtr(NonNull<dyn ListSubscriber>);
+
+impl ListPtr {
+    fn new(sub: &StdArc<dyn ListSubscriber>) -> Self {
+        Self(NonNull::from(&**sub))
     }
 }
 
-/// One subscriber as the readers see it.
-struct SnapEntry {
-    sub: Callbacks,
-}
+/// A secondary TLB as the readers call it (see [`ListPtr`]).
+#[derive(Clone, Copy)]
+struct TlbPtr(NonNull<dyn SecondaryTlb>);
 
 /// An immutable list of subscribers, published through `MmInner::list`.
+///
+/// The list subscribers and the TLBs are kept apart, each as the bare trait objects the
+/// readers call; `owners` holds the `Arc` of every one of them, so that a pointer in
+/// `list` or `tlbs` is valid for as long as the snapshot is.
 struct Snapshot {
-    entries: Box<[SnapEntry]>,
+    list: Box<[ListPtr]>,
+    tlbs: Box<[TlbPtr]>,
     /// Invalidations must run the interval part (set once, by the first interval insert).
     /// Kept here so that the fast path reads one cache line.
     itree: bool,
+    /// Never read: held for its drop, which keeps every pointee of `list` and `tlbs`
+    /// alive for as long as the snapshot.
+    #[allow(dead_code)]
+    owners: Box<[Callbacks]>,
 }
 
 impl Snapshot {
-    /// Nobody to call: no list subscriber and no interval part.
+    fn new(owners: Box<[Callbacks]>, itree: bool) -> Self {
+        let list = owners
+            .iter()
+            .filter_map(|c| match c {
+                Callbacks::List(s) => Some(ListPtr::new(s)),
+                Callbacks::Tlb(_) => None,
+            })
+            .collect();
+        let tlbs = owners
+            .iter()
+            .filter_map(|c| match c {
+                Callbacks::Tlb(s) => Some(TlbPtr(NonNull::from(&**s))),
+                Callbacks::List(_) => None,
+            })
+            .collect();
+        Self {
+            list,
+            tlbs,
+            itree,
+            owners,
+        }
+    }
+
+    /// The list subscribers, in registration order.
     #[inline]
-    fn is_empty(&self) -> bool {
-        self.entries.is_empty() && !self.itree
+    fn list(&self) -> impl Iterator<Item = &dyn ListSubscriber> + '_ {
+        // SAFETY: every pointer in `list` was taken from an `Arc` in `owners`, which this
+        // snapshot owns and never changes: the pointee lives at least as long as `self`,
+        // and it is `Sync`, so a shared reference on any thread is sound.
+        self.list.iter().map(|p| unsafe { p.0.as_ref() })
+    }
+
+    /// The secondary TLBs, in registration order.
+    #[inline]
+    fn tlbs(&self) -> impl Iterator<Item = &dyn SecondaryTlb> + '_ {
+        // SAFETY: as in `list`: the `Arc`s in `owners` keep every pointee alive.
+        self.tlbs.iter().map(|p| unsafe { p.0.as_ref() })
     }
 }
 
@@ -97,7 +144,7 @@ impl Snapshot {
 struct RetiredSnapshot(*mut Snapshot);
 
 // SAFETY: a retired snapshot is only ever freed, once, by whoever owns this value; the
-// entries it points to are `Send + Sync` (`ListSubscriber: Send + Sync`).
+// subscribers it points to are `Send + Sync` (both traits require it).
 unsafe impl Send for RetiredSnapshot {}
 
 impl RetiredSnapshot {
@@ -296,10 +343,7 @@ pub struct Stats {
 impl Subscriptions {
     /// A new, empty subscriptions object with its own grace-period domain.
     pub fn new() -> Self {
-        let empty = Box::into_raw(Box::new(Snapshot {
-            entries: Box::new([]),
-            itree: false,
-        }));
+        let empty = Box::into_raw(Box::new(Snapshot::new(Box::new([]), false)));
         Self {
             inner: Arc::new(MmInner {
                 srcu: Srcu::new(),
@@ -378,14 +422,18 @@ impl Subscriptions {
     pub fn invalidate_range_start(&self, range: Range) -> InvalidateGuard<'_> {
         let range = range.with_blockable(true);
         let (read, snap) = self.read();
-        // The fast path (nobody to call) stays inline; the rest is out of line. The guard
-        // is built once, in place: building it first and moving it costs a store-forwarding
-        // stall that doubles the fast path.
-        let itree = if snap.is_empty() {
-            None
+        // Inline: the list subscribers' calls, one indirect call each. Out of line: the
+        // interval part, and reporting a failed start (both rare on this path).
+        let itree = if snap.itree {
+            self.start_intervals(&range)
         } else {
-            self.start_callbacks(snap, &range)
+            None
         };
+        for sub in snap.list() {
+            if sub.invalidate_range_start(&range).is_err() {
+                self.start_failed(&range);
+            }
+        }
         InvalidateGuard {
             mm: self,
             itree,
@@ -396,22 +444,20 @@ impl Subscriptions {
         }
     }
 
+    /// The interval part of a blockable start (interval subscriptions first, rule 8): a
+    /// blockable one cannot fail.
+    #[cold]
     #[inline(never)]
-    fn start_callbacks(&self, snap: &Snapshot, range: &Range) -> Option<ItreeActive<'_>> {
-        // Interval subscriptions first (rule 8); a blockable one cannot fail.
-        let itree = if snap.itree {
-            interval::inv_start(self, range).ok()
-        } else {
-            None
-        };
-        for sub in snap.entries.iter().filter_map(|e| e.sub.list()) {
-            if sub.invalidate_range_start(range).is_err() {
-                self.report_bug(format_args!(
-                    "invalidate_range_start failed in a blockable range {range:?}"
-                ));
-            }
-        }
-        itree
+    fn start_intervals(&self, range: &Range) -> Option<ItreeActive<'_>> {
+        interval::inv_start(self, range).ok()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn start_failed(&self, range: &Range) {
+        self.report_bug(format_args!(
+            "invalidate_range_start failed in a blockable range {range:?}"
+        ));
     }
 
     /// Non-blocking [`invalidate_range_start`](Self::invalidate_range_start): subscribers
@@ -447,7 +493,7 @@ impl Subscriptions {
             _not_send: PhantomData,
         };
         let mut failed = false;
-        for sub in snap.entries.iter().filter_map(|e| e.sub.list()) {
+        for sub in snap.list() {
             failed |= sub.invalidate_range_start(&range).is_err();
         }
         if failed {
@@ -461,38 +507,29 @@ impl Subscriptions {
     /// a flush). Returns whether any subscriber had it set (every subscriber is asked).
     pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
         let (_read, snap) = self.read();
-        snap.entries
-            .iter()
-            .filter_map(|e| e.sub.list())
+        snap.list()
             .fold(false, |young, s| s.clear_flush_young(start, end) | young)
     }
 
     /// Like [`clear_flush_young`](Self::clear_flush_young) without the flush.
     pub fn clear_young(&self, start: u64, end: u64) -> bool {
         let (_read, snap) = self.read();
-        snap.entries
-            .iter()
-            .filter_map(|e| e.sub.list())
+        snap.list()
             .fold(false, |young, s| s.clear_young(start, end) | young)
     }
 
     /// Whether any secondary has accessed `addr`; stops at the first that says so.
     pub fn test_young(&self, addr: u64) -> bool {
         let (_read, snap) = self.read();
-        snap.entries
-            .iter()
-            .filter_map(|e| e.sub.list())
-            .any(|s| s.test_young(addr))
+        snap.list().any(|s| s.test_young(addr))
     }
 
     /// The primary flushed its TLB for `[start, end)` after clearing or downgrading page
     /// table entries: tells the secondary TLBs that share its tables.
     pub fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
         let (_read, snap) = self.read();
-        for e in snap.entries.iter() {
-            if let Callbacks::Tlb(tlb) = &e.sub {
-                tlb.arch_invalidate_secondary_tlbs(start, end);
-            }
+        for tlb in snap.tlbs() {
+            tlb.arch_invalidate_secondary_tlbs(start, end);
         }
     }
 
@@ -501,17 +538,12 @@ impl Subscriptions {
     /// Publishes a snapshot of the listed registrations and returns the one it replaces,
     /// which the caller must free after a grace period.
     fn publish(&self, state: &MutexGuard<'_, State>) -> RetiredSnapshot {
-        let entries = state
+        let owners = state
             .listed
             .iter()
-            .map(|id| SnapEntry {
-                sub: state.records[id].sub.clone(),
-            })
+            .map(|id| state.records[id].sub.clone())
             .collect();
-        let new = Box::into_raw(Box::new(Snapshot {
-            entries,
-            itree: state.itree_enabled,
-        }));
+        let new = Box::into_raw(Box::new(Snapshot::new(owners, state.itree_enabled)));
         // AcqRel: Release publishes the new snapshot's contents to readers' Acquire load;
         // Acquire makes the old one's contents ours to free. Writers are serialised by
         // `state`, so the swap returns exactly the snapshot the previous writer published.
@@ -846,21 +878,22 @@ impl std::fmt::Debug for InvalidateGuard<'_> {
 }
 
 impl InvalidateGuard<'_> {
+    #[cold]
     #[inline(never)]
-    fn end_callbacks(&mut self) {
-        // Interval end first, then list subscribers, in the order start called them.
+    fn end_intervals(&mut self) {
         drop(self.itree.take());
-        for sub in self.snap.entries.iter().filter_map(|e| e.sub.list()) {
-            sub.invalidate_range_end(&self.range);
-        }
     }
 }
 
 impl Drop for InvalidateGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        if !self.snap.is_empty() {
-            self.end_callbacks();
+        // Interval end first, then list subscribers, in the order start called them.
+        if self.itree.is_some() {
+            self.end_intervals();
+        }
+        for sub in self.snap.list() {
+            sub.invalidate_range_end(&self.range);
         }
     }
 }
