@@ -141,24 +141,21 @@ impl Range {
         self
     }
 
-    /// The same range, blockable or not. Ranges are built blockable, so the blockable
-    /// path changes nothing: the change is out of line, and the common path copies the
-    /// range as it came, in whole words (a byte store into it would make the compiler copy
-    /// it field by field, and the whole-word loads that follow would wait for the store).
+    /// Makes the range blockable or not. Ranges are built blockable, so on the blockable
+    /// path this changes nothing: the store is out of line, and the range stays where it
+    /// is (a byte store into it would make the compiler copy it to a new place, field by
+    /// field, and the whole-word loads that follow would wait for that store).
     #[inline]
-    pub(crate) fn with_blockable(self, blockable: bool) -> Self {
-        if self.blockable == blockable {
-            self
-        } else {
-            self.set_blockable(blockable)
+    pub(crate) fn set_blockable(&mut self, blockable: bool) {
+        if self.blockable != blockable {
+            self.store_blockable(blockable);
         }
     }
 
     #[cold]
     #[inline(never)]
-    fn set_blockable(mut self, blockable: bool) -> Self {
+    fn store_blockable(&mut self, blockable: bool) {
         self.blockable = blockable;
-        self
     }
 
     /// First address of the range.

@@ -419,8 +419,8 @@ impl Subscriptions {
     /// A subscriber start that fails here is a bug in the subscriber: it is logged,
     /// counted in [`Stats::subscriber_bugs`], and the invalidation carries on.
     #[inline]
-    pub fn invalidate_range_start(&self, range: Range) -> InvalidateGuard<'_> {
-        let range = range.with_blockable(true);
+    pub fn invalidate_range_start(&self, mut range: Range) -> InvalidateGuard<'_> {
+        range.set_blockable(true);
         let (read, snap) = self.read();
         // Inline: the list subscribers' calls, one indirect call each. Out of line: the
         // interval part, and reporting a failed start (both rare on this path).
@@ -470,9 +470,9 @@ impl Subscriptions {
     /// gets `Err(WouldBlock)` and no guard, so it cannot call `end` by mistake.
     pub fn try_invalidate_range_start(
         &self,
-        range: Range,
+        mut range: Range,
     ) -> Result<InvalidateGuard<'_>, WouldBlock> {
-        let range = range.with_blockable(false);
+        range.set_blockable(false);
         let (read, snap) = self.read();
         // Interval subscriptions first; if one cannot proceed, the interval part has
         // already ended and list subscribers are not called.
