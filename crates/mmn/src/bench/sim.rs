@@ -35,7 +35,9 @@ pub(super) fn run(plan: &Plan, report: &mut Report) {
     let batch = plan.batch / 4;
     let (epochs, rounds) = epochs(plan);
     let k = 3;
-    let mut samples = vec![Vec::with_capacity(epochs * rounds); k];
+    let mut samples: Vec<Vec<f64>> = (0..k)
+        .map(|_| Vec::with_capacity(epochs * rounds))
+        .collect();
     for e in 0..epochs {
         // Where the allocator places a variant's page tables and mappings moves its cycle by
         // a few percent (one unrelated allocation made before the cycles does it), so each
