@@ -882,6 +882,45 @@ impl InvalidateGuard<'_> {
     pub fn subscriptions(&self) -> &Subscriptions {
         self.mm
     }
+
+    /// [`Subscriptions::arch_invalidate_secondary_tlbs`] for a TLB flush made inside this
+    /// invalidation (between start and end, as a primary's flush after clearing entries
+    /// is): tells the secondary TLBs of the snapshot this invalidation started with, in the
+    /// read-side section it already holds, instead of entering another one.
+    ///
+    /// A TLB registered after this invalidation started is not told, and need not be: its
+    /// `register` returns only after this invalidation has ended (rule 4), and a TLB may
+    /// rely on its registration only once `register` has returned, by which time the
+    /// entries flushed here were cleared.
+    ///
+    /// ```
+    /// use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+    /// use mmu_notifier::{Event, Range, SecondaryTlb, Subscriptions};
+    ///
+    /// #[derive(Default)]
+    /// struct Iotlb { flushes: AtomicU64 }
+    /// impl SecondaryTlb for Iotlb {
+    ///     fn arch_invalidate_secondary_tlbs(&self, _start: u64, _end: u64) {
+    ///         self.flushes.fetch_add(1, Ordering::Relaxed);
+    ///     }
+    /// }
+    ///
+    /// let mm = Subscriptions::new();
+    /// let tlb = Arc::new(Iotlb::default());
+    /// let reg = mm.register_tlb(tlb.clone())?;
+    /// let inv = mm.invalidate_range_start(Range::new(0x1000, 0x3000, Event::Unmap)?);
+    /// // ... clear the entries ...
+    /// inv.arch_invalidate_secondary_tlbs(0x1000, 0x3000); // the primary flushed its TLB
+    /// drop(inv);
+    /// assert_eq!(tlb.flushes.load(Ordering::Relaxed), 1);
+    /// reg.unregister();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
+        for tlb in self.snap.tlbs() {
+            tlb.arch_invalidate_secondary_tlbs(start, end);
+        }
+    }
 }
 
 impl std::fmt::Debug for InvalidateGuard<'_> {
