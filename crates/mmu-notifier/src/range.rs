@@ -94,10 +94,17 @@ pub enum RangeError {
 pub struct Range {
     start: u64,
     end: u64,
+    /// The owner token's value; 0 when there is none (then `has_owner` is false), so that
+    /// equal ranges compare and hash equal field by field.
+    owner: u64,
     event: Event,
     blockable: bool,
-    owner: Option<OwnerToken>,
+    has_owner: bool,
 }
+
+// Four words, so that every copy of a range on the invalidation path is two vector moves
+// (an `Option<OwnerToken>` field made it five).
+const _: () = assert!(std::mem::size_of::<Range>() == 32);
 
 impl Range {
     /// A blockable range `[start, end)` for `event`, with no owner.
@@ -108,9 +115,10 @@ impl Range {
         Ok(Self {
             start,
             end,
+            owner: 0,
             event,
             blockable: true,
-            owner: None,
+            has_owner: false,
         })
     }
 
@@ -119,26 +127,35 @@ impl Range {
         Self {
             start: 0,
             end: u64::MAX,
+            owner: 0,
             event,
             blockable: true,
-            owner: None,
+            has_owner: false,
         }
     }
 
     /// The same range with an owner token.
     pub fn with_owner(mut self, owner: OwnerToken) -> Self {
-        self.owner = Some(owner);
+        self.owner = owner.0;
+        self.has_owner = true;
         self
     }
 
+    /// Makes the range blockable or not. Ranges are built blockable, so on the blockable
+    /// path this changes nothing: the store is out of line, and the range stays where it
+    /// is (a byte store into it would make the compiler copy it to a new place, field by
+    /// field, and the whole-word loads that follow would wait for that store).
     #[inline]
-    pub(crate) fn with_blockable(mut self, blockable: bool) -> Self {
-        // Only store when it changes: ranges are built blockable, and a byte store into a
-        // value that is then copied as whole words stalls store forwarding on the fast path.
+    pub(crate) fn set_blockable(&mut self, blockable: bool) {
         if self.blockable != blockable {
-            self.blockable = blockable;
+            self.store_blockable(blockable);
         }
-        self
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn store_blockable(&mut self, blockable: bool) {
+        self.blockable = blockable;
     }
 
     /// First address of the range.
@@ -168,7 +185,7 @@ impl Range {
     }
     /// The agent that caused the invalidation, if it said.
     pub fn owner(&self) -> Option<OwnerToken> {
-        self.owner
+        self.has_owner.then_some(OwnerToken(self.owner))
     }
     /// Whether `[start, end)` shares at least one byte with this range.
     pub fn overlaps(&self, start: u64, end: u64) -> bool {
@@ -190,7 +207,7 @@ impl fmt::Debug for Range {
                 "non-blockable"
             }
         )?;
-        if let Some(o) = self.owner {
+        if let Some(o) = self.owner() {
             write!(f, ", owner {}", o.0)?;
         }
         write!(f, ")")

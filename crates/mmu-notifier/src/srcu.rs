@@ -248,6 +248,19 @@ impl Srcu {
     /// This thread's slot in this domain, adopting a free one or creating one on first use.
     #[inline]
     fn slot(&self) -> &ReaderSlot {
+        // The fast path: the domain this thread read in last.
+        if let Ok((id, ptr)) = LAST.try_with(Cell::get) {
+            if id == self.inner.id {
+                // SAFETY: as in `find_slot`.
+                return unsafe { &*ptr };
+            }
+        }
+        self.other_slot()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn other_slot(&self) -> &ReaderSlot {
         match self.find_slot() {
             Some(slot) => slot,
             None => self.new_slot(),
@@ -302,8 +315,7 @@ impl Srcu {
         slot.lock[idx].store(n.wrapping_add(1), Relaxed);
         barrier::reader();
         SrcuReadGuard {
-            slot,
-            idx,
+            unlock: &slot.unlock[idx],
             _not_send: PhantomData,
         }
     }
@@ -482,23 +494,21 @@ impl Inner {
 /// thread may write.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct SrcuReadGuard<'a> {
-    slot: &'a ReaderSlot,
-    idx: usize,
+    /// The unlock count of the index this section entered on, in this thread's slot.
+    unlock: &'a AtomicUsize,
     _not_send: PhantomData<*const ()>,
 }
 
 impl std::fmt::Debug for SrcuReadGuard<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SrcuReadGuard")
-            .field("idx", &self.idx)
-            .finish()
+        f.debug_struct("SrcuReadGuard").finish_non_exhaustive()
     }
 }
 
 impl Drop for SrcuReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        let unlock = &self.slot.unlock[self.idx];
+        let unlock = self.unlock;
         // Release: the section's accesses happen-before an updater that sees this count.
         // Only this thread writes the slot, so load + store is an increment.
         unlock.store(unlock.load(Relaxed).wrapping_add(1), Release);

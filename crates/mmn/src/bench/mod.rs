@@ -22,6 +22,11 @@
 //! cache and allocator state favour neither), after one untimed warm-up call of each.
 //! A round of a cheap operation is a batch calibrated to a fixed duration; the figure is
 //! the median over the rounds of the time per operation, the spread their quartiles.
+//! Where the difference sought is smaller than what the run-to-run drift moves a figure
+//! by (`sim`: a few percent), the figure is also *paired*: each round's sample is divided
+//! by its baseline's sample of the same round, over hundreds of short rounds, and
+//! `paired_ratio` gives the median and quartiles of those ratios (`ratio` stays the
+//! ratio of the medians).
 //! Work done on the measuring thread alone (`core`, `itree`, `sim`) is timed on that
 //! thread's CPU clock, so that on a shared, loaded machine the time the thread spends
 //! preempted does not count (on a quiet one the two clocks agree); the `uffd` group, whose
@@ -37,7 +42,9 @@
 //!                  "median_ns": num, "p25_ns": num, "p75_ns": num,
 //!                  "baseline": null | { "label": str, "median_ns": num, "p25_ns": num,
 //!                                       "p75_ns": num },
-//!                  "ratio": null | num, "linux_ns": null | num } ],
+//!                  "ratio": null | num,
+//!                  "paired_ratio": null | { "median": num, "p25": num, "p75": num },
+//!                  "linux_ns": null | num } ],
 //!   "curves": [ { "id": str, "label": str, "x": str, "points": [[num, num]] } ],
 //!   "distributions": [ { "id": str, "label": str, "samples": int,
 //!                        "percentiles_ns": { "p1": num, ..., "p99": num, "max": num } } ],
@@ -196,10 +203,23 @@ pub(crate) struct Report {
     pub skipped: Vec<(&'static str, String)>,
     /// Measurements that failed (the run then exits 1).
     pub failures: Vec<String>,
+    /// Figures measured as paired rounds (figure and baseline side by side, round by
+    /// round): the figure's id and the statistics of its per-round ratios.
+    pub paired: Vec<(String, Stat)>,
     pub plots: Vec<PathBuf>,
 }
 
 impl Report {
+    /// Records the per-round ratios of figure `id` to its baseline (see `paired`): its
+    /// reported ratio is then their median, with their quartiles.
+    pub fn paired_ratio(&mut self, id: &str, ratios: Stat) {
+        self.paired.push((id.to_string(), ratios));
+    }
+
+    fn paired_of(&self, id: &str) -> Option<&Stat> {
+        self.paired.iter().find(|(i, _)| i == id).map(|(_, s)| s)
+    }
+
     /// Adds a figure with a baseline.
     pub fn pair(
         &mut self,
@@ -351,7 +371,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
             _ => uffd::run(&plan, &mut report),
         }
         if !args.json {
-            print!("{}", table(g, &report.figures[before..]));
+            print!("{}", table(g, &report.figures[before..], &report));
         }
         for (group, why) in report.skipped.iter().filter(|s| s.0 == g) {
             if args.json {
@@ -411,7 +431,7 @@ fn fmt_ns(ns: f64) -> String {
 }
 
 /// The table of one group's figures.
-fn table(group: &str, figures: &[Figure]) -> String {
+fn table(group: &str, figures: &[Figure], report: &Report) -> String {
     let mut s = String::new();
     if figures.is_empty() {
         return s;
@@ -455,6 +475,13 @@ fn table(group: &str, figures: &[Figure]) -> String {
                     b.spread_pct(),
                     f.value.median / b.median
                 );
+                if let Some(r) = report.paired_of(&f.id) {
+                    let _ = write!(
+                        s,
+                        "   paired ratio [{:.3}-{:.3}] {:.3}",
+                        r.p25, r.p75, r.median
+                    );
+                }
             }
             None => {
                 let _ = write!(s, "   {:<bw$}  {:>11} {:>6}  {:>7}", "-", "", "", "");
@@ -554,9 +581,17 @@ fn json(plan: &Plan, r: &Report) -> String {
                 .baseline
                 .as_ref()
                 .map_or("null".into(), |(_, b)| jn(f.value.median / b.median));
+            let paired = r.paired_of(&f.id).map_or("null".into(), |p| {
+                format!(
+                    "{{\"median\": {}, \"p25\": {}, \"p75\": {}}}",
+                    jn(p.median),
+                    jn(p.p25),
+                    jn(p.p75)
+                )
+            });
             format!(
                 "    {{\"group\": {}, \"id\": {}, \"label\": {}, {}, \"baseline\": {baseline}, \
-                 \"ratio\": {ratio}, \"linux_ns\": {}}}",
+                 \"ratio\": {ratio}, \"paired_ratio\": {paired}, \"linux_ns\": {}}}",
                 js(f.group),
                 js(&f.id),
                 js(&f.label),
