@@ -176,7 +176,7 @@ pub(crate) struct Invalidation<'a> {
     op: SimOp,
     window: Option<u64>,
     // Declared last: dropped after the window closes.
-    _guard: Option<InvalidateGuard<'a>>,
+    guard: Option<InvalidateGuard<'a>>,
 }
 
 impl Invalidation<'_> {
@@ -189,10 +189,10 @@ impl Invalidation<'_> {
 
     /// The TLB flush of `[start, end)` after entries in it were cleared or downgraded.
     pub(crate) fn flush(&self, start: u64, end: u64) {
-        if self.mm.notify {
-            self.mm
-                .notifier
-                .arch_invalidate_secondary_tlbs(start, end.min(TASK_SIZE));
+        // Through the invalidation's own guard (set exactly when the notifier is on): the
+        // flush reuses its snapshot and read-side section instead of entering another.
+        if let Some(guard) = &self.guard {
+            guard.arch_invalidate_secondary_tlbs(start, end.min(TASK_SIZE));
         }
         if let Some(c) = self.mm.checker.get() {
             c.flushed(self.mm, start, end.min(TASK_SIZE), self.op);
@@ -284,7 +284,7 @@ impl AddressSpace {
             mm: self,
             op,
             window: self.checker.get().map(|c| c.opened(&range, op)),
-            _guard: guard,
+            guard,
         }
     }
 
@@ -303,7 +303,7 @@ impl AddressSpace {
             mm: self,
             op,
             window: self.checker.get().map(|c| c.opened(&range, op)),
-            _guard: guard,
+            guard,
         })
     }
 
