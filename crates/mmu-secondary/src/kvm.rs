@@ -90,21 +90,18 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mmu_notifier::{ListRegistration, ListSubscriber, Range, RegisterError, WouldBlock};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE, TASK_SIZE};
 use parking_lot::Mutex;
 
 use crate::{
-    device_access, report_install, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
+    device_access, report_install, Counters, FaultRetry, FaultTimeout, SecondaryError,
+    SecondaryMmu, SecondaryStats,
 };
 
 const P: u64 = PAGE_SIZE;
-
-/// How long a fault keeps retrying against invalidations before it gives up with
-/// [`SecondaryError::Timeout`], unless [`Kvm::set_fault_timeout`] says otherwise.
-pub const DEFAULT_FAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The name the checker reports for this secondary.
 const NAME: &str = "kvm";
@@ -497,7 +494,7 @@ pub struct Kvm {
     mmu: Arc<ShadowMmu>,
     mm: Weak<AddressSpace>,
     registration: Mutex<Option<ListRegistration>>,
-    fault_timeout_ns: AtomicU64,
+    timeout: FaultTimeout,
 }
 
 impl std::fmt::Debug for Kvm {
@@ -530,19 +527,14 @@ impl Kvm {
             mmu,
             mm: Arc::downgrade(mm),
             registration: Mutex::new(Some(registration)),
-            fault_timeout_ns: AtomicU64::new(DEFAULT_FAULT_TIMEOUT.as_nanos() as u64),
+            timeout: FaultTimeout::default(),
         }))
     }
 
-    /// How long [`fault_gfn`](Self::fault_gfn) and the accesses keep retrying against
-    /// invalidations before they give up with [`SecondaryError::Timeout`].
-    pub fn set_fault_timeout(&self, timeout: Duration) {
-        let ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        self.fault_timeout_ns.store(ns, Relaxed);
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        Instant::now().checked_add(Duration::from_nanos(self.fault_timeout_ns.load(Relaxed)))
+    /// The retry policy of a fault starting now (the crate's fill policy; retries are
+    /// counted where they are found, in the two halves of a fault).
+    fn start_fault(&self) -> FaultRetry<'static> {
+        self.timeout.start(None)
     }
 
     fn mm(&self) -> Result<Arc<AddressSpace>, SecondaryError> {
@@ -654,7 +646,7 @@ impl Kvm {
     /// address space was released or the VM shut down.
     pub fn fault_gfn(&self, gfn: u64, write: bool) -> Result<(), SecondaryError> {
         let mm = self.mm()?;
-        self.fault_gfn_in(&mm, gfn, write, self.deadline())
+        self.fault_gfn_in(&mm, gfn, write, &mut self.start_fault())
     }
 
     fn fault_gfn_in(
@@ -662,7 +654,7 @@ impl Kvm {
         mm: &AddressSpace,
         gfn: u64,
         write: bool,
-        deadline: Option<Instant>,
+        retry: &mut FaultRetry<'_>,
     ) -> Result<(), SecondaryError> {
         {
             let s = self.mmu.lock.lock();
@@ -673,14 +665,12 @@ impl Kvm {
                 return Ok(());
             }
         }
-        loop {
-            if let Some(p) = self.prefetch_in(mm, gfn, write)? {
-                if self.install_in(mm, p)? {
-                    return Ok(());
-                }
-            }
-            crate::backoff(deadline)?;
-        }
+        // The two halves are public (a test can put an operation between them): the
+        // schedule point is in `prefetch`, and each half counts the retry it causes.
+        mmu_notifier::interval::retry(retry, |_| match self.prefetch_in(mm, gfn, write)? {
+            Some(p) => Ok(self.install_in(mm, p)?.then_some(())),
+            None => Ok(None),
+        })
     }
 
     /// Steps 1 to 3 of a guest fault: reads `mmu_invalidate_seq`, translates `gfn`, and
@@ -786,11 +776,11 @@ impl Kvm {
     /// Errors: those of [`fault_gfn`](Self::fault_gfn).
     pub fn guest_access(&self, gfn: u64, write: Option<u64>) -> Result<u64, SecondaryError> {
         let mm = self.mm()?;
-        let deadline = self.deadline();
+        let mut retry = self.start_fault();
         let mut faulted = false;
         loop {
-            if faulted && deadline.is_some_and(crate::sched::expired) {
-                return Err(SecondaryError::Timeout);
+            if faulted {
+                retry.check()?;
             }
             {
                 let mut s = self.mmu.lock.lock();
@@ -811,7 +801,7 @@ impl Kvm {
             }
             // No usable entry. The fault installs one; an invalidation may drop it again
             // before we retake the lock, hence the loop (bounded by the same deadline).
-            self.fault_gfn_in(&mm, gfn, write.is_some(), deadline)?;
+            self.fault_gfn_in(&mm, gfn, write.is_some(), &mut retry)?;
             faulted = true;
         }
     }
@@ -912,6 +902,14 @@ impl SecondaryMmu for Kvm {
 
     fn stats(&self) -> SecondaryStats {
         self.mmu.counters.snapshot()
+    }
+
+    fn fault_timeout(&self) -> Duration {
+        self.timeout.get()
+    }
+
+    fn set_fault_timeout(&self, timeout: Duration) {
+        self.timeout.set(timeout);
     }
 }
 

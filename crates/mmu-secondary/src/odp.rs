@@ -63,17 +63,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mmu_notifier::{
-    Event, IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription, Range,
-    WouldBlock,
+    Event, Install, IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription,
+    Range, WouldBlock,
 };
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, SimError, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::{
-    device_access, report_install, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
+    device_access, page_of, report_install, Counters, FaultTimeout, SecondaryError, SecondaryMmu,
+    SecondaryStats, Translation,
 };
 
 /// Pages per chunk of [`OdpRegion::new`]: a fault subscribes the aligned 16-page run
@@ -84,22 +85,10 @@ pub const DEFAULT_CHUNK_PAGES: u64 = 16;
 /// clamped).
 pub const MAX_CHUNK_PAGES: u64 = 1 << 20;
 
-/// How long a fault keeps retrying against colliding invalidations.
-const FAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Fault-then-access rounds before an access gives up.
 const ACCESS_ROUNDS: usize = 16;
 
 const NAME: &str = "odp";
-
-fn page_of(addr: u64) -> u64 {
-    addr & !(PAGE_SIZE - 1)
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Translation {
-    frame: FrameRef,
-    writable: bool,
-}
 
 type Handle = Arc<IntervalSubscription<Chunk>>;
 
@@ -241,6 +230,7 @@ pub struct OdpRegion {
     shared: Arc<Shared>,
     /// Serialises chunk creation; never taken by callbacks.
     create: Mutex<()>,
+    timeout: FaultTimeout,
 }
 
 impl std::fmt::Debug for OdpRegion {
@@ -293,6 +283,7 @@ impl OdpRegion {
                 counters: Counters::default(),
             }),
             create: Mutex::new(()),
+            timeout: FaultTimeout::default(),
         });
         if let Some(c) = mm.checker() {
             let weak: Weak<dyn CheckedSecondary> = Arc::downgrade(&r) as _;
@@ -405,54 +396,49 @@ impl OdpRegion {
         let want_end = page
             .saturating_add(pages.max(1).saturating_mul(PAGE_SIZE))
             .min(self.end);
-        let counters = &self.shared.counters;
-        let deadline = Instant::now() + FAULT_TIMEOUT;
-        loop {
+        let mut retry = self.timeout.start(Some(&self.shared.counters));
+        mmu_notifier::interval::retry(&mut retry, |retry| {
             let sub = self.lookup_or_create(page)?;
-            let seq = sub.read_begin();
-            let Some(covered) = sub.range() else {
-                // Removed since the lookup: the next lookup drops it.
-                counters.retry();
-                if crate::sched::expired(deadline) {
-                    return Err(SecondaryError::Timeout);
-                }
-                continue;
-            };
-            let end = want_end.min(covered.end);
             // Gather without the user lock (the primary may sleep).
-            let mut got: Vec<(u64, FrameRef)> = Vec::new();
-            for a in (page..end).step_by(PAGE_SIZE as usize) {
-                match self.mm.fault(a, write) {
-                    Ok(f) => got.push((a, f)),
-                    Err(e) if got.is_empty() => return Err(e.into()),
-                    Err(_) => break,
+            let gather = || {
+                let Some(covered) = sub.range() else {
+                    // Removed since the lookup: the next lookup drops it.
+                    return Ok(None);
+                };
+                let end = want_end.min(covered.end);
+                let mut got: Vec<(u64, FrameRef)> = Vec::new();
+                for a in (page..end).step_by(PAGE_SIZE as usize) {
+                    match self.mm.fault(a, write) {
+                        Ok(f) => got.push((a, f)),
+                        Err(e) if got.is_empty() => return Err(e.into()),
+                        Err(_) => break,
+                    }
                 }
-            }
-            let got_end = page + got.len() as u64 * PAGE_SIZE;
-            // The race window: an invalidation here must make the check below retry.
-            crate::sched::point();
-            let mut c = sub.lock();
-            if !c.covers(page, got_end) || c.read_retry(seq) {
-                drop(c);
-                counters.retry();
-                if crate::sched::expired(deadline) {
-                    return Err(SecondaryError::Timeout);
+                Ok(Some(got))
+            };
+            sub.try_fill(retry, gather, |c, got| {
+                let Some(got) = got else {
+                    return Ok(Install::Retry);
+                };
+                // The chunk may have shrunk (or died) since: install only what it covers.
+                let got_end = page + got.len() as u64 * PAGE_SIZE;
+                if !c.covers(page, got_end) {
+                    return Ok(Install::Retry);
                 }
-                continue;
-            }
-            for &(a, frame) in &got {
-                report_install(&self.mm, self, a, frame, write);
-                c.pages.insert(
-                    a,
-                    Translation {
-                        frame,
-                        writable: write,
-                    },
-                );
-                counters.fill();
-            }
-            return Ok(got.len());
-        }
+                for &(a, frame) in &got {
+                    report_install(&self.mm, self, a, frame, write);
+                    c.pages.insert(
+                        a,
+                        Translation {
+                            frame,
+                            writable: write,
+                        },
+                    );
+                    self.shared.counters.fill();
+                }
+                Ok(Install::Done(got.len()))
+            })
+        })
     }
 
     /// How many chunk subscriptions the region has.
@@ -531,6 +517,14 @@ impl SecondaryMmu for OdpRegion {
 
     fn stats(&self) -> SecondaryStats {
         self.shared.counters.snapshot()
+    }
+
+    fn fault_timeout(&self) -> Duration {
+        self.timeout.get()
+    }
+
+    fn set_fault_timeout(&self, timeout: Duration) {
+        self.timeout.set(timeout);
     }
 }
 

@@ -3,7 +3,7 @@
 //! # The protocol
 //!
 //! Every fill of a secondary MMU is the same loop around one subscription (or several
-//! under one [`IntervalLock`]):
+//! under one [`IntervalLock`](super::IntervalLock)):
 //!
 //! 1. `seq = read_begin()` (waits while an invalidation of the subscription is running);
 //! 2. *gather*: read the primary without the user lock (may sleep, may fault, may even
