@@ -316,7 +316,8 @@ impl IntervalSubscriber for DeviceTable {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct HmmMirror {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     sub: IntervalSubscription<DeviceTable>,
     owner: OwnerToken,
     start: u64,
@@ -373,7 +374,7 @@ impl HmmMirror {
         // insert_interval checked that `start + length - 1` fits.
         let end = start + (length - 1) + 1;
         let mirror = Arc::new(Self {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             sub,
             owner,
             start,
@@ -401,9 +402,10 @@ impl HmmMirror {
         (self.start, self.end)
     }
 
-    /// The address space mirrored.
-    pub fn address_space(&self) -> &Arc<AddressSpace> {
-        &self.mm
+    /// The address space mirrored, while it exists (the mirror holds it weakly: see the
+    /// [crate docs](crate#how-a-secondary-holds-its-address-space)).
+    pub fn address_space(&self) -> Option<Arc<AddressSpace>> {
+        self.mm.upgrade()
     }
 
     /// Device faults completed (each fills a whole range), like dmirror's `faults`.
@@ -436,7 +438,7 @@ impl HmmMirror {
     /// (`HMM_DMIRROR_READ`).
     pub fn read(&self, start: u64, npages: u64) -> Result<Vec<u64>, SecondaryError> {
         let (s, e) = self.span(start, npages)?;
-        self.alive()?;
+        let mm = self.alive()?;
         let mut retry = self.start_fault();
         // Capacity for what is typical, not what the caller claims.
         let mut out = Vec::with_capacity(npages.min(4096) as usize);
@@ -454,7 +456,7 @@ impl HmmMirror {
                     let Some(&Entry::Mapped { frame, .. }) = dt.pages.get(&a) else {
                         break;
                     };
-                    out.push(device_access(&self.mm, self, a, frame, None));
+                    out.push(device_access(&mm, self, a, frame, None));
                     self.shared.counters.access();
                 }
             }
@@ -466,7 +468,7 @@ impl HmmMirror {
                 retry.check()?;
             }
             first = false;
-            self.fault_range(s + out.len() as u64 * P, e, false, &mut retry)?;
+            self.fault_range(&mm, s + out.len() as u64 * P, e, false, &mut retry)?;
         }
     }
 
@@ -476,7 +478,7 @@ impl HmmMirror {
     pub fn write(&self, start: u64, data: &[u64]) -> Result<(), SecondaryError> {
         let npages = data.len() as u64;
         let (s, e) = self.span(start, npages)?;
-        self.alive()?;
+        let mm = self.alive()?;
         let mut retry = self.start_fault();
         let mut done = 0usize;
         let mut first = true;
@@ -496,7 +498,7 @@ impl HmmMirror {
                     else {
                         break;
                     };
-                    device_access(&self.mm, self, a, frame, Some(data[done]));
+                    device_access(&mm, self, a, frame, Some(data[done]));
                     self.shared.counters.access();
                     done += 1;
                 }
@@ -508,7 +510,7 @@ impl HmmMirror {
                 retry.check()?;
             }
             first = false;
-            self.fault_range(s + done as u64 * P, e, true, &mut retry)?;
+            self.fault_range(&mm, s + done as u64 * P, e, true, &mut retry)?;
         }
     }
 
@@ -517,10 +519,10 @@ impl HmmMirror {
     /// collision-retry protocol so that no invalidation ran while they were gathered.
     pub fn snapshot(&self, start: u64, npages: u64) -> Result<Vec<MirrorProt>, SecondaryError> {
         let (s, e) = self.span(start, npages)?;
-        self.alive()?;
+        let mm = self.alive()?;
         let gather = || {
             // Gathered without the user lock (the mmap lock is taken inside).
-            let vmas = self.mm.vmas();
+            let vmas = mm.vmas();
             let mut out = Vec::with_capacity(npages.min(4096) as usize);
             for a in (s..e).step_by(P as usize) {
                 let readable = vmas
@@ -531,7 +533,7 @@ impl HmmMirror {
                     // As hmm_range_fault without fault flags: a hole or an unreadable
                     // mapping is an error for that page, not for the whole call.
                     None | Some(false) => MirrorProt::ERROR,
-                    Some(true) => match self.mm.snapshot(a, a + P, SnapshotMode::Peek) {
+                    Some(true) => match mm.snapshot(a, a + P, SnapshotMode::Peek) {
                         Ok(states) => states
                             .first()
                             .map_or(MirrorProt::ERROR, |&st| MirrorProt::of(st)),
@@ -561,7 +563,7 @@ impl HmmMirror {
         if s == e {
             return Ok(0);
         }
-        self.alive()?;
+        let mm = self.alive()?;
         let mut retry = self.start_fault();
         let _ops = self.dev_ops.lock();
         // (a) Fence the range and mark its pages, once no invalidation that already ran
@@ -588,7 +590,7 @@ impl HmmMirror {
         )?;
         // (b) The migration; our callback ignores its Migrate, so the markers stay. No
         // user lock held: the callback takes it.
-        let moved = match self.mm.migrate_range(s, e, self.owner) {
+        let moved = match mm.migrate_range(s, e, self.owner) {
             Ok(moved) => moved,
             Err(err) => {
                 // Some pages may have moved before the failure: forget the markers, and
@@ -610,13 +612,13 @@ impl HmmMirror {
                 // The migration kept the entry's permission; read it back (page-table
                 // lock under the user lock: the checker's lock order).
                 Some(&frame) => {
-                    let pte = self.mm.pte(a);
+                    let pte = mm.pte(a);
                     (pte.pfn() == Some(frame.pfn)).then(|| (frame, pte.writable()))
                 }
                 None => prev,
             };
             if let Some((frame, writable)) = install {
-                report_install(&self.mm, self, a, frame, writable);
+                report_install(&mm, self, a, frame, writable);
                 dt.pages.insert(a, Entry::Mapped { frame, writable });
                 self.shared.counters.fill();
             }
@@ -632,7 +634,7 @@ impl HmmMirror {
     /// The next CPU access to a page revokes it. Returns the pages granted.
     pub fn exclusive(&self, start: u64, npages: u64) -> Result<usize, SecondaryError> {
         let (s, e) = self.span(start, npages)?;
-        self.alive()?;
+        let mm = self.alive()?;
         let mut retry = self.start_fault();
         let mut retry = retry.holding_lock();
         let _ops = self.dev_ops.lock();
@@ -640,8 +642,7 @@ impl HmmMirror {
         for a in (s..e).step_by(P as usize) {
             mmu_notifier::interval::retry(&mut retry, |retry| {
                 // Without the user lock: it takes the mmap lock and invalidates.
-                let frame = self
-                    .mm
+                let frame = mm
                     .make_exclusive(a, self.owner)
                     .map_err(|err| self.primary_error(err))?;
                 // `read_begin` (in the fill) waits until no invalidation of ours is in
@@ -658,8 +659,8 @@ impl HmmMirror {
                         // The CPU may have taken the page back already (its restore ran our
                         // callback before `read_begin`): then the entry is present again. If
                         // it is still exclusive, a later restore must take the user lock first.
-                        let still = self.mm.pte(a).kind() == PteKind::Exclusive(frame.pfn)
-                            && self.mm.frames().is_current(frame);
+                        let still = mm.pte(a).kind() == PteKind::Exclusive(frame.pfn)
+                            && mm.frames().is_current(frame);
                         if !still {
                             return Ok(Install::Retry);
                         }
@@ -680,6 +681,7 @@ impl HmmMirror {
     /// fault's `retry` policy.
     fn fault_range(
         &self,
+        mm: &AddressSpace,
         start: u64,
         end: u64,
         write: bool,
@@ -695,8 +697,7 @@ impl HmmMirror {
         // 2. Gather without the user lock: the snapshot takes the mmap lock, may sleep
         //    and may invalidate (a COW break calls our own callback).
         let gather = || {
-            self.mm
-                .snapshot(start, end, mode)
+            mm.snapshot(start, end, mode)
                 .map_err(|err| self.primary_error(err))
         };
         // 3. Decide under the user lock, which every callback takes too (the fill has
@@ -717,7 +718,7 @@ impl HmmMirror {
                     PageState::Present { frame, writable } => (frame, writable),
                     PageState::None => continue,
                 };
-                report_install(&self.mm, self, a, frame, writable);
+                report_install(mm, self, a, frame, writable);
                 dt.pages.insert(a, Entry::Mapped { frame, writable });
                 self.shared.counters.fill();
             }
@@ -731,16 +732,17 @@ impl HmmMirror {
         self.timeout.start(Some(&self.shared.counters))
     }
 
-    fn alive(&self) -> Result<(), SecondaryError> {
-        if self.mm.has_exited() {
-            Err(SecondaryError::Gone)
-        } else {
-            Ok(())
+    /// The address space, for one operation: [`Gone`](SecondaryError::Gone) once it has
+    /// exited or been dropped.
+    fn alive(&self) -> Result<Arc<AddressSpace>, SecondaryError> {
+        match self.mm.upgrade() {
+            Some(mm) if !mm.has_exited() => Ok(mm),
+            _ => Err(SecondaryError::Gone),
         }
     }
 
     fn primary_error(&self, err: SimError) -> SecondaryError {
-        if self.mm.has_exited() {
+        if self.alive().is_err() {
             SecondaryError::Gone
         } else {
             SecondaryError::Primary(err)
@@ -811,8 +813,8 @@ impl SecondaryMmu for HmmMirror {
     fn fault(&self, addr: u64, write: bool) -> Result<(), SecondaryError> {
         let page = addr & !(P - 1);
         let (s, e) = self.span(page, 1)?;
-        self.alive()?;
-        self.fault_range(s, e, write, &mut self.start_fault())
+        let mm = self.alive()?;
+        self.fault_range(&mm, s, e, write, &mut self.start_fault())
     }
 
     fn access(&self, addr: u64, write: Option<u64>) -> Result<u64, SecondaryError> {

@@ -10,9 +10,46 @@
 //! the address space's checker when one is attached, so every stale translation,
 //! use-after-free or lost write is counted.
 //!
-//! Each fault calls a [`sched::point`] in its race window (after reading the primary,
-//! before installing under its own lock): a scheduler can run other operations right
-//! there, deterministically, so that a lost race is found and replayed exactly.
+//! # Faults: one fill loop, one policy
+//!
+//! Every fault of every secondary is the collision-retry loop of `mmu_notifier`'s fill
+//! helper ([`IntervalSubscription::fill`](mmu_notifier::IntervalSubscription::fill), or
+//! the bare [`retry`](mmu_notifier::interval::retry) loop for the list subscribers, whose
+//! sequence is their own), under one policy, [`FaultRetry`]:
+//!
+//! - the race window (after reading the primary, before the secondary's own lock) is a
+//!   schedule point ([`sched::point`]): a scheduler can run other operations right there,
+//!   deterministically, so that a lost race is found and replayed exactly;
+//! - a lost attempt is counted ([`SecondaryStats::retries`]), by the policy or, for KVM's
+//!   and SVA's faults whose two halves are public, by the half that finds it;
+//! - between two attempts the fault hands over to the scheduler under one, else yields
+//!   the CPU so that the invalidation that won can finish;
+//! - the fault gives up with [`SecondaryError::Timeout`] once its deadline has passed:
+//!   the secondary's fault timeout ([`SecondaryMmu::set_fault_timeout`], by default
+//!   [`DEFAULT_FAULT_TIMEOUT`]) from the start of the operation. Under a scheduler time
+//!   means nothing and the deadline is ignored ([`sched::expired`]).
+//!
+//! A fault that holds a lock another task may need to go on (HMM's device-operations lock)
+//! uses the policy without handover ([`FaultRetry::holding_lock`]): no schedule point, and
+//! the deadline in force even under a scheduler (no collision can happen there while no
+//! other task runs, so a loop that does not end is a bug worth a `Timeout`).
+//!
+//! # How a secondary holds its address space
+//!
+//! A secondary holds its [`AddressSpace`] by [`Weak`](std::sync::Weak), upgrades it for
+//! the length of one operation, and answers [`SecondaryError::Gone`] when that fails; the
+//! state it registers or inserts in the address space's notifier holds no reference to
+//! the address space at all. Two reasons:
+//!
+//! - the address space owns its notifier, and the notifier holds what is subscribed: an
+//!   `Arc` from there back to the address space is a cycle that no drop ever ends;
+//! - a device must not keep a process's memory alive after the process has let go of it
+//!   (Linux's notifier pins the `mm_struct`, `mmgrab`, never the address space,
+//!   `mm_users`: the address space goes away and the secondary is told through
+//!   `release`).
+//!
+//! The helper threads of a secondary (XPMEM's consumer and fault server) follow the same
+//! rule: they outlive no operation with a strong reference.
 #![deny(missing_docs)]
 
 pub mod broken;
@@ -179,27 +216,6 @@ pub fn report_install(
     }
 }
 
-// ----- the fill loop's policy ------------------------------------------------------------
-//
-// Every fault of every secondary is the collision-retry loop of `mmu_notifier`'s fill helper
-// (`IntervalSubscription::fill`, or the bare `retry` loop for the list subscribers, whose
-// sequence is their own), under one policy, `FaultRetry`:
-//
-// - the race window (after reading the primary, before the secondary's own lock) is a
-//   schedule point (`sched::point`), so that a scheduler can put other work right there;
-// - a lost attempt is counted (`SecondaryStats::retries`), unless the secondary counts it
-//   itself where it detects it (KVM's and SVA's exposed two-step faults);
-// - between two attempts the fault hands over to the scheduler under one, else yields the
-//   CPU so that the invalidation that won can finish;
-// - the fault gives up with `SecondaryError::Timeout` once its deadline has passed (the
-//   secondary's fault timeout, `SecondaryMmu::set_fault_timeout`, from the fault's start);
-//   under a scheduler time means nothing and the deadline is ignored (`sched::expired`).
-//
-// A fault that holds a lock another task may need to go on (HMM's device-operations lock)
-// uses the policy without handover (`FaultRetry::holding_lock`): no schedule point, and the
-// deadline in force even under a scheduler (no collision can happen there while no other
-// task runs, so a loop that does not end is a bug worth a `Timeout`).
-
 /// How long a fault keeps retrying against colliding invalidations before it fails with
 /// [`SecondaryError::Timeout`], unless [`SecondaryMmu::set_fault_timeout`] says otherwise.
 /// (Linux's HMM gives up after 1 s, `HMM_RANGE_DEFAULT_TIMEOUT`; KVM retries as long as it
@@ -252,8 +268,8 @@ impl FaultTimeout {
     }
 }
 
-/// The retry policy of every secondary's fault (see the crate's source for the rules): a
-/// schedule point in the race window, a counted retry, a handover or a yield between
+/// The retry policy of every secondary's fault (see the [crate docs](crate#faults-one-fill-loop-one-policy)):
+/// a schedule point in the race window, a counted retry, a handover or a yield between
 /// attempts, [`SecondaryError::Timeout`] past the deadline (ignored under a scheduler).
 #[derive(Debug)]
 pub struct FaultRetry<'a> {

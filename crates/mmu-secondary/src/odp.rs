@@ -223,7 +223,8 @@ impl IntervalSubscriber for Chunk {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct OdpRegion {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     start: u64,
     end: u64,
     chunk_pages: u64,
@@ -274,7 +275,7 @@ impl OdpRegion {
             .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
             .ok_or(bad)?;
         let r = Arc::new(OdpRegion {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             start: page_of(start),
             end,
             chunk_pages: chunk_pages.clamp(1, MAX_CHUNK_PAGES),
@@ -327,7 +328,7 @@ impl OdpRegion {
     }
 
     /// The chunk covering `page`, created if there is none.
-    fn lookup_or_create(&self, page: u64) -> Result<Handle, SecondaryError> {
+    fn lookup_or_create(&self, mm: &AddressSpace, page: u64) -> Result<Handle, SecondaryError> {
         if let Some(h) = self.lookup(page) {
             return Ok(h);
         }
@@ -340,8 +341,7 @@ impl OdpRegion {
         let mut lo = (page / chunk * chunk).max(self.start);
         let mut hi = (page / chunk * chunk).saturating_add(chunk).min(self.end);
         // Not in a callback: reading the layout (the mmap lock) is allowed here.
-        let vma = self
-            .mm
+        let vma = mm
             .vmas()
             .into_iter()
             .find(|v| v.start <= page && page < v.end)
@@ -362,8 +362,7 @@ impl OdpRegion {
             dead: false,
             shared: Arc::downgrade(&self.shared),
         };
-        let sub = self
-            .mm
+        let sub = mm
             .notifier()
             .insert_interval(lo..hi, state)
             .map_err(|e| match e {
@@ -373,6 +372,11 @@ impl OdpRegion {
         let h = Arc::new(sub);
         self.shared.subs.lock().push(h.clone());
         Ok(h)
+    }
+
+    /// The address space, for one operation ([`Gone`](SecondaryError::Gone) once dropped).
+    fn mm(&self) -> Result<Arc<AddressSpace>, SecondaryError> {
+        self.mm.upgrade().ok_or(SecondaryError::Gone)
     }
 
     fn check(&self, addr: u64) -> Result<u64, SecondaryError> {
@@ -393,12 +397,13 @@ impl OdpRegion {
     /// [`SecondaryError::Gone`] once the address space is released.
     pub fn fault_pages(&self, addr: u64, pages: u64, write: bool) -> Result<usize, SecondaryError> {
         let page = self.check(addr)?;
+        let mm = self.mm()?;
         let want_end = page
             .saturating_add(pages.max(1).saturating_mul(PAGE_SIZE))
             .min(self.end);
         let mut retry = self.timeout.start(Some(&self.shared.counters));
         mmu_notifier::interval::retry(&mut retry, |retry| {
-            let sub = self.lookup_or_create(page)?;
+            let sub = self.lookup_or_create(&mm, page)?;
             // Gather without the user lock (the primary may sleep).
             let gather = || {
                 let Some(covered) = sub.range() else {
@@ -408,7 +413,7 @@ impl OdpRegion {
                 let end = want_end.min(covered.end);
                 let mut got: Vec<(u64, FrameRef)> = Vec::new();
                 for a in (page..end).step_by(PAGE_SIZE as usize) {
-                    match self.mm.fault(a, write) {
+                    match mm.fault(a, write) {
                         Ok(f) => got.push((a, f)),
                         Err(e) if got.is_empty() => return Err(e.into()),
                         Err(_) => break,
@@ -426,7 +431,7 @@ impl OdpRegion {
                     return Ok(Install::Retry);
                 }
                 for &(a, frame) in &got {
-                    report_install(&self.mm, self, a, frame, write);
+                    report_install(&mm, self, a, frame, write);
                     c.pages.insert(
                         a,
                         Translation {
@@ -496,6 +501,7 @@ impl SecondaryMmu for OdpRegion {
 
     fn access(&self, addr: u64, write: Option<u64>) -> Result<u64, SecondaryError> {
         let page = self.check(addr)?;
+        let mm = self.mm()?;
         for _ in 0..ACCESS_ROUNDS {
             if let Some(sub) = self.lookup(page) {
                 let c = sub.lock();
@@ -504,7 +510,7 @@ impl SecondaryMmu for OdpRegion {
                 });
                 if let Some(t) = usable {
                     // With the user lock held: no invalidation of the chunk runs meanwhile.
-                    let v = device_access(&self.mm, self, page, t.frame, write);
+                    let v = device_access(&mm, self, page, t.frame, write);
                     drop(c);
                     self.shared.counters.access();
                     return Ok(v);

@@ -375,7 +375,8 @@ type Exports = Arc<Mutex<Vec<Arc<Export>>>>;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Xpmem {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     remote: Arc<Remote>,
     counters: Arc<Counters>,
     control: Arc<Control>,
@@ -419,7 +420,7 @@ impl Xpmem {
         let (to_exporter, server_rx) = channel();
 
         let consumer = Consumer {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             remote: remote.clone(),
             counters: counters.clone(),
             control: control.clone(),
@@ -434,7 +435,7 @@ impl Xpmem {
             .map_err(|_| SecondaryError::Gone)?;
 
         let server = FaultServer {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             next_grant: 1,
             exports: exports.clone(),
             counters: counters.clone(),
@@ -455,7 +456,7 @@ impl Xpmem {
         };
 
         let x = Arc::new(Xpmem {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             remote,
             counters,
             control,
@@ -498,8 +499,8 @@ impl Xpmem {
             to_consumer: self.to_consumer.clone(),
             counters: self.counters.clone(),
         };
-        let sub = self
-            .mm
+        let mm = self.mm.upgrade().ok_or(SecondaryError::Gone)?;
+        let sub = mm
             .notifier()
             .insert_interval(s..e, state)
             .map_err(|err| match err {
@@ -769,7 +770,8 @@ struct Pending {
 
 /// The consumer thread's state.
 struct Consumer {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     remote: Arc<Remote>,
     counters: Arc<Counters>,
     control: Arc<Control>,
@@ -830,9 +832,14 @@ impl Consumer {
                 writable,
                 grant,
             } => {
+                // The address space is gone: nothing to install (the parked requests, asked
+                // again when the fault settles, are refused with `Gone`).
+                let Some(mm) = self.mm.upgrade() else {
+                    return true;
+                };
                 {
                     let mut t = self.remote.table.lock();
-                    report_install(&self.mm, &*self.remote, addr, frame, writable);
+                    report_install(&mm, &*self.remote, addr, frame, writable);
                     t.insert(
                         addr,
                         Granted {
@@ -895,11 +902,16 @@ impl Consumer {
                 .map(|g| g.tr)
                 .filter(|tr| tr.writable || !p.write)
             {
+                let Some(mm) = self.mm.upgrade() else {
+                    drop(t);
+                    let _ = p.reply.send(Err(SecondaryError::Gone));
+                    return;
+                };
                 // With the consumer lock held: no drop order can be handled meanwhile.
                 let v = match p.op {
                     Op::Map => 0,
-                    Op::Read => device_access(&self.mm, &*self.remote, addr, tr.frame, None),
-                    Op::Write(v) => device_access(&self.mm, &*self.remote, addr, tr.frame, Some(v)),
+                    Op::Read => device_access(&mm, &*self.remote, addr, tr.frame, None),
+                    Op::Write(v) => device_access(&mm, &*self.remote, addr, tr.frame, Some(v)),
                 };
                 drop(t);
                 if !matches!(p.op, Op::Map) {
@@ -929,7 +941,8 @@ impl Consumer {
 // ----- the exporter's fault server ----------------------------------------------------------
 
 struct FaultServer {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     /// The id of the next grant.
     next_grant: u64,
     exports: Exports,
@@ -989,7 +1002,10 @@ impl FaultServer {
         // lock.
         export.sub.fill(
             &mut retry,
-            || Ok(self.mm.fault(addr, write)?),
+            || {
+                let mm = self.mm.upgrade().ok_or(SecondaryError::Gone)?;
+                Ok(mm.fault(addr, write)?)
+            },
             |st, frame| {
                 if st.closed {
                     return Err(SecondaryError::Gone);
