@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use mmu_notifier::{
     Install, IntervalContext, IntervalSubscriber, IntervalSubscription, ListRegistration,
@@ -313,12 +312,8 @@ impl SecondaryMmu for BrokenSecondary {
         s
     }
 
-    fn fault_timeout(&self) -> Duration {
-        self.timeout.get()
-    }
-
-    fn set_fault_timeout(&self, timeout: Duration) {
-        self.timeout.set(timeout);
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }
 

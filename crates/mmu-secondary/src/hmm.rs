@@ -100,7 +100,6 @@ use std::fmt;
 use std::ops::BitOr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use mmu_notifier::{
     Event, Install, IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription,
@@ -825,11 +824,7 @@ impl SecondaryMmu for HmmMirror {
         self.shared.counters.snapshot()
     }
 
-    fn fault_timeout(&self) -> Duration {
-        self.timeout.get()
-    }
-
-    fn set_fault_timeout(&self, timeout: Duration) {
-        self.timeout.set(timeout);
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }

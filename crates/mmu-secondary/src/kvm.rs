@@ -90,7 +90,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use mmu_notifier::{ListRegistration, ListSubscriber, Range, RegisterError, WouldBlock};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE, TASK_SIZE};
@@ -987,12 +986,8 @@ impl SecondaryMmu for Kvm {
         self.mmu.counters.snapshot()
     }
 
-    fn fault_timeout(&self) -> Duration {
-        self.timeout.get()
-    }
-
-    fn set_fault_timeout(&self, timeout: Duration) {
-        self.timeout.set(timeout);
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }
 

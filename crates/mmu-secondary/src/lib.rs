@@ -160,13 +160,21 @@ pub trait SecondaryMmu: CheckedSecondary {
     /// The counters.
     fn stats(&self) -> SecondaryStats;
 
+    /// The secondary's fault-timeout setting, which its faults start their
+    /// [`FaultRetry`] from.
+    fn timeout_setting(&self) -> &FaultTimeout;
+
     /// How long a fault keeps retrying against colliding invalidations before it fails
     /// with [`SecondaryError::Timeout`] ([`DEFAULT_FAULT_TIMEOUT`] unless set).
-    fn fault_timeout(&self) -> Duration;
+    fn fault_timeout(&self) -> Duration {
+        self.timeout_setting().get()
+    }
 
     /// Sets the fault timeout (saturates at about 584 years); faults that have started
     /// keep theirs.
-    fn set_fault_timeout(&self, timeout: Duration);
+    fn set_fault_timeout(&self, timeout: Duration) {
+        self.timeout_setting().set(timeout);
+    }
 
     /// Migrates `npages` pages from `start` to the device's own memory, if the secondary
     /// has any (the HMM mirror does: its `Migrate` invalidation carries its owner token

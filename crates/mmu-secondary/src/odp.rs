@@ -63,7 +63,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use mmu_notifier::{
     Event, Install, IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription,
@@ -525,12 +524,8 @@ impl SecondaryMmu for OdpRegion {
         self.shared.counters.snapshot()
     }
 
-    fn fault_timeout(&self) -> Duration {
-        self.timeout.get()
-    }
-
-    fn set_fault_timeout(&self, timeout: Duration) {
-        self.timeout.set(timeout);
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }
 

@@ -76,7 +76,6 @@ use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use mmu_notifier::{ListRegistration, RegisterError, SecondaryTlb};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE, TASK_SIZE};
@@ -565,11 +564,7 @@ impl SecondaryMmu for SvaTlb {
         self.tlb.counters.snapshot()
     }
 
-    fn fault_timeout(&self) -> Duration {
-        self.timeout.get()
-    }
-
-    fn set_fault_timeout(&self, timeout: Duration) {
-        self.timeout.set(timeout);
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }

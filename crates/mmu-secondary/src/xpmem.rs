@@ -679,12 +679,8 @@ impl SecondaryMmu for Xpmem {
         self.counters.snapshot()
     }
 
-    fn fault_timeout(&self) -> Duration {
-        self.timeout.get()
-    }
-
-    fn set_fault_timeout(&self, timeout: Duration) {
-        self.timeout.set(timeout);
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }
 

@@ -157,8 +157,9 @@ impl RetryPolicy for RetryBudget {
 
     fn again(&mut self) -> Result<(), RetryExhausted> {
         self.spend()?;
-        // Let the invalidation that won finish: it may need this CPU.
-        std::thread::yield_now();
+        // Let the invalidation that won finish: it may need this CPU (a loom yield in
+        // a model, where every wait loop must let the scheduler run the others).
+        crate::sync::thread::yield_now();
         Ok(())
     }
 }
