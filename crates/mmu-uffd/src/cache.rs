@@ -1176,16 +1176,18 @@ mod loom_model {
             };
             let sub = mm.insert_interval(0x1000..0x2000, validity).unwrap();
             let mut registered = 0;
-            for _ in 0..2 {
-                let seq = sub.read_begin();
-                registered = pages.load(Acquire); // register: pin what is mapped now
-                let guard = sub.lock();
-                if guard.read_retry(seq) {
-                    continue; // deregister, start again
-                }
-                valid.store(true, Release);
-                break;
-            }
+            // The fill helper the cache's fill runs, with two attempts (a lost one
+            // deregisters and starts again).
+            let mut budget = mmu_notifier::RetryBudget::attempts(2);
+            let _ = sub.fill(
+                &mut budget,
+                || Ok(pages.load(Acquire)), // register: pin what is mapped now
+                |_, pinned| {
+                    registered = pinned;
+                    valid.store(true, Release);
+                    Ok(mmu_notifier::Install::Done(()))
+                },
+            );
             primary.join().unwrap();
             if valid.load(Acquire) {
                 assert_eq!(
