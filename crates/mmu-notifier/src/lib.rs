@@ -120,6 +120,7 @@ pub mod subscriptions;
 mod sync;
 
 pub use error::{GetError, RegisterError};
+pub use interval::{Install, RetryBudget, RetryExhausted, RetryPolicy};
 pub use interval::{
     IntervalContext, IntervalError, IntervalGuard, IntervalLock, IntervalLockGuard,
     IntervalSubscriber, IntervalSubscription, LockedIntervalContext, LockedIntervalSubscriber,

@@ -17,14 +17,15 @@ use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::{Arc, Weak};
 
 use mmu_notifier::{
-    IntervalContext, IntervalSubscriber, IntervalSubscription, ListRegistration, ListSubscriber,
-    Range, SecondaryTlb, WouldBlock,
+    Install, IntervalContext, IntervalSubscriber, IntervalSubscription, ListRegistration,
+    ListSubscriber, Range, RetryPolicy, SecondaryTlb, WouldBlock,
 };
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::{
-    device_access, report_install, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
+    device_access, report_install, Counters, FaultTimeout, SecondaryError, SecondaryMmu,
+    SecondaryStats,
 };
 
 /// Which bug a [`BrokenSecondary`] has.
@@ -137,6 +138,7 @@ pub struct BrokenSecondary {
     mm: Weak<AddressSpace>,
     body: Body,
     counters: Arc<Counters>,
+    timeout: FaultTimeout,
 }
 
 impl std::fmt::Debug for BrokenSecondary {
@@ -192,6 +194,7 @@ impl BrokenSecondary {
             mm: Arc::downgrade(mm),
             body,
             counters,
+            timeout: FaultTimeout::default(),
         });
         if let Some(c) = mm.checker() {
             let weak: Weak<dyn CheckedSecondary> = Arc::downgrade(&s) as _;
@@ -233,38 +236,47 @@ impl SecondaryMmu for BrokenSecondary {
     fn fault(&self, addr: u64, write: bool) -> Result<(), SecondaryError> {
         let mm = self.mm.upgrade().ok_or(SecondaryError::Gone)?;
         let addr = addr & !(PAGE_SIZE - 1);
+        let mut retry = self.timeout.start(Some(&self.counters));
+        let install = |table: &mut Table, frame: FrameRef| {
+            report_install(&mm, self, addr, frame, write);
+            table.insert(addr, (frame, write));
+            self.counters.fill();
+        };
         match &self.body {
-            Body::Mirror(sub) => loop {
-                let seq = sub.read_begin();
+            Body::Mirror(sub) if self.kind == Broken::IgnoresRetry => {
+                // The bug: one attempt of the fill without its `read_retry`, so a frame
+                // read before an invalidation is installed after it.
+                let _seq = sub.read_begin();
                 let frame = mm.fault(addr, write)?;
                 // The race window the bug loses.
                 crate::sched::point();
-                let mut g = sub.lock();
-                if self.kind != Broken::IgnoresRetry && g.read_retry(seq) {
-                    self.counters.retry();
-                    continue;
-                }
-                report_install(&mm, self, addr, frame, write);
-                g.table.insert(addr, (frame, write));
-                self.counters.fill();
-                return Ok(());
-            },
-            Body::List(part, _) => loop {
+                install(&mut sub.lock().table, frame);
+                Ok(())
+            }
+            Body::Mirror(sub) => sub.fill(
+                &mut retry,
+                || Ok(mm.fault(addr, write)?),
+                |g, frame| {
+                    install(&mut g.table, frame);
+                    Ok(Install::Done(()))
+                },
+            ),
+            // A sequence of its own (the flush count): the bare loop.
+            Body::List(part, _) => mmu_notifier::interval::retry(&mut retry, |retry| {
                 let flushes = part.state.flushes.load(Acquire);
                 let frame = mm.fault(addr, write)?;
-                crate::sched::point();
+                retry.window();
                 let mut t = part.state.table.lock();
                 if part.state.flushes.load(Acquire) != flushes {
-                    self.counters.retry();
-                    continue;
+                    return Ok(None);
                 }
                 if self.kind == Broken::InstallsDuringInvalidation {
                     report_install(&mm, self, addr, frame, write);
                 }
                 t.insert(addr, (frame, write));
                 self.counters.fill();
-                return Ok(());
-            },
+                Ok(Some(()))
+            }),
         }
     }
 
@@ -298,6 +310,10 @@ impl SecondaryMmu for BrokenSecondary {
             s.invalidations = part.counters.snapshot().invalidations;
         }
         s
+    }
+
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }
 

@@ -30,8 +30,9 @@
 //!      calls this very subscription, which takes the user lock);
 //!   3. take the user lock; if `read_retry(s)` (an invalidation ran its callback since 1),
 //!      or the range overlaps the fence of a migration by this device, drop the snapshot,
-//!      count a retry and start again, until the deadline (`HMM_RANGE_DEFAULT_TIMEOUT`,
-//!      1 s by default) gives [`SecondaryError::Timeout`];
+//!      count a retry and start again, until the fault timeout
+//!      ([`SecondaryMmu::set_fault_timeout`]; Linux's `HMM_RANGE_DEFAULT_TIMEOUT` is 1 s)
+//!      gives [`SecondaryError::Timeout`];
 //!   4. else report each install to the checker and install it, then unlock.
 //! - **Device access** (`read`/`write`): with the user lock held, through an entry (a
 //!   write only through a writable one); a missing entry means: unlock, fault, try again.
@@ -99,11 +100,10 @@ use std::fmt;
 use std::ops::BitOr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
 
 use mmu_notifier::{
-    Event, IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription, OwnerToken,
-    Range, WouldBlock,
+    Event, Install, IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription,
+    OwnerToken, Range, WouldBlock,
 };
 use mmu_sim::{
     AddressSpace, CheckedSecondary, FrameRef, PageState, PteKind, SecondaryKind, SimError,
@@ -112,12 +112,9 @@ use mmu_sim::{
 use parking_lot::Mutex;
 
 use crate::{
-    device_access, report_install, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
+    device_access, report_install, Counters, FaultRetry, FaultTimeout, SecondaryError,
+    SecondaryMmu, SecondaryStats,
 };
-
-/// How long a device fault keeps retrying against invalidations before it gives up
-/// (Linux's `HMM_RANGE_DEFAULT_TIMEOUT`, 1000 ms).
-pub const HMM_RANGE_DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
 
 const P: u64 = PAGE_SIZE;
 
@@ -318,14 +315,15 @@ impl IntervalSubscriber for DeviceTable {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct HmmMirror {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     sub: IntervalSubscription<DeviceTable>,
     owner: OwnerToken,
     start: u64,
     end: u64,
     name: String,
-    /// Nanoseconds a fault may keep retrying.
-    timeout_ns: AtomicU64,
+    /// How long a fault may keep retrying.
+    timeout: FaultTimeout,
     /// Completed device faults (range faults), as dmirror's `faults` counter.
     faults: AtomicU64,
     shared: Arc<Shared>,
@@ -375,13 +373,13 @@ impl HmmMirror {
         // insert_interval checked that `start + length - 1` fits.
         let end = start + (length - 1) + 1;
         let mirror = Arc::new(Self {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             sub,
             owner,
             start,
             end,
             name: format!("hmm mirror {}", owner.0),
-            timeout_ns: AtomicU64::new(HMM_RANGE_DEFAULT_TIMEOUT.as_nanos() as u64),
+            timeout: FaultTimeout::default(),
             faults: AtomicU64::new(0),
             shared,
             dev_ops: Mutex::new(()),
@@ -403,21 +401,10 @@ impl HmmMirror {
         (self.start, self.end)
     }
 
-    /// The address space mirrored.
-    pub fn address_space(&self) -> &Arc<AddressSpace> {
-        &self.mm
-    }
-
-    /// How long one operation keeps retrying against invalidations.
-    pub fn timeout(&self) -> Duration {
-        Duration::from_nanos(self.timeout_ns.load(Relaxed))
-    }
-
-    /// Sets how long one operation keeps retrying against invalidations before it fails
-    /// with [`SecondaryError::Timeout`] (saturates at about 584 years).
-    pub fn set_timeout(&self, timeout: Duration) {
-        let ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        self.timeout_ns.store(ns, Relaxed);
+    /// The address space mirrored, while it exists (the mirror holds it weakly: see the
+    /// [crate docs](crate#how-a-secondary-holds-its-address-space)).
+    pub fn address_space(&self) -> Option<Arc<AddressSpace>> {
+        self.mm.upgrade()
     }
 
     /// Device faults completed (each fills a whole range), like dmirror's `faults`.
@@ -450,8 +437,8 @@ impl HmmMirror {
     /// (`HMM_DMIRROR_READ`).
     pub fn read(&self, start: u64, npages: u64) -> Result<Vec<u64>, SecondaryError> {
         let (s, e) = self.span(start, npages)?;
-        self.alive()?;
-        let deadline = self.deadline();
+        let mm = self.alive()?;
+        let mut retry = self.start_fault();
         // Capacity for what is typical, not what the caller claims.
         let mut out = Vec::with_capacity(npages.min(4096) as usize);
         let mut first = true;
@@ -468,7 +455,7 @@ impl HmmMirror {
                     let Some(&Entry::Mapped { frame, .. }) = dt.pages.get(&a) else {
                         break;
                     };
-                    out.push(device_access(&self.mm, self, a, frame, None));
+                    out.push(device_access(&mm, self, a, frame, None));
                     self.shared.counters.access();
                 }
             }
@@ -476,11 +463,11 @@ impl HmmMirror {
                 return Ok(out);
             }
             // Entries faulted in were dropped again before we could use them.
-            if !first && crate::sched::expired(deadline) {
-                return Err(SecondaryError::Timeout);
+            if !first {
+                retry.check()?;
             }
             first = false;
-            self.fault_range(s + out.len() as u64 * P, e, false, deadline)?;
+            self.fault_range(&mm, s + out.len() as u64 * P, e, false, &mut retry)?;
         }
     }
 
@@ -490,8 +477,8 @@ impl HmmMirror {
     pub fn write(&self, start: u64, data: &[u64]) -> Result<(), SecondaryError> {
         let npages = data.len() as u64;
         let (s, e) = self.span(start, npages)?;
-        self.alive()?;
-        let deadline = self.deadline();
+        let mm = self.alive()?;
+        let mut retry = self.start_fault();
         let mut done = 0usize;
         let mut first = true;
         loop {
@@ -510,7 +497,7 @@ impl HmmMirror {
                     else {
                         break;
                     };
-                    device_access(&self.mm, self, a, frame, Some(data[done]));
+                    device_access(&mm, self, a, frame, Some(data[done]));
                     self.shared.counters.access();
                     done += 1;
                 }
@@ -518,11 +505,11 @@ impl HmmMirror {
             if done == data.len() {
                 return Ok(());
             }
-            if !first && crate::sched::expired(deadline) {
-                return Err(SecondaryError::Timeout);
+            if !first {
+                retry.check()?;
             }
             first = false;
-            self.fault_range(s + done as u64 * P, e, true, deadline)?;
+            self.fault_range(&mm, s + done as u64 * P, e, true, &mut retry)?;
         }
     }
 
@@ -531,12 +518,10 @@ impl HmmMirror {
     /// collision-retry protocol so that no invalidation ran while they were gathered.
     pub fn snapshot(&self, start: u64, npages: u64) -> Result<Vec<MirrorProt>, SecondaryError> {
         let (s, e) = self.span(start, npages)?;
-        self.alive()?;
-        let deadline = self.deadline();
-        loop {
-            let seq = self.sub.read_begin();
+        let mm = self.alive()?;
+        let gather = || {
             // Gathered without the user lock (the mmap lock is taken inside).
-            let vmas = self.mm.vmas();
+            let vmas = mm.vmas();
             let mut out = Vec::with_capacity(npages.min(4096) as usize);
             for a in (s..e).step_by(P as usize) {
                 let readable = vmas
@@ -547,26 +532,24 @@ impl HmmMirror {
                     // As hmm_range_fault without fault flags: a hole or an unreadable
                     // mapping is an error for that page, not for the whole call.
                     None | Some(false) => MirrorProt::ERROR,
-                    Some(true) => match self.mm.snapshot(a, a + P, SnapshotMode::Peek) {
+                    Some(true) => match mm.snapshot(a, a + P, SnapshotMode::Peek) {
                         Ok(states) => states
                             .first()
                             .map_or(MirrorProt::ERROR, |&st| MirrorProt::of(st)),
                         // Unmapped since the layout was read: that munmap moves our
-                        // sequence, and the check below retries.
+                        // sequence, and the fill's check retries.
                         Err(_) => MirrorProt::ERROR,
                     },
                 });
             }
-            let dt = self.sub.lock();
+            Ok(out)
+        };
+        self.sub.fill(&mut self.start_fault(), gather, |dt, out| {
             if dt.released {
                 return Err(SecondaryError::Gone);
             }
-            if !dt.read_retry(seq) {
-                return Ok(out);
-            }
-            drop(dt);
-            self.collided(deadline)?;
-        }
+            Ok(Install::Done(out))
+        })
     }
 
     /// Migrates the movable pages of `npages` pages from `start` for the device
@@ -579,37 +562,34 @@ impl HmmMirror {
         if s == e {
             return Ok(0);
         }
-        self.alive()?;
-        let deadline = self.deadline();
+        let mm = self.alive()?;
+        let mut retry = self.start_fault();
         let _ops = self.dev_ops.lock();
         // (a) Fence the range and mark its pages, once no invalidation that already ran
         // our callback is still in flight (`read_begin` waits for those; `read_retry`
         // catches one that ran it since): a marker that survives to (c) then proves that
-        // no invalidation but our own migration touched its page.
-        loop {
-            let seq = self.sub.read_begin();
-            let mut dt = self.sub.lock();
-            if dt.released {
-                return Err(SecondaryError::Gone);
-            }
-            if dt.read_retry(seq) {
-                drop(dt);
-                self.collided_holding_dev_ops(deadline)?;
-                continue;
-            }
-            dt.fence = Some((s, e));
-            for a in (s..e).step_by(P as usize) {
-                let prev = match dt.pages.get(&a) {
-                    Some(&Entry::Mapped { frame, writable }) => Some((frame, writable)),
-                    _ => None,
-                };
-                dt.pages.insert(a, Entry::Migrating { prev });
-            }
-            break;
-        }
+        // no invalidation but our own migration touched its page. Nothing to gather.
+        self.sub.fill(
+            &mut retry.holding_lock(),
+            || Ok(()),
+            |dt, ()| {
+                if dt.released {
+                    return Err(SecondaryError::Gone);
+                }
+                dt.fence = Some((s, e));
+                for a in (s..e).step_by(P as usize) {
+                    let prev = match dt.pages.get(&a) {
+                        Some(&Entry::Mapped { frame, writable }) => Some((frame, writable)),
+                        _ => None,
+                    };
+                    dt.pages.insert(a, Entry::Migrating { prev });
+                }
+                Ok(Install::Done(()))
+            },
+        )?;
         // (b) The migration; our callback ignores its Migrate, so the markers stay. No
         // user lock held: the callback takes it.
-        let moved = match self.mm.migrate_range(s, e, self.owner) {
+        let moved = match mm.migrate_range(s, e, self.owner) {
             Ok(moved) => moved,
             Err(err) => {
                 // Some pages may have moved before the failure: forget the markers, and
@@ -631,13 +611,13 @@ impl HmmMirror {
                 // The migration kept the entry's permission; read it back (page-table
                 // lock under the user lock: the checker's lock order).
                 Some(&frame) => {
-                    let pte = self.mm.pte(a);
+                    let pte = mm.pte(a);
                     (pte.pfn() == Some(frame.pfn)).then(|| (frame, pte.writable()))
                 }
                 None => prev,
             };
             if let Some((frame, writable)) = install {
-                report_install(&self.mm, self, a, frame, writable);
+                report_install(&mm, self, a, frame, writable);
                 dt.pages.insert(a, Entry::Mapped { frame, writable });
                 self.shared.counters.fill();
             }
@@ -653,78 +633,80 @@ impl HmmMirror {
     /// The next CPU access to a page revokes it. Returns the pages granted.
     pub fn exclusive(&self, start: u64, npages: u64) -> Result<usize, SecondaryError> {
         let (s, e) = self.span(start, npages)?;
-        self.alive()?;
-        let deadline = self.deadline();
+        let mm = self.alive()?;
+        let mut retry = self.start_fault();
+        let mut retry = retry.holding_lock();
         let _ops = self.dev_ops.lock();
         let mut granted = 0;
         for a in (s..e).step_by(P as usize) {
-            loop {
+            mmu_notifier::interval::retry(&mut retry, |retry| {
                 // Without the user lock: it takes the mmap lock and invalidates.
-                let frame = self
-                    .mm
+                let frame = mm
                     .make_exclusive(a, self.owner)
                     .map_err(|err| self.primary_error(err))?;
-                // Waits until no invalidation of ours is in flight, so none that already
-                // ran our callback has its window open while we record the entry.
-                let seq = self.sub.read_begin();
-                let mut dt = self.sub.lock();
-                if dt.released {
-                    return Err(SecondaryError::Gone);
-                }
-                // The CPU may have taken the page back already (its restore ran our
-                // callback before `read_begin`): then the entry is present again. If it
-                // is still exclusive, a later restore must take the user lock first.
-                let still = self.mm.pte(a).kind() == PteKind::Exclusive(frame.pfn)
-                    && self.mm.frames().is_current(frame);
-                if !dt.read_retry(seq) && still {
-                    dt.pages.insert(a, Entry::Atomic { frame });
-                    self.shared.counters.fill();
-                    granted += 1;
-                    break;
-                }
-                drop(dt);
-                self.collided_holding_dev_ops(deadline)?;
-            }
+                // `read_begin` (in the fill) waits until no invalidation of ours is in
+                // flight, so none that already ran our callback has its window open while
+                // we record the entry. Nothing to gather: the grant came first (it is an
+                // invalidation of its own, so a sequence read before it would be stale).
+                self.sub.try_fill(
+                    retry,
+                    || Ok(()),
+                    |dt, ()| {
+                        if dt.released {
+                            return Err(SecondaryError::Gone);
+                        }
+                        // The CPU may have taken the page back already (its restore ran our
+                        // callback before `read_begin`): then the entry is present again. If
+                        // it is still exclusive, a later restore must take the user lock first.
+                        let still = mm.pte(a).kind() == PteKind::Exclusive(frame.pfn)
+                            && mm.frames().is_current(frame);
+                        if !still {
+                            return Ok(Install::Retry);
+                        }
+                        dt.pages.insert(a, Entry::Atomic { frame });
+                        self.shared.counters.fill();
+                        Ok(Install::Done(()))
+                    },
+                )
+            })?;
+            granted += 1;
         }
         Ok(granted)
     }
 
     // ----- the fault path -----------------------------------------------------------
 
-    /// The collision-retry loop over `[start, end)` (`dmirror_range_fault`).
+    /// The collision-retry loop over `[start, end)` (`dmirror_range_fault`), under the
+    /// fault's `retry` policy.
     fn fault_range(
         &self,
+        mm: &AddressSpace,
         start: u64,
         end: u64,
         write: bool,
-        deadline: Instant,
+        retry: &mut FaultRetry<'_>,
     ) -> Result<(), SecondaryError> {
         let mode = if write {
             SnapshotMode::FaultWrite
         } else {
             SnapshotMode::Fault
         };
-        loop {
-            // 1. Sample the sequence before looking at the primary: a change the snapshot
-            //    misses is announced to our callback after this, which moves it.
-            let seq = self.sub.read_begin();
-            // 2. Gather without the user lock: the snapshot takes the mmap lock, may sleep
-            //    and may invalidate (a COW break calls our own callback).
-            let pages = self
-                .mm
-                .snapshot(start, end, mode)
-                .map_err(|err| self.primary_error(err))?;
-            // The race window: an invalidation here must make step 3 retry.
-            crate::sched::point();
-            // 3. Decide under the user lock, which every callback takes too.
-            let mut dt = self.sub.lock();
+        // 1. The fill samples the sequence before looking at the primary: a change the
+        //    snapshot misses is announced to our callback after this, which moves it.
+        // 2. Gather without the user lock: the snapshot takes the mmap lock, may sleep
+        //    and may invalidate (a COW break calls our own callback).
+        let gather = || {
+            mm.snapshot(start, end, mode)
+                .map_err(|err| self.primary_error(err))
+        };
+        // 3. Decide under the user lock, which every callback takes too (the fill has
+        //    checked `read_retry`).
+        self.sub.fill(retry, gather, |dt, pages| {
             if dt.released {
                 return Err(SecondaryError::Gone);
             }
-            if dt.read_retry(seq) || dt.fenced(start, end) {
-                drop(dt);
-                self.collided(deadline)?;
-                continue;
+            if dt.fenced(start, end) {
+                return Ok(Install::Retry);
             }
             // 4. Install. The checker looks at the primary's entry under its page-table
             //    lock, taken inside our user lock (the documented order).
@@ -735,60 +717,31 @@ impl HmmMirror {
                     PageState::Present { frame, writable } => (frame, writable),
                     PageState::None => continue,
                 };
-                report_install(&self.mm, self, a, frame, writable);
+                report_install(mm, self, a, frame, writable);
                 dt.pages.insert(a, Entry::Mapped { frame, writable });
                 self.shared.counters.fill();
             }
             self.faults.fetch_add(1, Relaxed);
-            return Ok(());
-        }
+            Ok(Install::Done(()))
+        })
     }
 
-    /// As [`collided`](Self::collided), with the device-operations lock held: never
-    /// parks at a schedule point (another task may need that lock to go on), and keeps
-    /// the deadline in force (no collision can happen there while no other task runs, so
-    /// a loop that does not end is a bug worth a `Timeout`).
-    fn collided_holding_dev_ops(&self, deadline: Instant) -> Result<(), SecondaryError> {
-        self.shared.counters.retry();
-        if Instant::now() >= deadline {
-            return Err(SecondaryError::Timeout);
-        }
-        std::thread::yield_now();
-        Ok(())
+    /// The retry policy of an operation starting now (the crate's fill policy).
+    fn start_fault(&self) -> FaultRetry<'_> {
+        self.timeout.start(Some(&self.shared.counters))
     }
 
-    /// Counts a lost race; the deadline turns it into `Timeout`.
-    fn collided(&self, deadline: Instant) -> Result<(), SecondaryError> {
-        self.shared.counters.retry();
-        if crate::sched::expired(deadline) {
-            return Err(SecondaryError::Timeout);
-        }
-        if crate::sched::active() {
-            crate::sched::point();
-        } else {
-            // Let the invalidating thread finish (two cores, and a build running beside).
-            std::thread::yield_now();
-        }
-        Ok(())
-    }
-
-    fn deadline(&self) -> Instant {
-        // A year is forever here; clamping keeps the addition from overflowing.
-        const YEAR: Duration = Duration::from_secs(86_400 * 365);
-        let now = Instant::now();
-        now.checked_add(self.timeout().min(YEAR)).unwrap_or(now)
-    }
-
-    fn alive(&self) -> Result<(), SecondaryError> {
-        if self.mm.has_exited() {
-            Err(SecondaryError::Gone)
-        } else {
-            Ok(())
+    /// The address space, for one operation: [`Gone`](SecondaryError::Gone) once it has
+    /// exited or been dropped.
+    fn alive(&self) -> Result<Arc<AddressSpace>, SecondaryError> {
+        match self.mm.upgrade() {
+            Some(mm) if !mm.has_exited() => Ok(mm),
+            _ => Err(SecondaryError::Gone),
         }
     }
 
     fn primary_error(&self, err: SimError) -> SecondaryError {
-        if self.mm.has_exited() {
+        if self.alive().is_err() {
             SecondaryError::Gone
         } else {
             SecondaryError::Primary(err)
@@ -859,8 +812,8 @@ impl SecondaryMmu for HmmMirror {
     fn fault(&self, addr: u64, write: bool) -> Result<(), SecondaryError> {
         let page = addr & !(P - 1);
         let (s, e) = self.span(page, 1)?;
-        self.alive()?;
-        self.fault_range(s, e, write, self.deadline())
+        let mm = self.alive()?;
+        self.fault_range(&mm, s, e, write, &mut self.start_fault())
     }
 
     fn access(&self, addr: u64, write: Option<u64>) -> Result<u64, SecondaryError> {
@@ -869,5 +822,9 @@ impl SecondaryMmu for HmmMirror {
 
     fn stats(&self) -> SecondaryStats {
         self.shared.counters.snapshot()
+    }
+
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }

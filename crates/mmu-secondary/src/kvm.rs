@@ -90,24 +90,85 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
 
 use mmu_notifier::{ListRegistration, ListSubscriber, Range, RegisterError, WouldBlock};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE, TASK_SIZE};
 use parking_lot::Mutex;
 
 use crate::{
-    device_access, report_install, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
+    device_access, report_install, Counters, FaultRetry, FaultTimeout, SecondaryError,
+    SecondaryMmu, SecondaryStats,
 };
 
 const P: u64 = PAGE_SIZE;
 
-/// How long a fault keeps retrying against invalidations before it gives up with
-/// [`SecondaryError::Timeout`], unless [`Kvm::set_fault_timeout`] says otherwise.
-pub const DEFAULT_FAULT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The name the checker reports for this secondary.
 const NAME: &str = "kvm";
+
+// ----- guest frames, host addresses, lengths ---------------------------------------------
+
+/// A guest frame number: a page of the guest's physical memory. Not an address of the
+/// process: a guest frame reaches host memory only through a memslot
+/// ([`Kvm::gfn_to_hva`]). The three kinds of number of this module are three types, so
+/// that passing one for another does not compile:
+///
+/// ```compile_fail
+/// # use std::sync::Arc;
+/// # use mmu_secondary::kvm::{Gfn, Kvm};
+/// # use mmu_sim::{AddressSpace, FrameAllocator, Prot, PAGE_SIZE};
+/// # let mm = AddressSpace::new(Arc::new(FrameAllocator::new(16)));
+/// # let ram = mm.mmap_anon(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+/// # let kvm = Kvm::new(&mm).unwrap();
+/// kvm.add_memslot(0x100, 4, ram).unwrap();
+/// let hva = kvm.gfn_to_hva(Gfn(0x101)).unwrap();
+/// kvm.guest_read(hva); // a host address where a guest frame is expected
+/// ```
+///
+/// A bare `u64` converts to each ([`From`]), for literals.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Gfn(pub u64);
+
+/// A host virtual address: an address of the VM process, the primary's kind of address.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hva(pub u64);
+
+/// A length in pages: of a run of guest frames, and of the host range backing it.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pages(pub u64);
+
+macro_rules! number {
+    ($t:ident, $hex:literal) => {
+        impl From<u64> for $t {
+            fn from(v: u64) -> Self {
+                $t(v)
+            }
+        }
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                if $hex {
+                    write!(f, concat!(stringify!($t), "({:#x})"), self.0)
+                } else {
+                    write!(f, concat!(stringify!($t), "({})"), self.0)
+                }
+            }
+        }
+        impl std::fmt::LowerHex for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                std::fmt::LowerHex::fmt(&self.0, f)
+            }
+        }
+    };
+}
+number!(Gfn, true);
+number!(Hva, true);
+number!(Pages, false);
+
+impl Gfn {
+    /// The guest-physical address of the frame (saturating), for error reports.
+    fn guest_address(self) -> u64 {
+        self.0.saturating_mul(P)
+    }
+}
 
 // ----- memslots -----------------------------------------------------------------------
 
@@ -115,50 +176,53 @@ const NAME: &str = "kvm";
 /// `hva`. Made by [`Kvm::add_memslot`], which validates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Memslot {
-    gfn_base: u64,
-    npages: u64,
-    hva: u64,
+    gfn_base: Gfn,
+    npages: Pages,
+    hva: Hva,
 }
 
 impl Memslot {
     /// The first guest frame.
-    pub fn gfn_base(&self) -> u64 {
+    pub fn gfn_base(&self) -> Gfn {
         self.gfn_base
     }
     /// How many guest frames.
-    pub fn npages(&self) -> u64 {
+    pub fn npages(&self) -> Pages {
         self.npages
     }
     /// The host address backing the first guest frame.
-    pub fn hva(&self) -> u64 {
+    pub fn hva(&self) -> Hva {
         self.hva
     }
     /// One past the last guest frame.
-    pub fn gfn_end(&self) -> u64 {
-        self.gfn_base + self.npages
+    pub fn gfn_end(&self) -> Gfn {
+        // `add_memslot` checked that this does not overflow.
+        Gfn(self.gfn_base.0 + self.npages.0)
     }
     /// One past the last host byte.
-    pub fn hva_end(&self) -> u64 {
-        self.hva + self.npages * P
+    pub fn hva_end(&self) -> Hva {
+        // `add_memslot` checked that this does not overflow.
+        Hva(self.hva.0 + self.npages.0 * P)
     }
     /// The host address of guest frame `gfn`, if this slot holds it.
-    pub fn hva_of(&self, gfn: u64) -> Option<u64> {
+    pub fn hva_of(&self, gfn: Gfn) -> Option<Hva> {
         (self.gfn_base..self.gfn_end())
             .contains(&gfn)
-            .then(|| self.hva + (gfn - self.gfn_base) * P)
+            .then(|| Hva(self.hva.0 + (gfn.0 - self.gfn_base.0) * P))
     }
     /// The guest frame backed by the page containing `hva`, if this slot holds it.
-    pub fn gfn_of(&self, hva: u64) -> Option<u64> {
+    pub fn gfn_of(&self, hva: Hva) -> Option<Gfn> {
         (self.hva..self.hva_end())
             .contains(&hva)
-            .then(|| self.gfn_base + (hva - self.hva) / P)
+            .then(|| Gfn(self.gfn_base.0 + (hva.0 - self.hva.0) / P))
     }
-    /// The guest frames whose host pages overlap `[start, end)`.
-    fn gfns_overlapping(&self, start: u64, end: u64) -> Option<std::ops::Range<u64>> {
-        let (s, e) = (start.max(self.hva), end.min(self.hva_end()));
+    /// The guest frames whose host pages overlap the host range `[start, end)`.
+    fn gfns_overlapping(&self, start: Hva, end: Hva) -> Option<std::ops::Range<Gfn>> {
+        let (s, e) = (start.max(self.hva).0, end.min(self.hva_end()).0);
+        let (base, hva) = (self.gfn_base.0, self.hva.0);
         (s < e).then(|| {
             // `e - hva <= npages * P`, so the rounding cannot overflow.
-            self.gfn_base + (s - self.hva) / P..self.gfn_base + (e - self.hva).div_ceil(P)
+            Gfn(base + (s - hva) / P)..Gfn(base + (e - hva).div_ceil(P))
         })
     }
 }
@@ -172,7 +236,7 @@ pub enum MemslotError {
     Empty,
     /// The host address is not page aligned.
     #[error("host address {0:#x} is not page aligned")]
-    Unaligned(u64),
+    Unaligned(Hva),
     /// The guest frames or the host range wrap, or the host range leaves user space.
     #[error("the memslot overflows the guest frame numbers or leaves user space")]
     Overflow,
@@ -180,21 +244,21 @@ pub enum MemslotError {
     #[error("guest frames overlap the memslot at guest frame {existing:#x}")]
     GfnOverlap {
         /// The first guest frame of the slot in the way.
-        existing: u64,
+        existing: Gfn,
     },
     /// The host range overlaps that of the slot at guest frame `existing` (this model
     /// keeps host → guest a function; Linux allows such aliases).
     #[error("host range overlaps the memslot at guest frame {existing:#x}")]
     HvaOverlap {
         /// The first guest frame of the slot in the way.
-        existing: u64,
+        existing: Gfn,
     },
     /// Part of the host range is not mapped in the address space (the first such page).
     #[error("host address {0:#x} is not mapped")]
-    Unmapped(u64),
+    Unmapped(Hva),
     /// No slot starts at this guest frame.
     #[error("no memslot starts at guest frame {0:#x}")]
-    NoSuchSlot(u64),
+    NoSuchSlot(Gfn),
     /// The VM was shut down or its address space released.
     #[error("the VM is gone")]
     Gone,
@@ -206,7 +270,7 @@ pub enum MemslotError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Spte {
     /// The host address it was faulted from.
-    pub hva: u64,
+    pub hva: Hva,
     /// The frame, as the fault saw it (not pinned).
     pub frame: FrameRef,
     /// Whether the guest may write through it.
@@ -219,16 +283,16 @@ pub struct Spte {
 #[derive(Default)]
 struct Shadow {
     memslots: Vec<Memslot>,
-    sptes: BTreeMap<u64, Spte>,
+    sptes: BTreeMap<Gfn, Spte>,
     /// Set by release: nothing is installed any more.
     released: bool,
 }
 
 impl Shadow {
-    fn gfn_to_hva(&self, gfn: u64) -> Option<u64> {
+    fn gfn_to_hva(&self, gfn: Gfn) -> Option<Hva> {
         self.memslots.iter().find_map(|s| s.hva_of(gfn))
     }
-    fn hva_to_gfn(&self, hva: u64) -> Option<u64> {
+    fn hva_to_gfn(&self, hva: Hva) -> Option<Gfn> {
         self.memslots.iter().find_map(|s| s.gfn_of(hva))
     }
 
@@ -253,7 +317,7 @@ impl Shadow {
     }
 
     /// Every gfn of a shadow entry whose host page overlaps `[start, end)`.
-    fn gfns_in(&self, start: u64, end: u64) -> Vec<u64> {
+    fn gfns_in(&self, start: Hva, end: Hva) -> Vec<Gfn> {
         self.memslots
             .iter()
             .filter_map(|s| s.gfns_overlapping(start, end))
@@ -262,7 +326,7 @@ impl Shadow {
     }
 
     /// Drops the entries whose host page overlaps `[start, end)`; returns how many.
-    fn zap(&mut self, start: u64, end: u64) -> usize {
+    fn zap(&mut self, start: Hva, end: Hva) -> usize {
         let gone = self.gfns_in(start, end);
         for g in &gone {
             self.sptes.remove(g);
@@ -271,7 +335,7 @@ impl Shadow {
     }
 
     /// Clears the accessed bits in `[start, end)`; returns whether one was set.
-    fn clear_young(&mut self, start: u64, end: u64) -> bool {
+    fn clear_young(&mut self, start: Hva, end: Hva) -> bool {
         let mut young = false;
         for g in self.gfns_in(start, end) {
             if let Some(e) = self.sptes.get_mut(&g) {
@@ -365,7 +429,7 @@ impl ListSubscriber for ShadowMmu {
         self.range_start
             .store(old_start.min(range.start()), Relaxed);
         self.range_end.store(old_end.max(range.end()), Relaxed);
-        if s.zap(range.start(), range.end()) > 0 {
+        if s.zap(Hva(range.start()), Hva(range.end())) > 0 {
             self.flush_guest_tlb();
         }
         Ok(())
@@ -390,7 +454,7 @@ impl ListSubscriber for ShadowMmu {
     }
 
     fn clear_flush_young(&self, start: u64, end: u64) -> bool {
-        let young = self.lock.lock().clear_young(start, end);
+        let young = self.lock.lock().clear_young(Hva(start), Hva(end));
         if young {
             // The guest's TLB may still hold the entry with its accessed bit set, and then
             // the next access would not set it again: flush.
@@ -400,12 +464,12 @@ impl ListSubscriber for ShadowMmu {
     }
 
     fn clear_young(&self, start: u64, end: u64) -> bool {
-        self.lock.lock().clear_young(start, end)
+        self.lock.lock().clear_young(Hva(start), Hva(end))
     }
 
     fn test_young(&self, addr: u64) -> bool {
         let s = self.lock.lock();
-        s.hva_to_gfn(addr)
+        s.hva_to_gfn(Hva(addr))
             .and_then(|g| s.sptes.get(&g))
             .is_some_and(|e| e.accessed)
     }
@@ -420,10 +484,10 @@ impl CheckedSecondary for ShadowMmu {
     }
     fn translations_in(&self, start: u64, end: u64) -> Vec<(u64, FrameRef)> {
         let s = self.lock.lock();
-        s.gfns_in(start, end)
+        s.gfns_in(Hva(start), Hva(end))
             .into_iter()
             .filter_map(|g| s.sptes.get(&g))
-            .map(|e| (e.hva, e.frame))
+            .map(|e| (e.hva.0, e.frame))
             .collect()
     }
 }
@@ -436,8 +500,8 @@ impl CheckedSecondary for ShadowMmu {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "a prefetch does nothing until it is installed"]
 pub struct Prefetch {
-    gfn: u64,
-    hva: u64,
+    gfn: Gfn,
+    hva: Hva,
     frame: FrameRef,
     write: bool,
     seq: u64,
@@ -445,11 +509,11 @@ pub struct Prefetch {
 
 impl Prefetch {
     /// The guest frame.
-    pub fn gfn(&self) -> u64 {
+    pub fn gfn(&self) -> Gfn {
         self.gfn
     }
     /// Its host address when the prefetch translated it.
-    pub fn hva(&self) -> u64 {
+    pub fn hva(&self) -> Hva {
         self.hva
     }
     /// The frame the primary returned (not pinned: it may be gone by now).
@@ -497,7 +561,7 @@ pub struct Kvm {
     mmu: Arc<ShadowMmu>,
     mm: Weak<AddressSpace>,
     registration: Mutex<Option<ListRegistration>>,
-    fault_timeout_ns: AtomicU64,
+    timeout: FaultTimeout,
 }
 
 impl std::fmt::Debug for Kvm {
@@ -530,19 +594,14 @@ impl Kvm {
             mmu,
             mm: Arc::downgrade(mm),
             registration: Mutex::new(Some(registration)),
-            fault_timeout_ns: AtomicU64::new(DEFAULT_FAULT_TIMEOUT.as_nanos() as u64),
+            timeout: FaultTimeout::default(),
         }))
     }
 
-    /// How long [`fault_gfn`](Self::fault_gfn) and the accesses keep retrying against
-    /// invalidations before they give up with [`SecondaryError::Timeout`].
-    pub fn set_fault_timeout(&self, timeout: Duration) {
-        let ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        self.fault_timeout_ns.store(ns, Relaxed);
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        Instant::now().checked_add(Duration::from_nanos(self.fault_timeout_ns.load(Relaxed)))
+    /// The retry policy of a fault starting now (the crate's fill policy; retries are
+    /// counted where they are found, in the two halves of a fault).
+    fn start_fault(&self) -> FaultRetry<'static> {
+        self.timeout.start(None)
     }
 
     fn mm(&self) -> Result<Arc<AddressSpace>, SecondaryError> {
@@ -562,20 +621,25 @@ impl Kvm {
     /// range is not mapped now, [`Gone`](MemslotError::Gone) after release.
     pub fn add_memslot(
         &self,
-        gfn_base: u64,
-        npages: u64,
-        hva: u64,
+        gfn_base: impl Into<Gfn>,
+        npages: impl Into<Pages>,
+        hva: impl Into<Hva>,
     ) -> Result<Memslot, MemslotError> {
-        if npages == 0 {
+        let (gfn_base, npages, hva) = (gfn_base.into(), npages.into(), hva.into());
+        if npages.0 == 0 {
             return Err(MemslotError::Empty);
         }
-        if hva % P != 0 {
+        if hva.0 % P != 0 {
             return Err(MemslotError::Unaligned(hva));
         }
-        gfn_base.checked_add(npages).ok_or(MemslotError::Overflow)?;
+        gfn_base
+            .0
+            .checked_add(npages.0)
+            .ok_or(MemslotError::Overflow)?;
         let hva_end = npages
+            .0
             .checked_mul(P)
-            .and_then(|len| hva.checked_add(len))
+            .and_then(|len| hva.0.checked_add(len))
             .filter(|&end| end <= TASK_SIZE)
             .ok_or(MemslotError::Overflow)?;
         let slot = Memslot {
@@ -588,8 +652,8 @@ impl Kvm {
         // Checked against a snapshot of the layout, without `mmu_lock` (the snapshot
         // takes the mmap lock, which is never taken under it). The layout may change
         // right after: a guest fault then fails as the primary's fault does.
-        if let Some(hole) = first_unmapped(&mm, hva, hva_end) {
-            return Err(MemslotError::Unmapped(hole));
+        if let Some(hole) = first_unmapped(&mm, hva.0, hva_end) {
+            return Err(MemslotError::Unmapped(Hva(hole)));
         }
         let mut s = self.mmu.lock.lock();
         // Again: another slot may have been added meanwhile.
@@ -601,7 +665,8 @@ impl Kvm {
     /// Removes the memslot starting at guest frame `gfn_base`, dropping its shadow
     /// entries (and flushing). A fault in flight for one of its frames fails with
     /// [`SecondaryError::OutOfRange`] at its install.
-    pub fn remove_memslot(&self, gfn_base: u64) -> Result<Memslot, MemslotError> {
+    pub fn remove_memslot(&self, gfn_base: impl Into<Gfn>) -> Result<Memslot, MemslotError> {
+        let gfn_base = gfn_base.into();
         let mut s = self.mmu.lock.lock();
         let i = s
             .memslots
@@ -609,7 +674,7 @@ impl Kvm {
             .position(|o| o.gfn_base == gfn_base)
             .ok_or(MemslotError::NoSuchSlot(gfn_base))?;
         let slot = s.memslots[i];
-        let gone: Vec<u64> = s
+        let gone: Vec<Gfn> = s
             .sptes
             .range(slot.gfn_base..slot.gfn_end())
             .map(|(&g, _)| g)
@@ -632,13 +697,13 @@ impl Kvm {
     }
 
     /// The host address of guest frame `gfn`, if a memslot holds it.
-    pub fn gfn_to_hva(&self, gfn: u64) -> Option<u64> {
-        self.mmu.lock.lock().gfn_to_hva(gfn)
+    pub fn gfn_to_hva(&self, gfn: impl Into<Gfn>) -> Option<Hva> {
+        self.mmu.lock.lock().gfn_to_hva(gfn.into())
     }
 
     /// The guest frame backed by the host page containing `hva`, if a memslot holds it.
-    pub fn hva_to_gfn(&self, hva: u64) -> Option<u64> {
-        self.mmu.lock.lock().hva_to_gfn(hva)
+    pub fn hva_to_gfn(&self, hva: impl Into<Hva>) -> Option<Gfn> {
+        self.mmu.lock.lock().hva_to_gfn(hva.into())
     }
 
     // ----- the fault path -------------------------------------------------------------
@@ -652,17 +717,17 @@ impl Kvm {
     /// [`Primary`](SecondaryError::Primary) if the primary refuses the fault;
     /// [`Timeout`](SecondaryError::Timeout); [`Gone`](SecondaryError::Gone) after the
     /// address space was released or the VM shut down.
-    pub fn fault_gfn(&self, gfn: u64, write: bool) -> Result<(), SecondaryError> {
+    pub fn fault_gfn(&self, gfn: impl Into<Gfn>, write: bool) -> Result<(), SecondaryError> {
         let mm = self.mm()?;
-        self.fault_gfn_in(&mm, gfn, write, self.deadline())
+        self.fault_gfn_in(&mm, gfn.into(), write, &mut self.start_fault())
     }
 
     fn fault_gfn_in(
         &self,
         mm: &AddressSpace,
-        gfn: u64,
+        gfn: Gfn,
         write: bool,
-        deadline: Option<Instant>,
+        retry: &mut FaultRetry<'_>,
     ) -> Result<(), SecondaryError> {
         {
             let s = self.mmu.lock.lock();
@@ -673,14 +738,12 @@ impl Kvm {
                 return Ok(());
             }
         }
-        loop {
-            if let Some(p) = self.prefetch_in(mm, gfn, write)? {
-                if self.install_in(mm, p)? {
-                    return Ok(());
-                }
-            }
-            crate::backoff(deadline)?;
-        }
+        // The two halves are public (a test can put an operation between them): the
+        // schedule point is in `prefetch`, and each half counts the retry it causes.
+        mmu_notifier::interval::retry(retry, |_| match self.prefetch_in(mm, gfn, write)? {
+            Some(p) => Ok(self.install_in(mm, p)?.then_some(())),
+            None => Ok(None),
+        })
     }
 
     /// Steps 1 to 3 of a guest fault: reads `mmu_invalidate_seq`, translates `gfn`, and
@@ -689,15 +752,19 @@ impl Kvm {
     ///
     /// With [`install`](Self::install), the two halves of [`fault_gfn`](Self::fault_gfn),
     /// exposed so that a test or a tool can put a primary operation between them.
-    pub fn prefetch(&self, gfn: u64, write: bool) -> Result<Option<Prefetch>, SecondaryError> {
+    pub fn prefetch(
+        &self,
+        gfn: impl Into<Gfn>,
+        write: bool,
+    ) -> Result<Option<Prefetch>, SecondaryError> {
         let mm = self.mm()?;
-        self.prefetch_in(&mm, gfn, write)
+        self.prefetch_in(&mm, gfn.into(), write)
     }
 
     fn prefetch_in(
         &self,
         mm: &AddressSpace,
-        gfn: u64,
+        gfn: Gfn,
         write: bool,
     ) -> Result<Option<Prefetch>, SecondaryError> {
         // Step 1. Acquire: pairs with the Release bump in `invalidate_range_end`. If we
@@ -713,19 +780,19 @@ impl Kvm {
             .lock
             .lock()
             .gfn_to_hva(gfn)
-            .ok_or(SecondaryError::OutOfRange(gfn.saturating_mul(P)))?;
+            .ok_or(SecondaryError::OutOfRange(gfn.guest_address()))?;
         // Step 2, a hint: Relaxed reads, possibly of values from different moments (the
         // count of one invalidation with the range of another). A wrong "no" costs a
         // useless primary fault, caught by step 4; a wrong "yes" costs a retry, and the
         // reads see the count drop to 0 soon after it does (coherence), so it cannot
         // spin forever.
-        if self.mmu.in_progress_covers(hva) {
+        if self.mmu.in_progress_covers(hva.0) {
             self.mmu.counters.retry();
             return Ok(None);
         }
         // Step 3: may sleep, may cause invalidations (a COW break) that call back into
         // us; we hold no lock of ours.
-        let frame = mm.fault(hva, write)?;
+        let frame = mm.fault(hva.0, write)?;
         // The race window: an invalidation here must make step 4 retry.
         crate::sched::point();
         Ok(Some(Prefetch {
@@ -756,13 +823,13 @@ impl Kvm {
         }
         let hva = s
             .gfn_to_hva(p.gfn)
-            .ok_or(SecondaryError::OutOfRange(p.gfn.saturating_mul(P)))?;
-        if hva != p.hva || self.mmu.must_retry(&s, p.hva, p.seq) {
+            .ok_or(SecondaryError::OutOfRange(p.gfn.guest_address()))?;
+        if hva != p.hva || self.mmu.must_retry(&s, p.hva.0, p.seq) {
             drop(s);
             self.mmu.counters.retry();
             return Ok(false);
         }
-        report_install(mm, &*self.mmu, p.hva, p.frame, p.write);
+        report_install(mm, &*self.mmu, p.hva.0, p.frame, p.write);
         s.sptes.insert(
             p.gfn,
             Spte {
@@ -784,13 +851,18 @@ impl Kvm {
     /// a read-only one for a write). Returns the data read, or the data written.
     ///
     /// Errors: those of [`fault_gfn`](Self::fault_gfn).
-    pub fn guest_access(&self, gfn: u64, write: Option<u64>) -> Result<u64, SecondaryError> {
+    pub fn guest_access(
+        &self,
+        gfn: impl Into<Gfn>,
+        write: Option<u64>,
+    ) -> Result<u64, SecondaryError> {
+        let gfn = gfn.into();
         let mm = self.mm()?;
-        let deadline = self.deadline();
+        let mut retry = self.start_fault();
         let mut faulted = false;
         loop {
-            if faulted && deadline.is_some_and(crate::sched::expired) {
-                return Err(SecondaryError::Timeout);
+            if faulted {
+                retry.check()?;
             }
             {
                 let mut s = self.mmu.lock.lock();
@@ -804,33 +876,33 @@ impl Kvm {
                 {
                     e.accessed = true;
                     let (hva, frame) = (e.hva, e.frame);
-                    let v = device_access(&mm, &*self.mmu, hva, frame, write);
+                    let v = device_access(&mm, &*self.mmu, hva.0, frame, write);
                     self.mmu.counters.access();
                     return Ok(v);
                 }
             }
             // No usable entry. The fault installs one; an invalidation may drop it again
             // before we retake the lock, hence the loop (bounded by the same deadline).
-            self.fault_gfn_in(&mm, gfn, write.is_some(), deadline)?;
+            self.fault_gfn_in(&mm, gfn, write.is_some(), &mut retry)?;
             faulted = true;
         }
     }
 
     /// A guest read of frame `gfn` (see [`guest_access`](Self::guest_access)).
-    pub fn guest_read(&self, gfn: u64) -> Result<u64, SecondaryError> {
+    pub fn guest_read(&self, gfn: impl Into<Gfn>) -> Result<u64, SecondaryError> {
         self.guest_access(gfn, None)
     }
 
     /// A guest write of `value` to frame `gfn` (see [`guest_access`](Self::guest_access)).
-    pub fn guest_write(&self, gfn: u64, value: u64) -> Result<u64, SecondaryError> {
+    pub fn guest_write(&self, gfn: impl Into<Gfn>, value: u64) -> Result<u64, SecondaryError> {
         self.guest_access(gfn, Some(value))
     }
 
     // ----- inspection and teardown ----------------------------------------------------
 
     /// The shadow entry of `gfn`, if any.
-    pub fn spte(&self, gfn: u64) -> Option<Spte> {
-        self.mmu.lock.lock().sptes.get(&gfn).copied()
+    pub fn spte(&self, gfn: impl Into<Gfn>) -> Option<Spte> {
+        self.mmu.lock.lock().sptes.get(&gfn.into()).copied()
     }
 
     /// How many shadow entries there are.
@@ -912,6 +984,10 @@ impl SecondaryMmu for Kvm {
 
     fn stats(&self) -> SecondaryStats {
         self.mmu.counters.snapshot()
+    }
+
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }
 

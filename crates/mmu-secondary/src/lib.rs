@@ -10,9 +10,46 @@
 //! the address space's checker when one is attached, so every stale translation,
 //! use-after-free or lost write is counted.
 //!
-//! Each fault calls a [`sched::point`] in its race window (after reading the primary,
-//! before installing under its own lock): a scheduler can run other operations right
-//! there, deterministically, so that a lost race is found and replayed exactly.
+//! # Faults: one fill loop, one policy
+//!
+//! Every fault of every secondary is the collision-retry loop of `mmu_notifier`'s fill
+//! helper ([`IntervalSubscription::fill`](mmu_notifier::IntervalSubscription::fill), or
+//! the bare [`retry`](mmu_notifier::interval::retry) loop for the list subscribers, whose
+//! sequence is their own), under one policy, [`FaultRetry`]:
+//!
+//! - the race window (after reading the primary, before the secondary's own lock) is a
+//!   schedule point ([`sched::point`]): a scheduler can run other operations right there,
+//!   deterministically, so that a lost race is found and replayed exactly;
+//! - a lost attempt is counted ([`SecondaryStats::retries`]), by the policy or, for KVM's
+//!   and SVA's faults whose two halves are public, by the half that finds it;
+//! - between two attempts the fault hands over to the scheduler under one, else yields
+//!   the CPU so that the invalidation that won can finish;
+//! - the fault gives up with [`SecondaryError::Timeout`] once its deadline has passed:
+//!   the secondary's fault timeout ([`SecondaryMmu::set_fault_timeout`], by default
+//!   [`DEFAULT_FAULT_TIMEOUT`]) from the start of the operation. Under a scheduler time
+//!   means nothing and the deadline is ignored ([`sched::expired`]).
+//!
+//! A fault that holds a lock another task may need to go on (HMM's device-operations lock)
+//! uses the policy without handover ([`FaultRetry::holding_lock`]): no schedule point, and
+//! the deadline in force even under a scheduler (no collision can happen there while no
+//! other task runs, so a loop that does not end is a bug worth a `Timeout`).
+//!
+//! # How a secondary holds its address space
+//!
+//! A secondary holds its [`AddressSpace`] by [`Weak`](std::sync::Weak), upgrades it for
+//! the length of one operation, and answers [`SecondaryError::Gone`] when that fails; the
+//! state it registers or inserts in the address space's notifier holds no reference to
+//! the address space at all. Two reasons:
+//!
+//! - the address space owns its notifier, and the notifier holds what is subscribed: an
+//!   `Arc` from there back to the address space is a cycle that no drop ever ends;
+//! - a device must not keep a process's memory alive after the process has let go of it
+//!   (Linux's notifier pins the `mm_struct`, `mmgrab`, never the address space,
+//!   `mm_users`: the address space goes away and the secondary is told through
+//!   `release`).
+//!
+//! The helper threads of a secondary (XPMEM's consumer and fault server) follow the same
+//! rule: they outlive no operation with a strong reference.
 #![deny(missing_docs)]
 
 pub mod broken;
@@ -25,6 +62,9 @@ pub mod xpmem;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use mmu_notifier::{RetryBudget, RetryPolicy};
 
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SimError};
 
@@ -120,6 +160,22 @@ pub trait SecondaryMmu: CheckedSecondary {
     /// The counters.
     fn stats(&self) -> SecondaryStats;
 
+    /// The secondary's fault-timeout setting, which its faults start their
+    /// [`FaultRetry`] from.
+    fn timeout_setting(&self) -> &FaultTimeout;
+
+    /// How long a fault keeps retrying against colliding invalidations before it fails
+    /// with [`SecondaryError::Timeout`] ([`DEFAULT_FAULT_TIMEOUT`] unless set).
+    fn fault_timeout(&self) -> Duration {
+        self.timeout_setting().get()
+    }
+
+    /// Sets the fault timeout (saturates at about 584 years); faults that have started
+    /// keep theirs.
+    fn set_fault_timeout(&self, timeout: Duration) {
+        self.timeout_setting().set(timeout);
+    }
+
     /// Migrates `npages` pages from `start` to the device's own memory, if the secondary
     /// has any (the HMM mirror does: its `Migrate` invalidation carries its owner token
     /// and it keeps its translations through it). Returns the pages moved; the default
@@ -168,18 +224,134 @@ pub fn report_install(
     }
 }
 
-/// Between two attempts of a fault that lost a race: gives up past the deadline, else lets
-/// the invalidation that won make progress.
-pub(crate) fn backoff(deadline: Option<std::time::Instant>) -> Result<(), SecondaryError> {
-    if deadline.is_some_and(sched::expired) {
-        return Err(SecondaryError::Timeout);
+/// How long a fault keeps retrying against colliding invalidations before it fails with
+/// [`SecondaryError::Timeout`], unless [`SecondaryMmu::set_fault_timeout`] says otherwise.
+/// (Linux's HMM gives up after 1 s, `HMM_RANGE_DEFAULT_TIMEOUT`; KVM retries as long as it
+/// takes. A simulation on a loaded machine needs slack: a timeout here is a livelock, not
+/// a slow scheduler.)
+pub const DEFAULT_FAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A secondary's fault timeout: the one setting behind [`SecondaryMmu::set_fault_timeout`].
+#[derive(Debug)]
+pub struct FaultTimeout {
+    /// Nanoseconds; a configuration value no other data depends on (Relaxed).
+    ns: AtomicU64,
+}
+
+impl Default for FaultTimeout {
+    fn default() -> Self {
+        Self::new(DEFAULT_FAULT_TIMEOUT)
     }
-    if sched::active() {
-        sched::point();
-    } else {
-        std::thread::yield_now();
+}
+
+impl FaultTimeout {
+    /// A timeout of `timeout` (saturates at about 584 years).
+    pub fn new(timeout: Duration) -> Self {
+        let t = FaultTimeout {
+            ns: AtomicU64::new(0),
+        };
+        t.set(timeout);
+        t
     }
-    Ok(())
+
+    /// The timeout.
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.ns.load(Relaxed))
+    }
+
+    /// Sets the timeout (saturates at about 584 years).
+    pub fn set(&self, timeout: Duration) {
+        let ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        self.ns.store(ns, Relaxed);
+    }
+
+    /// The retry policy of a fault starting now: this timeout from now, lost attempts
+    /// counted in `counters` if given.
+    pub fn start<'a>(&self, counters: Option<&'a Counters>) -> FaultRetry<'a> {
+        FaultRetry {
+            budget: RetryBudget::timeout(self.get()),
+            counters,
+            handover: true,
+        }
+    }
+}
+
+/// The retry policy of every secondary's fault (see the [crate docs](crate#faults-one-fill-loop-one-policy)):
+/// a schedule point in the race window, a counted retry, a handover or a yield between
+/// attempts, [`SecondaryError::Timeout`] past the deadline (ignored under a scheduler).
+#[derive(Debug)]
+pub struct FaultRetry<'a> {
+    budget: RetryBudget,
+    counters: Option<&'a Counters>,
+    handover: bool,
+}
+
+impl FaultRetry<'_> {
+    /// The same policy for a caller that holds a lock another task may need: no schedule
+    /// point, and the deadline in force even under a scheduler.
+    pub fn holding_lock(&mut self) -> FaultRetry<'_> {
+        FaultRetry {
+            budget: self.budget,
+            counters: self.counters,
+            handover: false,
+        }
+    }
+
+    /// Whether the fault's deadline has passed (never under a scheduler, unless the
+    /// policy holds a lock).
+    pub fn expired(&self) -> bool {
+        match self.budget.deadline() {
+            Some(d) if self.handover => sched::expired(d),
+            Some(d) => Instant::now() >= d,
+            None => false,
+        }
+    }
+
+    /// Gives up if the deadline has passed: for the loops around a fill (an access that
+    /// faults, then finds its translation dropped again).
+    pub fn check(&self) -> Result<(), SecondaryError> {
+        if self.expired() {
+            Err(SecondaryError::Timeout)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl RetryPolicy for FaultRetry<'_> {
+    type Error = SecondaryError;
+
+    fn window(&mut self) {
+        if self.handover {
+            sched::point();
+        }
+    }
+
+    fn again(&mut self) -> Result<(), SecondaryError> {
+        if let Some(c) = self.counters {
+            c.retry();
+        }
+        self.check()?;
+        if self.handover && sched::active() {
+            sched::point();
+        } else {
+            // Let the invalidating thread finish (two cores, and a build running beside).
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+}
+
+/// The page holding `addr`.
+pub(crate) fn page_of(addr: u64) -> u64 {
+    addr & !(mmu_sim::PAGE_SIZE - 1)
+}
+
+/// One translation of a secondary's page-keyed table.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Translation {
+    pub(crate) frame: FrameRef,
+    pub(crate) writable: bool,
 }
 
 /// Unregisters, unless the current thread is inside a callback (or holds an invalidation)

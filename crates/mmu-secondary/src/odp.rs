@@ -63,17 +63,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
 
 use mmu_notifier::{
-    Event, IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription, Range,
-    WouldBlock,
+    Event, Install, IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription,
+    Range, WouldBlock,
 };
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, SimError, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::{
-    device_access, report_install, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
+    device_access, page_of, report_install, Counters, FaultTimeout, SecondaryError, SecondaryMmu,
+    SecondaryStats, Translation,
 };
 
 /// Pages per chunk of [`OdpRegion::new`]: a fault subscribes the aligned 16-page run
@@ -84,22 +84,10 @@ pub const DEFAULT_CHUNK_PAGES: u64 = 16;
 /// clamped).
 pub const MAX_CHUNK_PAGES: u64 = 1 << 20;
 
-/// How long a fault keeps retrying against colliding invalidations.
-const FAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Fault-then-access rounds before an access gives up.
 const ACCESS_ROUNDS: usize = 16;
 
 const NAME: &str = "odp";
-
-fn page_of(addr: u64) -> u64 {
-    addr & !(PAGE_SIZE - 1)
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Translation {
-    frame: FrameRef,
-    writable: bool,
-}
 
 type Handle = Arc<IntervalSubscription<Chunk>>;
 
@@ -234,13 +222,15 @@ impl IntervalSubscriber for Chunk {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct OdpRegion {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     start: u64,
     end: u64,
     chunk_pages: u64,
     shared: Arc<Shared>,
     /// Serialises chunk creation; never taken by callbacks.
     create: Mutex<()>,
+    timeout: FaultTimeout,
 }
 
 impl std::fmt::Debug for OdpRegion {
@@ -284,7 +274,7 @@ impl OdpRegion {
             .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
             .ok_or(bad)?;
         let r = Arc::new(OdpRegion {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             start: page_of(start),
             end,
             chunk_pages: chunk_pages.clamp(1, MAX_CHUNK_PAGES),
@@ -293,6 +283,7 @@ impl OdpRegion {
                 counters: Counters::default(),
             }),
             create: Mutex::new(()),
+            timeout: FaultTimeout::default(),
         });
         if let Some(c) = mm.checker() {
             let weak: Weak<dyn CheckedSecondary> = Arc::downgrade(&r) as _;
@@ -336,7 +327,7 @@ impl OdpRegion {
     }
 
     /// The chunk covering `page`, created if there is none.
-    fn lookup_or_create(&self, page: u64) -> Result<Handle, SecondaryError> {
+    fn lookup_or_create(&self, mm: &AddressSpace, page: u64) -> Result<Handle, SecondaryError> {
         if let Some(h) = self.lookup(page) {
             return Ok(h);
         }
@@ -349,8 +340,7 @@ impl OdpRegion {
         let mut lo = (page / chunk * chunk).max(self.start);
         let mut hi = (page / chunk * chunk).saturating_add(chunk).min(self.end);
         // Not in a callback: reading the layout (the mmap lock) is allowed here.
-        let vma = self
-            .mm
+        let vma = mm
             .vmas()
             .into_iter()
             .find(|v| v.start <= page && page < v.end)
@@ -371,8 +361,7 @@ impl OdpRegion {
             dead: false,
             shared: Arc::downgrade(&self.shared),
         };
-        let sub = self
-            .mm
+        let sub = mm
             .notifier()
             .insert_interval(lo..hi, state)
             .map_err(|e| match e {
@@ -382,6 +371,11 @@ impl OdpRegion {
         let h = Arc::new(sub);
         self.shared.subs.lock().push(h.clone());
         Ok(h)
+    }
+
+    /// The address space, for one operation ([`Gone`](SecondaryError::Gone) once dropped).
+    fn mm(&self) -> Result<Arc<AddressSpace>, SecondaryError> {
+        self.mm.upgrade().ok_or(SecondaryError::Gone)
     }
 
     fn check(&self, addr: u64) -> Result<u64, SecondaryError> {
@@ -402,57 +396,53 @@ impl OdpRegion {
     /// [`SecondaryError::Gone`] once the address space is released.
     pub fn fault_pages(&self, addr: u64, pages: u64, write: bool) -> Result<usize, SecondaryError> {
         let page = self.check(addr)?;
+        let mm = self.mm()?;
         let want_end = page
             .saturating_add(pages.max(1).saturating_mul(PAGE_SIZE))
             .min(self.end);
-        let counters = &self.shared.counters;
-        let deadline = Instant::now() + FAULT_TIMEOUT;
-        loop {
-            let sub = self.lookup_or_create(page)?;
-            let seq = sub.read_begin();
-            let Some(covered) = sub.range() else {
-                // Removed since the lookup: the next lookup drops it.
-                counters.retry();
-                if crate::sched::expired(deadline) {
-                    return Err(SecondaryError::Timeout);
-                }
-                continue;
-            };
-            let end = want_end.min(covered.end);
+        let mut retry = self.timeout.start(Some(&self.shared.counters));
+        mmu_notifier::interval::retry(&mut retry, |retry| {
+            let sub = self.lookup_or_create(&mm, page)?;
             // Gather without the user lock (the primary may sleep).
-            let mut got: Vec<(u64, FrameRef)> = Vec::new();
-            for a in (page..end).step_by(PAGE_SIZE as usize) {
-                match self.mm.fault(a, write) {
-                    Ok(f) => got.push((a, f)),
-                    Err(e) if got.is_empty() => return Err(e.into()),
-                    Err(_) => break,
+            let gather = || {
+                let Some(covered) = sub.range() else {
+                    // Removed since the lookup: the next lookup drops it.
+                    return Ok(None);
+                };
+                let end = want_end.min(covered.end);
+                let mut got: Vec<(u64, FrameRef)> = Vec::new();
+                for a in (page..end).step_by(PAGE_SIZE as usize) {
+                    match mm.fault(a, write) {
+                        Ok(f) => got.push((a, f)),
+                        Err(e) if got.is_empty() => return Err(e.into()),
+                        Err(_) => break,
+                    }
                 }
-            }
-            let got_end = page + got.len() as u64 * PAGE_SIZE;
-            // The race window: an invalidation here must make the check below retry.
-            crate::sched::point();
-            let mut c = sub.lock();
-            if !c.covers(page, got_end) || c.read_retry(seq) {
-                drop(c);
-                counters.retry();
-                if crate::sched::expired(deadline) {
-                    return Err(SecondaryError::Timeout);
+                Ok(Some(got))
+            };
+            sub.try_fill(retry, gather, |c, got| {
+                let Some(got) = got else {
+                    return Ok(Install::Retry);
+                };
+                // The chunk may have shrunk (or died) since: install only what it covers.
+                let got_end = page + got.len() as u64 * PAGE_SIZE;
+                if !c.covers(page, got_end) {
+                    return Ok(Install::Retry);
                 }
-                continue;
-            }
-            for &(a, frame) in &got {
-                report_install(&self.mm, self, a, frame, write);
-                c.pages.insert(
-                    a,
-                    Translation {
-                        frame,
-                        writable: write,
-                    },
-                );
-                counters.fill();
-            }
-            return Ok(got.len());
-        }
+                for &(a, frame) in &got {
+                    report_install(&mm, self, a, frame, write);
+                    c.pages.insert(
+                        a,
+                        Translation {
+                            frame,
+                            writable: write,
+                        },
+                    );
+                    self.shared.counters.fill();
+                }
+                Ok(Install::Done(got.len()))
+            })
+        })
     }
 
     /// How many chunk subscriptions the region has.
@@ -510,6 +500,7 @@ impl SecondaryMmu for OdpRegion {
 
     fn access(&self, addr: u64, write: Option<u64>) -> Result<u64, SecondaryError> {
         let page = self.check(addr)?;
+        let mm = self.mm()?;
         for _ in 0..ACCESS_ROUNDS {
             if let Some(sub) = self.lookup(page) {
                 let c = sub.lock();
@@ -518,7 +509,7 @@ impl SecondaryMmu for OdpRegion {
                 });
                 if let Some(t) = usable {
                     // With the user lock held: no invalidation of the chunk runs meanwhile.
-                    let v = device_access(&self.mm, self, page, t.frame, write);
+                    let v = device_access(&mm, self, page, t.frame, write);
                     drop(c);
                     self.shared.counters.access();
                     return Ok(v);
@@ -531,6 +522,10 @@ impl SecondaryMmu for OdpRegion {
 
     fn stats(&self) -> SecondaryStats {
         self.shared.counters.snapshot()
+    }
+
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }
 

@@ -76,23 +76,19 @@ use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
 
 use mmu_notifier::{ListRegistration, RegisterError, SecondaryTlb};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE, TASK_SIZE};
 use parking_lot::Mutex;
 
-use crate::{device_access, Counters, SecondaryError, SecondaryMmu, SecondaryStats};
+use crate::{
+    device_access, Counters, FaultRetry, FaultTimeout, SecondaryError, SecondaryMmu, SecondaryStats,
+};
 
 const P: u64 = PAGE_SIZE;
 
 /// Entries in a TLB made by [`SvaTlb::new`].
 pub const DEFAULT_CAPACITY: usize = 64;
-
-/// How long a fill keeps trying (page requests and walks beaten by flushes) before it
-/// gives up with [`SecondaryError::Timeout`], unless [`SvaTlb::set_fault_timeout`] says
-/// otherwise.
-pub const DEFAULT_FAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The name the checker reports for this secondary.
 const NAME: &str = "sva";
@@ -234,7 +230,7 @@ pub struct SvaTlb {
     tlb: Arc<DeviceTlb>,
     mm: Weak<AddressSpace>,
     registration: Mutex<Option<ListRegistration>>,
-    fault_timeout_ns: AtomicU64,
+    timeout: FaultTimeout,
 }
 
 impl std::fmt::Debug for SvaTlb {
@@ -289,18 +285,14 @@ impl SvaTlb {
             tlb,
             mm: Arc::downgrade(mm),
             registration: Mutex::new(Some(registration)),
-            fault_timeout_ns: AtomicU64::new(DEFAULT_FAULT_TIMEOUT.as_nanos() as u64),
+            timeout: FaultTimeout::default(),
         }))
     }
 
-    /// How long fills keep trying before they give up with [`SecondaryError::Timeout`].
-    pub fn set_fault_timeout(&self, timeout: Duration) {
-        let ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        self.fault_timeout_ns.store(ns, Relaxed);
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        Instant::now().checked_add(Duration::from_nanos(self.fault_timeout_ns.load(Relaxed)))
+    /// The retry policy of a fill starting now (the crate's fill policy; retries are
+    /// counted where they are found, in [`insert`](Self::insert)).
+    fn start_fault(&self) -> FaultRetry<'static> {
+        self.timeout.start(None)
     }
 
     fn mm(&self) -> Result<Arc<AddressSpace>, SecondaryError> {
@@ -319,7 +311,7 @@ impl SvaTlb {
     /// after release or shutdown.
     pub fn fill(&self, addr: u64, write: bool) -> Result<TlbEntry, SecondaryError> {
         let mm = self.mm()?;
-        self.fill_in(&mm, addr, write, self.deadline())
+        self.fill_in(&mm, addr, write, &mut self.start_fault())
     }
 
     fn fill_in(
@@ -327,15 +319,14 @@ impl SvaTlb {
         mm: &AddressSpace,
         addr: u64,
         write: bool,
-        deadline: Option<Instant>,
+        retry: &mut FaultRetry<'_>,
     ) -> Result<TlbEntry, SecondaryError> {
-        loop {
-            let walk = self.walk_in(mm, addr, write, deadline)?;
-            if self.insert(walk)? {
-                return Ok(walk.entry);
-            }
-            crate::backoff(deadline)?;
-        }
+        // The two halves are public (a test can put an operation between them): the
+        // schedule point is in `walk`, and `insert` counts the retry it causes.
+        mmu_notifier::interval::retry(retry, |retry| {
+            let walk = self.walk_in(mm, addr, write, retry)?;
+            Ok(self.insert(walk)?.then_some(walk.entry))
+        })
     }
 
     /// Steps 1 and 2 of a fill: reads the flush generation, then walks the primary's
@@ -345,7 +336,7 @@ impl SvaTlb {
     /// that a test or a tool can put a primary operation between them. Errors as `fill`.
     pub fn walk(&self, addr: u64, write: bool) -> Result<TlbWalk, SecondaryError> {
         let mm = self.mm()?;
-        self.walk_in(&mm, addr, write, self.deadline())
+        self.walk_in(&mm, addr, write, &self.start_fault())
     }
 
     fn walk_in(
@@ -353,7 +344,7 @@ impl SvaTlb {
         mm: &AddressSpace,
         addr: u64,
         write: bool,
-        deadline: Option<Instant>,
+        retry: &FaultRetry<'_>,
     ) -> Result<TlbWalk, SecondaryError> {
         if addr >= TASK_SIZE {
             return Err(SecondaryError::OutOfRange(addr));
@@ -393,9 +384,7 @@ impl SvaTlb {
                         return Err(SecondaryError::Gone);
                     }
                     mm.fault(page, write)?;
-                    if deadline.is_some_and(crate::sched::expired) {
-                        return Err(SecondaryError::Timeout);
-                    }
+                    retry.check()?;
                 }
             }
         }
@@ -435,12 +424,12 @@ impl SvaTlb {
     /// [`fill`](Self::fill).
     pub fn device_access(&self, addr: u64, write: Option<u64>) -> Result<u64, SecondaryError> {
         let mm = self.mm()?;
-        let deadline = self.deadline();
+        let mut retry = self.start_fault();
         let page = addr & !(P - 1);
         let mut filled = false;
         loop {
-            if filled && deadline.is_some_and(crate::sched::expired) {
-                return Err(SecondaryError::Timeout);
+            if filled {
+                retry.check()?;
             }
             {
                 let e = self.tlb.lock.lock();
@@ -458,7 +447,7 @@ impl SvaTlb {
                 }
             }
             // A miss. A flush may drop the new entry before we retake the lock: loop.
-            self.fill_in(&mm, page, write.is_some(), deadline)?;
+            self.fill_in(&mm, page, write.is_some(), &mut retry)?;
             filled = true;
         }
     }
@@ -573,5 +562,9 @@ impl SecondaryMmu for SvaTlb {
 
     fn stats(&self) -> SecondaryStats {
         self.tlb.counters.snapshot()
+    }
+
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
     }
 }

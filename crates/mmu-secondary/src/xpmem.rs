@@ -111,27 +111,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use mmu_notifier::{Install, Range, WouldBlock};
 use mmu_notifier::{IntervalContext, IntervalError, IntervalSubscriber, IntervalSubscription};
-use mmu_notifier::{Range, WouldBlock};
 use mmu_sim::{AddressSpace, CheckedSecondary, FrameRef, SecondaryKind, PAGE_SIZE};
 use parking_lot::{Condvar, Mutex};
 
 use crate::{
-    device_access, report_install, sched, Counters, SecondaryError, SecondaryMmu, SecondaryStats,
+    device_access, page_of, report_install, sched, Counters, FaultTimeout, SecondaryError,
+    SecondaryMmu, SecondaryStats, Translation,
 };
 
 /// How long a caller waits for the consumer to answer a request.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the fault server keeps retrying one fault against colliding invalidations.
-const FAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 const NAME: &str = "xpmem";
-
-fn page_of(addr: u64) -> u64 {
-    addr & !(PAGE_SIZE - 1)
-}
 
 /// Names one export of an [`Xpmem`] (returned by [`Xpmem::export`]).
 ///
@@ -151,12 +146,10 @@ fn page_of(addr: u64) -> u64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExportId(pub u64);
 
-/// One translation of the consumer's table.
+/// One translation of the consumer's table, and the id of the grant it came from.
 #[derive(Clone, Copy, Debug)]
-struct Translation {
-    frame: FrameRef,
-    writable: bool,
-    /// The id of the grant it came from.
+struct Granted {
+    tr: Translation,
     grant: u64,
 }
 
@@ -240,7 +233,7 @@ enum ToExporter {
 /// secondary in its checked installs and accesses.
 #[derive(Default)]
 struct Remote {
-    table: Mutex<BTreeMap<u64, Translation>>,
+    table: Mutex<BTreeMap<u64, Granted>>,
 }
 
 impl Remote {
@@ -269,7 +262,7 @@ impl CheckedSecondary for Remote {
         self.table
             .lock()
             .range(page_of(start)..end)
-            .map(|(&a, t)| (a, t.frame))
+            .map(|(&a, g)| (a, g.tr.frame))
             .collect()
     }
 }
@@ -382,7 +375,8 @@ type Exports = Arc<Mutex<Vec<Arc<Export>>>>;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Xpmem {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     remote: Arc<Remote>,
     counters: Arc<Counters>,
     control: Arc<Control>,
@@ -390,6 +384,8 @@ pub struct Xpmem {
     next_id: AtomicU64,
     /// Under a scheduler: a device request is in flight (see [`Xpmem::request`]).
     in_flight: AtomicBool,
+    /// The fault server's fault timeout.
+    timeout: Arc<FaultTimeout>,
     to_consumer: Sender<ToConsumer>,
     to_exporter: Sender<ToExporter>,
     consumer: Option<JoinHandle<()>>,
@@ -419,11 +415,12 @@ impl Xpmem {
         let counters = Arc::new(Counters::default());
         let control = Arc::new(Control::default());
         let exports: Exports = Arc::default();
+        let timeout = Arc::new(FaultTimeout::default());
         let (to_consumer, consumer_rx) = channel();
         let (to_exporter, server_rx) = channel();
 
         let consumer = Consumer {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             remote: remote.clone(),
             counters: counters.clone(),
             control: control.clone(),
@@ -438,10 +435,11 @@ impl Xpmem {
             .map_err(|_| SecondaryError::Gone)?;
 
         let server = FaultServer {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             next_grant: 1,
             exports: exports.clone(),
             counters: counters.clone(),
+            timeout: timeout.clone(),
             to_consumer: to_consumer.clone(),
             rx: server_rx,
         };
@@ -458,13 +456,14 @@ impl Xpmem {
         };
 
         let x = Arc::new(Xpmem {
-            mm: mm.clone(),
+            mm: Arc::downgrade(mm),
             remote,
             counters,
             control,
             exports,
             next_id: AtomicU64::new(1),
             in_flight: AtomicBool::new(false),
+            timeout,
             to_consumer,
             to_exporter,
             consumer: Some(consumer),
@@ -500,8 +499,8 @@ impl Xpmem {
             to_consumer: self.to_consumer.clone(),
             counters: self.counters.clone(),
         };
-        let sub = self
-            .mm
+        let mm = self.mm.upgrade().ok_or(SecondaryError::Gone)?;
+        let sub = mm
             .notifier()
             .insert_interval(s..e, state)
             .map_err(|err| match err {
@@ -679,6 +678,10 @@ impl SecondaryMmu for Xpmem {
     fn stats(&self) -> SecondaryStats {
         self.counters.snapshot()
     }
+
+    fn timeout_setting(&self) -> &FaultTimeout {
+        &self.timeout
+    }
 }
 
 impl Drop for Xpmem {
@@ -763,7 +766,8 @@ struct Pending {
 
 /// The consumer thread's state.
 struct Consumer {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     remote: Arc<Remote>,
     counters: Arc<Counters>,
     control: Arc<Control>,
@@ -824,14 +828,18 @@ impl Consumer {
                 writable,
                 grant,
             } => {
+                // The address space is gone: nothing to install (the parked requests, asked
+                // again when the fault settles, are refused with `Gone`).
+                let Some(mm) = self.mm.upgrade() else {
+                    return true;
+                };
                 {
                     let mut t = self.remote.table.lock();
-                    report_install(&self.mm, &*self.remote, addr, frame, writable);
+                    report_install(&mm, &*self.remote, addr, frame, writable);
                     t.insert(
                         addr,
-                        Translation {
-                            frame,
-                            writable,
+                        Granted {
+                            tr: Translation { frame, writable },
                             grant,
                         },
                     );
@@ -885,12 +893,21 @@ impl Consumer {
     fn dispatch(&mut self, addr: u64, p: Pending) {
         {
             let t = self.remote.table.lock();
-            if let Some(tr) = t.get(&addr).filter(|tr| tr.writable || !p.write) {
+            if let Some(tr) = t
+                .get(&addr)
+                .map(|g| g.tr)
+                .filter(|tr| tr.writable || !p.write)
+            {
+                let Some(mm) = self.mm.upgrade() else {
+                    drop(t);
+                    let _ = p.reply.send(Err(SecondaryError::Gone));
+                    return;
+                };
                 // With the consumer lock held: no drop order can be handled meanwhile.
                 let v = match p.op {
                     Op::Map => 0,
-                    Op::Read => device_access(&self.mm, &*self.remote, addr, tr.frame, None),
-                    Op::Write(v) => device_access(&self.mm, &*self.remote, addr, tr.frame, Some(v)),
+                    Op::Read => device_access(&mm, &*self.remote, addr, tr.frame, None),
+                    Op::Write(v) => device_access(&mm, &*self.remote, addr, tr.frame, Some(v)),
                 };
                 drop(t);
                 if !matches!(p.op, Op::Map) {
@@ -920,11 +937,14 @@ impl Consumer {
 // ----- the exporter's fault server ----------------------------------------------------------
 
 struct FaultServer {
-    mm: Arc<AddressSpace>,
+    /// Weak: see the crate docs (a secondary never keeps its address space alive).
+    mm: Weak<AddressSpace>,
     /// The id of the next grant.
     next_grant: u64,
     exports: Exports,
     counters: Arc<Counters>,
+    /// The exporter's fault timeout (shared with the [`Xpmem`] that sets it).
+    timeout: Arc<FaultTimeout>,
     to_consumer: Sender<ToConsumer>,
     rx: Receiver<ToExporter>,
 }
@@ -972,47 +992,42 @@ impl FaultServer {
             .find(|e| e.start <= addr && addr < e.end)
             .cloned()
             .ok_or(SecondaryError::OutOfRange(addr))?;
-        let deadline = Instant::now() + FAULT_TIMEOUT;
-        loop {
-            // Waits while an invalidation of this export is in progress.
-            let seq = export.sub.read_begin();
-            // Not in a callback: may sleep, may wait for the mmap lock.
-            let frame = self.mm.fault(addr, write)?;
-            // The race window: an invalidation here must make `read_retry` fail.
-            sched::point();
-            let mut st = export.sub.lock();
-            if st.closed {
-                return Err(SecondaryError::Gone);
-            }
-            if st.read_retry(seq) {
-                drop(st);
-                self.counters.retry();
-                if sched::expired(deadline) {
-                    return Err(SecondaryError::Timeout);
+        let mut retry = self.timeout.start(Some(&self.counters));
+        // `read_begin` (in the fill) waits while an invalidation of this export is in
+        // progress; the gather is not in a callback: it may sleep, may wait for the mmap
+        // lock.
+        export.sub.fill(
+            &mut retry,
+            || {
+                let mm = self.mm.upgrade().ok_or(SecondaryError::Gone)?;
+                Ok(mm.fault(addr, write)?)
+            },
+            |st, frame| {
+                if st.closed {
+                    return Err(SecondaryError::Gone);
                 }
-                continue;
-            }
-            // Recorded before the grant is sent, and sent with the user lock held: the
-            // next invalidation of this export sees the page in `remote`, and its drop
-            // order follows the grant on the consumer's FIFO channel.
-            let grant = self.next_grant;
-            self.next_grant += 1;
-            let previous = st.remote.insert(addr, grant);
-            let msg = ToConsumer::Grant {
-                addr,
-                frame,
-                writable: write,
-                grant,
-            };
-            if self.to_consumer.send(msg).is_err() {
-                // The consumer is gone (and holds nothing): undo.
-                match previous {
-                    Some(g) => st.remote.insert(addr, g),
-                    None => st.remote.remove(&addr),
+                // Recorded before the grant is sent, and sent with the user lock held: the
+                // next invalidation of this export sees the page in `remote`, and its drop
+                // order follows the grant on the consumer's FIFO channel.
+                let grant = self.next_grant;
+                self.next_grant += 1;
+                let previous = st.remote.insert(addr, grant);
+                let msg = ToConsumer::Grant {
+                    addr,
+                    frame,
+                    writable: write,
+                    grant,
                 };
-                return Err(SecondaryError::Gone);
-            }
-            return Ok(());
-        }
+                if self.to_consumer.send(msg).is_err() {
+                    // The consumer is gone (and holds nothing): undo.
+                    match previous {
+                        Some(g) => st.remote.insert(addr, g),
+                        None => st.remote.remove(&addr),
+                    };
+                    return Err(SecondaryError::Gone);
+                }
+                Ok(Install::Done(()))
+            },
+        )
     }
 }

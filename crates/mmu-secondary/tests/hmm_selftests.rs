@@ -584,8 +584,8 @@ fn timeout_when_every_fill_collides() {
     let reg = mm.notifier().register(pingpong.clone()).unwrap();
     mm.make_exclusive(pa, OwnerToken(9)).unwrap();
 
-    m.set_timeout(Duration::from_millis(20));
-    assert_eq!(m.timeout(), Duration::from_millis(20));
+    m.set_fault_timeout(Duration::from_millis(20));
+    assert_eq!(m.fault_timeout(), Duration::from_millis(20));
     let t = Instant::now();
     assert_eq!(m.read(a, N), Err(SecondaryError::Timeout));
     let waited = t.elapsed();
@@ -605,7 +605,7 @@ fn timeout_when_every_fill_collides() {
     // Disarmed, the same read gets through at once with the right data.
     pingpong.armed.store(false, SeqCst);
     reg.unregister();
-    m.set_timeout(Duration::from_secs(1));
+    m.set_fault_timeout(Duration::from_secs(1));
     assert_eq!(m.read(a, N).unwrap(), iota(N));
     assert_eq!(m.faults(), 1);
     assert_clean(&checker);
@@ -624,7 +624,7 @@ fn fill_against_a_helper_thread_invalidating() {
     for i in 0..N {
         mm.write(a + i * P, i).unwrap();
     }
-    m.set_timeout(Duration::from_millis(5));
+    m.set_fault_timeout(Duration::from_millis(5));
     let stop = AtomicBool::new(false);
     let range = Range::new(a, a + N * P, Event::Clear).unwrap();
     let (mut ok, mut timeouts) = (0, 0);

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mmu_notifier::{ListSubscriber, OwnerToken, Range, RegisterError, SecondaryTlb, WouldBlock};
-use mmu_secondary::kvm::{Kvm, MemslotError};
+use mmu_secondary::kvm::{Gfn, Hva, Kvm, MemslotError, Pages};
 use mmu_secondary::sva::{SvaTlb, DEFAULT_CAPACITY};
 use mmu_secondary::{SecondaryError, SecondaryMmu};
 use mmu_sim::{
@@ -49,7 +49,7 @@ fn memslot_errors_are_reported_and_slots_translate_both_ways() {
     assert_eq!(kvm.add_memslot(0, 0, a), Err(MemslotError::Empty));
     assert_eq!(
         kvm.add_memslot(0, 1, a + 1),
-        Err(MemslotError::Unaligned(a + 1))
+        Err(MemslotError::Unaligned(Hva(a + 1)))
     );
     assert_eq!(kvm.add_memslot(u64::MAX, 2, a), Err(MemslotError::Overflow));
     assert_eq!(kvm.add_memslot(0, u64::MAX, a), Err(MemslotError::Overflow));
@@ -59,19 +59,29 @@ fn memslot_errors_are_reported_and_slots_translate_both_ways() {
     );
     assert_eq!(
         kvm.add_memslot(0, 8, b),
-        Err(MemslotError::Unmapped(b + 4 * P))
+        Err(MemslotError::Unmapped(Hva(b + 4 * P)))
     );
 
     let slot = kvm.add_memslot(0x10, 8, a).unwrap();
-    assert_eq!((slot.gfn_base(), slot.npages(), slot.hva()), (0x10, 8, a));
-    assert_eq!((slot.gfn_end(), slot.hva_end()), (0x18, a + 8 * P));
+    assert_eq!(
+        (slot.gfn_base(), slot.npages(), slot.hva()),
+        (Gfn(0x10), Pages(8), Hva(a))
+    );
+    assert_eq!(
+        (slot.gfn_end(), slot.hva_end()),
+        (Gfn(0x18), Hva(a + 8 * P))
+    );
     assert_eq!(
         kvm.add_memslot(0x14, 8, b),
-        Err(MemslotError::GfnOverlap { existing: 0x10 })
+        Err(MemslotError::GfnOverlap {
+            existing: Gfn(0x10)
+        })
     );
     assert_eq!(
         kvm.add_memslot(0x100, 2, a + 6 * P),
-        Err(MemslotError::HvaOverlap { existing: 0x10 })
+        Err(MemslotError::HvaOverlap {
+            existing: Gfn(0x10)
+        })
     );
     kvm.add_memslot(0x100, 4, b).unwrap();
     assert_eq!(
@@ -79,11 +89,11 @@ fn memslot_errors_are_reported_and_slots_translate_both_ways() {
             .iter()
             .map(|s| s.gfn_base())
             .collect::<Vec<_>>(),
-        [0x10, 0x100]
+        [Gfn(0x10), Gfn(0x100)]
     );
-    assert_eq!(kvm.gfn_to_hva(0x11), Some(a + P));
+    assert_eq!(kvm.gfn_to_hva(0x11), Some(Hva(a + P)));
     assert_eq!(kvm.gfn_to_hva(0x18), None);
-    assert_eq!(kvm.hva_to_gfn(b + P + 5), Some(0x101));
+    assert_eq!(kvm.hva_to_gfn(b + P + 5), Some(Gfn(0x101)));
     assert_eq!(kvm.hva_to_gfn(b + 4 * P), None);
 
     // Outside every slot: by guest frame (guest-physical address) and by host address.
@@ -108,13 +118,13 @@ fn memslot_errors_are_reported_and_slots_translate_both_ways() {
         .unwrap()
         .expect("nothing in progress");
     let flushes = kvm.tlb_flushes();
-    assert_eq!(kvm.remove_memslot(0x100).unwrap().gfn_base(), 0x100);
+    assert_eq!(kvm.remove_memslot(0x100).unwrap().gfn_base(), Gfn(0x100));
     assert_eq!(kvm.tlb_flushes(), flushes + 1);
     assert_eq!(kvm.spte(0x101), None);
     assert_eq!(kvm.install(p), Err(SecondaryError::OutOfRange(0x103 * P)));
     assert_eq!(
         kvm.remove_memslot(0x100),
-        Err(MemslotError::NoSuchSlot(0x100))
+        Err(MemslotError::NoSuchSlot(Gfn(0x100)))
     );
     assert_eq!(mm.read(b + P).unwrap(), 11, "the data stays in the process");
 
@@ -346,7 +356,7 @@ fn an_install_after_a_colliding_invalidation_is_refused() {
 
     // KVM: the page moves between the prefetch and the install.
     let p = kvm.prefetch(0, true).unwrap().unwrap();
-    assert_eq!((p.gfn(), p.hva()), (0, a));
+    assert_eq!((p.gfn(), p.hva()), (Gfn(0), Hva(a)));
     let moved = mm.migrate(a).unwrap();
     assert_ne!(p.frame(), moved);
     assert_eq!(

@@ -859,13 +859,20 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
                 .is_some_and(|max| ix.lru.bytes().saturating_add(len) > max)
     }
 
+    /// A miss: the collision-retry loop of the fill (the module docs), at most
+    /// `max_attempts` attempts, each trying the union with the overlapping valid entries
+    /// first (when merging), then the request alone.
     #[cold]
     fn fill(&self, attrs: &K, start: u64, end: u64) -> Result<CachedRegistration<R, K>, Error> {
         let (ps, pe) = self.monitor.page_range(start, end - start)?;
-        let mut attempts = 0;
-        'attempt: while attempts < self.config.max_attempts {
-            attempts += 1;
-            // Try the union with overlapping valid entries first, then the request alone.
+        let mut budget = mmu_notifier::RetryBudget::attempts(self.config.max_attempts).map_err(
+            |lost: mmu_notifier::RetryExhausted| Error::Contended {
+                start: ps,
+                end: pe,
+                attempts: lost.attempts,
+            },
+        );
+        mmu_notifier::interval::retry(&mut budget, |budget| {
             let mut union = if self.config.merge {
                 self.union_with_overlaps(attrs, ps, pe)
             } else {
@@ -879,32 +886,16 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
                 union = self.union_with_overlaps(attrs, ps, pe);
             }
             // A union too long to cache would only pin more memory for nothing.
-            if !self.cacheable(union.1 - union.0) {
-                union = (ps, pe);
-            }
-            let candidates: &[(u64, u64)] = if union != (ps, pe) {
-                &[union, (ps, pe)]
-            } else {
-                &[(ps, pe)]
-            };
-            for (i, &(s, e)) in candidates.iter().enumerate() {
-                let last = i + 1 == candidates.len();
-                match self.try_fill(attrs, s, e, !last) {
-                    Ok(Some(handle)) => return Ok(handle),
-                    Ok(None) => continue 'attempt, // collided with an invalidation
-                    Err(err) if !last => {
-                        tracing::debug!(
-                            "union {s:#x}..{e:#x} not registrable ({err}); registering the request alone"
-                        );
-                    }
-                    Err(err) => return Err(err),
+            if union != (ps, pe) && self.cacheable(union.1 - union.0) {
+                let (s, e) = union;
+                match self.try_fill(budget, attrs, s, e, true) {
+                    Ok(filled) => return Ok(filled), // `None`: collided with an invalidation
+                    Err(err) => tracing::debug!(
+                        "union {s:#x}..{e:#x} not registrable ({err}); registering the request alone"
+                    ),
                 }
             }
-        }
-        Err(Error::Contended {
-            start: ps,
-            end: pe,
-            attempts,
+            self.try_fill(budget, attrs, ps, pe, false)
         })
     }
 
@@ -918,35 +909,20 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
             .fold((s, e), |(a, b), (c, d)| (a.min(c), b.max(d)))
     }
 
-    /// One fill attempt of `[s, e)`: `Ok(None)` if it collided with an invalidation.
-    fn try_fill(
+    /// The gather step of a fill attempt of `[s, e)`: a watch lease on the memory, room
+    /// made in the index, the user's registration; the entry, not valid yet.
+    fn register_entry(
         &self,
         attrs: &K,
         s: u64,
         e: u64,
-        merged: bool,
-    ) -> Result<Option<CachedRegistration<R, K>>, Error> {
-        let valid = sync::Arc::new(AtomicBool::new(false));
-        let subscription = self
-            .monitor
-            .subscriptions()
-            .insert_interval(
-                s..e,
-                Validity {
-                    valid: valid.clone(),
-                    dirty: self.dirty.clone(),
-                },
-            )
-            .map_err(|e| match e {
-                mmu_notifier::IntervalError::Released => self.monitor.stopped_error(),
-                other => Error::Subscription(other),
-            })?;
-        let seq = subscription.read_begin();
+        valid: sync::Arc<AtomicBool>,
+        cacheable: bool,
+    ) -> Result<Arc<Entry<R, K>>, Error> {
         let lease = self.monitor.lease(s, e - s)?;
         // Make room before registering, so a registrar with `capacity` slots has one free
         // (and the registered bytes stay within `max_bytes`). A range too long to cache
         // evicts nothing.
-        let cacheable = self.cacheable(e - s);
         let evicted = {
             let mut ix = self.index.lock();
             let mut evicted = Vec::new();
@@ -970,7 +946,7 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
                 end: e,
                 source: Box::new(source),
             })?;
-        let entry = Arc::new(Entry {
+        Ok(Arc::new(Entry {
             start: s,
             end: e,
             attrs: attrs.clone(),
@@ -981,20 +957,49 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
             monitor: self.monitor.clone(),
             gate: self.gate,
             lease: Some(lease),
-        });
-        {
-            let guard = subscription.lock();
-            if guard.read_retry(seq) {
-                drop(guard);
-                drop(subscription);
-                drop(entry); // deregisters, on this thread
-                self.index.lock().stats.retries += 1;
-                return Ok(None);
-            }
+        }))
+    }
+
+    /// One fill attempt of `[s, e)` (the fill helper's: `read_begin`, register without
+    /// the lock, `read_retry` under it): `Ok(None)` if it collided with an invalidation.
+    fn try_fill(
+        &self,
+        policy: &mut impl mmu_notifier::RetryPolicy<Error = Error>,
+        attrs: &K,
+        s: u64,
+        e: u64,
+        merged: bool,
+    ) -> Result<Option<CachedRegistration<R, K>>, Error> {
+        let valid = sync::Arc::new(AtomicBool::new(false));
+        let subscription = self
+            .monitor
+            .subscriptions()
+            .insert_interval(
+                s..e,
+                Validity {
+                    valid: valid.clone(),
+                    dirty: self.dirty.clone(),
+                },
+            )
+            .map_err(|e| match e {
+                mmu_notifier::IntervalError::Released => self.monitor.stopped_error(),
+                other => Error::Subscription(other),
+            })?;
+        let cacheable = self.cacheable(e - s);
+        let gather = || self.register_entry(attrs, s, e, valid, cacheable);
+        // On a collision the fill drops the entry after unlocking: it deregisters, on this
+        // thread.
+        let filled = subscription.try_fill(policy, gather, |_, entry| {
             // Under the user lock, after read_retry: an invalidation either ran before (and
             // read_retry saw it) or runs after and clears this.
             entry.valid.store(true, Release);
-        }
+            Ok(mmu_notifier::Install::Done(entry))
+        })?;
+        let Some(entry) = filled else {
+            drop(subscription);
+            self.index.lock().stats.retries += 1;
+            return Ok(None);
+        };
         // The entry is not shared yet: attach its subscription.
         let mut entry = entry;
         Arc::get_mut(&mut entry)
@@ -1171,16 +1176,18 @@ mod loom_model {
             };
             let sub = mm.insert_interval(0x1000..0x2000, validity).unwrap();
             let mut registered = 0;
-            for _ in 0..2 {
-                let seq = sub.read_begin();
-                registered = pages.load(Acquire); // register: pin what is mapped now
-                let guard = sub.lock();
-                if guard.read_retry(seq) {
-                    continue; // deregister, start again
-                }
-                valid.store(true, Release);
-                break;
-            }
+            // The fill helper the cache's fill runs, with two attempts (a lost one
+            // deregisters and starts again).
+            let mut budget = mmu_notifier::RetryBudget::attempts(2);
+            let _ = sub.fill(
+                &mut budget,
+                || Ok(pages.load(Acquire)), // register: pin what is mapped now
+                |_, pinned| {
+                    registered = pinned;
+                    valid.store(true, Release);
+                    Ok(mmu_notifier::Install::Done(()))
+                },
+            );
             primary.join().unwrap();
             if valid.load(Acquire) {
                 assert_eq!(

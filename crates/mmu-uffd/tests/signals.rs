@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 // ---------------------------------------------------------------------------------------
-// Helpers (as in tests/monitor.rs)
+// Helpers (as in tests/common/recording.rs)
 // ---------------------------------------------------------------------------------------
 
 type Rec = (u64, u64, Event);
@@ -83,7 +83,7 @@ fn fence<R: Registrar>(cache: &RegCache<R>) -> Rec {
 const SLOT: usize = 4 * PAGE;
 
 /// A thread's own slots of 4 pages, held by its inaccessible placeholders while unused
-/// (see `Slots` in tests/monitor.rs: no thread maps at an address another thread has just
+/// (see `Slots` in tests/monitor/threads.rs: no thread maps at an address another thread has just
 /// unmapped, which userfaultfd cannot make safe).
 struct Slots {
     free: VecDeque<usize>,

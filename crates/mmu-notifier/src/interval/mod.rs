@@ -78,12 +78,14 @@
 //!
 //! Ranges are half-open `start..end` byte ranges everywhere, like [`Range`].
 
+pub mod fill;
 pub mod locked;
 
 use std::ops;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc as StdArc;
 
+pub use fill::{retry, Install, MapExhausted, RetryBudget, RetryExhausted, RetryPolicy};
 pub use locked::{
     IntervalLock, IntervalLockGuard, LockedIntervalContext, LockedIntervalSubscriber,
     LockedIntervalSubscription,

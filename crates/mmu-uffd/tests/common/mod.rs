@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: memory mappings, a monitor or a skip.
 #![allow(dead_code)]
 
+pub mod recording;
+
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
