@@ -571,7 +571,8 @@ impl<V> IntervalTree<V> {
         );
         assert!(self.values[0].is_none(), "sentinel slot occupied");
         assert_eq!(
-            self.nodes[self.root as usize].parent(), NIL,
+            self.nodes[self.root as usize].parent(),
+            NIL,
             "root has a parent"
         );
         let mut seen = vec![false; self.nodes.len()];
@@ -615,15 +616,13 @@ impl<V> IntervalTree<V> {
         );
         let node = self.nodes[n as usize];
         assert!(node.start <= node.last, "node {n}: start > last");
-        assert!(
-            node.up >> BAL_SHIFT != 3,
-            "node {n}: invalid balance code"
-        );
+        assert!(node.up >> BAL_SHIFT != 3, "node {n}: invalid balance code");
         for d in 0..2 {
             let c = node.child(d);
             if c != NIL {
                 assert_eq!(
-                    self.nodes[c as usize].parent(), n,
+                    self.nodes[c as usize].parent(),
+                    n,
                     "node {c}: wrong parent link"
                 );
             }
