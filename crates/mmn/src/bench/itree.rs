@@ -51,7 +51,7 @@ use super::{batched, interleaved, Clock, Curve, Figure, Plan, Report, Sampler};
 
 /// Linux's interval tree at 10^3, 10^5 and 10^6 entries, ns per operation: insert, 2 MiB
 /// query, remove.
-const LINUX: [(usize, [f64; 3]); 3] = [
+const LINUX: LinuxTable = [
     (1_000, [16.4, 43.8, 9.0]),
     (100_000, [154.0, 204.0, 54.9]),
     (1_000_000, [650.0, 971.0, 204.0]),
@@ -62,9 +62,12 @@ const LINUX: [(usize, [f64; 3]); 3] = [
 /// this workload's fresh misses: a floor, not an equal).
 const LINUX_MISS_1E6: f64 = 389.0;
 
+/// Linux's tree figures: (n, [insert, query, remove]) in ns.
+type LinuxTable = [(usize, [f64; 3]); 3];
+
 /// Linux's figures: the fixed ones, or those of the file `MMN_LINUX_ITREE` names (see the
 /// module docs). Returns them, the 10^6 miss figure, and where they came from.
-fn linux_reference() -> Result<([(usize, [f64; 3]); 3], f64, String), String> {
+fn linux_reference() -> Result<(LinuxTable, f64, String), String> {
     let Some(path) = std::env::var_os("MMN_LINUX_ITREE") else {
         return Ok((LINUX, LINUX_MISS_1E6, "fixed quiet-machine figures".into()));
     };
