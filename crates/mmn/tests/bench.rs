@@ -240,6 +240,7 @@ fn quick_suite_reports_every_figure_and_writes_the_plots() {
         "start_end_interval_10000",
         "fault_munmap_notifier_no_subscribers",
         "fault_munmap_notifier_1_list_subscriber",
+        "start_end_miss_100000",
     ]
     .map(String::from)
     .to_vec();
@@ -262,10 +263,13 @@ fn quick_suite_reports_every_figure_and_writes_the_plots() {
     for id in &expected {
         assert!(ids.contains(id), "figure {id} missing; have {ids:?}");
     }
-    // The Linux reference is where it was measured: 10^3 and 10^5 (and 10^6).
+    // The Linux reference is where it was measured: the tree at 10^3 and 10^5 (and 10^6),
+    // the invalidation miss at 10^6 only.
     for f in figures.iter().filter(|f| f["group"] == "itree") {
         let id = f["id"].as_str().unwrap();
-        let measured = id.ends_with("_1000") || id.ends_with("_100000");
+        let measured = id.starts_with("itree_")
+            && (id.ends_with("_1000") || id.ends_with("_100000"))
+            || id == "start_end_miss_1000000";
         assert_eq!(!f["linux_ns"].is_null(), measured, "{id}");
     }
 
@@ -386,5 +390,59 @@ fn unknown_group_is_refused() {
     assert!(
         stderr.contains("nope") && stderr.contains("itree"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn linux_figures_measured_in_the_same_period_replace_the_fixed_ones() {
+    let dir = scratch("bench_linux_ref");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("linux.txt");
+    // What the user-space build of Linux's tree prints (one size left out: it keeps the
+    // fixed figure).
+    std::fs::write(
+        &good,
+        "linux n=1000 insert 11.5 [11.0-12.0] query 22.5 [22.0-23.0] remove 33.5 [33.0-34.0] ns\n\
+         linux start+end missing 1e6: 444.0 ns\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mmn"))
+        .args(["bench", "--quick", "--json", "--only", "itree"])
+        .env("MMN_LINUX_ITREE", &good)
+        .output()
+        .expect("run mmn");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("2 lines of"), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let linux = |id: &str| {
+        v["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["id"] == id)
+            .unwrap_or_else(|| panic!("no {id}"))["linux_ns"]
+            .as_f64()
+    };
+    assert_eq!(linux("itree_insert_1000"), Some(11.5));
+    assert_eq!(linux("itree_query_2mib_1000"), Some(22.5));
+    assert_eq!(linux("itree_remove_1000"), Some(33.5));
+    // The fixed figure where the file has none.
+    assert_eq!(linux("itree_insert_100000"), Some(154.0));
+
+    // A file that is not the anchor's output is a failed measurement, not a silent
+    // fall-back to the fixed figures.
+    let bad = dir.join("bad.txt");
+    std::fs::write(&bad, "linux n=1000 insert fast\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mmn"))
+        .args(["bench", "--quick", "--only", "itree"])
+        .env("MMN_LINUX_ITREE", &bad)
+        .output()
+        .expect("run mmn");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad line"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

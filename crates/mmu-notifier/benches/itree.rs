@@ -10,6 +10,11 @@
 //!   (every query is drawn fresh, so no query's path is warm in the cache from before);
 //! - `remove`: remove all n entries of a tree in random order (time / n).
 //!
+//! - `invalidate_miss`: `invalidate_range_start` + end of a one-page range that overlaps
+//!   none of 10^6 disjoint interval subscriptions (each in its own even 64-page block;
+//!   every miss is a fresh random odd block, so the descent walks to the bottom of the tree
+//!   through memory that is mostly not in the cache), next to the tree lookup alone.
+//!
 //! `iset` has no handles: it inserts with `force_insert` (duplicates allowed) and removes
 //! by interval, which is its native form of the same operation.
 //!
@@ -27,6 +32,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
 use iset::IntervalMap;
 use mmu_notifier::itree::IntervalTree;
+use mmu_notifier::{Event, IntervalContext, IntervalSubscriber, Range, Subscriptions, WouldBlock};
 
 /// The workload generator, shared with `mmn bench` (one file, so both measure the same
 /// trees).
@@ -34,7 +40,7 @@ use mmu_notifier::itree::IntervalTree;
 #[allow(dead_code)]
 mod workload;
 
-use workload::{permutation, query_range, ranges, Rng};
+use workload::{disjoint_ranges, miss_range, permutation, query_range, ranges, Rng};
 
 const SIZES: [usize; 3] = [1_000, 100_000, 1_000_000];
 /// Queries per timed batch.
@@ -199,6 +205,57 @@ fn remove(c: &mut Criterion) {
     g.finish();
 }
 
+/// An interval subscriber with no state of its own.
+struct Empty;
+
+impl IntervalSubscriber for Empty {
+    fn invalidate(
+        &mut self,
+        _: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        Ok(())
+    }
+}
+
+/// Subscriptions in the invalidation bench.
+const MISS_N: usize = 1_000_000;
+
+fn invalidate_miss(c: &mut Criterion) {
+    let mut g = c.benchmark_group("itree/invalidate_miss");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    let seed = workload::disjoint_seed(MISS_N);
+    let rs = disjoint_ranges(MISS_N, seed);
+    let mm = Subscriptions::new();
+    let subs: Vec<_> = rs
+        .iter()
+        .map(|&(s, l)| mm.insert_interval(s..l + 1, Empty).unwrap())
+        .collect();
+    let (tree, _) = build_ours(&rs);
+    let mut rng = Rng(seed);
+    for _ in 0..QUERY_BATCH {
+        let (s, l) = miss_range(&mut rng);
+        assert_eq!(count_ours(&tree, s, l), 0);
+    }
+    g.bench_function(BenchmarkId::new("start+end", MISS_N), |b| {
+        b.iter(|| {
+            let (s, l) = miss_range(&mut rng);
+            let r = Range::new(s, l + 1, Event::Unmap).unwrap();
+            drop(black_box(mm.invalidate_range_start(black_box(r))))
+        })
+    });
+    g.bench_function(BenchmarkId::new("tree_lookup_alone", MISS_N), |b| {
+        b.iter(|| {
+            let (s, l) = miss_range(&mut rng);
+            black_box(count_ours(&tree, black_box(s), l))
+        })
+    });
+    drop(subs);
+    g.finish();
+}
+
 /// Linux's interval tree on this workload (ns per operation; see the module docs):
 /// (n, insert, 2 MiB query, remove).
 const LINUX_REFERENCE_NS: [(usize, f64, f64, f64); 3] = [
@@ -216,7 +273,21 @@ fn report_reference(_: &mut Criterion) {
     for (n, ins, q, rm) in LINUX_REFERENCE_NS {
         println!("  linux/{n:<8} insert {ins:7.1} ns   query_2MiB {q:7.1} ns   remove {rm:7.1} ns");
     }
+    println!("  linux/{MISS_N:<8} invalidate_miss (start+end) {LINUX_INVALIDATE_MISS_NS:7.1} ns");
 }
 
-criterion_group!(benches, report_reference, insert, query, remove);
+/// Linux's invalidation path on the `invalidate_miss` workload (spinlock, count the
+/// invalidation, `interval_tree_iter_first` missing, unlock; then lock, uncount, unlock),
+/// ns; see the module docs. (Measured on a quiet machine with 4096 misses in rotation,
+/// which keeps more of the tree cached than this bench's fresh misses: a floor.)
+const LINUX_INVALIDATE_MISS_NS: f64 = 389.0;
+
+criterion_group!(
+    benches,
+    report_reference,
+    insert,
+    query,
+    remove,
+    invalidate_miss
+);
 criterion_main!(benches);

@@ -4,14 +4,16 @@
 //! # Structure
 //!
 //! [`IntervalTree`] is an AVL tree kept in an arena. Every entry owns one *slot* index,
-//! `1..2^31`, into two parallel vectors:
+//! `1..2^30`, into two parallel vectors:
 //!
 //! - `nodes`, 40 bytes per entry: `start`, `last`, the subtree maximum `max` and the two
-//!   child links (the fields every descent reads, first), then the parent link and the
-//!   slot's generation (for removal, which climbs from the entry towards the root). A
-//!   child link is a `u32` slot index (0 is the empty link) whose top bit carries the
-//!   node's AVL balance: set in the left link when the left subtree is one level taller,
-//!   in the right link when the right one is, in neither when both are equally tall.
+//!   child links (the fields every descent reads, first: a child link is a plain `u32`
+//!   slot index, 0 being the empty link, so a descent loads it and uses it), then the
+//!   `up` word and the slot's generation (for removal, which climbs from the entry towards
+//!   the root). The `up` word holds the parent's index in its low 30 bits and the node's
+//!   AVL balance in its top two: whether the left subtree is one level taller, the right
+//!   one is, or neither. Only rebalancing reads the balance, and it finds it in the word
+//!   it reads anyway to climb.
 //! - `values`: `Some(value)` while the slot is occupied.
 //!
 //! Freed slots are chained into a free list (through the dead node's left link) and reused
@@ -25,7 +27,7 @@
 //!
 //! Insertion walks down from the root (one comparison and one conditional store per level)
 //! and retraces upwards through the parent links; removal starts at the entry itself and
-//! climbs the parent links, so it never searches. An AVL tree of fewer than 2^31 nodes is
+//! climbs the parent links, so it never searches. An AVL tree of fewer than 2^30 nodes is
 //! at most 44 levels tall, so the queries' stacks are small arrays and nothing recurses.
 //!
 //! # Slot indices
@@ -65,13 +67,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The empty link, and the index of the all-zero sentinel node.
 const NIL: u32 = 0;
-/// The bits of a link that hold a slot index.
-const IDX_MASK: u32 = 0x7FFF_FFFF;
-/// The bit of a link that says "this side is the taller one".
-const HEAVY: u32 = 0x8000_0000;
+/// The bits of a node's `up` word that hold the parent's slot index (slot indices are
+/// below 2^30).
+const IDX_MASK: u32 = 0x3FFF_FFFF;
+/// Where the balance sits in the `up` word: its top two bits.
+const BAL_SHIFT: u32 = 30;
 /// Balance value: neither side is taller (the sides themselves are 0 = left, 1 = right).
 const EVEN: usize = 2;
-/// Room for any root-to-leaf path: an AVL tree of fewer than 2^31 nodes is at most
+/// Room for any root-to-leaf path: an AVL tree of fewer than 2^30 nodes is at most
 /// 44 levels tall.
 const MAX_HEIGHT: usize = 48;
 
@@ -93,7 +96,7 @@ pub struct NodeKey {
 impl NodeKey {
     /// The key packed into a `u64` (slot index in the high half, generation in the low
     /// half), e.g. to keep it in an atomic. The top bit is always clear (slot indices are
-    /// below 2^31), so values from 2^63 up are free for a caller's own sentinels.
+    /// below 2^30), so values from 2^63 up are free for a caller's own sentinels.
     pub fn to_bits(self) -> u64 {
         (self.index as u64) << 32 | self.generation as u64
     }
@@ -128,10 +131,13 @@ struct Node {
     last: u64,
     /// The largest `last` in this node's subtree.
     max: u64,
-    /// Left and right child indices; the top bit of each is the AVL balance.
+    /// Left and right child indices ([`NIL`] for none); for a free slot, `link[0]` is the
+    /// next free slot.
     link: [u32; 2],
-    /// The parent's index, [`NIL`] for the root and for free slots.
-    parent: u32,
+    /// The parent's index ([`NIL`] for the root and for free slots) in the low 30 bits,
+    /// and the AVL balance in the top two: 0 even, 1 the left subtree is one level
+    /// taller, 2 the right one is.
+    up: u32,
     /// The generation of the entry in this slot, or of the next one if it is free.
     gen: u32,
 }
@@ -139,40 +145,45 @@ struct Node {
 impl Node {
     #[inline(always)]
     fn child(&self, d: usize) -> u32 {
-        self.link[d] & IDX_MASK
+        self.link[d]
+    }
+
+    #[inline(always)]
+    fn parent(&self) -> u32 {
+        self.up & IDX_MASK
+    }
+
+    /// Replaces the parent link, keeping the balance.
+    #[inline(always)]
+    fn set_parent(&mut self, p: u32) {
+        self.up = (self.up & !IDX_MASK) | p;
     }
 
     /// The taller side (0 = left, 1 = right), or [`EVEN`].
     #[inline(always)]
     fn heavy(&self) -> usize {
-        if self.link[0] & HEAVY != 0 {
-            0
-        } else if self.link[1] & HEAVY != 0 {
-            1
-        } else {
-            EVEN
-        }
+        // Balance code 0 (even), 1 (left), 2 (right); 3 never occurs.
+        const SIDE: [usize; 4] = [EVEN, 0, 1, EVEN];
+        SIDE[(self.up >> BAL_SHIFT) as usize]
     }
 
     #[inline(always)]
     fn set_heavy(&mut self, h: usize) {
-        self.link[0] &= IDX_MASK;
-        self.link[1] &= IDX_MASK;
-        if h < 2 {
-            self.link[h] |= HEAVY;
-        }
+        // 0 (left) -> code 1, 1 (right) -> 2, EVEN -> 0.
+        let code = (h as u32 + 1) % 3;
+        self.up = (self.up & IDX_MASK) | code << BAL_SHIFT;
     }
 
-    /// Replaces the child on side `d`, keeping the balance bit.
+    /// Replaces the child on side `d`.
     #[inline(always)]
     fn set_child(&mut self, d: usize, c: u32) {
-        self.link[d] = (self.link[d] & HEAVY) | c;
+        self.link[d] = c;
     }
 
     /// The side `c` hangs on (`c` must be a child).
     #[inline(always)]
     fn side_of(&self, c: u32) -> usize {
-        (self.child(0) != c) as usize
+        (self.link[0] != c) as usize
     }
 }
 
@@ -266,7 +277,7 @@ impl<V> IntervalTree<V> {
     ///
     /// # Panics
     ///
-    /// If the tree already holds 2^31 − 1 entries (about 86 GB of nodes).
+    /// If the tree already holds 2^30 − 1 entries (about 43 GB of nodes).
     pub fn insert(&mut self, start: u64, last: u64, value: V) -> Result<NodeKey, InvalidInterval> {
         if start > last {
             return Err(InvalidInterval { start, last });
@@ -296,12 +307,12 @@ impl<V> IntervalTree<V> {
             let d = (start >= node.start) as usize;
             let c = node.child(d);
             if c == NIL {
-                node.link[d] |= idx;
+                node.link[d] = idx;
                 break d;
             }
             n = c;
         };
-        self.nd_mut(idx).parent = n;
+        self.nd_mut(idx).set_parent(n);
         self.insert_retrace(n, d);
         Ok(key)
     }
@@ -316,7 +327,7 @@ impl<V> IntervalTree<V> {
         }
         let value = self.values[z as usize].take()?;
         let zn = *self.nd(z);
-        let zp = zn.parent;
+        let zp = zn.parent();
         let [zl, zr] = [zn.child(0), zn.child(1)];
         // Read z's side early, so the miss on its parent overlaps the successor walk.
         // (For the root this reads the sentinel, harmlessly.)
@@ -340,14 +351,14 @@ impl<V> IntervalTree<V> {
             let mut link = zn.link;
             if s == zr {
                 // s keeps its right subtree; z's right side shrank.
-                link[1] = (link[1] & HEAVY) | sr;
+                link[1] = sr;
                 (p, d) = (s, 1);
             } else {
                 self.nd_mut(sp).set_child(0, sr);
                 if sr != NIL {
-                    self.nd_mut(sr).parent = sp;
+                    self.nd_mut(sr).set_parent(sp);
                 }
-                self.nd_mut(zr).parent = s;
+                self.nd_mut(zr).set_parent(s);
                 (p, d) = (sp, 0);
             }
             let sn = self.nd_mut(s);
@@ -355,15 +366,16 @@ impl<V> IntervalTree<V> {
             // The subtrees below z's position lost s, not z.
             below_last = sn.last;
             sn.max = zn.max;
-            self.nd_mut(zl).parent = s;
-            self.nd_mut(s).parent = zp;
+            self.nd_mut(zl).set_parent(s);
+            // s also takes z's parent link and balance.
+            self.nd_mut(s).up = zn.up;
             self.hook_side(zp, zside, s);
             zpos = s;
         } else {
             // At most one child: it takes z's place (one of zl, zr is NIL = 0).
             let c = zl | zr;
             if c != NIL {
-                self.nd_mut(c).parent = zp;
+                self.nd_mut(c).set_parent(zp);
             }
             d = zside;
             self.hook_side(zp, zside, c);
@@ -419,15 +431,7 @@ impl<V> IntervalTree<V> {
             return;
         }
         if start == 0 {
-            // Every entry ends at or after 0: the overlaps are the entries up to the first
-            // that starts after `last`.
-            for (key, s, l, value) in self.iter() {
-                if s > last {
-                    return;
-                }
-                f(key, s, l, value);
-            }
-            return;
+            return self.for_each_from_zero(last, f);
         }
         // An in-order walk that skips subtrees whose max is below `start` and stops at
         // the first node that starts after `last`; it moves on to the next node in order
@@ -448,20 +452,22 @@ impl<V> IntervalTree<V> {
                     // n and everything after it in order start after the query.
                     return;
                 }
+                let r = node.child(1);
                 if node.last >= start {
                     let (key, value) = self.entry(n);
                     f(key, node.start, node.last, value);
+                    if self.nd(r).max < start {
+                        break;
+                    }
                 }
-                let r = node.child(1);
-                if self.nd(r).max < start {
-                    break;
-                }
+                // (If n itself ends before `start`, the invariant puts the entry that ends
+                // at or after it on the right, as Linux's search assumes too: no check.)
                 n = r;
             }
             // Climb to the next node in order (the first ancestor whose left subtree n's
             // subtree is in) and go on from there.
             loop {
-                let p = self.nd(n).parent;
+                let p = self.nd(n).parent();
                 if p == NIL {
                     return;
                 }
@@ -484,6 +490,19 @@ impl<V> IntervalTree<V> {
                     continue 'descend;
                 }
             }
+        }
+    }
+
+    /// `for_each_overlap(0, last, f)`: every entry ends at or after 0, so the overlaps are
+    /// the entries up to the first that starts after `last`. (Out of line: its iterator's
+    /// stack would otherwise weigh on every query's prologue.)
+    #[inline(never)]
+    fn for_each_from_zero(&self, last: u64, mut f: impl FnMut(NodeKey, u64, u64, &V)) {
+        for (key, s, l, value) in self.iter() {
+            if s > last {
+                return;
+            }
+            f(key, s, l, value);
         }
     }
 
@@ -547,12 +566,13 @@ impl<V> IntervalTree<V> {
         }
         let s = &self.nodes[0];
         assert!(
-            s.start == 0 && s.last == 0 && s.max == 0 && s.link == [0, 0] && s.parent == 0,
+            s.start == 0 && s.last == 0 && s.max == 0 && s.link == [0, 0] && s.up == 0,
             "sentinel modified: {s:?}"
         );
         assert!(self.values[0].is_none(), "sentinel slot occupied");
         assert_eq!(
-            self.nodes[self.root as usize].parent, NIL,
+            self.nodes[self.root as usize].parent(),
+            NIL,
             "root has a parent"
         );
         let mut seen = vec![false; self.nodes.len()];
@@ -596,15 +616,13 @@ impl<V> IntervalTree<V> {
         );
         let node = self.nodes[n as usize];
         assert!(node.start <= node.last, "node {n}: start > last");
-        assert!(
-            node.link[0] & node.link[1] & HEAVY == 0,
-            "node {n}: both sides marked taller"
-        );
+        assert!(node.up >> BAL_SHIFT != 3, "node {n}: invalid balance code");
         for d in 0..2 {
             let c = node.child(d);
             if c != NIL {
                 assert_eq!(
-                    self.nodes[c as usize].parent, n,
+                    self.nodes[c as usize].parent(),
+                    n,
                     "node {c}: wrong parent link"
                 );
             }
@@ -645,7 +663,7 @@ impl<V> IntervalTree<V> {
                 last,
                 max: last,
                 link: [NIL; 2],
-                parent: NIL,
+                up: NIL,
                 gen: n.gen,
             };
             self.values[idx as usize] = Some(value);
@@ -658,14 +676,14 @@ impl<V> IntervalTree<V> {
         let idx = self.nodes.len();
         assert!(
             idx <= IDX_MASK as usize,
-            "IntervalTree is full (2^31 - 1 entries)"
+            "IntervalTree is full (2^30 - 1 entries)"
         );
         self.nodes.push(Node {
             start,
             last,
             max: last,
             link: [NIL; 2],
-            parent: NIL,
+            up: NIL,
             gen: self.gen_base,
         });
         self.values.push(Some(value));
@@ -677,9 +695,12 @@ impl<V> IntervalTree<V> {
     fn entry(&self, n: u32) -> (NodeKey, &V) {
         let key = NodeKey {
             index: n,
-            generation: self.nodes[n as usize].gen,
+            generation: self.nd(n).gen,
         };
-        match &self.values[n as usize] {
+        debug_assert_eq!(self.values.len(), self.nodes.len());
+        // SAFETY: `n` is in bounds of `nodes` (as in `nd`), and `values` always has the
+        // same length: the two are only ever pushed together.
+        match unsafe { self.values.get_unchecked(n as usize) } {
             Some(value) => (key, value),
             None => unreachable!("node {n} in the tree has a vacant slot"),
         }
@@ -744,13 +765,13 @@ impl<V> IntervalTree<V> {
         let inner = self.nd(c).child(1 - d);
         self.nd_mut(p).set_child(d, inner);
         if inner != NIL {
-            self.nd_mut(inner).parent = p;
+            self.nd_mut(inner).set_parent(p);
         }
         let cn = self.nd_mut(c);
         cn.set_child(1 - d, p);
         cn.max = pn.max;
-        cn.parent = pn.parent;
-        self.nd_mut(p).parent = c;
+        cn.set_parent(pn.parent());
+        self.nd_mut(p).set_parent(c);
         let m = self.compute_max(p);
         self.nd_mut(p).max = m;
         c
@@ -761,7 +782,7 @@ impl<V> IntervalTree<V> {
     /// and whether the subtree got shorter than it was before rebalancing (always true
     /// after an insertion).
     fn rebalance(&mut self, p: u32, e: usize) -> (u32, bool) {
-        let pp = self.nd(p).parent;
+        let pp = self.nd(p).parent();
         let c = self.nd(p).child(e);
         let ch = self.nd(c).heavy();
         let (top, shorter) = if ch == 1 - e {
@@ -801,7 +822,7 @@ impl<V> IntervalTree<V> {
                 // Taller by one on side d; so is the whole subtree.
                 self.nd_mut(p).set_heavy(d);
                 let c = p;
-                p = self.nd(c).parent;
+                p = self.nd(c).parent();
                 if p == NIL {
                     return;
                 }
@@ -856,7 +877,7 @@ impl<V> IntervalTree<V> {
             if !shrunk && new_max == old_max && above {
                 return;
             }
-            let parent = self.nd(top).parent;
+            let parent = self.nd(top).parent();
             if parent != NIL {
                 d = self.nd(parent).side_of(top);
             }

@@ -55,6 +55,7 @@
 //!
 //! Figure ids: `start_end_list_{0,1,8}`, `read_begin_read_retry`, `start_end_interval_N`
 //! (N subscriptions), `itree_{insert,query_2mib,remove}_N` (N entries),
+//! `start_end_miss_N` (an invalidation missing all of N interval subscriptions),
 //! `fault_munmap_notifier_no_subscribers`, `fault_munmap_notifier_1_list_subscriber`,
 //! `cache_hit_reuse_check`, `cache_hit_no_reuse_check`, `cache_miss`,
 //! `munmap_to_callback`, `munmap_to_handle_invalid`. Curve ids:

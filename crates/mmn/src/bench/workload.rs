@@ -71,3 +71,36 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
     }
     p
 }
+
+/// Length of a block of the invalidation workload: 64 pages.
+pub const BLOCK: u64 = 64 * PAGE;
+/// Half the number of blocks in the space: the even blocks hold subscriptions, the odd
+/// ones stay empty.
+const HALF_BLOCKS: u64 = SPACE / BLOCK / 2;
+
+/// The seed of the invalidation workload's subscriptions and misses at `n` subscriptions.
+pub fn disjoint_seed(n: usize) -> u64 {
+    0x2545_F491_4F6C_DD1D ^ n as u64
+}
+
+/// `n` (at most 2^21) pairwise disjoint ranges `[start, last]` of 1..=64 pages, each at
+/// the start of its own even 64-page block, the blocks in a scattered order.
+pub fn disjoint_ranges(n: usize, seed: u64) -> Vec<(u64, u64)> {
+    assert!(n as u64 <= HALF_BLOCKS, "at most 2^21 disjoint ranges");
+    let mut rng = Rng(seed);
+    (0..n as u64)
+        .map(|k| {
+            // k -> k * odd mod 2^21 is a bijection: distinct blocks.
+            let block = (k.wrapping_mul(0x9E37_79B9) % HALF_BLOCKS) * 2;
+            let start = block * BLOCK;
+            (start, start + (1 + rng.below(64)) * PAGE - 1)
+        })
+        .collect()
+}
+
+/// A random one-page range `[start, last]` at the start of an odd block: it overlaps none
+/// of the [`disjoint_ranges`], but a search for it descends to the bottom of the tree.
+pub fn miss_range(rng: &mut Rng) -> (u64, u64) {
+    let start = (rng.below(HALF_BLOCKS) * 2 + 1) * BLOCK;
+    (start, start + PAGE - 1)
+}

@@ -431,6 +431,10 @@ pub(crate) fn inv_start<'a>(
         (hits, st.seq)
     };
     let active = ItreeActive { mm };
+    if hits.is_empty() {
+        // The common miss: nothing was allocated, nothing to call.
+        return Ok(active);
+    }
     for node in hits {
         if !node.invalidate(mm, range, cur_seq) {
             drop(active);
