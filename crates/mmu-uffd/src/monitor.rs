@@ -91,10 +91,41 @@
 //! # Registering
 //!
 //! `watch` always makes the registration system call (idempotent on memory already
-//! registered). An earlier version remembered what was registered to skip it, but the set
-//! could not know about an unmap whose event is not read yet and then claimed new memory
-//! mapped at that address. At stop every mapping of the process is unregistered, one by
-//! one (registrations move and grow with mremap, which no set here could follow).
+//! registered) and then checks the range for holes: `UFFDIO_REGISTER` accepts a range
+//! with holes and registers only the mappings in it, and a hole must neither be claimed as
+//! watched (memory mapped there later would not be) nor accepted at all. That is two
+//! system calls. A cache *lease* (a miss) makes them only for memory the monitor does not
+//! already vouch for:
+//!
+//! - **The verified set.** After a registration and its hole check succeed, the range
+//!   joins the *verified* set, under the lock held across both system calls. A range
+//!   leaves it, under the same lock, when the applier takes up any event that touches it
+//!   (*before* that event's invalidation runs), and when it is unregistered (idle
+//!   unwatching, `unwatch`). A lease of a verified range makes no system call at all.
+//! - **Why that is never stale.** Memory that was mapped and registered stays registered
+//!   until it is unmapped, moved or unregistered by us, and the first two come with an
+//!   event (UNMAP, REMAP; a madvise sends REMOVE and is treated the same way). So if a
+//!   range is in the set when a lease looks, either it is still the mapped, registered
+//!   memory that was checked, or an event covering the change exists whose application
+//!   has not yet reached the set, and so has not yet run its invalidation either. The
+//!   cache inserts an entry's subscription *before* it takes the lease, so that
+//!   invalidation, which runs after the look, reaches the new entry: a miss that took a
+//!   lease on changed memory yields an entry that is invalidated, never a stale hit (and
+//!   the gate makes every lookup that starts after the unmapping call returned wait for
+//!   that invalidation). An earlier version skipped the registration of "registered"
+//!   memory and broke exactly there: its set was not emptied before the invalidation ran.
+//!   `watch` inserts no subscription first, so it always registers.
+//! - **A hole.** A hole inside a verified range can only appear through an unmap, which
+//!   is an event (above). A hole in memory not verified is found by the check that follows
+//!   the registration that would verify it: the lease, and the miss, fail with
+//!   `Error::Watch` (not found).
+//! - **Unmapped between lookup and registration.** If the memory was registered, the
+//!   unmap's event invalidates the entry (its subscription came first); if it was not, the
+//!   check after the registration finds the hole and the miss fails, or, if new memory
+//!   was mapped there meanwhile, that memory is what gets registered and checked.
+//!
+//! At stop every mapping of the process is unregistered, one by one (registrations move
+//! and grow with mremap, which no set here could follow).
 
 use std::sync::atomic::{
     AtomicBool, AtomicI32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
@@ -190,6 +221,9 @@ pub struct MonitorStats {
     pub read_backoffs: u64,
     /// Ranges unregistered because the last cache entry that needed them went.
     pub unwatched: u64,
+    /// Cache misses on memory already registered and checked, with no event on it since:
+    /// they made no system call (see "Registering" in [`Monitor`]'s module).
+    pub verified_leases: u64,
 }
 
 /// The counters behind [`MonitorStats`] (atomics: the reader bumps them without locks).
@@ -207,6 +241,7 @@ pub(crate) struct Counters {
     pub(crate) merged: AtomicU64,
     pub(crate) read_backoffs: AtomicU64,
     pub(crate) unwatched: AtomicU64,
+    pub(crate) verified_leases: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -222,6 +257,9 @@ struct Leases {
     explicit: RangeSet,
     /// Ranges whose last lease ended, not unregistered yet (see "Watch leases").
     idle: Vec<(u64, u64)>,
+    /// Known to be mapped and registered with this descriptor (see "Registering"): a
+    /// lease inside it makes no system call.
+    verified: RangeSet,
 }
 
 /// Idle ranges that trigger unregistering them all.
@@ -673,8 +711,10 @@ impl Shared {
         Ok((start & !(self.page - 1), end & !(self.page - 1)))
     }
 
-    /// Registers `[s, e)` (page-aligned) with the kernel. Callers hold `leases`.
-    fn register(&self, s: u64, e: u64) -> Result<(), Error> {
+    /// Registers `[s, e)` (page-aligned) with the kernel, checks it for holes, and
+    /// records it as verified (see "Registering" in the module docs). Callers hold
+    /// `leases`, which they pass in.
+    fn register(&self, leases: &mut Leases, s: u64, e: u64) -> Result<(), Error> {
         // Always register: the call is idempotent for memory already registered, and a
         // "watched" set consulted instead cannot know about an unmap whose event the kernel
         // has not queued, or the monitor not read, yet: it would claim new memory mapped at
@@ -701,7 +741,30 @@ impl Shared {
             end: e,
             source,
         })?;
+        // Both system calls were made with `leases` held: an event's `forget` of this
+        // range either came before the registration (and the check saw the memory as it
+        // is now) or comes after this.
+        leases.verified.add(s, e);
         Ok(())
+    }
+
+    /// Registers `[s, e)` unless it is verified already: for a cache lease only, whose
+    /// entry's subscription was inserted before (see "Registering" in the module docs).
+    fn register_unless_verified(&self, leases: &mut Leases, s: u64, e: u64) -> Result<(), Error> {
+        if leases.verified.uncovered(s, e).is_empty() {
+            bump(&self.stats.verified_leases);
+            return Ok(());
+        }
+        self.register(leases, s, e)
+    }
+
+    /// The applier is about to apply events over `ranges`: they are no longer vouched for (see "Registering" in the module docs). Called *before* the event's
+    /// invalidation runs.
+    pub(crate) fn forget(&self, ranges: impl Iterator<Item = (u64, u64)>) {
+        let mut leases = self.leases.lock();
+        for (start, end) in ranges {
+            leases.verified.remove(start, end);
+        }
     }
 
     /// See [`Monitor::watch`]: an explicit watch, kept until `unwatch` or unmap.
@@ -709,7 +772,7 @@ impl Shared {
         let (s, e) = self.page_range(start, len)?;
         self.check_alive()?;
         let mut leases = self.leases.lock();
-        self.register(s, e)?;
+        self.register(&mut leases, s, e)?;
         leases.explicit.add(s, e);
         Ok((s, e))
     }
@@ -720,7 +783,7 @@ impl Shared {
         let (s, e) = self.page_range(start, len)?;
         self.check_alive()?;
         let mut leases = self.leases.lock();
-        self.register(s, e)?;
+        self.register_unless_verified(&mut leases, s, e)?;
         leases.counts.acquire(s, e);
         Ok(WatchLease {
             shared: self.clone(),
@@ -761,6 +824,8 @@ impl Shared {
                     // Fails only for memory this descriptor does not hold (never
                     // registered, or another monitor's): nothing to undo then. An unmapped
                     // range is fine.
+                    // Not vouched for any more, whatever the outcome.
+                    leases.verified.remove(x, y);
                     if uffd.unregister(x, y - x).is_ok() {
                         bump(&self.stats.unwatched);
                     }
@@ -781,6 +846,8 @@ impl Shared {
             // let a change go unseen while the entry is still valid (a stale hit). They
             // are unwatched when their last lease ends.
             for (x, y) in leases.counts.uncovered(s, e) {
+                // Before the system call: a failed unregister may have done part of it.
+                leases.verified.remove(x, y);
                 uffd.unregister(x, y - x).map_err(|source| Error::Watch {
                     start: x,
                     end: y,
@@ -848,6 +915,7 @@ impl Shared {
             merged: l(&c.merged),
             read_backoffs: l(&c.read_backoffs),
             unwatched: l(&c.unwatched),
+            verified_leases: l(&c.verified_leases),
         }
     }
 }
