@@ -306,8 +306,13 @@ pub(crate) struct Shared {
     /// The errno of the read that failed, if one did (the reader cannot format it: that
     /// would allocate).
     pub(crate) read_errno: AtomicI32,
-    /// The applier's id (callbacks run there), for refusing to wait for the gate on it.
-    monitor_thread: std::sync::OnceLock<std::thread::ThreadId>,
+    /// The monitor threads' ids (callbacks run there), for refusing to wait for the gate
+    /// on them.
+    monitor_threads: [std::sync::OnceLock<std::thread::ThreadId>; 2],
+    /// One thread reads at a time (see `reader`).
+    pub(crate) reading: std::sync::Mutex<()>,
+    /// The applying role (see `applier`).
+    pub(crate) applying: AtomicBool,
     pub(crate) stop_reason: parking_lot::Mutex<Option<String>>,
     /// Wakes the reader from `poll` (stop).
     pub(crate) wake: sys::EventFd,
@@ -336,7 +341,7 @@ impl std::fmt::Debug for Shared {
 #[derive(Debug)]
 pub struct Monitor {
     shared: Arc<Shared>,
-    /// The applier and the reader.
+    /// The two monitor threads.
     threads: Option<(JoinHandle<()>, JoinHandle<()>)>,
 }
 
@@ -398,51 +403,69 @@ impl Monitor {
             read_errno: AtomicI32::new(0),
             queue: Queue::new(),
             counted: AtomicU64::new(0),
-            monitor_thread: std::sync::OnceLock::new(),
+            monitor_threads: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
+            reading: std::sync::Mutex::new(()),
+            applying: AtomicBool::new(false),
             stop_reason: parking_lot::Mutex::new(None),
             wake: sys::EventFd::new().map_err(Error::Thread)?,
         });
-        // Applier first: the reader needs its handle to wake it.
-        let applier = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("mmu-uffd-applier".into())
-                .spawn(move || applier::run(shared))
-                .map_err(Error::Thread)?
-        };
-        let _ = shared.monitor_thread.set(applier.thread().id());
-        // The reader's start-up allocates (the runtime's thread bookkeeping, glibc's
+        // Everything the threads need is allocated here: a thread that reads must not
+        // allocate once it runs (see `reader`).
+        let mut workers = Vec::with_capacity(2);
+        for i in 0..2 {
+            workers.push(applier::Worker {
+                waiter: reader::Waiter::new(uffd.raw(), shared.wake.raw())
+                    .map_err(Error::Thread)?,
+                taken: crate::queue::Taken::new(),
+                polls: i == 0,
+            });
+        }
+        // A thread's start-up allocates (the runtime's thread bookkeeping, glibc's
         // per-thread arena). With FORK events a fork must not find it there: glibc's fork
-        // holds every malloc lock until the kernel returns, which it does only once the
-        // reader has read the FORK event. So return only once the reader is past them; it
-        // never allocates afterwards.
-        let started = Arc::new(std::sync::Barrier::new(2));
-        let reader = {
-            let shared = shared.clone();
-            let started = started.clone();
-            let wake_applier = applier.thread().clone();
-            std::thread::Builder::new()
-                .name("mmu-uffd-reader".into())
-                .spawn(move || {
-                    sys::block_all_signals();
-                    started.wait();
-                    reader::run(&shared, &uffd, &wake_applier);
-                })
-        };
-        let reader = match reader {
-            Ok(r) => r,
-            Err(e) => {
-                // Stop the applier we started (it releases the subscriptions).
-                shared.stopping.store(true, Release);
-                applier.thread().unpark();
-                let _ = applier.join();
-                return Err(Error::Thread(e));
+        // holds every malloc lock until the kernel returns, which it does only once a
+        // monitor thread has read the FORK event. So return only once both are past them.
+        let mut threads = Vec::with_capacity(2);
+        let mut failure = None;
+        for (i, w) in workers.into_iter().enumerate() {
+            let started = Arc::new(std::sync::Barrier::new(2));
+            let spawned = {
+                let (shared, uffd, started) = (shared.clone(), uffd.clone(), started.clone());
+                std::thread::Builder::new()
+                    .name(format!("mmu-uffd-monitor-{i}"))
+                    .spawn(move || {
+                        sys::block_all_signals();
+                        started.wait();
+                        applier::run(&shared, &uffd, w);
+                    })
+            };
+            match spawned {
+                Ok(t) => {
+                    let _ = shared.monitor_threads[i].set(t.thread().id());
+                    threads.push((t, started));
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
-        };
-        started.wait();
+        }
+        for (_, started) in &threads {
+            started.wait();
+        }
+        let mut threads: Vec<JoinHandle<()>> = threads.into_iter().map(|(t, _)| t).collect();
+        if let Some(e) = failure {
+            // Stop the thread we started (it releases the subscriptions).
+            shared.request_stop();
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(Error::Thread(e));
+        }
+        let b = threads.pop().expect("two threads");
+        let a = threads.pop().expect("two threads");
         Ok(Monitor {
             shared,
-            threads: Some((applier, reader)),
+            threads: Some((a, b)),
         })
     }
 
@@ -550,23 +573,36 @@ pub enum MonitorState {
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        // Release: pairs with the threads' Acquire loads of `stopping`.
-        self.shared.stopping.store(true, Release);
-        self.shared.wake.signal();
-        if let Some((applier, reader)) = self.threads.take() {
-            applier.thread().unpark();
-            // Dropped from an invalidation callback, on the applier: it stops after the
-            // current batch, and the reader once the applier has released everything;
-            // joining either would wait for ourselves.
-            if applier.thread().id() != std::thread::current().id() {
-                let _ = applier.join();
-                let _ = reader.join();
+        self.shared.request_stop();
+        if let Some((a, b)) = self.threads.take() {
+            // Dropped from an invalidation callback, on a monitor thread: that thread runs
+            // the stop once the callback returns, and the other exits after it; joining
+            // either would wait for ourselves.
+            let me = std::thread::current().id();
+            if a.thread().id() != me && b.thread().id() != me {
+                let _ = a.join();
+                let _ = b.join();
             }
         }
     }
 }
 
 impl Shared {
+    /// Asks the monitor threads to run the stop sequence (see `applier`).
+    pub(crate) fn request_stop(&self) {
+        // Release: pairs with the threads' Acquire loads of `stopping`; `poke` makes the
+        // thread that holds the applying role see it when it gives the role up.
+        self.stopping.store(true, Release);
+        self.queue.poke();
+        self.wake.signal();
+    }
+
+    /// Whether the calling thread is one of the monitor's (in a callback).
+    fn on_monitor_thread(&self) -> bool {
+        let me = std::thread::current().id();
+        self.monitor_threads.iter().any(|t| t.get() == Some(&me))
+    }
+
     /// Fails if the monitor cannot vouch for the memory any more.
     pub(crate) fn check_alive(&self) -> Result<(), Error> {
         if fork::current() != self.fork_generation {
@@ -593,7 +629,7 @@ impl Shared {
         let pass = match self.gate.try_pass() {
             Some(p) => p,
             None => {
-                if self.monitor_thread.get() == Some(&std::thread::current().id()) {
+                if self.on_monitor_thread() {
                     return Err(Error::OnMonitorThread);
                 }
                 self.gate.pass()
@@ -678,7 +714,7 @@ impl Shared {
         self.check_alive()?;
         let mut round = 0u32;
         while self.probe()? == InFlight::Changing {
-            if self.monitor_thread.get() == Some(&std::thread::current().id()) {
+            if self.on_monitor_thread() {
                 return Err(Error::OnMonitorThread);
             }
             // The event's round trip is tens of microseconds: yield a few times, then
