@@ -239,61 +239,57 @@ mod loom_model {
     //! the verified set *before* the invalidation runs; the broken variant (after) fails.
     use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Release};
     use loom::sync::{Arc, Mutex};
-    use mmu_notifier::{
-        Event, IntervalContext, IntervalSubscriber, Range, Subscriptions, WouldBlock,
-    };
 
-    struct Flag(Arc<AtomicBool>);
-
-    impl IntervalSubscriber for Flag {
-        fn invalidate(
-            &mut self,
-            _: &Range,
-            _: &mut IntervalContext<'_, Self>,
-        ) -> Result<(), WouldBlock> {
-            self.0.store(false, Release);
-            Ok(())
-        }
+    /// The entry's interval subscription, reduced to the collision-retry protocol (the
+    /// real one is modelled in mmu-notifier and in `cache`): whether it is inserted, its
+    /// invalidation count, and the validity flag, all under its lock.
+    #[derive(Default)]
+    struct Sub {
+        inserted: bool,
+        seq: u64,
+        valid: bool,
     }
 
     /// The memory at the address: a version number, and whether that version is
     /// registered with the descriptor; `verified` is the monitor's set (one range).
     fn model(forget_first: bool) {
         loom::model(move || {
-            let mm = Subscriptions::new();
+            let sub = Arc::new(Mutex::new(Sub::default()));
             let pages = Arc::new(AtomicU64::new(1));
             let registered = Arc::new(AtomicBool::new(true));
             let verified = Arc::new(Mutex::new(true)); // version 1: registered and checked
+            let invalidate = {
+                let sub = sub.clone();
+                move || {
+                    let mut s = sub.lock().unwrap();
+                    if s.inserted {
+                        s.seq += 1;
+                        s.valid = false;
+                    }
+                }
+            };
             let primary = {
-                let (mm, pages, registered, verified) = (
-                    mm.clone(),
-                    pages.clone(),
-                    registered.clone(),
-                    verified.clone(),
-                );
+                let (pages, registered, verified) =
+                    (pages.clone(), registered.clone(), verified.clone());
                 loom::thread::spawn(move || {
                     // munmap + mmap of new, unregistered memory at the address.
                     pages.store(2, Release);
                     registered.store(false, Release);
                     // The applier takes up the UNMAP event.
-                    let range = Range::new(0x1000, 0x2000, Event::Unmap).unwrap();
                     if forget_first {
                         *verified.lock().unwrap() = false;
-                        drop(mm.invalidate_range_start(range));
+                        invalidate();
                     } else {
-                        drop(mm.invalidate_range_start(range));
+                        invalidate();
                         *verified.lock().unwrap() = false;
                     }
                 })
             };
             // The miss: subscription first, then the lease, then the registration.
-            let valid = Arc::new(AtomicBool::new(false));
-            let sub = mm
-                .insert_interval(0x1000..0x2000, Flag(valid.clone()))
-                .unwrap();
+            sub.lock().unwrap().inserted = true;
             let mut pinned = 0;
             for _ in 0..2 {
-                let seq = sub.read_begin();
+                let seq = sub.lock().unwrap().seq; // read_begin
                 {
                     let mut v = verified.lock().unwrap();
                     if !*v {
@@ -302,22 +298,21 @@ mod loom_model {
                     }
                 }
                 pinned = pages.load(Acquire); // the user's register: pins what is mapped
-                let guard = sub.lock();
-                if guard.read_retry(seq) {
-                    continue;
+                let mut s = sub.lock().unwrap();
+                if s.seq != seq {
+                    continue; // read_retry: deregister, start again
                 }
-                valid.store(true, Release);
+                s.valid = true;
                 break;
             }
             primary.join().unwrap();
-            if valid.load(Acquire) {
+            if sub.lock().unwrap().valid {
                 assert_eq!(pinned, pages.load(Acquire), "a valid entry pins old pages");
                 assert!(
                     registered.load(Acquire),
                     "a valid entry over memory that is not registered"
                 );
             }
-            drop(sub);
         });
     }
 
@@ -331,5 +326,87 @@ mod loom_model {
     #[should_panic(expected = "not registered")]
     fn forgetting_after_the_invalidation_is_caught() {
         model(false);
+    }
+
+    /// The applying role (see "Two threads, one role"): two threads each read one batch
+    /// (numbered and pushed under the reading lock) and try to apply. Whatever the
+    /// interleaving, at most one applies at a time, `applied` only grows, and once both
+    /// are done every batch has been applied. Without the re-check after giving the role
+    /// up, a batch pushed while the other thread held the role is left behind.
+    fn role_model(recheck: bool) {
+        use loom::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+        loom::model(move || {
+            // (published, taken), the queue's ring under its lock.
+            let queue = Arc::new(Mutex::new((0u64, 0u64)));
+            let reading = Arc::new(Mutex::new(0u64));
+            let role = Arc::new(AtomicBool::new(false));
+            let applied = Arc::new(AtomicU64::new(0));
+            let inside = Arc::new(AtomicUsize::new(0));
+            let thread = || {
+                let (queue, reading, role, applied, inside) = (
+                    queue.clone(),
+                    reading.clone(),
+                    role.clone(),
+                    applied.clone(),
+                    inside.clone(),
+                );
+                loom::thread::spawn(move || {
+                    {
+                        let mut r = reading.lock().unwrap(); // gate.begin + read + push
+                        *r += 1;
+                        let mut q = queue.lock().unwrap();
+                        q.0 = q.0.max(*r);
+                    }
+                    loop {
+                        if role
+                            .compare_exchange(false, true, Acquire, Relaxed)
+                            .is_err()
+                        {
+                            return;
+                        }
+                        assert_eq!(inside.fetch_add(1, SeqCst), 0, "two threads apply");
+                        loop {
+                            let through = {
+                                let mut q = queue.lock().unwrap();
+                                let fresh = q.0 > q.1;
+                                q.1 = q.0;
+                                fresh.then_some(q.0)
+                            };
+                            let Some(t) = through else { break };
+                            assert!(t >= applied.load(Relaxed), "applied went back");
+                            applied.store(t, Release); // gate.applied_through
+                        }
+                        inside.fetch_sub(1, SeqCst);
+                        role.store(false, Release);
+                        if !recheck {
+                            return;
+                        }
+                        let pending = {
+                            let q = queue.lock().unwrap();
+                            q.0 > q.1
+                        };
+                        if !pending {
+                            return;
+                        }
+                    }
+                })
+            };
+            let (a, b) = (thread(), thread());
+            a.join().unwrap();
+            b.join().unwrap();
+            assert_eq!(applied.load(Acquire), 2, "a batch was left in the queue");
+        });
+    }
+
+    #[test]
+    fn the_applying_role_leaves_no_batch_behind() {
+        role_model(true);
+    }
+
+    /// The checker catches a hand-over without the re-check.
+    #[test]
+    #[should_panic(expected = "left in the queue")]
+    fn giving_the_role_up_without_the_recheck_is_caught() {
+        role_model(false);
     }
 }

@@ -27,26 +27,31 @@
 //!
 //! # The monitor's threads
 //!
-//! Two threads (see `queue`, `reader` and `applier` for their protocols):
+//! Two threads that do the same work (see `reader`, `queue` and `applier` for their
+//! protocols); both block every signal:
 //!
-//! - The **reader** polls and reads events into a fixed buffer, closes forked children's
-//!   descriptors, and hands the invalidations to the applier. It never allocates, never
-//!   runs user code and never takes a lock a user thread may hold, so the threads it must
-//!   release can never be waiting for it: an allocator trimming watched heap memory, a
-//!   fork holding the allocator's locks, a callback that unmaps. It blocks every signal.
-//! - The **applier** runs the invalidations on [`Monitor::subscriptions`] (the user
-//!   callbacks run here; they may allocate). Lookups wait at the gate until it has applied
-//!   every event of calls that returned.
+//! - **Reading.** The kernel wakes one of them per event (the one asleep, not one busy
+//!   applying). It reads the events into a fixed buffer, closes forked children's
+//!   descriptors and queues the invalidations. Reading never allocates, never runs user
+//!   code and never takes a lock a user thread may hold, so the threads it must release
+//!   can never be waiting for it: an allocator trimming watched heap memory, a fork
+//!   holding the allocator's locks, a callback that unmaps.
+//! - **Applying.** Then it takes the *applying role*, if the other thread does not hold
+//!   it, and runs the queued invalidations on [`Monitor::subscriptions`] (the user
+//!   callbacks run there; they may allocate, block, unmap). The role is never waited for,
+//!   so while one thread runs user code the other is always free to read. Lookups wait at
+//!   the gate until every event of calls that returned has been applied. On one CPU the
+//!   callback runs right after the read, in the thread the unmap woke.
 //! - Fork: without `fork_events` (the default) the child inherits no registration, so no
 //!   descriptor ever appears. With it, each FORK event brings the child's descriptor into
-//!   this process; the reader closes it at once, which releases the child's registrations.
-//!   If no descriptor slot is free (EMFILE), the reader backs off and reads again.
+//!   this process; the thread that reads it closes it at once, which releases the child's
+//!   registrations. If no descriptor slot is free (EMFILE), it backs off and reads again.
 //! - Stop (drop, a failed read, or a panicking callback): lookups fail from then on; every
 //!   subscription gets a `Release` invalidation (nothing can be trusted once events stop);
 //!   every mapping of the process is unregistered (a forked child may hold a copy of the
 //!   descriptor, so closing ours would not end the registrations); what is still queued is
 //!   read, which lets blocked unmappers continue; the descriptor is closed.
-//! - Lookups from inside a callback (on the applier, mid-batch) fail with
+//! - Lookups from inside a callback (on a monitor thread, mid-batch) fail with
 //!   [`Error::OnMonitorThread`] instead of waiting for themselves.
 //!
 //! # Which memory is safe to watch
