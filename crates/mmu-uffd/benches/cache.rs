@@ -63,8 +63,9 @@ fn cache_with(
 }
 
 /// What a hit costs with the address-reuse check (one system call per lookup), without it,
-/// and the floor: an empty system call.
-fn bench_hit_cost(c: &mut Criterion, monitor: &Monitor) {
+/// and the floors: an empty system call, and an ioctl on a userfaultfd that it refuses at
+/// once (the check is an ioctl on the monitor's).
+fn bench_hit_cost(c: &mut Criterion, monitor: &Monitor, bare: Option<&Bare>) {
     let checked = cache_with(monitor, CacheConfig::default().with_capacity(1024));
     let unchecked = cache_with(
         monitor,
@@ -95,6 +96,11 @@ fn bench_hit_cost(c: &mut Criterion, monitor: &Monitor) {
         // SAFETY: getppid takes no arguments and cannot fail.
         b.iter(|| black_box(unsafe { libc::syscall(libc::SYS_getppid) }))
     });
+    if let Some(bare) = bare {
+        g.bench_function("floor: unknown ioctl on a userfaultfd", |b| {
+            b.iter(|| black_box(bare.unknown_ioctl()))
+        });
+    }
     g.finish();
     for cache in [checked.stats(), unchecked.stats()] {
         assert_eq!(cache.misses, 64, "{cache:?}");
@@ -490,7 +496,8 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     bench_hit_miss(&mut c, &monitor);
-    bench_hit_cost(&mut c, &monitor);
+    let floor = bare(epoch);
+    bench_hit_cost(&mut c, &monitor, floor.as_ref());
     c.final_summary();
     madvise(&monitor);
     run_latency(monitor);

@@ -10,14 +10,23 @@
 //! flag it reads set.
 //!
 //! - **Fill (a miss).** Insert the subscription, `read_begin`, take a watch lease on the
-//!   memory (the monitor's registration system call; the lease ends with the entry, and
-//!   memory no entry covers any more is unwatched), call
-//!   the user's `register`, take the user lock: if `read_retry` says an invalidation ran
+//!   memory (the lease ends with the entry, and memory no entry covers any more is
+//!   unwatched), call the user's `register`, take the user lock: if `read_retry` says an invalidation ran
 //!   since `read_begin`, deregister and start again (a bounded number of times); else set
 //!   the flag, unlock, and put the entry in the index. The subscription exists before
 //!   the memory is examined, so an unmap that happened before the registration but whose
 //!   event is applied after it invalidates the new entry: it can cost a miss, never a stale
 //!   hit.
+//! - **The lease's system calls.** Memory the monitor has not vouched for yet is
+//!   registered (`UFFDIO_REGISTER`) and checked for holes (a registration skips holes
+//!   silently; the check fails the miss with [`Error::Watch`]): two system calls. Memory
+//!   it already registered and checked, with no event on it since, costs none: the
+//!   monitor's *verified set* is emptied of a range *before* the invalidation of any event
+//!   on it runs, so a lease that found the range verified either covers the same mapped,
+//!   registered memory, or comes before an invalidation that will reach this entry (its
+//!   subscription exists already). A hole in verified memory can only come from an unmap,
+//!   which is such an event; memory unmapped between the lookup and the registration is
+//!   the same case (see "Registering" in [`monitor`](crate::monitor)).
 //! - **Invalidation in flight.** `read_begin` waits while the subscription is being
 //!   invalidated; the event gate (see `gate`) makes every lookup that starts after an
 //!   unmapping call returned wait until the monitor has applied that call's event.

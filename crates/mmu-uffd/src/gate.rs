@@ -3,16 +3,19 @@
 //! # The problem
 //!
 //! The kernel blocks a thread that unmaps watched memory until the monitor has *read* the
-//! event, not until the monitor has *applied* it. The monitor reads on one thread (the
-//! reader) and applies on another (the applier): between the read and the end of the
+//! event, not until the monitor has *applied* it. The monitor reads, then applies (on the
+//! same thread, or on the other one if it holds the applying role): between the read and
+//! the end of the
 //! invalidation, the unmapper may already have returned from `munmap`, mapped new memory at
 //! the same address and asked the cache for it; without more, that lookup could return the
 //! old, stale registration.
 //!
 //! # The protocol
 //!
-//! Two counters and a flag. Batches are numbered 1, 2, 3, ... by the reader; one batch is
-//! one `read()` of the descriptor.
+//! Two counters and a flag. Batches are numbered 1, 2, 3, ... by the monitor thread that
+//! reads them (one at a time, under the reading lock); one batch is one `read()` of the
+//! descriptor. "Reader" and "applier" below are roles, not threads: either monitor thread
+//! reads, and the one holding the applying role applies.
 //!
 //! - Reader: `begin` increments `begun` *before* the `read()` that releases the unmappers,
 //!   and returns the batch's number. It hands the messages and the number to the applier.
@@ -45,15 +48,15 @@
 //!
 //! # Waiting
 //!
-//! A lookup that finds the gate closed waits for the monitor's two threads: the reader
-//! still has to hand the batch over, the applier to apply it. How it waits depends on where
-//! they last ran. The reader (in `begin`) and the applier (in `applied_through`) each note
+//! A lookup that finds the gate closed waits for the monitor: the reader still has to
+//! queue the batch, the applier to apply it (usually the same thread, right after). How
+//! it waits depends on where they last ran. The reader (in `begin`) and the applier (in `applied_through`) each note
 //! the CPU they run on; a waiter compares them with its own CPU:
 //!
 //! - **Same CPU as either.** Spinning there would only keep the thread it waits for off
 //!   that CPU (until the waiter's time slice ends or it gives up), so the waiter yields at
-//!   once: `sched_yield` lets the runnable monitor thread run (typically the applier,
-//!   which applies, opens the gate and goes back to sleep), and the waiter finds the gate
+//!   once: `sched_yield` lets the runnable monitor thread run (it applies, opens the
+//!   gate and goes back to sleep), and the waiter finds the gate
 //!   open when it is scheduled again: no futex wait or wake at all. A few yields at most
 //!   (the reader may run first), then it sleeps.
 //! - **Other CPUs.** The batch is a few microseconds of in-memory work happening in

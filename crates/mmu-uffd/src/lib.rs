@@ -4,8 +4,8 @@
 //! userfaultfd's non-cooperative events and turns them into the same interval
 //! invalidations the simulated primary fires, and a registration cache built on them.
 //!
-//! - [`Monitor`]: one userfaultfd and two threads (a reader that never allocates and an
-//!   applier that runs the callbacks). [`Monitor::watch`] registers memory
+//! - [`Monitor`]: one userfaultfd and two threads (each reads without allocating, and
+//!   runs the callbacks when the other is not). [`Monitor::watch`] registers memory
 //!   (anonymous private or shared, memfd, and file mappings on kernels with `WP_ASYNC`) in
 //!   write-protect mode with nothing protected, so no page fault is ever routed to the
 //!   monitor; munmap, `MAP_FIXED` over, and mremap become `Unmap` invalidations of the old
@@ -23,7 +23,7 @@
 //!
 //! Each mechanism's protocol is written down on its module's page: [`monitor`] (the
 //! descriptor, what is watched, the stop sequence), [`reader`] and [`applier`] (the two
-//! threads, and why the reader never allocates), [`queue`] (the hand-over between them),
+//! threads, and why reading never allocates), [`queue`] (the hand-over between them),
 //! [`gate`] (why "munmap has returned" implies "the invalidation has been applied", and the
 //! address-reuse check), [`cache`] (the fill protocol of the registration cache and its
 //! limits), [`fork`] (what a child process inherits).

@@ -27,26 +27,31 @@
 //!
 //! # The monitor's threads
 //!
-//! Two threads (see `queue`, `reader` and `applier` for their protocols):
+//! Two threads that do the same work (see `reader`, `queue` and `applier` for their
+//! protocols); both block every signal:
 //!
-//! - The **reader** polls and reads events into a fixed buffer, closes forked children's
-//!   descriptors, and hands the invalidations to the applier. It never allocates, never
-//!   runs user code and never takes a lock a user thread may hold, so the threads it must
-//!   release can never be waiting for it: an allocator trimming watched heap memory, a
-//!   fork holding the allocator's locks, a callback that unmaps. It blocks every signal.
-//! - The **applier** runs the invalidations on [`Monitor::subscriptions`] (the user
-//!   callbacks run here; they may allocate). Lookups wait at the gate until it has applied
-//!   every event of calls that returned.
+//! - **Reading.** The kernel wakes one of them per event (the one asleep, not one busy
+//!   applying). It reads the events into a fixed buffer, closes forked children's
+//!   descriptors and queues the invalidations. Reading never allocates, never runs user
+//!   code and never takes a lock a user thread may hold, so the threads it must release
+//!   can never be waiting for it: an allocator trimming watched heap memory, a fork
+//!   holding the allocator's locks, a callback that unmaps.
+//! - **Applying.** Then it takes the *applying role*, if the other thread does not hold
+//!   it, and runs the queued invalidations on [`Monitor::subscriptions`] (the user
+//!   callbacks run there; they may allocate, block, unmap). The role is never waited for,
+//!   so while one thread runs user code the other is always free to read. Lookups wait at
+//!   the gate until every event of calls that returned has been applied. On one CPU the
+//!   callback runs right after the read, in the thread the unmap woke.
 //! - Fork: without `fork_events` (the default) the child inherits no registration, so no
 //!   descriptor ever appears. With it, each FORK event brings the child's descriptor into
-//!   this process; the reader closes it at once, which releases the child's registrations.
-//!   If no descriptor slot is free (EMFILE), the reader backs off and reads again.
+//!   this process; the thread that reads it closes it at once, which releases the child's
+//!   registrations. If no descriptor slot is free (EMFILE), it backs off and reads again.
 //! - Stop (drop, a failed read, or a panicking callback): lookups fail from then on; every
 //!   subscription gets a `Release` invalidation (nothing can be trusted once events stop);
 //!   every mapping of the process is unregistered (a forked child may hold a copy of the
 //!   descriptor, so closing ours would not end the registrations); what is still queued is
 //!   read, which lets blocked unmappers continue; the descriptor is closed.
-//! - Lookups from inside a callback (on the applier, mid-batch) fail with
+//! - Lookups from inside a callback (on a monitor thread, mid-batch) fail with
 //!   [`Error::OnMonitorThread`] instead of waiting for themselves.
 //!
 //! # Which memory is safe to watch
@@ -91,10 +96,41 @@
 //! # Registering
 //!
 //! `watch` always makes the registration system call (idempotent on memory already
-//! registered). An earlier version remembered what was registered to skip it, but the set
-//! could not know about an unmap whose event is not read yet and then claimed new memory
-//! mapped at that address. At stop every mapping of the process is unregistered, one by
-//! one (registrations move and grow with mremap, which no set here could follow).
+//! registered) and then checks the range for holes: `UFFDIO_REGISTER` accepts a range
+//! with holes and registers only the mappings in it, and a hole must neither be claimed as
+//! watched (memory mapped there later would not be) nor accepted at all. That is two
+//! system calls. A cache *lease* (a miss) makes them only for memory the monitor does not
+//! already vouch for:
+//!
+//! - **The verified set.** After a registration and its hole check succeed, the range
+//!   joins the *verified* set, under the lock held across both system calls. A range
+//!   leaves it, under the same lock, when the applier takes up any event that touches it
+//!   (*before* that event's invalidation runs), and when it is unregistered (idle
+//!   unwatching, `unwatch`). A lease of a verified range makes no system call at all.
+//! - **Why that is never stale.** Memory that was mapped and registered stays registered
+//!   until it is unmapped, moved or unregistered by us, and the first two come with an
+//!   event (UNMAP, REMAP; a madvise sends REMOVE and is treated the same way). So if a
+//!   range is in the set when a lease looks, either it is still the mapped, registered
+//!   memory that was checked, or an event covering the change exists whose application
+//!   has not yet reached the set, and so has not yet run its invalidation either. The
+//!   cache inserts an entry's subscription *before* it takes the lease, so that
+//!   invalidation, which runs after the look, reaches the new entry: a miss that took a
+//!   lease on changed memory yields an entry that is invalidated, never a stale hit (and
+//!   the gate makes every lookup that starts after the unmapping call returned wait for
+//!   that invalidation). An earlier version skipped the registration of "registered"
+//!   memory and broke exactly there: its set was not emptied before the invalidation ran.
+//!   `watch` inserts no subscription first, so it always registers.
+//! - **A hole.** A hole inside a verified range can only appear through an unmap, which
+//!   is an event (above). A hole in memory not verified is found by the check that follows
+//!   the registration that would verify it: the lease, and the miss, fail with
+//!   `Error::Watch` (not found).
+//! - **Unmapped between lookup and registration.** If the memory was registered, the
+//!   unmap's event invalidates the entry (its subscription came first); if it was not, the
+//!   check after the registration finds the hole and the miss fails, or, if new memory
+//!   was mapped there meanwhile, that memory is what gets registered and checked.
+//!
+//! At stop every mapping of the process is unregistered, one by one (registrations move
+//! and grow with mremap, which no set here could follow).
 
 use std::sync::atomic::{
     AtomicBool, AtomicI32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
@@ -190,6 +226,9 @@ pub struct MonitorStats {
     pub read_backoffs: u64,
     /// Ranges unregistered because the last cache entry that needed them went.
     pub unwatched: u64,
+    /// Cache misses on memory already registered and checked, with no event on it since:
+    /// they made no system call (see "Registering" in [`Monitor`]'s module).
+    pub verified_leases: u64,
 }
 
 /// The counters behind [`MonitorStats`] (atomics: the reader bumps them without locks).
@@ -207,6 +246,7 @@ pub(crate) struct Counters {
     pub(crate) merged: AtomicU64,
     pub(crate) read_backoffs: AtomicU64,
     pub(crate) unwatched: AtomicU64,
+    pub(crate) verified_leases: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -222,6 +262,9 @@ struct Leases {
     explicit: RangeSet,
     /// Ranges whose last lease ended, not unregistered yet (see "Watch leases").
     idle: Vec<(u64, u64)>,
+    /// Known to be mapped and registered with this descriptor (see "Registering"): a
+    /// lease inside it makes no system call.
+    verified: RangeSet,
 }
 
 /// Idle ranges that trigger unregistering them all.
@@ -268,8 +311,13 @@ pub(crate) struct Shared {
     /// The errno of the read that failed, if one did (the reader cannot format it: that
     /// would allocate).
     pub(crate) read_errno: AtomicI32,
-    /// The applier's id (callbacks run there), for refusing to wait for the gate on it.
-    monitor_thread: std::sync::OnceLock<std::thread::ThreadId>,
+    /// The monitor threads' ids (callbacks run there), for refusing to wait for the gate
+    /// on them.
+    monitor_threads: [std::sync::OnceLock<std::thread::ThreadId>; 2],
+    /// One thread reads at a time (see `reader`).
+    pub(crate) reading: std::sync::Mutex<()>,
+    /// The applying role (see `applier`).
+    pub(crate) applying: AtomicBool,
     pub(crate) stop_reason: parking_lot::Mutex<Option<String>>,
     /// Wakes the reader from `poll` (stop).
     pub(crate) wake: sys::EventFd,
@@ -298,7 +346,7 @@ impl std::fmt::Debug for Shared {
 #[derive(Debug)]
 pub struct Monitor {
     shared: Arc<Shared>,
-    /// The applier and the reader.
+    /// The two monitor threads.
     threads: Option<(JoinHandle<()>, JoinHandle<()>)>,
 }
 
@@ -360,51 +408,69 @@ impl Monitor {
             read_errno: AtomicI32::new(0),
             queue: Queue::new(),
             counted: AtomicU64::new(0),
-            monitor_thread: std::sync::OnceLock::new(),
+            monitor_threads: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
+            reading: std::sync::Mutex::new(()),
+            applying: AtomicBool::new(false),
             stop_reason: parking_lot::Mutex::new(None),
             wake: sys::EventFd::new().map_err(Error::Thread)?,
         });
-        // Applier first: the reader needs its handle to wake it.
-        let applier = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("mmu-uffd-applier".into())
-                .spawn(move || applier::run(shared))
-                .map_err(Error::Thread)?
-        };
-        let _ = shared.monitor_thread.set(applier.thread().id());
-        // The reader's start-up allocates (the runtime's thread bookkeeping, glibc's
+        // Everything the threads need is allocated here: a thread that reads must not
+        // allocate once it runs (see `reader`).
+        let mut workers = Vec::with_capacity(2);
+        for i in 0..2 {
+            workers.push(applier::Worker {
+                waiter: reader::Waiter::new(uffd.raw(), shared.wake.raw())
+                    .map_err(Error::Thread)?,
+                taken: crate::queue::Taken::new(),
+                polls: i == 0,
+            });
+        }
+        // A thread's start-up allocates (the runtime's thread bookkeeping, glibc's
         // per-thread arena). With FORK events a fork must not find it there: glibc's fork
-        // holds every malloc lock until the kernel returns, which it does only once the
-        // reader has read the FORK event. So return only once the reader is past them; it
-        // never allocates afterwards.
-        let started = Arc::new(std::sync::Barrier::new(2));
-        let reader = {
-            let shared = shared.clone();
-            let started = started.clone();
-            let wake_applier = applier.thread().clone();
-            std::thread::Builder::new()
-                .name("mmu-uffd-reader".into())
-                .spawn(move || {
-                    sys::block_all_signals();
-                    started.wait();
-                    reader::run(&shared, &uffd, &wake_applier);
-                })
-        };
-        let reader = match reader {
-            Ok(r) => r,
-            Err(e) => {
-                // Stop the applier we started (it releases the subscriptions).
-                shared.stopping.store(true, Release);
-                applier.thread().unpark();
-                let _ = applier.join();
-                return Err(Error::Thread(e));
+        // holds every malloc lock until the kernel returns, which it does only once a
+        // monitor thread has read the FORK event. So return only once both are past them.
+        let mut threads = Vec::with_capacity(2);
+        let mut failure = None;
+        for (i, w) in workers.into_iter().enumerate() {
+            let started = Arc::new(std::sync::Barrier::new(2));
+            let spawned = {
+                let (shared, uffd, started) = (shared.clone(), uffd.clone(), started.clone());
+                std::thread::Builder::new()
+                    .name(format!("mmu-uffd-monitor-{i}"))
+                    .spawn(move || {
+                        sys::block_all_signals();
+                        started.wait();
+                        applier::run(&shared, &uffd, w);
+                    })
+            };
+            match spawned {
+                Ok(t) => {
+                    let _ = shared.monitor_threads[i].set(t.thread().id());
+                    threads.push((t, started));
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
-        };
-        started.wait();
+        }
+        for (_, started) in &threads {
+            started.wait();
+        }
+        let mut threads: Vec<JoinHandle<()>> = threads.into_iter().map(|(t, _)| t).collect();
+        if let Some(e) = failure {
+            // Stop the thread we started (it releases the subscriptions).
+            shared.request_stop();
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(Error::Thread(e));
+        }
+        let b = threads.pop().expect("two threads");
+        let a = threads.pop().expect("two threads");
         Ok(Monitor {
             shared,
-            threads: Some((applier, reader)),
+            threads: Some((a, b)),
         })
     }
 
@@ -512,23 +578,36 @@ pub enum MonitorState {
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        // Release: pairs with the threads' Acquire loads of `stopping`.
-        self.shared.stopping.store(true, Release);
-        self.shared.wake.signal();
-        if let Some((applier, reader)) = self.threads.take() {
-            applier.thread().unpark();
-            // Dropped from an invalidation callback, on the applier: it stops after the
-            // current batch, and the reader once the applier has released everything;
-            // joining either would wait for ourselves.
-            if applier.thread().id() != std::thread::current().id() {
-                let _ = applier.join();
-                let _ = reader.join();
+        self.shared.request_stop();
+        if let Some((a, b)) = self.threads.take() {
+            // Dropped from an invalidation callback, on a monitor thread: that thread runs
+            // the stop once the callback returns, and the other exits after it; joining
+            // either would wait for ourselves.
+            let me = std::thread::current().id();
+            if a.thread().id() != me && b.thread().id() != me {
+                let _ = a.join();
+                let _ = b.join();
             }
         }
     }
 }
 
 impl Shared {
+    /// Asks the monitor threads to run the stop sequence (see `applier`).
+    pub(crate) fn request_stop(&self) {
+        // Release: pairs with the threads' Acquire loads of `stopping`; `poke` makes the
+        // thread that holds the applying role see it when it gives the role up.
+        self.stopping.store(true, Release);
+        self.queue.poke();
+        self.wake.signal();
+    }
+
+    /// Whether the calling thread is one of the monitor's (in a callback).
+    fn on_monitor_thread(&self) -> bool {
+        let me = std::thread::current().id();
+        self.monitor_threads.iter().any(|t| t.get() == Some(&me))
+    }
+
     /// Fails if the monitor cannot vouch for the memory any more.
     pub(crate) fn check_alive(&self) -> Result<(), Error> {
         if fork::current() != self.fork_generation {
@@ -555,7 +634,7 @@ impl Shared {
         let pass = match self.gate.try_pass() {
             Some(p) => p,
             None => {
-                if self.monitor_thread.get() == Some(&std::thread::current().id()) {
+                if self.on_monitor_thread() {
                     return Err(Error::OnMonitorThread);
                 }
                 self.gate.pass()
@@ -640,7 +719,7 @@ impl Shared {
         self.check_alive()?;
         let mut round = 0u32;
         while self.probe()? == InFlight::Changing {
-            if self.monitor_thread.get() == Some(&std::thread::current().id()) {
+            if self.on_monitor_thread() {
                 return Err(Error::OnMonitorThread);
             }
             // The event's round trip is tens of microseconds: yield a few times, then
@@ -673,8 +752,10 @@ impl Shared {
         Ok((start & !(self.page - 1), end & !(self.page - 1)))
     }
 
-    /// Registers `[s, e)` (page-aligned) with the kernel. Callers hold `leases`.
-    fn register(&self, s: u64, e: u64) -> Result<(), Error> {
+    /// Registers `[s, e)` (page-aligned) with the kernel, checks it for holes, and
+    /// records it as verified (see "Registering" in the module docs). Callers hold
+    /// `leases`, which they pass in.
+    fn register(&self, leases: &mut Leases, s: u64, e: u64) -> Result<(), Error> {
         // Always register: the call is idempotent for memory already registered, and a
         // "watched" set consulted instead cannot know about an unmap whose event the kernel
         // has not queued, or the monitor not read, yet: it would claim new memory mapped at
@@ -701,7 +782,30 @@ impl Shared {
             end: e,
             source,
         })?;
+        // Both system calls were made with `leases` held: an event's `forget` of this
+        // range either came before the registration (and the check saw the memory as it
+        // is now) or comes after this.
+        leases.verified.add(s, e);
         Ok(())
+    }
+
+    /// Registers `[s, e)` unless it is verified already: for a cache lease only, whose
+    /// entry's subscription was inserted before (see "Registering" in the module docs).
+    fn register_unless_verified(&self, leases: &mut Leases, s: u64, e: u64) -> Result<(), Error> {
+        if leases.verified.uncovered(s, e).is_empty() {
+            bump(&self.stats.verified_leases);
+            return Ok(());
+        }
+        self.register(leases, s, e)
+    }
+
+    /// The applier is about to apply events over `ranges`: they are no longer vouched for (see "Registering" in the module docs). Called *before* the event's
+    /// invalidation runs.
+    pub(crate) fn forget(&self, ranges: impl Iterator<Item = (u64, u64)>) {
+        let mut leases = self.leases.lock();
+        for (start, end) in ranges {
+            leases.verified.remove(start, end);
+        }
     }
 
     /// See [`Monitor::watch`]: an explicit watch, kept until `unwatch` or unmap.
@@ -709,7 +813,7 @@ impl Shared {
         let (s, e) = self.page_range(start, len)?;
         self.check_alive()?;
         let mut leases = self.leases.lock();
-        self.register(s, e)?;
+        self.register(&mut leases, s, e)?;
         leases.explicit.add(s, e);
         Ok((s, e))
     }
@@ -720,7 +824,7 @@ impl Shared {
         let (s, e) = self.page_range(start, len)?;
         self.check_alive()?;
         let mut leases = self.leases.lock();
-        self.register(s, e)?;
+        self.register_unless_verified(&mut leases, s, e)?;
         leases.counts.acquire(s, e);
         Ok(WatchLease {
             shared: self.clone(),
@@ -761,6 +865,8 @@ impl Shared {
                     // Fails only for memory this descriptor does not hold (never
                     // registered, or another monitor's): nothing to undo then. An unmapped
                     // range is fine.
+                    // Not vouched for any more, whatever the outcome.
+                    leases.verified.remove(x, y);
                     if uffd.unregister(x, y - x).is_ok() {
                         bump(&self.stats.unwatched);
                     }
@@ -781,6 +887,8 @@ impl Shared {
             // let a change go unseen while the entry is still valid (a stale hit). They
             // are unwatched when their last lease ends.
             for (x, y) in leases.counts.uncovered(s, e) {
+                // Before the system call: a failed unregister may have done part of it.
+                leases.verified.remove(x, y);
                 uffd.unregister(x, y - x).map_err(|source| Error::Watch {
                     start: x,
                     end: y,
@@ -848,6 +956,7 @@ impl Shared {
             merged: l(&c.merged),
             read_backoffs: l(&c.read_backoffs),
             unwatched: l(&c.unwatched),
+            verified_leases: l(&c.verified_leases),
         }
     }
 }

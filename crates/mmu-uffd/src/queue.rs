@@ -1,4 +1,5 @@
-//! The hand-over queue between the monitor's reader thread and its applier thread.
+//! The hand-over queue between the monitor's reading and its applying (see `applier` for
+//! which of the monitor's two threads does which, and when).
 //!
 //! # Why two threads
 //!
@@ -21,7 +22,10 @@
 //!   safe; only precision is lost, and a counter says so).
 //! - Applier (`take`): takes everything at once into its own buffer (and the overflow, and
 //!   the published batch number), then applies it with the lock released; after that it
-//!   may tell the gate that batches up to that number are applied.
+//!   may tell the gate that batches up to that number are applied. Only the thread that
+//!   holds the applying role takes (see `applier`); `pending` tells a thread that just
+//!   gave the role up whether something was pushed meanwhile (under this lock: that is
+//!   what makes the role's hand-over lose nothing).
 //!
 //! The lock is `std::sync::Mutex`: on Linux a futex, which neither allocates nor keeps
 //! per-thread state (parking_lot's would create the reader's parking record, an allocation,
@@ -91,6 +95,8 @@ struct Ring {
     len: usize,
     overflow: Option<(u64, u64, Event)>,
     published: u64,
+    /// The `published` number the last `take` took.
+    taken: u64,
 }
 
 /// The queue (see the module docs).
@@ -108,6 +114,7 @@ impl Queue {
                 len: 0,
                 overflow: None,
                 published: 0,
+                taken: 0,
             }),
         }
     }
@@ -145,13 +152,31 @@ impl Queue {
     /// replaced). Returns false if nothing new was published since the last take.
     pub(crate) fn take(&self, into: &mut Taken) -> bool {
         let mut r = self.lock();
-        let fresh = r.published > into.through || r.len > 0 || r.overflow.is_some();
+        let fresh = Self::fresh(&r);
         into.work[..r.len].copy_from_slice(&r.work[..r.len]);
         into.len = r.len;
         into.overflow = r.overflow.take();
         into.through = r.published;
+        r.taken = r.published;
         r.len = 0;
         fresh
+    }
+
+    /// Whether a `take` now would find something new. The lock is taken even though
+    /// only a snapshot is returned: that acquisition orders the caller's earlier stores
+    /// (giving up the applying role) before every later `push` (see `applier`).
+    pub(crate) fn pending(&self) -> bool {
+        Self::fresh(&self.lock())
+    }
+
+    /// Takes and releases the lock: a thread that stores a request (stop) before this
+    /// is seen by every `pending` caller that locks after it (see `applier`).
+    pub(crate) fn poke(&self) {
+        drop(self.lock());
+    }
+
+    fn fresh(r: &Ring) -> bool {
+        r.published > r.taken || r.len > 0 || r.overflow.is_some()
     }
 }
 
@@ -177,9 +202,12 @@ mod tests {
         let q = Queue::new();
         let mut t = Taken::new();
         assert!(!q.take(&mut t), "nothing published yet");
+        assert!(!q.pending());
         q.push(1, [inv(0, 10, Event::Unmap), Work::Unknown(7)].into_iter());
         q.push(2, std::iter::empty());
+        assert!(q.pending());
         assert!(q.take(&mut t));
+        assert!(!q.pending(), "everything taken");
         assert_eq!(t.through, 2);
         assert_eq!(
             t.iter().collect::<Vec<_>>(),

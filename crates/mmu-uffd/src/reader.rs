@@ -1,37 +1,49 @@
-//! The reader thread: polls the descriptor, reads events into a fixed buffer, and hands
-//! them to the applier (see `queue` for why the two are separate threads).
+//! Reading: waits for events, reads them into a fixed buffer, and hands them to the
+//! applying (see `queue`). Both of the monitor's threads read (see `applier` for when each
+//! does what); this is the half of their work that must never wait for a user thread.
 //!
-//! # What the reader may do
+//! # What reading may do
 //!
-//! Only system calls on its own descriptors and lock-free or futex-only synchronization:
-//! `poll`, `read`, `close` of a forked child's descriptor, the write-protect safety net
-//! for an unexpected fault, the gate's counter, the queue's futex lock, and `unpark` of
-//! the applier. It never allocates (no formatting, no logging, no collections), never runs
-//! user code, and never takes a lock a user thread may hold. Hence a thread it must
-//! release can never be waiting for it: not an allocator trimming watched heap memory, not
-//! a fork holding the allocator's locks, not an invalidation callback that unmaps.
+//! Only system calls on the monitor's own descriptors and lock-free or futex-only
+//! synchronization: `epoll_wait`, `read`, `close` of a forked child's descriptor, the
+//! write-protect safety net for an unexpected fault, the gate's counter, the reading lock
+//! and the queue's lock (both held only by the monitor's threads, for fixed work). It never
+//! allocates (no formatting, no logging, no collections), never runs user code, and never
+//! takes a lock a user thread may hold. Hence a thread it must release can never be
+//! waiting for it: not an allocator trimming watched heap memory, not a fork holding the
+//! allocator's locks, not an invalidation callback that unmaps.
+//!
+//! # Waking one thread per event
+//!
+//! Each thread waits in an epoll instance of its own, on the descriptor with
+//! `EPOLLEXCLUSIVE` (and on the stop eventfd). The kernel then wakes only the first thread
+//! that is actually asleep in `epoll_wait` for a new event: the thread that is busy
+//! applying (maybe blocked in a callback) is skipped, and the other one reads. The
+//! readiness is level-triggered, so a thread that was busy finds the descriptor readable
+//! when it waits again and reads whatever is left (possibly nothing).
 //!
 //! # One batch
 //!
-//! `gate.begin()` numbers the batch *before* the `read()` that releases its unmappers;
-//! forked children's descriptors are closed at once (a child's unmaps would otherwise wait
-//! on a context nobody reads); the invalidations go to the queue with the batch number;
-//! the applier is woken. A read that fails because no descriptor slot is free for a
-//! child's context (EMFILE/ENFILE; the kernel leaves the FORK event queued) publishes the
-//! empty batch, sleeps a millisecond and tries again: the forking thread waits, nothing is
-//! lost, and the monitor recovers as soon as a slot frees up.
+//! Under the reading lock (one thread reads at a time: batch numbers must be published in
+//! the order their `read()`s took the events): `gate.begin()` numbers the batch *before*
+//! the `read()` that releases its unmappers; forked children's descriptors are closed at
+//! once (a child's unmaps would otherwise wait on a context nobody reads); the
+//! invalidations go to the queue with the batch number. A read that fails because no
+//! descriptor slot is free for a child's context (EMFILE/ENFILE; the kernel leaves the
+//! FORK event queued) publishes the empty batch, sleeps a millisecond and tries again: the
+//! forking thread waits, nothing is lost, and the monitor recovers as soon as a slot frees
+//! up.
 //!
 //! # Stop
 //!
-//! The reader keeps reading after `stopping` is set (the applier may be blocked on an
-//! event while it releases the subscriptions) until the applier sets `released`; then it
-//! reads whatever is still queued, without applying it, and exits. Its clone of the
-//! descriptor is then dropped, which closes it.
+//! Reading goes on after `stopping` is set (the stop sequence releases the subscriptions,
+//! whose callbacks may unmap) until `released`; then whatever is still queued is read,
+//! without being applied, and the thread exits. The descriptor is closed when the last
+//! clone of it is dropped.
 
-use std::sync::atomic::Ordering::Acquire;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::Release;
-use std::thread::Thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mmu_notifier::Event;
 
@@ -40,65 +52,85 @@ use crate::queue::Work;
 use crate::sys::{self, Message, RawMsg, Uffd};
 
 /// Messages read per `read()`, on the stack.
-const BATCH: usize = 64;
+pub(crate) const BATCH: usize = 64;
 
-/// The reader's body (signals are already blocked).
-pub(crate) fn run(shared: &Shared, uffd: &Uffd, applier: &Thread) {
-    if let Err(e) = serve(shared, uffd, applier) {
-        // No formatting here: the applier turns the errno into the stop reason.
-        shared
-            .read_errno
-            .store(e.raw_os_error().unwrap_or(-1), Release);
-        shared.stopping.store(true, Release);
-        applier.unpark();
-        // Reads fail: nothing more to do than wait for the release, so that the final
-        // drain below runs after everything is unregistered.
-        while !shared.released.load(Acquire) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-    drain_unapplied(uffd);
+/// One thread's epoll instance: the descriptor (exclusive wake-ups) and the stop eventfd.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    epoll: OwnedFd,
 }
 
-fn serve(shared: &Shared, uffd: &Uffd, applier: &Thread) -> std::io::Result<()> {
-    let mut buf = [RawMsg::ZERO; BATCH];
-    // Busy polling: only look (poll with no timeout) until `busy_poll` has passed since
-    // the last event. The gate is only entered once poll says an event is pending, so
-    // lookups are not slowed by the spinning.
-    let mut last_event = Instant::now();
-    loop {
-        let spin = !shared.busy_poll.is_zero() && last_event.elapsed() < shared.busy_poll;
-        let (events, woken) = sys::poll2(uffd.raw(), shared.wake.raw(), !spin)?;
-        if woken {
-            shared.wake.clear();
+/// The epoll tokens.
+const EVENTS: u64 = 1;
+const WOKEN: u64 = 2;
+
+impl Waiter {
+    /// Set up on the constructing thread (the thread itself must not allocate later).
+    pub(crate) fn new(uffd: RawFd, wake: RawFd) -> std::io::Result<Waiter> {
+        // SAFETY: plain system call with an integer argument.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        if shared.released.load(Acquire) {
-            return Ok(());
-        }
-        if shared.stopping.load(Acquire) {
-            applier.unpark();
-        }
-        if !events {
-            if spin {
-                std::hint::spin_loop();
+        // SAFETY: a new descriptor the kernel returned to us.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let add = |target: RawFd, events: u32, token: u64| {
+            let mut ev = libc::epoll_event { events, u64: token };
+            // SAFETY: `ev` is a live epoll_event for the call; both descriptors are open.
+            let r =
+                unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, target, &mut ev) };
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
             }
-            continue;
+        };
+        add(uffd, (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32, EVENTS)?;
+        add(wake, libc::EPOLLIN as u32, WOKEN)?;
+        Ok(Waiter { epoll })
+    }
+
+    /// Waits (or only looks, if `block` is false) for events or the stop eventfd:
+    /// `(events pending, woken)`.
+    pub(crate) fn wait(&self, block: bool) -> std::io::Result<(bool, bool)> {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        loop {
+            // SAFETY: `evs` is a live array of two epoll_event for the kernel to fill.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    evs.as_mut_ptr(),
+                    2,
+                    if block { -1 } else { 0 },
+                )
+            };
+            if n >= 0 {
+                let (mut events, mut woken) = (false, false);
+                for ev in &evs[..n as usize] {
+                    let token = ev.u64;
+                    events |= token == EVENTS;
+                    woken |= token == WOKEN;
+                }
+                return Ok((events, woken));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
         }
-        if !shared.busy_poll.is_zero() {
-            last_event = Instant::now();
-        }
-        bump(&shared.stats.batches);
-        read_pending(shared, uffd, &mut buf, applier)?;
     }
 }
 
-/// Reads until the descriptor has nothing more, one batch per `read()`.
-fn read_pending(
+/// Reads until the descriptor has nothing more, one batch per `read()`, under the
+/// reading lock.
+pub(crate) fn read_pending(
     shared: &Shared,
     uffd: &Uffd,
     buf: &mut [RawMsg; BATCH],
-    applier: &Thread,
 ) -> std::io::Result<()> {
+    // Held only by the monitor's threads, for reads and fixed work: never for long, never
+    // across anything that waits for a user thread.
+    let _reading = shared.reading.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         let batch = shared.gate.begin();
         let n = match uffd.read(buf) {
@@ -107,7 +139,6 @@ fn read_pending(
                 // Publish the empty batch either way, or lookups would wait for it.
                 shared.queue.push(batch, std::iter::empty());
                 shared.counted.store(batch, Release);
-                applier.unpark();
                 return match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE) => {
                         bump(&shared.stats.read_backoffs);
@@ -120,7 +151,7 @@ fn read_pending(
         };
         let msgs = &buf[..n];
         // Children's descriptors and fault wake-ups first: they release threads that wait
-        // for us, and must not depend on the applier.
+        // for us, and must not depend on the applying.
         for m in msgs {
             match m.decode() {
                 Message::Fork { fd } => {
@@ -147,7 +178,6 @@ fn read_pending(
             .fetch_add(merged, std::sync::atomic::Ordering::Relaxed);
         // Release: the counters bumped above are visible to whoever sees the batch counted.
         shared.counted.store(batch, Release);
-        applier.unpark();
         if n < BATCH {
             return Ok(());
         }
@@ -191,7 +221,8 @@ fn work(shared: &Shared, msg: Message) -> [Option<Work>; 2] {
 /// At stop, after everything was unregistered: reads what is still queued so that every
 /// blocked thread continues (closing children's descriptors), without applying it: every
 /// subscription has been released already.
-fn drain_unapplied(uffd: &Uffd) {
+pub(crate) fn drain_unapplied(shared: &Shared, uffd: &Uffd) {
+    let _reading = shared.reading.lock().unwrap_or_else(|p| p.into_inner());
     let mut buf = [RawMsg::ZERO; 16];
     while let Ok(n) = uffd.read(&mut buf) {
         if n == 0 {

@@ -341,36 +341,6 @@ fn retry_eintr(mut f: impl FnMut() -> libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Waits until `a` or `b` is readable (or hung up): which ones. `wait` false only looks
-/// (no sleeping). Retries EINTR, so a signal storm only costs wake-ups. Allocation-free:
-/// the monitor thread must not call the allocator while it may be needed to read events
-/// (an allocator trimming watched memory would wait for the monitor).
-pub(crate) fn poll2(a: RawFd, b: RawFd, wait: bool) -> io::Result<(bool, bool)> {
-    let mut pfds = [
-        libc::pollfd {
-            fd: a,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `pfds` is a valid array of two pollfd structures.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, if wait { -1 } else { 0 }) };
-        if r >= 0 {
-            return Ok((pfds[0].revents != 0, pfds[1].revents != 0));
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
-}
-
 /// An eventfd used to wake the monitor thread for shutdown.
 #[derive(Debug)]
 pub(crate) struct EventFd(OwnedFd);

@@ -81,6 +81,16 @@ impl Bare {
         let r = unsafe { libc::ioctl(self.fd, REGISTER as _, reg.as_mut_ptr()) };
         assert_eq!(r, 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
     }
+
+    /// An ioctl the userfaultfd does not know (it answers EINVAL at once): the floor of
+    /// any ioctl on this descriptor (file lookup, security hook, dispatch), against which
+    /// the cache's in-flight probe (an empty `UFFDIO_WRITEPROTECT`) can be measured.
+    pub fn unknown_ioctl(&self) -> i32 {
+        // _IO(0xAA, 0x7F): no userfaultfd command has that number.
+        const UNKNOWN: u64 = (0xAA << 8) | 0x7F;
+        // SAFETY: an unknown command reads and writes nothing; the argument is unused.
+        unsafe { libc::ioctl(self.fd, UNKNOWN as _, 0usize) }
+    }
 }
 
 /// Pins the calling thread to `cpu` (threads it creates afterwards inherit the mask).
