@@ -183,6 +183,8 @@ fn a_fill_that_always_collides_makes_exactly_max_attempts_attempts() {
     );
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
     assert_eq!(cache.len(), 0, "nothing stale kept");
+    let st = cache.stats();
+    assert_eq!((st.retries, st.misses, st.registered), (3, 0, 0), "{st:?}");
     unmap(p, 2 * PAGE);
 }
 
