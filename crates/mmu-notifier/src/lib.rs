@@ -20,6 +20,9 @@
 //!    install under the lock.
 //!
 //! `read_retry` is a method of the lock's guard, so it cannot be called without the lock.
+//! [`IntervalSubscription::fill`] runs that loop for you (the gather and the install as
+//! closures, a [`RetryBudget`] or your own [`RetryPolicy`] between attempts): the install
+//! closure only runs under the lock with a sequence still current.
 //! A secondary that mirrors many intervals under one lock of its own shares an
 //! [`IntervalLock`] between them ([`Subscriptions::insert_locked_interval`]); a fill that
 //! spans several subscriptions then takes one lock. The protocol (the sequence count, the
@@ -29,6 +32,7 @@
 //!
 //! ```
 //! use mmu_notifier::{Event, IntervalContext, IntervalSubscriber, Range, Subscriptions, WouldBlock};
+//! use mmu_notifier::{Install, RetryBudget};
 //!
 //! /// A device mirror of one page: the frame it maps, if any.
 //! struct Mirror(Option<u64>);
@@ -42,14 +46,15 @@
 //!
 //! let mm = Subscriptions::new();
 //! let sub = mm.insert_interval(0x4000..0x5000, Mirror(None))?;
-//! loop {
-//!     let seq = sub.read_begin();
-//!     let frame = 42; // ... walk the primary's page table ...
-//!     let mut m = sub.lock();
-//!     if m.read_retry(seq) { continue; }
-//!     m.0 = Some(frame);
-//!     break;
-//! }
+//! sub.fill(
+//!     &mut RetryBudget::attempts(16),
+//!     || Ok(42), // 1-2: read_begin, then walk the primary's page table (may sleep)
+//!     |m, frame| {
+//!         m.0 = Some(frame); // 3: under the lock, read_retry found no invalidation
+//!         Ok(Install::Done(()))
+//!     },
+//! )?;
+//! assert_eq!(sub.lock().0, Some(42));
 //! drop(mm.invalidate_range_start(Range::new(0x4000, 0x5000, Event::Unmap)?));
 //! assert_eq!(sub.lock().0, None);
 //! # Ok::<(), Box<dyn std::error::Error>>(())

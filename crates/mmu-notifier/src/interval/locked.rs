@@ -82,18 +82,21 @@ use crate::sync::{Mutex, MutexGuard};
 /// let a = mm.insert_locked_interval(0x10000..0x12000, &lock, Buffer)?;
 /// let b = mm.insert_locked_interval(0x40000..0x42000, &lock, Buffer)?;
 ///
-/// // A fill that spans both subscriptions takes one lock.
-/// loop {
-///     let (sa, sb) = (a.read_begin(), b.read_begin());
-///     let (fa, fb) = (7, 8); // ... ask the primary MMU, may sleep ...
-///     let mut pt = lock.lock();
-///     if pt.read_retry(&a, sa) || pt.read_retry(&b, sb) {
-///         continue; // an invalidation ran meanwhile
-///     }
-///     pt.pages.insert(0x10000, fa);
-///     pt.pages.insert(0x40000, fb);
-///     break;
-/// }
+/// // A fill that spans both subscriptions takes one lock: `read_begin` on each, and
+/// // `read_retry` on each under the lock (the attempt is lost if either was invalidated).
+/// let mut budget = mmu_notifier::RetryBudget::attempts(16);
+/// mmu_notifier::interval::retry(&mut budget, |budget| {
+///     a.try_fill_with(
+///         &[&b],
+///         budget,
+///         || Ok((7, 8)), // ... ask the primary MMU, may sleep ...
+///         |pt, (fa, fb)| {
+///             pt.pages.insert(0x10000, fa);
+///             pt.pages.insert(0x40000, fb);
+///             Ok(mmu_notifier::Install::Done(()))
+///         },
+///     )
+/// })?;
 /// drop(mm.invalidate_range_start(Range::new(0x40000, 0x41000, Event::Unmap)?));
 /// assert_eq!(lock.lock().pages.keys().copied().collect::<Vec<_>>(), [0x10000]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())

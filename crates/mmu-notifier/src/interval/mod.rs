@@ -102,7 +102,7 @@ use crate::sync::{AtomicBool, AtomicU64, Condvar, Mutex, MutexGuard};
 /// `release` get `&mut self` with it held, and the fill path reaches it through
 /// [`IntervalSubscription::lock`].
 ///
-/// # Example: the fill loop
+/// # Example: a mirror and its fill
 /// ```
 /// use mmu_notifier::{Event, IntervalContext, IntervalSubscriber, Range, Subscriptions, WouldBlock};
 ///
@@ -121,14 +121,15 @@ use crate::sync::{AtomicBool, AtomicU64, Condvar, Mutex, MutexGuard};
 ///
 /// let mm = Subscriptions::new();
 /// let sub = mm.insert_interval(0x10000..0x14000, Mirror { pages: vec![None; 4], base: 0x10000 })?;
-/// loop {
-///     let seq = sub.read_begin();
-///     let frame = 77; // ... ask the primary MMU, may sleep ...
-///     let mut mirror = sub.lock();
-///     if mirror.read_retry(seq) { continue; } // an invalidation ran meanwhile
-///     mirror.pages[0] = Some(frame);
-///     break;
-/// }
+/// // The fill loop (read_begin, gather, lock, read_retry, install), retried on collisions:
+/// sub.fill(
+///     &mut mmu_notifier::RetryBudget::attempts(16),
+///     || Ok(77), // ... ask the primary MMU, may sleep ...
+///     |mirror, frame| {
+///         mirror.pages[0] = Some(frame); // under the lock, no invalidation ran meanwhile
+///         Ok(mmu_notifier::Install::Done(()))
+///     },
+/// )?;
 /// drop(mm.invalidate_range_start(Range::new(0x10000, 0x11000, Event::Clear)?));
 /// assert_eq!(sub.lock().pages[0], None);
 /// sub.remove();
