@@ -54,6 +54,11 @@ fi
 # Less debug info: faster links for the hundreds of incremental builds (a run-only
 # setting, it does not touch the normal target directory).
 export CARGO_PROFILE_TEST_DEBUG=0 CARGO_PROFILE_DEV_DEBUG=0
+# As the test command does where userfaultfd exists: a mutant that stops the monitor from
+# starting must fail the tests, not make them skip.
+if [[ $(id -u) == 0 && -e /proc/sys/vm/unprivileged_userfaultfd ]]; then
+  export MMU_UFFD_REQUIRE=1
+fi
 
 # run NAME CARGO-MUTANTS-ARGS... -- CARGO-TEST-ARGS...
 run() {

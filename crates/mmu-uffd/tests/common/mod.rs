@@ -18,15 +18,27 @@ pub fn monitor_or_skip(test: &str) -> Option<Monitor> {
     monitor_with_or_skip(test, MonitorConfig::default())
 }
 
+///
+/// With `MMU_UFFD_REQUIRE=1` (the test command sets it where the kernel has userfaultfd
+/// and the tests run as root) a monitor that cannot start fails the test instead: a
+/// machine that should run these tests never passes them by skipping.
 pub fn monitor_with_or_skip(test: &str, config: MonitorConfig) -> Option<Monitor> {
     match Monitor::with_config(config) {
         Ok(m) => Some(m),
         Err(e @ (Error::Unavailable { .. } | Error::MissingFeature { .. })) => {
+            if monitor_required() {
+                panic!("{test}: MMU_UFFD_REQUIRE is set but the monitor cannot start: {e}");
+            }
             eprintln!("SKIPPED {test}: {e}");
             None
         }
         Err(e) => panic!("{test}: unexpected monitor error: {e}"),
     }
+}
+
+/// Whether `MMU_UFFD_REQUIRE` asks for the monitor tests to run (never to skip).
+pub fn monitor_required() -> bool {
+    std::env::var_os("MMU_UFFD_REQUIRE").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// `mmap` or panic.
