@@ -13,71 +13,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, O
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use common::recording::*;
 use common::*;
-use mmu_notifier::{
-    Event, IntervalContext, IntervalSubscriber, IntervalSubscription, Range, WouldBlock,
-};
-use mmu_uffd::{CacheConfig, Monitor, MonitorState, RegCache, Registrar};
+use mmu_notifier::Event;
+use mmu_uffd::{CacheConfig, MonitorState};
 use parking_lot::Mutex;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-// ---------------------------------------------------------------------------------------
-// Helpers (as in tests/common/recording.rs)
-// ---------------------------------------------------------------------------------------
-
-type Rec = (u64, u64, Event);
-
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<Rec>>>);
-
-impl Log {
-    fn take(&self) -> Vec<Rec> {
-        std::mem::take(&mut *self.0.lock())
-    }
-}
-
-/// Records every invalidation it receives.
-struct Recorder(Log);
-
-impl IntervalSubscriber for Recorder {
-    fn invalidate(
-        &mut self,
-        r: &Range,
-        _: &mut IntervalContext<'_, Self>,
-    ) -> Result<(), WouldBlock> {
-        self.0 .0.lock().push((r.start(), r.end(), r.event()));
-        Ok(())
-    }
-}
-
-/// A recorder over the whole address space.
-fn record_all(m: &Monitor) -> (IntervalSubscription<Recorder>, Log) {
-    let log = Log::default();
-    let sub = m
-        .subscriptions()
-        .insert_interval(0..u64::MAX, Recorder(log.clone()))
-        .expect("insert a recording subscription");
-    (sub, log)
-}
-
-fn ev(p: *mut u8, from: usize, to: usize, e: Event) -> Rec {
-    let p = p as u64;
-    (p + (from * PAGE) as u64, p + (to * PAGE) as u64, e)
-}
-
 fn rec_key(r: &Rec) -> (u64, u64, usize) {
     (r.0, r.1, Event::ALL.iter().position(|e| *e == r.2).unwrap())
-}
-
-/// Unmaps a freshly watched sentinel page and passes the gate: afterwards the log holds
-/// every event of every call made before. Returns the sentinel's own record.
-fn fence<R: Registrar>(cache: &RegCache<R>) -> Rec {
-    let s = anon(1);
-    let h = cache.get(s, PAGE).expect("watch and register the sentinel");
-    unmap(s, PAGE);
-    assert!(!h.is_valid(), "the sentinel's unmap was not applied");
-    ev(s, 0, 1, Event::Unmap)
 }
 
 const SLOT: usize = 4 * PAGE;
