@@ -1,6 +1,6 @@
-//! Tests written for mutants of the registration cache that the rest of the suite let
-//! survive (see docs/mutants.md): the keyed registrar's deregistration, and the
-//! configuration builders keeping what they do not change.
+//! Tests written for mutants of the registration cache and the monitor that the rest of
+//! the suite let survive (see docs/mutants.md): deregistration, the configurations'
+//! builders and clamps, `Debug`, the retry budget and the byte limit of a union.
 
 mod common;
 
@@ -218,4 +218,27 @@ fn a_union_is_registered_only_if_it_fits_the_byte_limit() {
     drop((first, fits, alone));
     drop(cache);
     unmap(p, 8 * PAGE);
+}
+
+/// The monitor's configuration builder sets what it names and keeps the rest; the
+/// monitor's `Debug` says what it can watch and whether it stopped.
+#[test]
+fn monitor_config_and_debug() {
+    use mmu_uffd::MonitorConfig;
+    let d = std::time::Duration::from_micros(50);
+    let c = MonitorConfig::default()
+        .with_fork_events(true)
+        .with_busy_poll(d);
+    assert_eq!(c.busy_poll, d);
+    assert!(c.fork_events);
+    assert_eq!(
+        MonitorConfig::default().busy_poll,
+        std::time::Duration::ZERO
+    );
+    let Some(m) = monitor_or_skip("monitor_config_and_debug") else {
+        return;
+    };
+    let shown = format!("{m:?}");
+    assert!(shown.contains("capabilities: Capabilities {"), "{shown}");
+    assert!(shown.contains("stopped: false"), "{shown}");
 }
