@@ -50,6 +50,7 @@ fn memfd_punch_hole_is_not_seen_and_invalidate_covers_it() {
         return;
     };
     if !m.capabilities().shmem {
+        assert!(!monitor_required(), "MMU_UFFD_REQUIRE is set, but no shmem");
         eprintln!("SKIPPED: no shmem");
         return;
     }

@@ -110,8 +110,17 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Why this monitor cannot watch this kind, if it cannot.
+    /// Why this monitor cannot watch this kind, if it cannot (the caller then skips).
+    /// Under `MMU_UFFD_REQUIRE` every kind must be watchable: a missing one fails.
     pub fn unsupported(self, m: &Monitor) -> Option<&'static str> {
+        let why = self.unsupported_by(m);
+        if let Some(why) = why {
+            assert!(!monitor_required(), "MMU_UFFD_REQUIRE is set, but {why}");
+        }
+        why
+    }
+
+    fn unsupported_by(self, m: &Monitor) -> Option<&'static str> {
         let caps = m.capabilities();
         match self {
             Kind::AnonPrivate => None,
