@@ -242,3 +242,47 @@ fn monitor_config_and_debug() {
     assert!(shown.contains("capabilities: Capabilities {"), "{shown}");
     assert!(shown.contains("stopped: false"), "{shown}");
 }
+
+/// A monitor dropped from inside one of its own invalidation callbacks (its last owner
+/// was the subscriber) stops without joining the thread it runs on: the callback returns.
+#[test]
+fn a_monitor_dropped_inside_its_own_callback_stops() {
+    use mmu_notifier::{IntervalContext, IntervalSubscriber, WouldBlock};
+    use mmu_uffd::Monitor;
+    use std::sync::mpsc;
+
+    type Slot = Arc<Mutex<Option<Monitor>>>;
+    struct Dropper(Slot, mpsc::Sender<()>);
+    impl IntervalSubscriber for Dropper {
+        fn invalidate(
+            &mut self,
+            _: &Range,
+            _: &mut IntervalContext<'_, Self>,
+        ) -> Result<(), WouldBlock> {
+            let last_owner = self.0.lock().take();
+            if let Some(m) = last_owner {
+                drop(m);
+                let _ = self.1.send(());
+            }
+            Ok(())
+        }
+    }
+    let Some(m) = monitor_or_skip("a_monitor_dropped_inside_its_own_callback_stops") else {
+        return;
+    };
+    let p = anon(2);
+    m.watch(p, 2 * PAGE).unwrap();
+    let slot: Slot = Arc::default();
+    let (tx, dropped) = mpsc::channel();
+    let start = p as u64;
+    let sub = m
+        .subscriptions()
+        .insert_interval(start..start + 2 * PAGE as u64, Dropper(slot.clone(), tx))
+        .unwrap();
+    *slot.lock() = Some(m);
+    unmap(p, 2 * PAGE); // a monitor thread runs the callback, which drops the monitor
+    dropped
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the callback that dropped the monitor never returned");
+    drop(sub);
+}
