@@ -533,6 +533,16 @@ unsafe extern "C" fn op_subscribe(
         if let Err(e) = st.monitor.watch(start as *const u8, (end - start) as usize) {
             return -errno_of(&e);
         }
+        // The address may be reused: an unmap of the memory that was here before, returned
+        // before this call, may have been read but not yet applied. Applied after the
+        // insert below, it would invalidate the new subscription at once (libfabric then
+        // finds a fresh registration invalid). Wait until it has been applied, as the
+        // cache's lookups do. From a monitor thread (a notify path) there is nothing to
+        // wait for that this thread is not itself applying.
+        match st.monitor.sync() {
+            Ok(()) | Err(mmu_uffd::Error::OnMonitorThread) => {}
+            Err(e) => return -errno_of(&e),
+        }
         let mut table = lock(&st.table);
         if let Some(live) = table.live.get_mut(&(start, end)) {
             if live.alive.load(Ordering::Acquire) {
