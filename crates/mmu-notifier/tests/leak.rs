@@ -4,35 +4,13 @@
 //! holds this one test only.
 #![cfg(not(loom))]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+
 use std::sync::Arc;
 
+use counting_alloc::{global_live, Counting};
 use mmu_notifier::{ListSubscriber, Subscriptions};
-
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded to `System` with the caller's layout and pointer; the
-// counter is a side effect only.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Relaxed);
-        // SAFETY: the caller's contract for `alloc` is `System::alloc`'s.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Relaxed);
-        // SAFETY: `ptr` was allocated by `System` with `layout` (every allocation is).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Relaxed);
-        // SAFETY: as for `dealloc`; `new_size` is the caller's, checked by it.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -58,13 +36,13 @@ fn lifetimes(n: usize) {
 fn dropped_address_spaces_leave_nothing_behind() {
     lifetimes(10); // thread-locals, the worker, lazily built statics
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let before = LIVE.load(Relaxed);
+    let before = global_live();
     lifetimes(1000);
     // Retired snapshots are freed after a grace period, possibly on the worker thread.
     let mut grown = 0;
     for _ in 0..100 {
         std::thread::sleep(std::time::Duration::from_millis(20));
-        grown = LIVE.load(Relaxed) - before;
+        grown = global_live() - before;
         if grown < 4096 {
             break;
         }

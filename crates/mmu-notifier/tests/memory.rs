@@ -5,54 +5,14 @@
 //! The counting allocator keeps one count per thread, so tests running in parallel do not
 //! see each other's allocations.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
+use counting_alloc::{count_this_thread, thread_live as live, Counting};
 use mmu_notifier::srcu::Srcu;
 use mmu_notifier::{
     IntervalContext, IntervalSubscriber, IntervalSubscription, Range, Subscriptions, WouldBlock,
 };
-
-/// The system allocator, counting the bytes a thread that turned counting on allocates
-/// minus those it frees.
-struct Counting;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-}
-
-fn count(bytes: isize) {
-    let _ = COUNTING.try_with(|on| {
-        if on.get() {
-            let _ = LIVE.try_with(|l| l.set(l.get() + bytes));
-        }
-    });
-}
-
-fn live() -> isize {
-    LIVE.with(Cell::get)
-}
-
-// SAFETY: every call is forwarded to `System` with the caller's layout and pointer; the
-// counter is a side effect only.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size() as isize);
-        // SAFETY: the caller's contract for `alloc` is `System::alloc`'s.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        count(-(layout.size() as isize));
-        // SAFETY: `ptr` was allocated by `System` with `layout` (every allocation is).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size as isize - layout.size() as isize);
-        // SAFETY: as for `dealloc`; `new_size` is the caller's, checked by it.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -77,7 +37,7 @@ fn live_bytes_after_each_insert(
     const P: u64 = 4096;
     let mut subs = Vec::with_capacity(n as usize);
     let mut after = Vec::with_capacity(n as usize);
-    COUNTING.with(|c| c.set(true));
+    count_this_thread(true);
     for i in 0..n {
         subs.push(
             mm.insert_interval(2 * i * P..(2 * i + 1) * P, Word(i))
@@ -85,7 +45,7 @@ fn live_bytes_after_each_insert(
         );
         after.push(live());
     }
-    COUNTING.with(|c| c.set(false));
+    count_this_thread(false);
     (after, subs)
 }
 
@@ -145,11 +105,11 @@ fn a_thread_forgets_the_reader_slots_of_dropped_domains() {
         }
     };
     read_in_new_domains(100);
-    COUNTING.with(|c| c.set(true));
+    count_this_thread(true);
     let before = live();
     read_in_new_domains(2000);
     let grown = live() - before;
-    COUNTING.with(|c| c.set(false));
+    count_this_thread(false);
     println!("2000 more domains read and dropped: {grown} bytes still held by the thread");
     assert!(
         grown < 16 * 1024,
