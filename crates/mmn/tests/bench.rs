@@ -235,6 +235,8 @@ fn quick_suite_reports_every_figure_and_writes_the_plots() {
         "start_end_list_0",
         "start_end_list_1",
         "start_end_list_8",
+        "start_end_list_1_vs_linux",
+        "least_section_list_1",
         "read_begin_read_retry",
         "start_end_interval_100",
         "start_end_interval_10000",

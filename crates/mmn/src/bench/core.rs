@@ -5,6 +5,12 @@
 //!   `invalidate_range_start` and `invalidate_range_end` directly through the trait object
 //!   (the subscribers' own work: what is left is the notifier's bookkeeping). With no
 //!   subscriber the baseline is the timed loop alone;
+//! - the fixed cost of that pair with one subscriber against two anchors, interleaved in
+//!   the same rounds: Linux's construction of the same path (each of start and end takes
+//!   its own sleepable-RCU read-side section, whose lock and unlock each increment a
+//!   per-CPU counter and execute a full barrier, `smp_mb()`, which on x86-64 is a locked
+//!   add) and the least any read-side section can cost (a thread-local counter
+//!   incremented on entry and exit, with compiler-only barriers, around the same calls);
 //! - `read_begin` + `read_retry` of an uncontended interval subscription (user lock held,
 //!   the protocol steps alone), against a bare sequence count read twice;
 //! - an invalidation hitting exactly one of n non-overlapping interval subscriptions
@@ -59,6 +65,7 @@ const LIST_COUNTS: [usize; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
 
 pub(super) fn run(plan: &Plan, report: &mut Report) {
     list_subscribers(plan, report);
+    fixed_cost_anchors(plan, report);
     read_begin_retry(plan, report);
     interval_curve(plan, report);
 }
@@ -134,6 +141,109 @@ fn list_subscribers(plan: &Plan, report: &mut Report) {
         x: "list subscribers",
         points: direct,
     });
+}
+
+thread_local! {
+    /// The anchors' read-side counters: lock and unlock counts of one thread (as a
+    /// per-CPU counter pair is, in Linux).
+    static SECTION: [std::cell::Cell<u64>; 2] = const { [std::cell::Cell::new(0), std::cell::Cell::new(0)] };
+}
+
+/// Linux's `smp_mb()` on x86-64 is a locked add to a stack word; a locked read-modify-write
+/// of a local is the same instruction class on any target that has one.
+#[inline(always)]
+fn full_barrier() {
+    let word = AtomicU64::new(0);
+    black_box(&word).fetch_add(0, Ordering::SeqCst);
+}
+
+/// A read-side section as Linux's sleepable RCU enters and leaves one: counter increment
+/// then a full barrier; a full barrier then the unlock counter's increment.
+#[inline(always)]
+fn linux_section(f: impl FnOnce()) {
+    SECTION.with(|c| c[0].set(c[0].get().wrapping_add(1)));
+    full_barrier();
+    f();
+    full_barrier();
+    SECTION.with(|c| c[1].set(c[1].get().wrapping_add(1)));
+}
+
+/// The least a read-side section costs: the two increments, compiler barriers only (what
+/// our asymmetric barrier leaves a reader to do).
+#[inline(always)]
+fn minimal_section(f: impl FnOnce()) {
+    SECTION.with(|c| c[0].set(c[0].get().wrapping_add(1)));
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    f();
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    SECTION.with(|c| c[1].set(c[1].get().wrapping_add(1)));
+}
+
+/// The pair with one subscriber, its direct calls, Linux's construction of the path and
+/// the least a section costs, all four interleaved in the same rounds.
+fn fixed_cost_anchors(plan: &Plan, report: &mut Report) {
+    let range = Range::new(0x1000, 0x2000, Event::Clear).expect("a valid range");
+    let mm = Subscriptions::new();
+    let sub = Arc::new(Counting::default());
+    let reg = mm.register(sub.clone()).expect("a live address space");
+    let dyns: Vec<Arc<dyn ListSubscriber>> = vec![sub.clone()];
+    let st = interleaved(
+        plan.rounds,
+        &mut [
+            batched(plan.batch, || {
+                drop(black_box(mm.invalidate_range_start(black_box(range))))
+            }),
+            batched(plan.batch, || {
+                for s in black_box(&dyns) {
+                    let _ = black_box(s.invalidate_range_start(black_box(&range)));
+                    s.invalidate_range_end(black_box(&range));
+                }
+            }),
+            batched(plan.batch, || {
+                // Linux: start walks the list in one section, end in another.
+                linux_section(|| {
+                    for s in black_box(&dyns) {
+                        let _ = black_box(s.invalidate_range_start(black_box(&range)));
+                    }
+                });
+                linux_section(|| {
+                    for s in black_box(&dyns) {
+                        s.invalidate_range_end(black_box(&range));
+                    }
+                });
+            }),
+            batched(plan.batch, || {
+                minimal_section(|| {
+                    for s in black_box(&dyns) {
+                        let _ = black_box(s.invalidate_range_start(black_box(&range)));
+                        s.invalidate_range_end(black_box(&range));
+                    }
+                })
+            }),
+        ],
+    );
+    drop(reg);
+    let (a, b) = (
+        sub.starts.load(Ordering::Relaxed),
+        sub.ends.load(Ordering::Relaxed),
+    );
+    assert!(a > 0 && a == b, "subscriber called {a} starts, {b} ends");
+    report.pair(
+        "core",
+        "start_end_list_1_vs_linux",
+        "start+end, 1 list subscriber",
+        st[0],
+        "Linux's construction (2 sections, 4 full barriers)",
+        st[2],
+    );
+    report.pair(
+        "core",
+        "least_section_list_1",
+        "least read-side section around the calls",
+        st[3],
+        "1 direct start+end call",
+        st[1],
+    );
 }
 
 fn read_begin_retry(plan: &Plan, report: &mut Report) {

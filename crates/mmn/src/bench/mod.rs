@@ -53,7 +53,8 @@
 //!   "plots": [ str ] }
 //! ```
 //!
-//! Figure ids: `start_end_list_{0,1,8}`, `read_begin_read_retry`, `start_end_interval_N`
+//! Figure ids: `start_end_list_{0,1,8}`, `start_end_list_1_vs_linux`, `least_section_list_1`,
+//! `read_begin_read_retry`, `start_end_interval_N`
 //! (N subscriptions), `itree_{insert,query_2mib,remove}_N` (N entries),
 //! `start_end_miss_N` (an invalidation missing all of N interval subscriptions),
 //! `fault_munmap_notifier_no_subscribers`, `fault_munmap_notifier_1_list_subscriber`,
