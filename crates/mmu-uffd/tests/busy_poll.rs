@@ -1,0 +1,127 @@
+//! `MonitorConfig::busy_poll`, observed through the CPU time of the monitor's threads: by
+//! default they sleep whenever no event is pending (an idle monitor costs no CPU); with a
+//! period, one thread keeps polling for that long after an event, then sleeps again.
+//!
+//! One test in its own binary: the CPU time is read per thread of this process, and no
+//! other monitor may exist meanwhile.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mmu_uffd::{Monitor, MonitorConfig};
+
+/// The ids of this process's threads whose name starts with the monitor's (the kernel
+/// keeps the first 15 bytes of a thread name).
+fn monitor_tids() -> Vec<u64> {
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let entry = entry.expect("a task entry");
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("mmu-uffd-monito") {
+            tids.push(entry.file_name().to_string_lossy().parse().expect("a tid"));
+        }
+    }
+    tids
+}
+
+/// CPU time the threads have run, from the scheduler's per-task statistics (nanoseconds;
+/// `None` where the kernel does not keep them).
+fn cpu_ns(tids: &[u64]) -> Option<u64> {
+    let mut sum = 0;
+    for tid in tids {
+        let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+        sum += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(sum)
+}
+
+/// CPU time of `tids` over `window` of wall time, in milliseconds.
+fn cpu_ms_over(tids: &[u64], window: Duration) -> f64 {
+    let before = cpu_ns(tids).expect("schedstat");
+    std::thread::sleep(window);
+    let after = cpu_ns(tids).expect("schedstat");
+    (after - before) as f64 / 1e6
+}
+
+fn threads_of(m: &Monitor) -> Vec<u64> {
+    // The constructor returns once both threads run; ask again until the names are set.
+    m.sync().expect("a running monitor");
+    let tids = monitor_tids();
+    assert_eq!(
+        tids.len(),
+        2,
+        "the monitor's two threads, by name: {tids:?}"
+    );
+    tids
+}
+
+/// One watched range unmapped: an UNMAP event for the monitor.
+fn one_event(m: &Monitor) {
+    let p = anon(4);
+    m.watch(p, 4 * PAGE).expect("watch");
+    unmap(p, 4 * PAGE);
+    m.sync().expect("the event applied");
+}
+
+#[test]
+fn an_idle_monitor_sleeps_and_a_busy_poll_period_polls_then_sleeps() {
+    if cpu_ns(&[]).is_none() || std::fs::metadata("/proc/self/schedstat").is_err() {
+        eprintln!("SKIPPED: the kernel keeps no per-task schedstat");
+        return;
+    }
+    let window = Duration::from_millis(300);
+
+    // Default: no polling. Before and after an event, the threads sleep.
+    let Some(m) = monitor_or_skip("an_idle_monitor_sleeps") else {
+        return;
+    };
+    let tids = threads_of(&m);
+    let idle = cpu_ms_over(&tids, window);
+    one_event(&m);
+    let after_event = cpu_ms_over(&tids, window);
+    eprintln!("default: {idle:.2} ms idle, {after_event:.2} ms after an event, per 300 ms");
+    // A polling thread would take a large share of a CPU (even on a loaded machine its
+    // fair share of 300 ms is tens of milliseconds); a sleeping one takes nothing.
+    assert!(
+        idle < 15.0,
+        "an idle monitor used {idle:.2} ms of CPU in 300 ms"
+    );
+    assert!(
+        after_event < 15.0,
+        "the monitor kept using CPU after its event: {after_event:.2} ms in 300 ms"
+    );
+    drop(m);
+
+    // A period of 600 ms: polling during the first 300 ms after an event, asleep from
+    // 900 ms on.
+    let config = MonitorConfig::default().with_busy_poll(Duration::from_millis(600));
+    let Some(m) = monitor_with_or_skip("a_busy_poll_period_polls_then_sleeps", config) else {
+        return;
+    };
+    let tids = threads_of(&m);
+    // The period runs from the thread's start, too: let it pass first.
+    std::thread::sleep(Duration::from_millis(700));
+    let before_event = cpu_ms_over(&tids, window);
+    one_event(&m);
+    let polling = cpu_ms_over(&tids, window);
+    std::thread::sleep(Duration::from_millis(400));
+    let after_period = cpu_ms_over(&tids, window);
+    eprintln!(
+        "busy_poll 600 ms: {before_event:.2} ms before the event, {polling:.2} ms in the \
+         300 ms after it, {after_period:.2} ms once the period is over"
+    );
+    assert!(
+        before_event < 15.0,
+        "polled with no recent event: {before_event:.2} ms of CPU in 300 ms"
+    );
+    assert!(
+        polling > 30.0,
+        "did not poll after an event: {polling:.2} ms of CPU in 300 ms"
+    );
+    assert!(
+        after_period < 15.0,
+        "kept polling after the period: {after_period:.2} ms of CPU in 300 ms"
+    );
+}
