@@ -165,6 +165,105 @@ mod tests {
         updater();
     }
 
+    /// Function-call interrupts received per CPU so far (x86's `CAL` line of
+    /// `/proc/interrupts`), if this system reports them.
+    fn function_call_interrupts() -> Option<Vec<u64>> {
+        let all = std::fs::read_to_string("/proc/interrupts").ok()?;
+        let line = all.lines().find(|l| l.trim_start().starts_with("CAL:"))?;
+        Some(
+            line.split_whitespace()
+                .skip(1)
+                .map_while(|w| w.parse().ok())
+                .collect(),
+        )
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn pin_to(cpu: usize) -> bool {
+        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity only
+        // write and read that local set.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) == 0
+        }
+    }
+
+    /// The asymmetric updater barrier is what makes the readers' compiler-only barrier
+    /// sound: the kernel must interrupt every CPU that runs a thread of this process, so
+    /// that it executes a full barrier. Counted where the kernel counts it: a thread
+    /// spins on one CPU while another thread runs updater barriers on another, and the
+    /// spinning CPU's function-call interrupts must grow with them. (The ordering bug an
+    /// updater without it would have needs a store held in a store buffer across a whole
+    /// grace period: no test on real threads hits that reliably, so the barrier itself is
+    /// observed.)
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn the_asymmetric_updater_barrier_interrupts_the_cpus_running_our_threads() {
+        // On a thread of its own: it pins itself, which must not outlive the test.
+        std::thread::spawn(updater_barrier_interrupts)
+            .join()
+            .unwrap();
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn updater_barrier_interrupts() {
+        init();
+        if !asymmetric() {
+            println!("SKIPPED: this process uses the symmetric barriers");
+            return;
+        }
+        let Some(before) = function_call_interrupts() else {
+            println!("SKIPPED: this system does not report function-call interrupts");
+            return;
+        };
+        if before.len() < 2 || !pin_to(0) {
+            println!("SKIPPED: needs two CPUs and a thread pinned to CPU 0");
+            return;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let pinned = pin_to(1);
+                ready_tx.send(pinned).unwrap();
+                while !stop.load(Sc) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        if !ready_rx.recv().unwrap() {
+            stop.store(true, Sc);
+            spinner.join().unwrap();
+            println!("SKIPPED: cannot pin a thread to CPU 1");
+            return;
+        }
+        // Barriers until the spinning CPU took WANT interrupts, or for at most 2 s.
+        const WANT: u64 = 400;
+        let base = function_call_interrupts().unwrap()[1];
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let (mut barriers, mut got) = (0u64, 0u64);
+        while got < WANT && std::time::Instant::now() < deadline {
+            for _ in 0..100 {
+                updater();
+            }
+            barriers += 100;
+            got = function_call_interrupts().unwrap()[1] - base;
+        }
+        stop.store(true, Sc);
+        spinner.join().unwrap();
+        println!("{barriers} updater barriers: {got} function-call interrupts on CPU 1");
+        // Unrelated interrupts only add to the count (a few per second here); a spinner
+        // preempted by another process misses some (one in ten got through on a 2-CPU
+        // machine with four compilers running). Without the system call: none.
+        assert!(
+            got >= WANT / 2,
+            "{barriers} updater barriers in 2 s interrupted the CPU running our other \
+             thread only {got} times: the asymmetric barrier does not reach the readers"
+        );
+    }
+
     #[test]
     fn a_grace_period_waits_for_a_reader_inside_its_section() {
         let srcu = Srcu::new();
