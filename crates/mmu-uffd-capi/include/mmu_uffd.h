@@ -140,13 +140,16 @@ typedef struct {
     uint64_t misses;
     // Entries found invalidated (each then counted as a miss).
     uint64_t invalidated_found;
-    // Registrations that collided with an invalidation and were made again.
+    // Registrations that collided with an invalidation and were made again (the dropped
+    // registration is counted in `registered` too).
     uint64_t retries;
     // Entries evicted to respect the capacity.
     uint64_t evictions;
     // Registrations of the union with overlapping entries.
     uint64_t merges;
-    // Registrations created.
+    // Registrations created. Each is counted once more where it went: `entries`,
+    // `evictions`, `invalidated_found`, `replaced`, `retries`, `uncached`, or among the
+    // entries `mmu_uffd_cache_clear` removed.
     uint64_t registered;
     // Entries currently cached.
     uint64_t entries;
@@ -156,6 +159,9 @@ typedef struct {
     uint64_t uncached;
     // Bytes the cached ranges add up to.
     uint64_t bytes;
+    // Entries removed because a newer overlapping entry (a merge's union, or a
+    // concurrent fill) was inserted.
+    uint64_t replaced;
 } mmu_uffd_cache_stats;
 
 // How a monitor is set up. All zeros is the default configuration (a NULL configuration

@@ -110,13 +110,16 @@ pub struct mmu_uffd_cache_stats {
     pub misses: u64,
     /// Entries found invalidated (each then counted as a miss).
     pub invalidated_found: u64,
-    /// Registrations that collided with an invalidation and were made again.
+    /// Registrations that collided with an invalidation and were made again (the dropped
+    /// registration is counted in `registered` too).
     pub retries: u64,
     /// Entries evicted to respect the capacity.
     pub evictions: u64,
     /// Registrations of the union with overlapping entries.
     pub merges: u64,
-    /// Registrations created.
+    /// Registrations created. Each is counted once more where it went: `entries`,
+    /// `evictions`, `invalidated_found`, `replaced`, `retries`, `uncached`, or among the
+    /// entries `mmu_uffd_cache_clear` removed.
     pub registered: u64,
     /// Entries currently cached.
     pub entries: u64,
@@ -126,6 +129,9 @@ pub struct mmu_uffd_cache_stats {
     pub uncached: u64,
     /// Bytes the cached ranges add up to.
     pub bytes: u64,
+    /// Entries removed because a newer overlapping entry (a merge's union, or a
+    /// concurrent fill) was inserted.
+    pub replaced: u64,
 }
 
 /// The C callbacks as a [`KeyedRegistrar`] of [`mmu_uffd_attrs`].
@@ -477,6 +483,7 @@ pub unsafe extern "C" fn mmu_uffd_cache_get_stats(
             not_found: s.not_found,
             uncached: s.uncached,
             bytes: s.bytes,
+            replaced: s.replaced,
         };
         // SAFETY: non-null and writable by the caller's promise.
         unsafe { stats_out.write(out) };

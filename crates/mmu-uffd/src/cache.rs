@@ -373,13 +373,19 @@ pub struct CacheStats {
     pub misses: u64,
     /// Entries found invalidated by a lookup (each then counted as a miss).
     pub invalidated_found: u64,
-    /// Fills that collided with an invalidation and started again.
+    /// Fills that collided with an invalidation and started again (each dropped the
+    /// registration it had made: counted in `registered` too).
     pub retries: u64,
     /// Entries evicted to respect the capacity.
     pub evictions: u64,
     /// Fills that registered the union with overlapping entries.
     pub merges: u64,
-    /// Registrations created.
+    /// Entries removed because a newer entry overlapping them was inserted (the union a
+    /// merge registered, or a concurrent fill of overlapping memory).
+    pub replaced: u64,
+    /// Registrations created. Each one is counted exactly once more, where it went:
+    /// `entries` (still cached), `evictions`, `invalidated_found`, `replaced`, `retries`
+    /// (dropped by a fill that collided), `uncached`, or among the entries `clear` removed.
     pub registered: u64,
     /// [`RegCache::find`] lookups that found no valid entry (and registered nothing).
     pub not_found: u64,
@@ -821,10 +827,10 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
                 return Ok(Some(handle));
             }
             drop(handle);
-            let mut ix = self.index.lock();
-            ix.stats.hits -= 1;
-            ix.stats.invalidated_found += 1;
-            drop(ix);
+            // Not a hit after all. The entry is counted in `invalidated_found` by
+            // whichever purge removes it (it may still be valid: its event may be in
+            // flight, not applied), never here as well.
+            self.index.lock().stats.hits -= 1;
             self.purge_dirty();
         }
         if find {
@@ -1006,7 +1012,10 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
         })?;
         let Some(entry) = filled else {
             drop(subscription);
-            self.index.lock().stats.retries += 1;
+            // The attempt registered, and its registration was dropped (deregistered).
+            let mut ix = self.index.lock();
+            ix.stats.retries += 1;
+            ix.stats.registered += 1;
             return Ok(None);
         };
         // The entry is not shared yet: attach its subscription.
@@ -1026,6 +1035,7 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
             }
             if cacheable {
                 let mut removed = ix.lru.insert(attrs.clone(), s, e, entry);
+                ix.stats.replaced += removed.len() as u64;
                 // Other fills may have filled the room made above. The new entry is the
                 // most recently used and fits alone: it is never the one evicted.
                 while ix.lru.len() > self.config.capacity

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use common::*;
@@ -184,7 +185,8 @@ fn a_fill_that_always_collides_makes_exactly_max_attempts_attempts() {
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
     assert_eq!(cache.len(), 0, "nothing stale kept");
     let st = cache.stats();
-    assert_eq!((st.retries, st.misses, st.registered), (3, 0, 0), "{st:?}");
+    // Three registrations made, each dropped by its collision; no lookup got one.
+    assert_eq!((st.retries, st.misses, st.registered), (3, 0, 3), "{st:?}");
     unmap(p, 2 * PAGE);
 }
 
@@ -285,4 +287,66 @@ fn a_monitor_dropped_inside_its_own_callback_stops() {
         .recv_timeout(std::time::Duration::from_secs(20))
         .expect("the callback that dropped the monitor never returned");
     drop(sub);
+}
+
+/// The cache's counters add up after a multi-threaded run: every registration it created
+/// is, at the end, either still an entry, or was evicted, found invalidated, replaced by an
+/// overlapping fill, or dropped by a fill that collided (no byte limit, no clear). Threads reuse each other's addresses, so lookups meet
+/// invalidations in every window, and a small capacity makes concurrent fills evict each
+/// other's room: a path that removes an entry without counting it breaks the sum.
+#[test]
+fn the_counters_add_up_after_threads_reuse_each_others_addresses() {
+    let Some(m) = monitor_or_skip("the_counters_add_up_after_threads_reuse_each_others_addresses")
+    else {
+        return;
+    };
+    let config = CacheConfig::default().with_capacity(3);
+    let (cache, counts) = counting_cache(&m, config);
+    let cache = Arc::new(cache);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let cache = cache.clone();
+            std::thread::spawn(move || {
+                let (mut i, mut gets) = (0usize, 0u64);
+                while std::time::Instant::now() < deadline {
+                    let pages = 1 + (i + t) % 3;
+                    let p = anon(pages);
+                    for _ in 0..1 + i % 3 {
+                        drop(cache.get(p, pages * PAGE).unwrap());
+                        gets += 1;
+                    }
+                    let held = cache.get(p, PAGE).unwrap();
+                    gets += 1;
+                    unmap(p, pages * PAGE);
+                    drop(held);
+                    i += 1;
+                }
+                (i, gets)
+            })
+        })
+        .collect();
+    let (mut rounds, mut gets) = (0, 0);
+    for t in threads {
+        let (r, g) = t.join().unwrap();
+        rounds += r;
+        gets += g;
+    }
+    let s = cache.stats();
+    eprintln!("{rounds} rounds, {gets} lookups: {s:?}");
+    // Every lookup was a hit or a miss, once (a hit whose window check failed is not a hit).
+    assert_eq!(s.hits + s.misses, gets, "{s:?}");
+    assert!(s.evictions > 0 && s.invalidated_found > 0, "{s:?}");
+    assert_eq!(s.registered as usize, counts.registered.load(SeqCst));
+    assert_eq!(
+        s.registered,
+        s.entries as u64 + s.evictions + s.invalidated_found + s.replaced + s.retries,
+        "registrations that left the index uncounted (or counted twice): {s:?}"
+    );
+    // And what left the index was deregistered (the handles are all dropped).
+    assert_eq!(
+        counts.deregistered.load(SeqCst) as u64,
+        s.evictions + s.invalidated_found + s.replaced + s.retries,
+        "{s:?}"
+    );
 }
