@@ -311,6 +311,9 @@ pub(crate) struct Shared {
     /// The errno of the read that failed, if one did (the reader cannot format it: that
     /// would allocate).
     pub(crate) read_errno: AtomicI32,
+    /// Fault injection: the errno the next read fails with (0: none).
+    #[cfg(feature = "fault-injection")]
+    pub(crate) inject_read_errno: AtomicI32,
     /// The monitor threads' ids (callbacks run there), for refusing to wait for the gate
     /// on them.
     monitor_threads: [std::sync::OnceLock<std::thread::ThreadId>; 2],
@@ -406,6 +409,8 @@ impl Monitor {
             stopping: AtomicBool::new(false),
             released: AtomicBool::new(false),
             read_errno: AtomicI32::new(0),
+            #[cfg(feature = "fault-injection")]
+            inject_read_errno: AtomicI32::new(0),
             queue: Queue::new(),
             counted: AtomicU64::new(0),
             monitor_threads: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
@@ -501,6 +506,16 @@ impl Monitor {
     /// What this monitor can watch.
     pub fn capabilities(&self) -> Capabilities {
         self.shared.caps
+    }
+
+    /// Fault injection, for testing what depends on the monitor: the next read of the
+    /// descriptor (when the next event arrives) fails with `errno`, as a read the kernel
+    /// refuses would. The monitor then stops as it does for a real failure: every
+    /// subscription is released, and lookups fail with [`Error::Stopped`] whose reason
+    /// names the error. Never call it in a program that uses the registrations.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_read_error(&self, errno: i32) {
+        self.shared.inject_read_errno.store(errno, Relaxed);
     }
 
     /// Counters, including every event of the calls that returned before this one (it

@@ -133,7 +133,17 @@ pub(crate) fn read_pending(
     let _reading = shared.reading.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         let batch = shared.gate.begin();
-        let n = match uffd.read(buf) {
+        #[cfg(feature = "fault-injection")]
+        let injected = match shared
+            .inject_read_errno
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            errno => Some(std::io::Error::from_raw_os_error(errno)),
+        };
+        #[cfg(not(feature = "fault-injection"))]
+        let injected = None;
+        let n = match injected.map_or_else(|| uffd.read(buf), Err) {
             Ok(n) => n,
             Err(e) => {
                 // Publish the empty batch either way, or lookups would wait for it.

@@ -217,3 +217,67 @@ fn stop_unregisters_a_refused_watch_with_a_hole() {
         "munmap hung after stop: the refused watch left the mapped part registered"
     );
 }
+
+/// Records the events it receives.
+#[cfg(feature = "fault-injection")]
+struct Events(std::sync::Arc<parking_lot::Mutex<Vec<Event>>>);
+
+#[cfg(feature = "fault-injection")]
+impl IntervalSubscriber for Events {
+    fn invalidate(
+        &mut self,
+        r: &Range,
+        _: &mut IntervalContext<'_, Self>,
+    ) -> Result<(), WouldBlock> {
+        self.0.lock().push(r.event());
+        Ok(())
+    }
+}
+
+/// A read of the descriptor that fails stops the monitor: the state is `Failed` with the
+/// error, every subscription receives `Release` (nothing can be trusted once events stop),
+/// and calls that need the monitor fail with that reason instead of waiting.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_failed_read_stops_the_monitor_with_its_error() {
+    let Some(m) = monitor_or_skip("a_failed_read_stops_the_monitor_with_its_error") else {
+        return;
+    };
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let p = anon(4);
+    m.watch(p, 4 * PAGE).unwrap();
+    let kept = anon(4);
+    let sub = m
+        .subscriptions()
+        .insert_interval(
+            kept as u64..kept as u64 + 4 * PAGE as u64,
+            Events(seen.clone()),
+        )
+        .unwrap();
+    m.inject_read_error(libc::EIO);
+    unmap(p, 4 * PAGE); // an event: the read for it fails
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while m.state() == MonitorState::Running && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let state = m.state();
+    let MonitorState::Failed(why) = &state else {
+        panic!("a failed read left the monitor {state:?}");
+    };
+    let eio = std::io::Error::from_raw_os_error(libc::EIO).to_string();
+    assert!(
+        why.contains("reading userfaultfd events failed") && why.contains(&eio),
+        "{why}"
+    );
+    assert_eq!(
+        *seen.lock(),
+        [Event::Release],
+        "the subscription was released"
+    );
+    match m.sync() {
+        Err(mmu_uffd::Error::Stopped { why: Some(w) }) => assert_eq!(&w, why),
+        other => panic!("sync after the failure: {other:?}"),
+    }
+    drop(sub);
+    unmap(kept, 4 * PAGE);
+}
