@@ -350,3 +350,23 @@ fn the_counters_add_up_after_threads_reuse_each_others_addresses() {
         "{s:?}"
     );
 }
+
+/// `Monitor::stats` includes every event of the calls that returned before it: an unmap of
+/// watched memory counts in `unmaps` as soon as `munmap` has returned (the kernel wakes the
+/// unmapper when the monitor reads the event, before the monitor counts it: `stats` waits
+/// for the count).
+#[test]
+fn stats_count_the_unmap_of_a_call_that_returned() {
+    let Some(m) = monitor_or_skip("stats_count_the_unmap_of_a_call_that_returned") else {
+        return;
+    };
+    let mut before = m.stats().unmaps;
+    for i in 0..2000 {
+        let p = anon(1);
+        m.watch(p, PAGE).unwrap();
+        unmap(p, PAGE);
+        let now = m.stats().unmaps;
+        assert_eq!(now, before + 1, "unmap #{i} not counted yet");
+        before = now;
+    }
+}
