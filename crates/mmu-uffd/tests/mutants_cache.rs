@@ -370,3 +370,28 @@ fn stats_count_the_unmap_of_a_call_that_returned() {
         before = now;
     }
 }
+
+/// Dropping a cache unregisters the memory only its entries kept watched, at once (the
+/// monitor would otherwise keep it registered, and an madvise on it waiting for events,
+/// until some later call tidied up).
+#[test]
+fn dropping_a_cache_unwatches_its_memory() {
+    let Some(m) = monitor_or_skip("dropping_a_cache_unwatches_its_memory") else {
+        return;
+    };
+    let (cache, counts) = counting_cache(&m, CacheConfig::default());
+    let p = anon(4);
+    drop(cache.get(p, 4 * PAGE).unwrap());
+    let before = m.stats().unwatched;
+    drop(cache);
+    assert_eq!(
+        counts.deregistered.load(SeqCst),
+        1,
+        "the entry was released"
+    );
+    assert!(
+        m.stats().unwatched > before,
+        "the cache's memory is still registered after the cache was dropped"
+    );
+    unmap(p, 4 * PAGE);
+}
