@@ -1,8 +1,11 @@
 //! A registration-cache miss of `mmu_uffd::RegCache` side by side with libfabric 1.17's
 //! own cache (`ofi_mr_cache_search` with libfabric's userfaultfd monitor, linked
 //! statically from the installed `libfabric.a`: `benches/c/libfabric_miss.c`), with the
-//! floors of the same run: the bare `UFFDIO_REGISTER` + `UFFDIO_UNREGISTER` on a
-//! userfaultfd of our own, and an empty system call.
+//! floors of the same run, on a bare userfaultfd: `UFFDIO_REGISTER` of memory registered
+//! already (the one system call of libfabric's miss in the cycle), `UFFDIO_REGISTER` +
+//! `UFFDIO_UNREGISTER` (what a miss costs that registers memory unregistered after its
+//! eviction), `UFFDIO_REGISTER` of a fresh mapping without and with the `msync` hole check
+//! (mmu-uffd's two system calls on memory never seen), and an empty system call.
 //!
 //! `cargo bench -p mmu-uffd-capi --bench miss_vs_libfabric` (release build; about a
 //! minute). Every variant runs in its own process, one after the other in a rotating
@@ -10,8 +13,8 @@
 //! batches (ns per operation), and the table gives, per variant, the median over the
 //! rounds with the 10th and 90th percentiles, and the per-round ratio ours / libfabric.
 //! With `strace` installed it also counts the system calls per operation of each
-//! variant (a run of N and one of 2N operations, the difference divided by N; all
-//! threads, the monitor's included).
+//! variant: every call of every thread (the monitor's included) between two markers
+//! around the timed loop of one batch, divided by the operations.
 //!
 //! The workloads (the registrar is a no-op on both sides):
 //!
@@ -20,7 +23,9 @@
 //!   once. The criterion bench `cargo bench -p mmu-uffd --bench cache -- "cache miss"`
 //!   runs the same loop.
 //! - `fresh`: a miss on a fresh 4-page mapping each time (all mapped before the timed
-//!   loop), nothing evicted.
+//!   loop) in a cache of 4096 entries, nothing evicted: 2000 misses per process (one
+//!   batch of warm-up, then `MISS_BATCHES` of `MISS_FRESH_OPS`), as the criterion bench's
+//!   "miss on unwatched memory" (4096 entries, 2000 misses).
 //!
 //! libfabric's cache cannot be reached through libfabric's public API on a machine
 //! without RDMA hardware: in 1.17 only the verbs and efa providers (and the shm
@@ -47,6 +52,8 @@ const NBUFS: usize = 64;
 const ENTRIES: usize = 16;
 const BUF_PAGES: usize = 16;
 const FRESH_PAGES: usize = 4;
+/// The capacity of both caches in the fresh workload (libfabric_miss.c's too).
+const FRESH_CAPACITY: usize = 4096;
 
 fn anon(len: usize) -> *mut u8 {
     // SAFETY: a fresh anonymous private mapping.
@@ -79,6 +86,9 @@ fn percentile(v: &mut [f64], p: usize) -> f64 {
 fn batched(batches: usize, ops: usize, mut op: impl FnMut()) -> f64 {
     let mut samples = Vec::with_capacity(batches);
     for b in 0..=batches {
+        if b == 1 {
+            marker();
+        }
         let t0 = Instant::now();
         for _ in 0..ops {
             op();
@@ -87,7 +97,15 @@ fn batched(batches: usize, ops: usize, mut op: impl FnMut()) -> f64 {
             samples.push(t0.elapsed().as_nanos() as f64 / ops as f64);
         }
     }
+    marker();
     median(&mut samples)
+}
+
+/// Marks the start and the end of the timed batches for the system call count
+/// (`getpgid(0)`, which nothing else here calls; libfabric_miss.c does the same).
+fn marker() {
+    // SAFETY: getpgid(0) reads the calling process's group; no memory is involved.
+    unsafe { libc::getpgid(0) };
 }
 
 /// The child process of our variants: `MISS_CHILD=ours-cycle|ours-fresh`.
@@ -124,7 +142,8 @@ fn child(mode: &str, batches: usize, ops: usize) {
         }
         "ours-fresh" => {
             let n = (batches + 1) * ops;
-            let cache = new_cache(n + 1);
+            assert!(n < FRESH_CAPACITY, "more fresh misses than entries");
+            let cache = new_cache(FRESH_CAPACITY);
             let bufs: Vec<*mut u8> = (0..n).map(|_| anon(FRESH_PAGES * PAGE)).collect();
             let mut k = 0;
             let ns = batched(batches, ops, || {
@@ -161,6 +180,15 @@ impl Variant {
         cmd
     }
 
+    /// The operations per batch: fewer for the fresh workloads (each needs a mapping).
+    fn ops(&self, ops: usize, fresh_ops: usize) -> usize {
+        if self.name.contains("fresh") {
+            fresh_ops
+        } else {
+            ops
+        }
+    }
+
     /// Runs it once; its number (ns per operation), or the line explaining why none.
     fn run(&self, batches: usize, ops: usize) -> Result<f64, String> {
         let out = self
@@ -178,49 +206,50 @@ impl Variant {
             .ok_or_else(|| format!("{}: no number in {stdout}", self.name))
     }
 
-    /// System calls per operation (all threads): strace -f -c of N and 2N operations.
+    /// System calls per operation, all threads (the monitor's too), between the two
+    /// markers around the timed batches: `strace -f` of one batch.
     fn syscalls(&self, dir: &Path, ops: usize) -> Option<(f64, String)> {
-        let count = |batches: usize| -> Option<Vec<(String, u64)>> {
-            let file = dir.join(format!("{}-{batches}.strace", self.name));
-            let inner = self.command(batches, ops);
-            let mut cmd = Command::new("strace");
-            cmd.args(["-f", "-c", "-o"]).arg(&file).arg(inner.get_program());
-            cmd.args(inner.get_args());
-            for (k, v) in inner.get_envs() {
-                match v {
-                    Some(v) => cmd.env(k, v),
-                    None => cmd.env_remove(k),
-                };
-            }
-            let out = cmd.output().ok()?;
-            if !out.status.success() {
-                return None;
-            }
-            let text = std::fs::read_to_string(&file).ok()?;
-            Some(
-                text.lines()
-                    .filter_map(|l| {
-                        let w: Vec<&str> = l.split_whitespace().collect();
-                        // % time, seconds, usecs/call, calls, [errors], syscall
-                        if w.len() < 5 || w[0].starts_with('-') || w[0] == "%" {
-                            return None;
-                        }
-                        let name = w.last()?.to_string();
-                        (name != "total").then_some(())?;
-                        Some((name, w[3].parse().ok()?))
-                    })
-                    .collect(),
-            )
+        let file = dir.join(format!("{}.strace", self.name));
+        let inner = self.command(1, ops);
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-qq", "-o"]).arg(&file).arg(inner.get_program());
+        cmd.args(inner.get_args());
+        for (k, v) in inner.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let out = cmd.output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let text = std::fs::read_to_string(&file).ok()?;
+        // "PID name(args) = result", or "PID name(args <unfinished ...>" then
+        // "PID <... name resumed> ...": one call each.
+        let name = |line: &str| -> Option<String> {
+            let call = line.split_once(' ')?.1.trim_start();
+            (!call.starts_with('<') && !call.starts_with("+++") && !call.starts_with("---"))
+                .then(|| call.split('(').next().unwrap_or("").to_string())
         };
-        let (a, b) = (count(1)?, count(3)?);
-        let mut per: Vec<(String, f64)> = b
+        let calls: Vec<String> = text.lines().filter_map(name).collect();
+        let marks: Vec<usize> = calls
             .iter()
-            .map(|(name, n)| {
-                let before = a.iter().find(|(m, _)| m == name).map_or(0, |x| x.1);
-                (name.clone(), (*n as f64 - before as f64) / (2 * ops) as f64)
-            })
-            .filter(|(_, per)| *per >= 0.05)
+            .enumerate()
+            .filter(|(_, n)| *n == "getpgid")
+            .map(|(i, _)| i)
             .collect();
+        let [a, b] = marks[..] else {
+            return None;
+        };
+        let mut per: Vec<(String, f64)> = Vec::new();
+        for n in &calls[a + 1..b] {
+            match per.iter_mut().find(|(m, _)| m == n) {
+                Some(x) => x.1 += 1.0,
+                None => per.push((n.clone(), 1.0)),
+            }
+        }
+        per.iter_mut().for_each(|x| x.1 /= ops as f64);
         per.sort_by(|x, y| y.1.total_cmp(&x.1));
         let total = per.iter().map(|x| x.1).sum();
         let detail = per
@@ -279,11 +308,12 @@ fn main() {
     let variants = [
         ours("ours-cycle", "ours-cycle"),
         theirs("libfabric-cycle", "cycle"),
-        theirs("bare-register-missing", "bare-missing"),
-        theirs("bare-register-wp", "bare-wp"),
+        theirs("bare-reregister", "bare-reregister"),
+        theirs("bare-register+unregister", "bare-wp"),
         ours("ours-fresh", "ours-fresh"),
         theirs("libfabric-fresh", "fresh"),
         theirs("bare-register-fresh", "bare-fresh"),
+        theirs("bare-register+check-fresh", "bare-fresh-check"),
         theirs("getppid", "getppid"),
     ];
     let env = |k: &str, d: usize| -> usize {
@@ -294,6 +324,7 @@ fn main() {
     };
     let rounds = env("MISS_ROUNDS", 31);
     let (batches, ops) = (env("MISS_BATCHES", 9), env("MISS_OPS", 1000));
+    let fresh_ops = env("MISS_FRESH_OPS", 200);
     let mut samples: Vec<Vec<f64>> = variants.iter().map(|_| Vec::new()).collect();
     let mut skipped: Vec<Option<String>> = variants.iter().map(|_| None).collect();
     for r in 0..rounds {
@@ -302,7 +333,7 @@ fn main() {
             if skipped[i].is_some() {
                 continue;
             }
-            match variants[i].run(batches, ops) {
+            match variants[i].run(batches, variants[i].ops(ops, fresh_ops)) {
                 Ok(ns) => samples[i].push(ns),
                 Err(why) => skipped[i] = Some(why),
             }
@@ -310,11 +341,11 @@ fn main() {
     }
     let syscalls: Vec<Option<(f64, String)>> = variants
         .iter()
-        .map(|v| v.syscalls(&work_dir("miss"), ops))
+        .map(|v| v.syscalls(&work_dir("miss"), v.ops(ops, fresh_ops)))
         .collect();
     println!(
         "\nper operation, {rounds} rounds of one process per variant (rotating order), each \
-         the median of {batches} batches of {ops}:"
+         the median of {batches} batches of {ops} ({fresh_ops} for fresh):"
     );
     println!(
         "{:<24} {:>9} {:>9} {:>9} {:>9}  system calls per operation (strace -f)",
@@ -334,7 +365,11 @@ fn main() {
         let sys = syscalls[i]
             .as_ref()
             .map_or("(strace unavailable)".to_string(), |(t, d)| {
-                format!("{t:.2}: {d}")
+                if d.is_empty() {
+                    "0".to_string()
+                } else {
+                    format!("{t:.2}: {d}")
+                }
             });
         println!(
             "{:<24} {m:>9.1} {p10:>9.1} {p90:>9.1} {:>9.2}  {sys}",
