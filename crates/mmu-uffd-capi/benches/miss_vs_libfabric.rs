@@ -212,7 +212,9 @@ impl Variant {
         let file = dir.join(format!("{}.strace", self.name));
         let inner = self.command(1, ops);
         let mut cmd = Command::new("strace");
-        cmd.args(["-f", "-qq", "-o"]).arg(&file).arg(inner.get_program());
+        cmd.args(["-f", "-qq", "-o"])
+            .arg(&file)
+            .arg(inner.get_program());
         cmd.args(inner.get_args());
         for (k, v) in inner.get_envs() {
             match v {
@@ -277,13 +279,11 @@ fn main() {
     };
     let exe = work_dir("miss").join("libfabric_miss");
     let mut cmd = Command::new(cc());
-    cmd.args([
-        "-Wall", "-Wextra", "-Werror", "-std=c11", "-O2", "-pthread",
-    ])
-    .arg(crate_dir().join("benches/c/libfabric_miss.c"))
-    .args(&link)
-    .arg("-o")
-    .arg(&exe);
+    cmd.args(["-Wall", "-Wextra", "-Werror", "-std=c11", "-O2", "-pthread"])
+        .arg(crate_dir().join("benches/c/libfabric_miss.c"))
+        .args(&link)
+        .arg("-o")
+        .arg(&exe);
     match cmd.output() {
         Ok(out) if out.status.success() => {}
         Ok(out) => panic!("{cmd:?}\n{}", show(&out)),
