@@ -21,7 +21,13 @@
 //! - `cycle`: 64 buffers of 16 pages through a 16-entry cache in a cycle, so that every
 //!   lookup misses and evicts the least recently used entry; each handle is dropped at
 //!   once. The criterion bench `cargo bench -p mmu-uffd --bench cache -- "cache miss"`
-//!   runs the same loop.
+//!   runs the same loop (there another cache keeps all 64 buffers leased). libfabric
+//!   1.17 never unregisters an evicted range: its miss here is one `UFFDIO_REGISTER` of
+//!   memory registered already. Ours keeps the watch leases of recently evicted entries
+//!   (`CacheConfig::retained`), so its miss finds the memory registered and verified and
+//!   makes no system call; with `with_retained(0)` every miss would register, check and
+//!   (in batches) unregister again, splitting and merging the kernel's mappings: the
+//!   `bare-register+unregister` row.
 //! - `fresh`: a miss on a fresh 4-page mapping each time (all mapped before the timed
 //!   loop) in a cache of 4096 entries, nothing evicted: 2000 misses per process (one
 //!   batch of warm-up, then `MISS_BATCHES` of `MISS_FRESH_OPS`), as the criterion bench's
