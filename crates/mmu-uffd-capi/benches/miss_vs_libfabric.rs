@@ -27,7 +27,7 @@
 //!   (`CacheConfig::retained`), so its miss finds the memory registered and verified and
 //!   makes no system call; with `with_retained(0)` every miss would register, check and
 //!   (in batches) unregister again, splitting and merging the kernel's mappings: the
-//!   `bare-register+unregister` row.
+//!   `bare-register+unregister` row, and the `ours-cycle-unretained` one.
 //! - `fresh`: a miss on a fresh 4-page mapping each time (all mapped before the timed
 //!   loop) in a cache of 4096 entries, nothing evicted: 2000 misses per process (one
 //!   batch of warm-up, then `MISS_BATCHES` of `MISS_FRESH_OPS`), as the criterion bench's
@@ -114,7 +114,9 @@ fn marker() {
     unsafe { libc::getpgid(0) };
 }
 
-/// The child process of our variants: `MISS_CHILD=ours-cycle|ours-fresh`.
+/// The child process of our variants: `MISS_CHILD=ours-cycle|ours-cycle-unretained|ours-fresh`
+/// (`unretained`: `CacheConfig::with_retained(0)`, what the cache did before it retained
+/// the leases of evicted entries).
 fn child(mode: &str, batches: usize, ops: usize) {
     let monitor = match Monitor::new() {
         Ok(m) => m,
@@ -124,9 +126,16 @@ fn child(mode: &str, batches: usize, ops: usize) {
         }
     };
     let new_cache = |capacity: usize| {
+        let retained = if mode == "ours-cycle-unretained" {
+            0
+        } else {
+            CacheConfig::default().retained
+        };
         RegCache::with_fns(
             &monitor,
-            CacheConfig::default().with_capacity(capacity),
+            CacheConfig::default()
+                .with_capacity(capacity)
+                .with_retained(retained),
             |p: *mut u8, _len: usize| Ok::<usize, std::io::Error>(p as usize),
             |r: usize| {
                 black_box(r);
@@ -134,7 +143,7 @@ fn child(mode: &str, batches: usize, ops: usize) {
         )
     };
     match mode {
-        "ours-cycle" => {
+        "ours-cycle" | "ours-cycle-unretained" => {
             let cache = new_cache(ENTRIES);
             let bufs: Vec<*mut u8> = (0..NBUFS).map(|_| anon(BUF_PAGES * PAGE)).collect();
             let mut j = 0;
@@ -144,7 +153,7 @@ fn child(mode: &str, batches: usize, ops: usize) {
             });
             let st = cache.stats();
             assert!(st.hits == 0 && st.misses > 0, "{st:?}");
-            println!("ours-cycle {ns:.1}");
+            println!("{mode} {ns:.1}");
         }
         "ours-fresh" => {
             let n = (batches + 1) * ops;
@@ -315,6 +324,7 @@ fn main() {
         ours("ours-cycle", "ours-cycle"),
         theirs("libfabric-cycle", "cycle"),
         theirs("bare-reregister", "bare-reregister"),
+        ours("ours-cycle-unretained", "ours-cycle-unretained"),
         theirs("bare-register+unregister", "bare-wp"),
         ours("ours-fresh", "ours-fresh"),
         theirs("libfabric-fresh", "fresh"),
