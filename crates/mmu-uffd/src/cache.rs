@@ -55,6 +55,15 @@
 //!   cache. An evicted entry still in use stays registered until its last handle drops. A
 //!   single range longer than `max_bytes` is registered and handed out but not cached
 //!   ([`CacheStats::uncached`]).
+//! - **Retained leases.** An entry evicted while valid and unused (no handle) hands its
+//!   watch lease to the cache, which keeps the last [`CacheConfig::retained`] of them (the
+//!   oldest go first; [`RegCache::clear`] drops them all). Its memory stays registered and
+//!   verified, so a later miss on it makes no system call, where dropping the lease would
+//!   let the monitor unregister it and make that miss register and check it again (and
+//!   split and merge the kernel's mappings twice). A retained lease vouches for nothing:
+//!   a miss still inserts its subscription first and takes a lease of its own, and the
+//!   verified set still forgets the range before any event on it is applied. What it
+//!   costs: an madvise on retained memory waits for the monitor, as on cached memory.
 //! - **Keys.** An entry's key is its range *and* the caller's attributes (access flags, a
 //!   device: any `K` of a [`RegCache<R, K>`], `()` by default): lookups, overlap and merging
 //!   only ever consider entries with equal attributes, so registrations of one range with
@@ -90,6 +99,7 @@
 //! returned before them have been applied: right after `munmap` returns, `purge_invalid`
 //! removes the entry and `is_valid` is false.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
@@ -280,6 +290,12 @@ pub struct CacheConfig {
     /// threads doing that in a loop, 40-70% of lookups returned the registration of the
     /// previous mapping at the address when this check was off.
     pub reuse_check: bool,
+    /// Watch leases of evicted entries kept (see "Retained leases" in the module docs):
+    /// that memory stays registered with userfaultfd, so a miss on it again makes no
+    /// system call, and an madvise on it waits for the monitor. Default 1024; 0 turns it
+    /// off (memory no entry needs is unwatched soon after its entry goes). libfabric 1.17
+    /// keeps every range it ever cached registered.
+    pub retained: usize,
     /// Fault injection for testing checkers: skip the event gate on lookups (stale hits
     /// become likely). Never set it in a program that uses the registrations.
     #[cfg(feature = "fault-injection")]
@@ -294,6 +310,7 @@ impl Default for CacheConfig {
             merge: true,
             max_attempts: 64,
             reuse_check: true,
+            retained: 1024,
             #[cfg(feature = "fault-injection")]
             skip_gate: false,
         }
@@ -351,6 +368,13 @@ impl CacheConfig {
     /// other's addresses).
     pub fn with_reuse_check(mut self, on: bool) -> Self {
         self.reuse_check = on;
+        self
+    }
+
+    /// This configuration with another number of retained watch leases of evicted entries
+    /// (see [`retained`](Self::retained); 0: none).
+    pub fn with_retained(mut self, leases: usize) -> Self {
+        self.retained = leases;
         self
     }
 
@@ -574,6 +598,41 @@ impl<R: KeyedRegistrar<K>, K: fmt::Debug> fmt::Debug for CachedRegistration<R, K
 struct Index<R: KeyedRegistrar<K>, K> {
     lru: LruIndex<K, Arc<Entry<R, K>>>,
     stats: CacheStats,
+    /// Watch leases of evicted entries, oldest first (see "Retained leases").
+    retained: VecDeque<WatchLease>,
+}
+
+impl<R: KeyedRegistrar<K>, K: CacheKey> Index<R, K> {
+    /// Evicts the least recently used entry into `out`, keeping its watch lease if the
+    /// entry is valid and nobody else holds it (see "Retained leases"); leases pushed out
+    /// of the retained set go to `old`, to be dropped outside the lock.
+    fn evict_one(
+        &mut self,
+        keep: usize,
+        out: &mut Vec<Arc<Entry<R, K>>>,
+        old: &mut Vec<WatchLease>,
+    ) -> bool {
+        let Some(mut evicted) = self.lru.pop_lru() else {
+            return false;
+        };
+        self.stats.evictions += 1;
+        if keep > 0 {
+            // The index held the only reference: no handle, so no registration in use.
+            if let Some(entry) = Arc::get_mut(&mut evicted) {
+                // Acquire, as a lookup's: an entry invalidated since is not kept.
+                if entry.valid.load(Acquire) {
+                    if let Some(lease) = entry.lease.take() {
+                        self.retained.push_back(lease);
+                        while self.retained.len() > keep {
+                            old.extend(self.retained.pop_front());
+                        }
+                    }
+                }
+            }
+        }
+        out.push(evicted);
+        true
+    }
 }
 
 /// A cache of registrations of this process's memory, kept coherent by a [`Monitor`].
@@ -751,6 +810,7 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
             index: Mutex::new(Index {
                 lru: LruIndex::default(),
                 stats: CacheStats::default(),
+                retained: VecDeque::new(),
             }),
             dirty: sync::Arc::new(AtomicBool::new(false)),
         }
@@ -938,21 +998,17 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
         // Make room before registering, so a registrar with `capacity` slots has one free
         // (and the registered bytes stay within `max_bytes`). A range too long to cache
         // evicts nothing.
-        let evicted = {
+        let mut evicted = Vec::new();
+        let mut old = Vec::new();
+        {
             let mut ix = self.index.lock();
-            let mut evicted = Vec::new();
-            while cacheable && self.over_limits(&ix, e - s) {
-                match ix.lru.pop_lru() {
-                    Some(v) => {
-                        ix.stats.evictions += 1;
-                        evicted.push(v);
-                    }
-                    None => break,
-                }
-            }
-            evicted
-        };
+            while cacheable
+                && self.over_limits(&ix, e - s)
+                && ix.evict_one(self.config.retained, &mut evicted, &mut old)
+            {}
+        }
         drop(evicted); // outside the lock: may deregister
+        drop(old);
         let registration = self
             .registrar
             .register_with(attrs, s as *mut u8, (e - s) as usize)
@@ -1026,6 +1082,7 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
         let handle = CachedRegistration {
             entry: entry.clone(),
         };
+        let mut old = Vec::new();
         let removed = {
             let mut ix = self.index.lock();
             ix.stats.misses += 1;
@@ -1038,20 +1095,13 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
                 ix.stats.replaced += removed.len() as u64;
                 // Other fills may have filled the room made above. The new entry is the
                 // most recently used and fits alone: it is never the one evicted.
-                while ix.lru.len() > self.config.capacity
+                while (ix.lru.len() > self.config.capacity
                     || self
                         .config
                         .max_bytes
-                        .is_some_and(|max| ix.lru.bytes() > max)
-                {
-                    match ix.lru.pop_lru() {
-                        Some(v) => {
-                            removed.push(v);
-                            ix.stats.evictions += 1;
-                        }
-                        None => break,
-                    }
-                }
+                        .is_some_and(|max| ix.lru.bytes() > max))
+                    && ix.evict_one(self.config.retained, &mut removed, &mut old)
+                {}
                 removed
             } else {
                 ix.stats.uncached += 1;
@@ -1060,6 +1110,7 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
             }
         };
         drop(removed); // outside the lock: may deregister
+        drop(old);
         Ok(Some(handle))
     }
 
@@ -1104,10 +1155,15 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
     }
 
     /// Removes every entry from the index (entries in use stay registered until their
-    /// handles drop) and stops watching the memory that no remaining entry needs.
+    /// handles drop), drops the retained watch leases, and stops watching the memory that
+    /// no remaining entry needs.
     pub fn clear(&self) {
-        let removed = self.index.lock().lru.drain();
+        let (removed, retained) = {
+            let mut ix = self.index.lock();
+            (ix.lru.drain(), std::mem::take(&mut ix.retained))
+        };
         drop(removed);
+        drop(retained);
         self.monitor.unwatch_idle();
     }
 
