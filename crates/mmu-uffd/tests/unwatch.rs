@@ -142,3 +142,56 @@ fn unwatch_races_with_a_new_lease() {
     assert!(rounds > 100, "only {rounds} rounds");
     assert!(st.unwatched > 0, "leases never ended");
 }
+
+/// An explicit watch moves with its memory: after `mremap` moved watched memory, the end
+/// of a cache entry's lease at the new address leaves it watched (the watch was asked for,
+/// and the kernel moved the registration), until `unwatch` at the new address.
+#[test]
+fn an_explicit_watch_moves_with_its_memory() {
+    let Some(m) = monitor_or_skip("an_explicit_watch_moves_with_its_memory") else {
+        return;
+    };
+    let (cache, _) = counting_cache(&m, CacheConfig::default());
+    let p = anon(4);
+    m.watch(p, 4 * PAGE).unwrap();
+    // Eight reserved pages: p moves to the first four, fresh memory goes to the others.
+    let dst = reserve(8);
+    // SAFETY: inside the reservation.
+    let r = unsafe { dst.add(4 * PAGE) };
+    map(
+        r as usize,
+        4 * PAGE,
+        RW,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+        -1,
+        0,
+    );
+    let q = common::recording::mremap(
+        p,
+        4 * PAGE,
+        4 * PAGE,
+        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+        dst,
+    )
+    .unwrap();
+    m.sync().unwrap();
+    drop(cache.get(q, 4 * PAGE).unwrap());
+    drop(cache.get(r, 4 * PAGE).unwrap());
+    // The entries' leases end: only the moved explicit watch keeps q watched; nothing
+    // keeps its neighbour r.
+    cache.clear();
+    touch(q, 8 * PAGE);
+    assert_eq!(
+        removes_from_madvise(&m, q, 4 * PAGE),
+        1,
+        "the moved explicit watch was unwatched with the entry"
+    );
+    assert_eq!(
+        removes_from_madvise(&m, r, 4 * PAGE),
+        0,
+        "the moved explicit watch covers more than the memory that moved"
+    );
+    m.unwatch(q, 4 * PAGE).unwrap();
+    assert_eq!(removes_from_madvise(&m, q, 4 * PAGE), 0);
+    unmap(q, 8 * PAGE);
+}
