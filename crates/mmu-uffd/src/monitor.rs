@@ -54,6 +54,22 @@
 //! - Lookups from inside a callback (on a monitor thread, mid-batch) fail with
 //!   [`Error::OnMonitorThread`] instead of waiting for themselves.
 //!
+//! # Scheduling
+//!
+//! The `read()` that takes an unmap's event is what lets the kernel return from that
+//! `munmap`: it wakes the unmapper. On the monitor thread's own CPU, the woken unmapper may
+//! preempt the monitor between the read and the callback; the unmapper then finds the
+//! event not yet applied and has to wait for the monitor to run again (two more context
+//! switches). Both threads therefore ask the scheduler for its shortest time slice
+//! (0.1 ms, Linux 6.12 and later; older kernels ignore the request, and a thread whose
+//! policy is not the normal one is left alone), which gives them an early virtual
+//! deadline: the unmapper they wake waits until they sleep again. Measured on one CPU
+//! (unmapper, monitor and a bare userfaultfd reader, alternating; medians of 8 runs of
+//! 2000 unmaps): the callback ran 1.24 times as long after the `munmap` call as the bare
+//! reader's `read()` returned, instead of 1.73 times, and the unmapper saw its handle
+//! invalid after 12.3 µs instead of 15.0 µs; with threads of the process also running on
+//! the other CPU, 1.54 instead of 1.93 times.
+//!
 //! # Which memory is safe to watch
 //!
 //! - Anonymous memory, private or shared, memfd, and (with `WP_ASYNC`, Linux 6.7) file
@@ -444,6 +460,8 @@ impl Monitor {
                     .name(format!("mmu-uffd-monitor-{i}"))
                     .spawn(move || {
                         sys::block_all_signals();
+                        // See "Scheduling" in the module docs.
+                        sys::request_short_slice();
                         started.wait();
                         applier::run(&shared, &uffd, w);
                     })
