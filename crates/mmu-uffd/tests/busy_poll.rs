@@ -1,6 +1,7 @@
-//! `MonitorConfig::busy_poll`, observed through the CPU time of the monitor's threads: by
-//! default they sleep whenever no event is pending (an idle monitor costs no CPU); with a
-//! period, one thread keeps polling for that long after an event, then sleeps again.
+//! How the monitor's threads use the CPU. `MonitorConfig::busy_poll`, observed through
+//! their CPU time: by default they sleep whenever no event is pending (an idle monitor
+//! costs no CPU); with a period, one thread keeps polling for that long after an event,
+//! then sleeps again. And their time slice: the scheduler's shortest.
 //!
 //! One test in its own binary: the CPU time is read per thread of this process, and no
 //! other monitor may exist meanwhile.
@@ -78,6 +79,34 @@ fn an_idle_monitor_sleeps_and_a_busy_poll_period_polls_then_sleeps() {
         return;
     };
     let tids = threads_of(&m);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut version = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>());
+    let custom_slices = matches!(
+        (version.next(), version.next()),
+        (Some(Ok(major)), Some(Ok(minor))) if (major, minor) >= (6, 12)
+    );
+    for tid in tids.iter().filter(|_| custom_slices) {
+        // Kernels from 6.12 honour the request, and show the slice (ns) as `se.slice`.
+        let sched =
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/sched")).unwrap_or_default();
+        let slice = sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        match slice {
+            Some(ns) => assert_eq!(ns, 100_000, "monitor thread {tid}'s time slice"),
+            None => eprintln!("SKIPPED the slice check: no se.slice in /proc/self/task/*/sched"),
+        }
+    }
+    if !custom_slices {
+        eprintln!(
+            "SKIPPED the slice check: kernel {} predates custom slices (6.12)",
+            release.trim()
+        );
+    }
     let idle = cpu_ms_over(&tids, window);
     one_event(&m);
     let after_event = cpu_ms_over(&tids, window);
