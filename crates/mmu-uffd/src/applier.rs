@@ -219,6 +219,10 @@ fn stop(shared: &Shared, why: Option<String>) {
         // nothing (the kernel refuses another context's, and skips unregistered ones).
         // Without /proc, what the bookkeeping knows.
         let mut ranges = sys::mappings();
+        #[cfg(feature = "fault-injection")]
+        if shared.inject_no_proc_maps.load(Relaxed) {
+            ranges.clear();
+        }
         if ranges.is_empty() {
             ranges = shared.known_registered();
         }

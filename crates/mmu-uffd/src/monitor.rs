@@ -330,6 +330,9 @@ pub(crate) struct Shared {
     /// Fault injection: the errno the next read fails with (0: none).
     #[cfg(feature = "fault-injection")]
     pub(crate) inject_read_errno: AtomicI32,
+    /// Fault injection: the stop sequence finds `/proc/self/maps` unreadable.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) inject_no_proc_maps: AtomicBool,
     /// The monitor threads' ids (callbacks run there), for refusing to wait for the gate
     /// on them.
     monitor_threads: [std::sync::OnceLock<std::thread::ThreadId>; 2],
@@ -427,6 +430,8 @@ impl Monitor {
             read_errno: AtomicI32::new(0),
             #[cfg(feature = "fault-injection")]
             inject_read_errno: AtomicI32::new(0),
+            #[cfg(feature = "fault-injection")]
+            inject_no_proc_maps: AtomicBool::new(false),
             queue: Queue::new(),
             counted: AtomicU64::new(0),
             monitor_threads: [std::sync::OnceLock::new(), std::sync::OnceLock::new()],
@@ -534,6 +539,14 @@ impl Monitor {
     #[cfg(feature = "fault-injection")]
     pub fn inject_read_error(&self, errno: i32) {
         self.shared.inject_read_errno.store(errno, Relaxed);
+    }
+
+    /// Fault injection: when the monitor stops, it finds `/proc/self/maps` unreadable (as
+    /// in a sandbox without `/proc`), so it unregisters what its own bookkeeping knows to
+    /// be registered instead of every mapping.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_proc_maps_unreadable(&self) {
+        self.shared.inject_no_proc_maps.store(true, Relaxed);
     }
 
     /// Counters, including every event of the calls that returned before this one (it

@@ -190,6 +190,40 @@ fn stop_unregisters_memory_that_did_not_move() {
     assert!(ok, "control: munmap hung");
 }
 
+/// Without `/proc/self/maps` the stop sequence falls back on what the monitor knows it
+/// registered: watched memory, and memory that cache entries leased, is unregistered.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn stop_without_proc_maps_unregisters_what_it_knows() {
+    let Some(m) = monitor_or_skip("stop_without_proc_maps_unregisters_what_it_knows") else {
+        return;
+    };
+    let (cache, _) = counting_cache(&m, mmu_uffd::CacheConfig::default());
+    let watched = anon(4);
+    m.watch(watched, 4 * PAGE).unwrap();
+    let leased = anon(4);
+    let h = cache.get(leased, 4 * PAGE).unwrap();
+    m.inject_proc_maps_unreadable();
+    let child = child_holding_descriptors();
+    // The monitor stops while the entry still holds its lease.
+    drop(m);
+    let (ok_watched, rx1) = munmap_returns_within(watched, 4 * PAGE, Duration::from_secs(3));
+    let (ok_leased, rx2) = munmap_returns_within(leased, 4 * PAGE, Duration::from_secs(3));
+    kill_and_reap(child);
+    let _ = rx1.recv_timeout(Duration::from_secs(5));
+    let _ = rx2.recv_timeout(Duration::from_secs(5));
+    drop(h);
+    drop(cache);
+    assert!(
+        ok_watched,
+        "watched memory stayed registered: its munmap hung"
+    );
+    assert!(
+        ok_leased,
+        "leased memory stayed registered: its munmap hung"
+    );
+}
+
 /// `Shared::register` registers first and checks for holes after: when the check fails
 /// the mapped parts stay registered, but the error return skips `registered.add`, so
 /// stop never unregisters them (same hang as above with a child holding the descriptor).
