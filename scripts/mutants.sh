@@ -132,7 +132,7 @@ cache() {
 
 itree() {
   run itree --package mmu-notifier --file 'crates/mmu-notifier/src/itree.rs' \
-    --timeout 150 --build-timeout 900 \
+    --timeout 30 --build-timeout 900 \
     -- --lib --test itree_props --test interval --test interval_props
 }
 
