@@ -90,3 +90,75 @@ fn watch_errors() {
         seen.len() == 2
     );
 }
+
+/// This process's userfaultfd descriptors.
+fn userfaultfds() -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            target
+                .to_string_lossy()
+                .contains("userfaultfd")
+                .then(|| e.file_name().to_string_lossy().parse().ok())?
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// The monitor registers watched memory for write-protect faults but never protects
+/// anything, so no fault is expected. If a page gets protected anyway (another user of the
+/// descriptor), a thread writing to it must not stay blocked: on kernels with asynchronous
+/// write-protection the kernel lifts the protection itself; on older ones the monitor's
+/// reader gets the fault, unprotects the page and wakes the thread. Here the test protects
+/// a watched page through the monitor's descriptor and writes to it.
+#[test]
+fn an_unexpected_write_protect_fault_is_answered() {
+    // Alone: the monitor's descriptor is told apart from other tests' by appearing.
+    let _g = exclusive();
+    let before = userfaultfds();
+    let Some(m) = monitor_or_skip("an_unexpected_write_protect_fault_is_answered") else {
+        return;
+    };
+    let fd = match userfaultfds()
+        .into_iter()
+        .filter(|f| !before.contains(f))
+        .collect::<Vec<_>>()[..]
+    {
+        [fd] => fd,
+        ref other => panic!("the monitor's descriptor among {other:?}"),
+    };
+    let p = anon(1);
+    touch(p, PAGE); // only a present page can be write-protected
+    m.watch(p, PAGE).unwrap();
+    // _IOWR(0xAA, 0x06, struct uffdio_writeprotect): range, then mode 1 (protect).
+    const WRITEPROTECT: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x06;
+    let mut wp = [p as u64, PAGE as u64, 1];
+    // SAFETY: UFFDIO_WRITEPROTECT reads and writes three u64 in a live array.
+    let r = unsafe { libc::ioctl(fd, WRITEPROTECT as _, wp.as_mut_ptr()) };
+    assert_eq!(r, 0, "UFFDIO_WRITEPROTECT: {}", io::Error::last_os_error());
+    let faults = m.stats().unexpected_faults;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = p as usize;
+    std::thread::spawn(move || {
+        // SAFETY: a live private anonymous page of this test.
+        unsafe { (addr as *mut u64).write_volatile(7) };
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "a thread that hit a write-protect fault on watched memory stayed blocked"
+    );
+    // With asynchronous write-protection (Linux 6.7+, what `any_memory` reports) the kernel
+    // lifts the protection itself and the monitor hears nothing; before, its reader does.
+    let answered_by_monitor = !m.capabilities().any_memory;
+    assert_eq!(
+        m.stats().unexpected_faults,
+        faults + u64::from(answered_by_monitor)
+    );
+    // SAFETY: as above; the write went through.
+    assert_eq!(unsafe { (p as *const u64).read_volatile() }, 7);
+    unmap(p, PAGE);
+}
