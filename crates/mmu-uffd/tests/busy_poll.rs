@@ -38,6 +38,21 @@ fn cpu_ns(tids: &[u64]) -> Option<u64> {
     Some(sum)
 }
 
+/// Times the threads went to sleep (voluntary context switches) so far.
+fn sleeps(tids: &[u64]) -> u64 {
+    tids.iter()
+        .map(|tid| {
+            let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+                .expect("the thread's status");
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .expect("voluntary_ctxt_switches")
+        })
+        .sum()
+}
+
 /// CPU time of `tids` over `window` of wall time, in milliseconds.
 fn cpu_ms_over(tids: &[u64], window: Duration) -> f64 {
     let before = cpu_ns(tids).expect("schedstat");
@@ -107,7 +122,14 @@ fn an_idle_monitor_sleeps_and_a_busy_poll_period_polls_then_sleeps() {
             release.trim()
         );
     }
+    let slept = sleeps(&tids);
     let idle = cpu_ms_over(&tids, window);
+    // Asleep means asleep: not waking up now and then to look (a timeout in the wait).
+    let wakeups = sleeps(&tids) - slept;
+    assert!(
+        wakeups < 10,
+        "an idle monitor woke {wakeups} times in 300 ms"
+    );
     one_event(&m);
     let after_event = cpu_ms_over(&tids, window);
     eprintln!("default: {idle:.2} ms idle, {after_event:.2} ms after an event, per 300 ms");
