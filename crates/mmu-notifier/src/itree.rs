@@ -70,13 +70,12 @@ const NIL: u32 = 0;
 /// The bits of a node's `up` word that hold the parent's slot index (slot indices are
 /// below 2^30).
 const IDX_MASK: u32 = 0x3FFF_FFFF;
-/// Where the balance sits in the `up` word: its top two bits.
-const BAL_SHIFT: u32 = 30;
-/// Balance value: neither side is taller (the sides themselves are 0 = left, 1 = right).
-const EVEN: usize = 2;
-/// Room for any root-to-leaf path: an AVL tree of fewer than 2^30 nodes is at most
-/// 44 levels tall.
-const MAX_HEIGHT: usize = 48;
+/// The bit of a node's `up` word that says it is red (clear: black, as the all-zero
+/// sentinel and free slots are).
+const RED: u32 = 1 << 31;
+/// Room for any root-to-leaf path: a red-black tree of fewer than 2^30 nodes is at most
+/// 2 log2(2^30) = 60 levels tall.
+const MAX_HEIGHT: usize = 64;
 
 /// Where each new tree's generations start (spread by the golden-ratio increment), so
 /// that keys of different trees rarely coincide.
@@ -159,19 +158,19 @@ impl Node {
         self.up = (self.up & !IDX_MASK) | p;
     }
 
-    /// The taller side (0 = left, 1 = right), or [`EVEN`].
     #[inline(always)]
-    fn heavy(&self) -> usize {
-        // Balance code 0 (even), 1 (left), 2 (right); 3 never occurs.
-        const SIDE: [usize; 4] = [EVEN, 0, 1, EVEN];
-        SIDE[(self.up >> BAL_SHIFT) as usize]
+    fn is_red(&self) -> bool {
+        self.up & RED != 0
     }
 
     #[inline(always)]
-    fn set_heavy(&mut self, h: usize) {
-        // 0 (left) -> code 1, 1 (right) -> 2, EVEN -> 0.
-        let code = (h as u32 + 1) % 3;
-        self.up = (self.up & IDX_MASK) | code << BAL_SHIFT;
+    fn set_black(&mut self) {
+        self.up &= !RED;
+    }
+
+    #[inline(always)]
+    fn set_red(&mut self) {
+        self.up |= RED;
     }
 
     /// Replaces the child on side `d`.
@@ -297,7 +296,7 @@ impl<V> IntervalTree<V> {
         // after the entries already there.
         // The slice keeps the base pointer in a register across the stores.
         let nodes = &mut self.nodes[..];
-        let d = loop {
+        loop {
             debug_assert!((n as usize) < nodes.len());
             // SAFETY: n is the root or a child link: in bounds (see "Slot indices").
             let node = unsafe { nodes.get_unchecked_mut(n as usize) };
@@ -308,12 +307,15 @@ impl<V> IntervalTree<V> {
             let c = node.child(d);
             if c == NIL {
                 node.link[d] = idx;
-                break d;
+                break;
             }
             n = c;
-        };
-        self.nd_mut(idx).set_parent(n);
-        self.insert_retrace(n, d);
+        }
+        // The new node is red; if its parent is red too, repair that.
+        self.nd_mut(idx).up = RED | n;
+        if self.nd(n).is_red() {
+            self.insert_fixup(idx, n);
+        }
         Ok(key)
     }
 
@@ -328,17 +330,29 @@ impl<V> IntervalTree<V> {
         let value = self.values[z as usize].take()?;
         let zn = *self.nd(z);
         let zp = zn.parent();
-        let [zl, zr] = [zn.child(0), zn.child(1)];
-        // Read z's side early, so the miss on its parent overlaps the successor walk.
-        // (For the root this reads the sentinel, harmlessly.)
-        let zside = self.nd(zp).side_of(z);
+        let [zl, zr] = zn.link;
 
-        // Where the climb starts: the node whose subtree on side `d` lost one level
-        // of height (at most), and `zpos`, the node now at z's position (NIL if none).
-        let (p, d, zpos, below_last);
-        if zl != NIL && zr != NIL {
+        // Unlink z. `fix` is where maxima start to be stale (the lowest node whose
+        // subtree lost z); `db` is the parent of a position whose paths lost one black
+        // node (NIL if none did).
+        let (fix, db);
+        if zl == NIL || zr == NIL {
+            // At most one child: it takes z's place. A lone child is a red leaf (the black
+            // heights of z's two sides are equal) and turns black, taking z's place and
+            // color word; without a child, a black z leaves its parent one black short.
+            let c = zl | zr;
+            self.hook(zp, z, c);
+            if c != NIL {
+                self.nd_mut(c).up = zn.up & IDX_MASK;
+                db = NIL;
+            } else {
+                db = if zn.up & RED != 0 { NIL } else { zp };
+            }
+            fix = zp;
+        } else {
             // Two children: the successor s (leftmost of the right subtree) leaves its
-            // place to its right child and takes z's place, links and balance.
+            // place to its right child c2 (at most a red leaf) and takes z's place, links
+            // and color.
             let (mut sp, mut s) = (z, zr);
             loop {
                 let l = self.nd(s).child(0);
@@ -347,41 +361,44 @@ impl<V> IntervalTree<V> {
                 }
                 (sp, s) = (s, l);
             }
-            let sr = self.nd(s).child(1);
+            let sn = *self.nd(s);
+            let c2 = sn.child(1);
             let mut link = zn.link;
             if s == zr {
-                // s keeps its right subtree; z's right side shrank.
-                link[1] = sr;
-                (p, d) = (s, 1);
+                // s keeps its right subtree.
+                link[1] = c2;
+                sp = s;
             } else {
-                self.nd_mut(sp).set_child(0, sr);
-                if sr != NIL {
-                    self.nd_mut(sr).set_parent(sp);
-                }
+                self.nd_mut(sp).set_child(0, c2);
                 self.nd_mut(zr).set_parent(s);
-                (p, d) = (sp, 0);
             }
-            let sn = self.nd_mut(s);
-            sn.link = link;
-            // The subtrees below z's position lost s, not z.
-            below_last = sn.last;
-            sn.max = zn.max;
+            {
+                let sm = self.nd_mut(s);
+                sm.link = link;
+                sm.up = zn.up;
+                // Same entries as z's subtree had, but z: recomputed below.
+                sm.max = zn.max;
+            }
             self.nd_mut(zl).set_parent(s);
-            // s also takes z's parent link and balance.
-            self.nd_mut(s).up = zn.up;
-            self.hook_side(zp, zside, s);
-            zpos = s;
-        } else {
-            // At most one child: it takes z's place (one of zl, zr is NIL = 0).
-            let c = zl | zr;
-            if c != NIL {
-                self.nd_mut(c).set_parent(zp);
+            self.hook(zp, z, s);
+            if c2 != NIL {
+                // A red leaf: it turns black in s's old place.
+                self.nd_mut(c2).up = sp;
+                db = NIL;
+            } else {
+                db = if sn.up & RED != 0 { NIL } else { sp };
             }
-            d = zside;
-            self.hook_side(zp, zside, c);
-            (p, zpos, below_last) = (zp, NIL, zn.last);
+            if sp != s {
+                // The nodes from s's old parent up to (not including) s lost s.
+                self.propagate(sp, s);
+            }
+            fix = s;
         }
-        self.remove_retrace(p, d, zpos, zn.last, below_last);
+        // Maxima first (rotations keep them), then the colors.
+        self.propagate(fix, NIL);
+        if db != NIL {
+            self.remove_fixup(db);
+        }
 
         self.len -= 1;
         let free = self.free;
@@ -575,6 +592,7 @@ impl<V> IntervalTree<V> {
             NIL,
             "root has a parent"
         );
+        assert!(!self.nodes[self.root as usize].is_red(), "the root is red");
         let mut seen = vec![false; self.nodes.len()];
         let mut prev: Option<(u64, u32)> = None;
         let (_, count) = self.check_subtree(self.root, &mut seen, &mut prev);
@@ -598,7 +616,7 @@ impl<V> IntervalTree<V> {
         );
     }
 
-    /// Returns (height, entry count) of the subtree at `n`, checking it.
+    /// Returns (black height, entry count) of the subtree at `n`, checking it.
     fn check_subtree(
         &self,
         n: u32,
@@ -616,7 +634,7 @@ impl<V> IntervalTree<V> {
         );
         let node = self.nodes[n as usize];
         assert!(node.start <= node.last, "node {n}: start > last");
-        assert!(node.up >> BAL_SHIFT != 3, "node {n}: invalid balance code");
+        assert_eq!(node.up & !(RED | IDX_MASK), 0, "node {n}: stray bit in up word");
         for d in 0..2 {
             let c = node.child(d);
             if c != NIL {
@@ -634,22 +652,20 @@ impl<V> IntervalTree<V> {
         }
         *prev = Some(key);
         let (hr, cr) = self.check_subtree(node.child(1), seen, prev);
-        let expect = match hl.cmp(&hr) {
-            std::cmp::Ordering::Greater => 0,
-            std::cmp::Ordering::Less => 1,
-            std::cmp::Ordering::Equal => EVEN,
-        };
-        assert!(
-            hl.abs_diff(hr) <= 1,
-            "node {n}: unbalanced, heights {hl} and {hr}"
-        );
         assert_eq!(
-            node.heavy(),
-            expect,
-            "node {n}: wrong balance bits (heights {hl}, {hr})"
+            hl, hr,
+            "node {n}: black heights {hl} (left) and {hr} (right) differ"
         );
+        if node.is_red() {
+            for d in 0..2 {
+                assert!(
+                    !self.nodes[node.child(d) as usize].is_red(),
+                    "red node {n} has a red child"
+                );
+            }
+        }
         assert_eq!(node.max, self.compute_max(n), "node {n}: wrong subtree max");
-        (1 + hl.max(hr), 1 + cl + cr)
+        (hl + u32::from(!node.is_red()), 1 + cl + cr)
     }
 
     /// Takes a slot for a new, unlinked node; returns its index and generation.
@@ -745,16 +761,6 @@ impl<V> IntervalTree<V> {
         }
     }
 
-    /// Makes `new` the child of `parent` on side `d` (the root when `parent` is NIL).
-    #[inline(always)]
-    fn hook_side(&mut self, parent: u32, d: usize, new: u32) {
-        if parent == NIL {
-            self.root = new;
-        } else {
-            self.nd_mut(parent).set_child(d, new);
-        }
-    }
-
     /// Lifts `p`'s child on side `d` above `p` and returns it. Maxima and parent links are
     /// kept exact (provided the children's maxima are), except that the caller hooks the
     /// returned node into `p`'s old parent; balance bits are the caller's job too.
@@ -777,111 +783,118 @@ impl<V> IntervalTree<V> {
         c
     }
 
-    /// `p` is two levels taller on side `e` than on the other: rotate it back into
-    /// balance and hook the new subtree root where `p` was. Returns the new subtree root
-    /// and whether the subtree got shorter than it was before rebalancing (always true
-    /// after an insertion).
-    fn rebalance(&mut self, p: u32, e: usize) -> (u32, bool) {
-        let pp = self.nd(p).parent();
-        let c = self.nd(p).child(e);
-        let ch = self.nd(c).heavy();
-        let (top, shorter) = if ch == 1 - e {
-            let g = self.nd(c).child(1 - e);
-            let gh = self.nd(g).heavy();
-            self.rotate(c, 1 - e);
-            self.nd_mut(p).set_child(e, g);
-            self.rotate(p, e);
-            self.nd_mut(p).set_heavy(if gh == e { 1 - e } else { EVEN });
-            self.nd_mut(c).set_heavy(if gh == 1 - e { e } else { EVEN });
-            self.nd_mut(g).set_heavy(EVEN);
-            (g, true)
-        } else {
-            self.rotate(p, e);
-            if ch == e {
-                self.nd_mut(p).set_heavy(EVEN);
-                self.nd_mut(c).set_heavy(EVEN);
-                (c, true)
-            } else {
-                // Only after a removal: the sibling was even.
-                self.nd_mut(p).set_heavy(e);
-                self.nd_mut(c).set_heavy(1 - e);
-                (c, false)
-            }
-        };
-        self.hook(pp, p, top);
-        (top, shorter)
-    }
-
-    /// After a leaf was hung below `p` on side `d`: restore the balance upwards, climbing
-    /// the parent links. (Maxima were raised on the way down.)
+    /// Recomputes maxima from `n` upwards until one does not change or `stop` is reached
+    /// (NIL: the root's parent).
     #[inline(always)]
-    fn insert_retrace(&mut self, mut p: u32, mut d: usize) {
-        loop {
-            let h = self.nd(p).heavy();
-            if h == EVEN {
-                // Taller by one on side d; so is the whole subtree.
-                self.nd_mut(p).set_heavy(d);
-                let c = p;
-                p = self.nd(c).parent();
-                if p == NIL {
-                    return;
-                }
-                d = self.nd(p).side_of(c);
-            } else if h != d {
-                self.nd_mut(p).set_heavy(EVEN);
-                return;
-            } else {
-                self.rebalance(p, d);
+    fn propagate(&mut self, mut n: u32, stop: u32) {
+        while n != stop {
+            let m = self.compute_max(n);
+            let node = self.nd_mut(n);
+            if node.max == m {
                 return;
             }
+            node.max = m;
+            n = node.parent();
         }
     }
 
-    /// After `p`'s subtree on side `d` lost an entry (and one level of height): climb,
-    /// fixing maxima and balance. `zpos` is the node now at the removed entry's position
-    /// (NIL if that position is gone); subtrees at or above it lost an entry whose last
-    /// was `removed_last`, those strictly below it one whose last was `below_last`.
-    fn remove_retrace(
-        &mut self,
-        mut p: u32,
-        mut d: usize,
-        zpos: u32,
-        removed_last: u64,
-        below_last: u64,
-    ) {
-        let mut shrunk = true;
-        let mut above = zpos == NIL;
-        while p != NIL {
-            above |= p == zpos;
-            let gone = if above { removed_last } else { below_last };
-            let old_max = self.nd(p).max;
-            // Only a max that came from the entry that left can change.
-            if old_max <= gone {
-                let m = self.compute_max(p);
-                self.nd_mut(p).max = m;
-            }
-            let new_max = self.nd(p).max;
-            let mut top = p;
-            if shrunk {
-                let h = self.nd(p).heavy();
-                if h == d {
-                    self.nd_mut(p).set_heavy(EVEN);
-                } else if h == EVEN {
-                    self.nd_mut(p).set_heavy(1 - d);
-                    shrunk = false;
-                } else {
-                    (top, shrunk) = self.rebalance(p, 1 - d);
+    /// `x` is red and so is its parent `p`: recolor and rotate upwards until no red node
+    /// has a red parent and the root is black. (Maxima were raised on the way down.)
+    fn insert_fixup(&mut self, mut x: u32, mut p: u32) {
+        loop {
+            // p is red, so it is not the root, and its parent g is black.
+            let g = self.nd(p).parent();
+            let gn = self.nd(g);
+            let pd = gn.side_of(p);
+            let u = gn.child(1 - pd);
+            if self.nd(u).is_red() {
+                // Red uncle: push g's black down to p and u; g turns red, which may clash
+                // with g's parent (the root stays black instead).
+                self.nd_mut(p).set_black();
+                self.nd_mut(u).set_black();
+                let gp = self.nd(g).parent();
+                if gp == NIL {
+                    return;
                 }
+                self.nd_mut(g).set_red();
+                if !self.nd(gp).is_red() {
+                    return;
+                }
+                (x, p) = (g, gp);
+                continue;
             }
-            // The subtree root's max is new_max either way (a rotation passes it on).
-            if !shrunk && new_max == old_max && above {
-                return;
+            // Black uncle: one or two rotations put the middle one of x, p, g on top,
+            // black, with the other two red below it.
+            if self.nd(p).side_of(x) != pd {
+                // x is the inner grandchild: lift it above p first.
+                self.rotate(p, 1 - pd);
+                self.nd_mut(g).set_child(pd, x);
+                p = x;
             }
-            let parent = self.nd(top).parent();
-            if parent != NIL {
-                d = self.nd(parent).side_of(top);
+            let gp = self.nd(g).parent();
+            self.rotate(g, pd);
+            self.nd_mut(p).set_black();
+            self.nd_mut(g).set_red();
+            self.hook(gp, g, p);
+            return;
+        }
+    }
+
+    /// `p`'s child on one side (NIL or a black node) has one black node fewer on its paths
+    /// than its sibling: recolor and rotate until the black heights agree again.
+    fn remove_fixup(&mut self, mut p: u32) {
+        let mut x = NIL;
+        loop {
+            // An empty position is on the side whose link is NIL; the sibling is not
+            // empty (its paths hold at least one black node more).
+            let d = (self.nd(p).child(1) == x) as usize;
+            let mut w = self.nd(p).child(1 - d);
+            if self.nd(w).is_red() {
+                // Red sibling: rotate it above p (black, p red below it); x's new sibling
+                // is w's old inner child, black.
+                let pp = self.nd(p).parent();
+                self.rotate(p, 1 - d);
+                self.nd_mut(w).set_black();
+                self.nd_mut(p).set_red();
+                self.hook(pp, p, w);
+                w = self.nd(p).child(1 - d);
             }
-            p = parent;
+            let mut far = self.nd(w).child(1 - d);
+            if !self.nd(far).is_red() {
+                let near = self.nd(w).child(d);
+                if !self.nd(near).is_red() {
+                    // Black sibling with black children: it turns red, and the shortage
+                    // moves up to p (a red p absorbs it by turning black).
+                    self.nd_mut(w).set_red();
+                    if self.nd(p).is_red() {
+                        self.nd_mut(p).set_black();
+                        return;
+                    }
+                    x = p;
+                    p = self.nd(p).parent();
+                    if p == NIL {
+                        return;
+                    }
+                    continue;
+                }
+                // Red near nephew: lift it above w. It is x's new sibling, and w (black)
+                // its far child, which the next step turns black anyway: no recoloring.
+                self.rotate(w, d);
+                self.nd_mut(p).set_child(1 - d, near);
+                (w, far) = (near, w);
+            }
+            // Red far nephew (or w after the lift): rotate w above p; w takes p's color,
+            // p and the far nephew turn black, and x's side gains the black node it
+            // lacked.
+            let pp = self.nd(p).parent();
+            let pred = self.nd(p).up & RED;
+            self.rotate(p, 1 - d);
+            let wn = self.nd_mut(w);
+            wn.up = (wn.up & IDX_MASK) | pred;
+            self.nd_mut(p).set_black();
+            self.nd_mut(far).set_black();
+            self.hook(pp, p, w);
+            return;
         }
     }
 }
