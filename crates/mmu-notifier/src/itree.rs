@@ -77,6 +77,52 @@ const RED: u32 = 1 << 31;
 /// 2 log2(2^30) = 60 levels tall.
 const MAX_HEIGHT: usize = 64;
 
+/// The rebalancing cases, counted in unit-test builds (and nowhere else) so that a test
+/// can show that its workload reaches every one of them.
+#[cfg(test)]
+mod cases {
+    use std::cell::Cell;
+
+    pub const INS_RED_UNCLE: usize = 0;
+    pub const INS_RED_UNCLE_ROOT: usize = 1;
+    pub const INS_INNER: usize = 2;
+    pub const INS_OUTER: usize = 3;
+    pub const RM_LEAF_RED: usize = 4;
+    pub const RM_LEAF_BLACK: usize = 5;
+    pub const RM_ONE_CHILD: usize = 6;
+    pub const RM_SUCC_IS_RIGHT: usize = 7;
+    pub const RM_SUCC_DEEP: usize = 8;
+    pub const RM_SUCC_HAS_CHILD: usize = 9;
+    pub const FIX_RED_SIBLING: usize = 10;
+    pub const FIX_RED_PARENT_ABSORBS: usize = 11;
+    pub const FIX_CLIMB: usize = 12;
+    pub const FIX_AT_ROOT: usize = 13;
+    pub const FIX_NEAR_NEPHEW: usize = 14;
+    pub const FIX_FAR_NEPHEW: usize = 15;
+    pub const PROPAGATE_STOPS_EARLY: usize = 16;
+    pub const COUNT: usize = 17;
+
+    thread_local! {
+        pub static HITS: Cell<[u64; COUNT]> = const { Cell::new([0; COUNT]) };
+    }
+
+    pub fn hit(case: usize) {
+        HITS.with(|h| {
+            let mut v = h.get();
+            v[case] += 1;
+            h.set(v);
+        });
+    }
+}
+
+/// Counts a rebalancing case in unit-test builds; nothing otherwise.
+macro_rules! case {
+    ($c:ident) => {
+        #[cfg(test)]
+        cases::hit(cases::$c);
+    };
+}
+
 /// Where each new tree's generations start (spread by the golden-ratio increment), so
 /// that keys of different trees rarely coincide.
 static GENERATION_BASE: AtomicU32 = AtomicU32::new(0);
@@ -287,19 +333,21 @@ impl<V> IntervalTree<V> {
             index: idx,
             generation,
         };
-        let mut n = self.root;
+        let n = self.root;
         if n == NIL {
             self.root = idx;
             return Ok(key);
         }
         // Down to a leaf position, raising maxima on the way. An equal start goes right:
         // after the entries already there.
-        // The slice keeps the base pointer in a register across the stores.
+        // The slice keeps the base pointer in a register across the stores; the loop
+        // carries only the node's address (its index is recovered once, at the end).
         let nodes = &mut self.nodes[..];
-        loop {
-            debug_assert!((n as usize) < nodes.len());
-            // SAFETY: n is the root or a child link: in bounds (see "Slot indices").
-            let node = unsafe { nodes.get_unchecked_mut(n as usize) };
+        let base = nodes.as_ptr() as usize;
+        debug_assert!((n as usize) < nodes.len());
+        // SAFETY: the root is in bounds (see "Slot indices").
+        let mut node = unsafe { nodes.get_unchecked_mut(n as usize) };
+        let parent_red = loop {
             if node.max < last {
                 node.max = last;
             }
@@ -307,13 +355,16 @@ impl<V> IntervalTree<V> {
             let c = node.child(d);
             if c == NIL {
                 node.link[d] = idx;
-                break;
+                break node.is_red();
             }
-            n = c;
-        }
+            debug_assert!((c as usize) < nodes.len());
+            // SAFETY: c is a child link: in bounds (see "Slot indices").
+            node = unsafe { nodes.get_unchecked_mut(c as usize) };
+        };
+        let n = ((node as *mut Node as usize - base) / std::mem::size_of::<Node>()) as u32;
         // The new node is red; if its parent is red too, repair that.
         self.nd_mut(idx).up = RED | n;
-        if self.nd(n).is_red() {
+        if parent_red {
             self.insert_fixup(idx, n);
         }
         Ok(key)
@@ -343,10 +394,15 @@ impl<V> IntervalTree<V> {
             let c = zl | zr;
             self.hook(zp, z, c);
             if c != NIL {
+                case!(RM_ONE_CHILD);
                 self.nd_mut(c).up = zn.up & IDX_MASK;
                 db = NIL;
+            } else if zn.up & RED != 0 {
+                case!(RM_LEAF_RED);
+                db = NIL;
             } else {
-                db = if zn.up & RED != 0 { NIL } else { zp };
+                case!(RM_LEAF_BLACK);
+                db = zp;
             }
             fix = zp;
         } else {
@@ -366,9 +422,11 @@ impl<V> IntervalTree<V> {
             let mut link = zn.link;
             if s == zr {
                 // s keeps its right subtree.
+                case!(RM_SUCC_IS_RIGHT);
                 link[1] = c2;
                 sp = s;
             } else {
+                case!(RM_SUCC_DEEP);
                 self.nd_mut(sp).set_child(0, c2);
                 self.nd_mut(zr).set_parent(s);
             }
@@ -383,6 +441,7 @@ impl<V> IntervalTree<V> {
             self.hook(zp, z, s);
             if c2 != NIL {
                 // A red leaf: it turns black in s's old place.
+                case!(RM_SUCC_HAS_CHILD);
                 self.nd_mut(c2).up = sp;
                 db = NIL;
             } else {
@@ -669,26 +728,30 @@ impl<V> IntervalTree<V> {
     }
 
     /// Takes a slot for a new, unlinked node; returns its index and generation.
+    #[inline(always)]
     fn alloc(&mut self, start: u64, last: u64, value: V) -> (u32, u32) {
-        if self.free != NIL {
-            let idx = self.free;
-            let n = &mut self.nodes[idx as usize];
-            self.free = n.link[0];
+        let idx = self.free;
+        if idx != NIL {
+            let n = self.nd_mut(idx);
+            let next = n.link[0];
+            let gen = n.gen;
             *n = Node {
                 start,
                 last,
                 max: last,
                 link: [NIL; 2],
                 up: NIL,
-                gen: n.gen,
+                gen,
             };
+            self.free = next;
             self.values[idx as usize] = Some(value);
-            return (idx, n.gen);
+            return (idx, gen);
         }
-        if self.nodes.is_empty() {
-            self.nodes.push(Node::default());
-            self.values.push(None);
+        let idx = self.nodes.len();
+        if idx == self.nodes.capacity() {
+            self.grow();
         }
+        // (`grow` pushed the sentinel if this is the first entry.)
         let idx = self.nodes.len();
         assert!(
             idx <= IDX_MASK as usize,
@@ -704,6 +767,20 @@ impl<V> IntervalTree<V> {
         });
         self.values.push(Some(value));
         (idx as u32, self.gen_base)
+    }
+
+    /// Doubles the room of both vectors (at least 16 slots), out of the insertion path;
+    /// the first time, pushes the sentinel too.
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self) {
+        let more = self.nodes.len().max(16);
+        self.nodes.reserve_exact(more);
+        self.values.reserve_exact(more);
+        if self.nodes.is_empty() {
+            self.nodes.push(Node::default());
+            self.values.push(None);
+        }
     }
 
     /// The key and value of an entry in the tree.
@@ -791,6 +868,7 @@ impl<V> IntervalTree<V> {
             let m = self.compute_max(n);
             let node = self.nd_mut(n);
             if node.max == m {
+                case!(PROPAGATE_STOPS_EARLY);
                 return;
             }
             node.max = m;
@@ -800,6 +878,8 @@ impl<V> IntervalTree<V> {
 
     /// `x` is red and so is its parent `p`: recolor and rotate upwards until no red node
     /// has a red parent and the root is black. (Maxima were raised on the way down.)
+    /// Out of line: it keeps the insertion's own path short.
+    #[inline(never)]
     fn insert_fixup(&mut self, mut x: u32, mut p: u32) {
         loop {
             // p is red, so it is not the root, and its parent g is black.
@@ -810,10 +890,12 @@ impl<V> IntervalTree<V> {
             if self.nd(u).is_red() {
                 // Red uncle: push g's black down to p and u; g turns red, which may clash
                 // with g's parent (the root stays black instead).
+                case!(INS_RED_UNCLE);
                 self.nd_mut(p).set_black();
                 self.nd_mut(u).set_black();
                 let gp = self.nd(g).parent();
                 if gp == NIL {
+                    case!(INS_RED_UNCLE_ROOT);
                     return;
                 }
                 self.nd_mut(g).set_red();
@@ -827,10 +909,12 @@ impl<V> IntervalTree<V> {
             // black, with the other two red below it.
             if self.nd(p).side_of(x) != pd {
                 // x is the inner grandchild: lift it above p first.
+                case!(INS_INNER);
                 self.rotate(p, 1 - pd);
                 self.nd_mut(g).set_child(pd, x);
                 p = x;
             }
+            case!(INS_OUTER);
             let gp = self.nd(g).parent();
             self.rotate(g, pd);
             self.nd_mut(p).set_black();
@@ -852,6 +936,7 @@ impl<V> IntervalTree<V> {
             if self.nd(w).is_red() {
                 // Red sibling: rotate it above p (black, p red below it); x's new sibling
                 // is w's old inner child, black.
+                case!(FIX_RED_SIBLING);
                 let pp = self.nd(p).parent();
                 self.rotate(p, 1 - d);
                 self.nd_mut(w).set_black();
@@ -867,18 +952,22 @@ impl<V> IntervalTree<V> {
                     // moves up to p (a red p absorbs it by turning black).
                     self.nd_mut(w).set_red();
                     if self.nd(p).is_red() {
+                        case!(FIX_RED_PARENT_ABSORBS);
                         self.nd_mut(p).set_black();
                         return;
                     }
+                    case!(FIX_CLIMB);
                     x = p;
                     p = self.nd(p).parent();
                     if p == NIL {
+                        case!(FIX_AT_ROOT);
                         return;
                     }
                     continue;
                 }
                 // Red near nephew: lift it above w. It is x's new sibling, and w (black)
                 // its far child, which the next step turns black anyway: no recoloring.
+                case!(FIX_NEAR_NEPHEW);
                 self.rotate(w, d);
                 self.nd_mut(p).set_child(1 - d, near);
                 (w, far) = (near, w);
@@ -886,6 +975,7 @@ impl<V> IntervalTree<V> {
             // Red far nephew (or w after the lift): rotate w above p; w takes p's color,
             // p and the far nephew turn black, and x's side gains the black node it
             // lacked.
+            case!(FIX_FAR_NEPHEW);
             let pp = self.nd(p).parent();
             let pred = self.nd(p).up & RED;
             self.rotate(p, 1 - d);
@@ -1121,6 +1211,42 @@ mod tests {
         }
         assert!(t.is_empty());
         t.check_invariants();
+    }
+
+    /// Random and adversarial workloads reach every rebalancing case, with every
+    /// invariant checked after every operation (so a wrong case cannot go unnoticed).
+    #[test]
+    fn every_rebalancing_case_is_exercised_and_checked() {
+        cases::HITS.with(|h| h.set([0; cases::COUNT]));
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut t = IntervalTree::new();
+        let mut live = Vec::new();
+        for step in 0..6000u64 {
+            // Grow, shrink, grow: the tree swings between about 0 and 300 entries.
+            let grow = (step / 1000) % 2 == 0;
+            if live.is_empty() || rng(10) < if grow { 7 } else { 3 } {
+                let s = match rng(3) {
+                    0 => step,            // ascending
+                    1 => 100_000 - step,  // descending
+                    _ => rng(512),        // random, with duplicates
+                };
+                live.push(t.insert(s, s + rng(64), step).unwrap());
+            } else {
+                let k = live.swap_remove(rng(live.len() as u64) as usize);
+                assert!(t.remove(k).is_some());
+            }
+            t.check_invariants();
+        }
+        let hits = cases::HITS.with(|h| h.get());
+        for (case, n) in hits.iter().enumerate() {
+            assert!(*n > 0, "rebalancing case {case} never ran: {hits:?}");
+        }
     }
 
     #[test]
