@@ -351,12 +351,21 @@ impl<V> IntervalTree<V> {
             if node.max < last {
                 node.max = last;
             }
-            let d = (start >= node.start) as usize;
-            let c = node.child(d);
-            if c == NIL {
-                node.link[d] = idx;
-                break node.is_red();
-            }
+            let c = if start < node.start {
+                let c = node.link[0];
+                if c == NIL {
+                    node.link[0] = idx;
+                    break node.is_red();
+                }
+                c
+            } else {
+                let c = node.link[1];
+                if c == NIL {
+                    node.link[1] = idx;
+                    break node.is_red();
+                }
+                c
+            };
             debug_assert!((c as usize) < nodes.len());
             // SAFETY: c is a child link: in bounds (see "Slot indices").
             node = unsafe { nodes.get_unchecked_mut(c as usize) };
