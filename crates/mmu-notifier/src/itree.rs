@@ -387,7 +387,9 @@ impl<V> IntervalTree<V> {
             Some(m) if m.gen == key.generation && z != NIL => {}
             _ => return None,
         }
-        let value = self.values[z as usize].take()?;
+        debug_assert_eq!(self.values.len(), self.nodes.len());
+        // SAFETY: z < nodes.len() (checked just above), and `values` has the same length.
+        let value = unsafe { self.values.get_unchecked_mut(z as usize) }.take()?;
         let zn = *self.nd(z);
         let zp = zn.parent();
         let [zl, zr] = zn.link;
@@ -470,11 +472,11 @@ impl<V> IntervalTree<V> {
 
         self.len -= 1;
         let free = self.free;
-        *self.nd_mut(z) = Node {
-            link: [free, NIL],
-            gen: key.generation.wrapping_add(1),
-            ..Node::default()
-        };
+        // A free slot's other fields are never read (nothing links to it, and `alloc`
+        // rewrites the node): only the free-list link and the next generation matter.
+        let zm = self.nd_mut(z);
+        zm.link[0] = free;
+        zm.gen = key.generation.wrapping_add(1);
         self.free = z;
         Some(value)
     }
@@ -934,7 +936,9 @@ impl<V> IntervalTree<V> {
     }
 
     /// `p`'s child on one side (NIL or a black node) has one black node fewer on its paths
-    /// than its sibling: recolor and rotate until the black heights agree again.
+    /// than its sibling: recolor and rotate until the black heights agree again. Out of
+    /// line: it keeps the removal's own path short.
+    #[inline(never)]
     fn remove_fixup(&mut self, mut p: u32) {
         let mut x = NIL;
         loop {
