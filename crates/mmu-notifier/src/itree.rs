@@ -3,17 +3,16 @@
 //!
 //! # Structure
 //!
-//! [`IntervalTree`] is an AVL tree kept in an arena. Every entry owns one *slot* index,
-//! `1..2^30`, into two parallel vectors:
+//! [`IntervalTree`] is a red-black tree kept in an arena. Every entry owns one *slot*
+//! index, `1..2^30`, into two parallel vectors:
 //!
 //! - `nodes`, 40 bytes per entry: `start`, `last`, the subtree maximum `max` and the two
 //!   child links (the fields every descent reads, first: a child link is a plain `u32`
 //!   slot index, 0 being the empty link, so a descent loads it and uses it), then the
-//!   `up` word and the slot's generation (for removal, which climbs from the entry towards
-//!   the root). The `up` word holds the parent's index in its low 30 bits and the node's
-//!   AVL balance in its top two: whether the left subtree is one level taller, the right
-//!   one is, or neither. Only rebalancing reads the balance, and it finds it in the word
-//!   it reads anyway to climb.
+//!   `up` word and the slot's generation. The `up` word holds the parent's index in its
+//!   low 30 bits and the node's color in its top bit (set: red); bit 30 is always clear.
+//!   Removal and rebalancing climb through the parent links, and find a node's color in
+//!   the word they read anyway to climb.
 //! - `values`: `Some(value)` while the slot is occupied.
 //!
 //! Freed slots are chained into a free list (through the dead node's left link) and reused
@@ -22,13 +21,18 @@
 //! refused once its own entry has been removed. Each tree starts its generations at a
 //! different base, so a key from another tree is almost always refused as well.
 //!
-//! Index 0 is a sentinel node (all zero) that is never linked into the tree, so an empty
-//! link reads as a subtree whose maximum is 0 and maxima are recomputed without branches.
+//! Index 0 is a sentinel node (all zero: black, maximum 0) that is never linked into the
+//! tree, so an empty link reads as a black subtree whose maximum is 0, and maxima and
+//! colors are read without checking for empty links.
 //!
-//! Insertion walks down from the root (one comparison and one conditional store per level)
-//! and retraces upwards through the parent links; removal starts at the entry itself and
-//! climbs the parent links, so it never searches. An AVL tree of fewer than 2^30 nodes is
-//! at most 44 levels tall, so the queries' stacks are small arrays and nothing recurses.
+//! Insertion walks down from the root (one comparison and one conditional store per
+//! level), hangs the new entry as a red leaf and repairs upwards through the parent links
+//! (recoloring, then at most two rotations). Removal starts at the entry itself, so it
+//! never searches: it unlinks it (or its successor, which takes its place), recomputes
+//! maxima upwards until one does not change, and then, if a black node left, recolors
+//! upwards and rotates at most three times. Both are O(log n); the rebalancing after
+//! either is O(1) amortized, as in Linux. A red-black tree of fewer than 2^30 nodes is at
+//! most 60 levels tall, so the iterator's stack is a small array and nothing recurses.
 //!
 //! # Slot indices
 //!
@@ -46,15 +50,17 @@
 //!   starts in the order they were inserted (an insertion goes right of an equal start,
 //!   and rotations and removals keep the in-order sequence), so duplicate intervals are
 //!   distinct, totally ordered entries.
-//! - **Balance.** At every node the heights of the two subtrees differ by at most one, and
-//!   the balance bits say which one (if either) is taller.
+//! - **Color.** The root is black, no red node has a red child, and every path from a
+//!   node down to an empty link passes the same number of black nodes (so the longest
+//!   path is at most twice the shortest).
 //! - **Augmentation.** Every node's `max` is the largest `last` in its subtree:
 //!   `max(n) = max(last(n), max(left(n)), max(right(n)))` — Linux's `__subtree_last`.
 //!   Insertion raises `max` on its way down; a rotation hands the old subtree root's `max`
 //!   to the new subtree root (same set of entries) and recomputes the demoted node's;
-//!   removal fixes `max` bottom-up along the climb — a node's `max` can only change if it
-//!   equalled the removed `last` — and stops once neither the height nor the `max` of a
-//!   subtree at or above the removed entry's position changed.
+//!   removal recomputes `max` from the lowest node whose subtree lost an entry upwards and
+//!   stops at the first node whose `max` comes out unchanged (the subtrees above it lost
+//!   an entry that was not their maximum, or that an equal `last` still provides), before
+//!   any removal rotation.
 //!
 //! The augmentation lets an overlap query for `[qs, ql]` skip every subtree whose `max` is
 //! below `qs` (nothing in it ends late enough) and stop at the first node, in order, whose
@@ -179,9 +185,8 @@ struct Node {
     /// Left and right child indices ([`NIL`] for none); for a free slot, `link[0]` is the
     /// next free slot.
     link: [u32; 2],
-    /// The parent's index ([`NIL`] for the root and for free slots) in the low 30 bits,
-    /// and the AVL balance in the top two: 0 even, 1 the left subtree is one level
-    /// taller, 2 the right one is.
+    /// The parent's index ([`NIL`] for the root) in the low 30 bits, and [`RED`] for a
+    /// red node. Meaningless in a free slot.
     up: u32,
     /// The generation of the entry in this slot, or of the next one if it is free.
     gen: u32,
@@ -384,11 +389,12 @@ impl<V> IntervalTree<V> {
     pub fn remove(&mut self, key: NodeKey) -> Option<V> {
         let z = key.index;
         match self.nodes.get(z as usize) {
-            Some(m) if m.gen == key.generation && z != NIL => {}
+            Some(m) if m.gen == key.generation => {}
             _ => return None,
         }
         debug_assert_eq!(self.values.len(), self.nodes.len());
         // SAFETY: z < nodes.len() (checked just above), and `values` has the same length.
+        // (The sentinel's value is always `None`, so it is refused here.)
         let value = unsafe { self.values.get_unchecked_mut(z as usize) }.take()?;
         let zn = *self.nd(z);
         let zp = zn.parent();
@@ -464,20 +470,21 @@ impl<V> IntervalTree<V> {
             }
             fix = s;
         }
+        // Free z's slot. Its other fields are never read again (nothing links to it, and
+        // `alloc` rewrites the node): only the free-list link and the next generation
+        // matter.
+        self.len -= 1;
+        let free = self.free;
+        let zm = self.nd_mut(z);
+        zm.link[0] = free;
+        zm.gen = key.generation.wrapping_add(1);
+        self.free = z;
+
         // Maxima first (rotations keep them), then the colors.
         self.propagate(fix, NIL);
         if db != NIL {
             self.remove_fixup(db);
         }
-
-        self.len -= 1;
-        let free = self.free;
-        // A free slot's other fields are never read (nothing links to it, and `alloc`
-        // rewrites the node): only the free-list link and the next generation matter.
-        let zm = self.nd_mut(z);
-        zm.link[0] = free;
-        zm.gen = key.generation.wrapping_add(1);
-        self.free = z;
         Some(value)
     }
 
@@ -636,8 +643,9 @@ impl<V> IntervalTree<V> {
     }
 
     /// Checks every structural invariant and panics with a description of the first one
-    /// that is broken: order by `start`, AVL balance and its bits, subtree
-    /// maxima, parent links, `len`, the slots and the free list. O(n); for tests. (The
+    /// that is broken: order by `start`, the red-black coloring (black root, no red node
+    /// with a red child, equal black heights), subtree maxima, parent links, `len`, the
+    /// slots and the free list. O(n); for tests. (The
     /// order among equal starts, insertion order, is checked by the property tests.)
     #[doc(hidden)]
     pub fn check_invariants(&self) {
@@ -704,7 +712,11 @@ impl<V> IntervalTree<V> {
         );
         let node = self.nodes[n as usize];
         assert!(node.start <= node.last, "node {n}: start > last");
-        assert_eq!(node.up & !(RED | IDX_MASK), 0, "node {n}: stray bit in up word");
+        assert_eq!(
+            node.up & !(RED | IDX_MASK),
+            0,
+            "node {n}: stray bit in up word"
+        );
         for d in 0..2 {
             let c = node.child(d);
             if c != NIL {
@@ -851,7 +863,8 @@ impl<V> IntervalTree<V> {
 
     /// Lifts `p`'s child on side `d` above `p` and returns it. Maxima and parent links are
     /// kept exact (provided the children's maxima are), except that the caller hooks the
-    /// returned node into `p`'s old parent; balance bits are the caller's job too.
+    /// returned node into `p`'s old parent; colors are the caller's job too (each node keeps
+    /// its own).
     #[inline(always)]
     fn rotate(&mut self, p: u32, d: usize) -> u32 {
         let pn = *self.nd(p);
@@ -1245,9 +1258,9 @@ mod tests {
             let grow = (step / 1000) % 2 == 0;
             if live.is_empty() || rng(10) < if grow { 7 } else { 3 } {
                 let s = match rng(3) {
-                    0 => step,            // ascending
-                    1 => 100_000 - step,  // descending
-                    _ => rng(512),        // random, with duplicates
+                    0 => step,           // ascending
+                    1 => 100_000 - step, // descending
+                    _ => rng(512),       // random, with duplicates
                 };
                 live.push(t.insert(s, s + rng(64), step).unwrap());
             } else {
