@@ -39,10 +39,16 @@
 //! The hot paths read nodes without bounds checks. That is sound because of one
 //! invariant: every index the tree stores (in a link, a parent field, `root` or the free
 //! list) or passes between its own functions is either the empty link 0 while the
-//! sentinel exists, or a slot that was pushed; `nodes` only ever grows. A slot enters the tree only after
-//! `alloc` pushed it (pushing the sentinel first), and keys from callers are checked
-//! against `nodes.len()` and the slot's generation before they are used. Debug builds
-//! assert the bound on every access.
+//! sentinel exists, or a slot that was pushed; `nodes` and `values` only ever grow, and
+//! always together, so they have the same length. A slot enters the tree only after
+//! `alloc` pushed it (the sentinel first), and keys from callers are checked against
+//! `nodes.len()` and the slot's generation before they are used. Debug builds assert the
+//! bound on every access.
+//!
+//! Queries also hand out references to the values of the nodes they visit without
+//! checking that the slot is occupied, because every node reachable from `root` holds its
+//! value: `alloc` stores the value before the node is linked, and `remove` takes it out
+//! in the same `&mut self` call that unlinks the node. `check_invariants` verifies this.
 //!
 //! # Order and augmentation invariants
 //!
@@ -816,10 +822,13 @@ impl<V> IntervalTree<V> {
         debug_assert_eq!(self.values.len(), self.nodes.len());
         // SAFETY: `n` is in bounds of `nodes` (as in `nd`), and `values` always has the
         // same length: the two are only ever pushed together.
-        match unsafe { self.values.get_unchecked(n as usize) } {
-            Some(value) => (key, value),
-            None => unreachable!("node {n} in the tree has a vacant slot"),
-        }
+        let slot = unsafe { self.values.get_unchecked(n as usize) };
+        debug_assert!(slot.is_some(), "node {n} in the tree has a vacant slot");
+        // SAFETY: a node in the tree holds its value (see "Slot indices"), so the
+        // reference is formed without reading the slot: a caller that does not look at
+        // the value never touches its memory.
+        let value = unsafe { slot.as_ref().unwrap_unchecked() };
+        (key, value)
     }
 
     /// Node `i`, without a bounds check.
