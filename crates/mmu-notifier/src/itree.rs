@@ -112,7 +112,8 @@ mod cases {
     pub const FIX_NEAR_NEPHEW: usize = 14;
     pub const FIX_FAR_NEPHEW: usize = 15;
     pub const PROPAGATE_STOPS_EARLY: usize = 16;
-    pub const COUNT: usize = 17;
+    pub const PROPAGATE_MAX_ELSEWHERE: usize = 17;
+    pub const COUNT: usize = 18;
 
     thread_local! {
         pub static HITS: Cell<[u64; COUNT]> = const { Cell::new([0; COUNT]) };
@@ -472,7 +473,7 @@ impl<V> IntervalTree<V> {
             }
             if sp != s {
                 // The nodes from s's old parent up to (not including) s lost s.
-                self.propagate(sp, s);
+                self.propagate(sp, s, sn.last);
             }
             fix = s;
         }
@@ -487,7 +488,7 @@ impl<V> IntervalTree<V> {
         self.free = z;
 
         // Maxima first (rotations keep them), then the colors.
-        self.propagate(fix, NIL);
+        self.propagate(fix, NIL, zn.last);
         if db != NIL {
             self.remove_fixup(db);
         }
@@ -893,11 +894,18 @@ impl<V> IntervalTree<V> {
         c
     }
 
-    /// Recomputes maxima from `n` upwards until one does not change or `stop` is reached
-    /// (NIL: the root's parent).
+    /// After the subtrees from `n` upwards lost an entry whose last was `gone`: recomputes
+    /// maxima from `n` upwards, until one is unchanged or `stop` is reached (NIL: the
+    /// root's parent). A node whose `max` is above `gone` has it from another entry that
+    /// is still there, and so do all nodes above it (their maxima are at least as large):
+    /// there the climb stops without reading the children.
     #[inline(always)]
-    fn propagate(&mut self, mut n: u32, stop: u32) {
+    fn propagate(&mut self, mut n: u32, stop: u32, gone: u64) {
         while n != stop {
+            if self.nd(n).max > gone {
+                case!(PROPAGATE_MAX_ELSEWHERE);
+                return;
+            }
             let m = self.compute_max(n);
             let node = self.nd_mut(n);
             if node.max == m {
