@@ -227,6 +227,11 @@ fn run_sparse_checks(ops: &[Op]) {
     assert_eq!(tree.len(), live.len());
 }
 
+/// The start of the i-th inserted interval.
+type StartOf = fn(u64) -> u64;
+/// Which of the `left` live entries (by insertion rank) removal number `step` takes.
+type Pick = fn(usize, usize) -> usize;
+
 /// Insertion and removal orders that drive the rebalancing hard (sorted runs build long
 /// spines that must be rotated away; equal starts pile up on one side; removal from the
 /// ends, the middle and alternately), each checked against the model and the tree's
@@ -234,15 +239,14 @@ fn run_sparse_checks(ops: &[Op]) {
 #[test]
 fn adversarial_orders_keep_every_invariant() {
     const N: u64 = 200;
-    let starts: [(&str, fn(u64) -> u64); 5] = [
+    let starts: [(&str, StartOf); 5] = [
         ("ascending", |i| i * 3),
         ("descending", |i| (N - i) * 3),
         ("all equal", |_| 7),
         ("zigzag", |i| if i % 2 == 0 { i } else { 10 * N - i }),
         ("inward", |i| if i % 2 == 0 { i / 2 } else { N - i / 2 }),
     ];
-    // Which live entry (by insertion rank among those left) each removal takes.
-    let removals: [(&str, fn(usize, usize) -> usize); 5] = [
+    let removals: [(&str, Pick); 5] = [
         ("oldest first", |_, _| 0),
         ("newest first", |left, _| left - 1),
         ("middle", |left, _| left / 2),
