@@ -919,8 +919,7 @@ impl<V> IntervalTree<V> {
 
     /// `x` is red and so is its parent `p`: recolor and rotate upwards until no red node
     /// has a red parent and the root is black. (Maxima were raised on the way down.)
-    /// Out of line: it keeps the insertion's own path short.
-    #[inline(never)]
+    #[inline(always)]
     fn insert_fixup(&mut self, mut x: u32, mut p: u32) {
         loop {
             // p is red, so it is not the root, and its parent g is black.
