@@ -1291,6 +1291,38 @@ mod tests {
         }
     }
 
+    /// The storage grows by doubling (from 16 slots), both vectors together, and not
+    /// while freed slots are there to reuse.
+    #[test]
+    fn storage_doubles_and_reuses_freed_slots() {
+        let mut t = IntervalTree::new();
+        assert_eq!(t.nodes.capacity(), 0);
+        let mut caps = vec![];
+        let mut keys = vec![];
+        for i in 0..1000u64 {
+            keys.push(t.insert(i, i, i).unwrap());
+            let cap = t.nodes.capacity();
+            assert_eq!(cap, t.values.capacity(), "vectors grew apart");
+            assert!(
+                cap < 2 * t.nodes.len() + 16,
+                "capacity {cap} at {}",
+                t.nodes.len()
+            );
+            if caps.last() != Some(&cap) {
+                caps.push(cap);
+            }
+        }
+        assert_eq!(caps, [16, 32, 64, 128, 256, 512, 1024]);
+        for k in keys.drain(..500) {
+            t.remove(k).unwrap();
+        }
+        for i in 0..500u64 {
+            t.insert(i, i, i).unwrap();
+        }
+        assert_eq!((t.nodes.len(), t.nodes.capacity()), (1001, 1024));
+        t.check_invariants();
+    }
+
     #[test]
     fn debug_lists_entries() {
         let mut t = IntervalTree::new();
