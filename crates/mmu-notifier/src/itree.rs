@@ -651,8 +651,8 @@ impl<V> IntervalTree<V> {
 
     /// Checks every structural invariant and panics with a description of the first one
     /// that is broken: order by `start`, the red-black coloring (black root, no red node
-    /// with a red child, equal black heights), subtree maxima, parent links, `len`, the
-    /// slots and the free list. O(n); for tests. (The
+    /// with a red child, equal black heights), subtree maxima, parent links, a value in
+    /// every node of the tree, `len`, the slots and the free list. O(n); for tests. (The
     /// order among equal starts, insertion order, is checked by the property tests.)
     #[doc(hidden)]
     pub fn check_invariants(&self) {
