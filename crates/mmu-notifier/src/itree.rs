@@ -871,14 +871,16 @@ impl<V> IntervalTree<V> {
         }
     }
 
-    /// Lifts `p`'s child on side `d` above `p` and returns it. Maxima and parent links are
-    /// kept exact (provided the children's maxima are), except that the caller hooks the
-    /// returned node into `p`'s old parent; colors are the caller's job too (each node keeps
-    /// its own).
+    /// Lifts `p`'s child `c` on side `d` above `p` and returns it; `c` gets the whole up
+    /// word `c_up` (its new parent, which must be `p`'s old one, and color) and `p` the
+    /// color `p_red` ([`RED`] or 0), each written at once. Maxima and the other parent
+    /// links are kept exact (provided the children's maxima are), except that the caller
+    /// hooks `c` into `p`'s old parent.
     #[inline(always)]
-    fn rotate(&mut self, p: u32, d: usize) -> u32 {
-        let pn = *self.nd(p);
-        let c = pn.child(d);
+    fn rotate(&mut self, p: u32, d: usize, c_up: u32, p_red: u32) -> u32 {
+        let pn = self.nd(p);
+        let (c, p_max) = (pn.child(d), pn.max);
+        debug_assert_eq!(c_up & IDX_MASK, pn.parent());
         let inner = self.nd(c).child(1 - d);
         self.nd_mut(p).set_child(d, inner);
         if inner != NIL {
@@ -886,9 +888,9 @@ impl<V> IntervalTree<V> {
         }
         let cn = self.nd_mut(c);
         cn.set_child(1 - d, p);
-        cn.max = pn.max;
-        cn.set_parent(pn.parent());
-        self.nd_mut(p).set_parent(c);
+        cn.max = p_max;
+        cn.up = c_up;
+        self.nd_mut(p).up = c | p_red;
         let m = self.compute_max(p);
         self.nd_mut(p).max = m;
         c
@@ -950,15 +952,15 @@ impl<V> IntervalTree<V> {
             if self.nd(p).side_of(x) != pd {
                 // x is the inner grandchild: lift it above p first.
                 case!(INS_INNER);
-                self.rotate(p, 1 - pd);
+                // Both stay red.
+                self.rotate(p, 1 - pd, RED | g, RED);
                 self.nd_mut(g).set_child(pd, x);
                 p = x;
             }
             case!(INS_OUTER);
             let gp = self.nd(g).parent();
-            self.rotate(g, pd);
-            self.nd_mut(p).set_black();
-            self.nd_mut(g).set_red();
+            // p turns black, g red.
+            self.rotate(g, pd, gp, RED);
             self.hook(gp, g, p);
             return;
         }
@@ -980,9 +982,7 @@ impl<V> IntervalTree<V> {
                 // is w's old inner child, black.
                 case!(FIX_RED_SIBLING);
                 let pp = self.nd(p).parent();
-                self.rotate(p, 1 - d);
-                self.nd_mut(w).set_black();
-                self.nd_mut(p).set_red();
+                self.rotate(p, 1 - d, pp, RED);
                 self.hook(pp, p, w);
                 w = self.nd(p).child(1 - d);
             }
@@ -1010,7 +1010,7 @@ impl<V> IntervalTree<V> {
                 // Red near nephew: lift it above w. It is x's new sibling, and w (black)
                 // its far child, which the next step turns black anyway: no recoloring.
                 case!(FIX_NEAR_NEPHEW);
-                self.rotate(w, d);
+                self.rotate(w, d, RED | p, 0);
                 self.nd_mut(p).set_child(1 - d, near);
                 (w, far) = (near, w);
             }
@@ -1018,14 +1018,10 @@ impl<V> IntervalTree<V> {
             // p and the far nephew turn black, and x's side gains the black node it
             // lacked.
             case!(FIX_FAR_NEPHEW);
-            let pp = self.nd(p).parent();
-            let pred = self.nd(p).up & RED;
-            self.rotate(p, 1 - d);
-            let wn = self.nd_mut(w);
-            wn.up = (wn.up & IDX_MASK) | pred;
-            self.nd_mut(p).set_black();
+            let p_up = self.nd(p).up;
+            self.rotate(p, 1 - d, p_up, 0);
             self.nd_mut(far).set_black();
-            self.hook(pp, p, w);
+            self.hook(p_up & IDX_MASK, p, w);
             return;
         }
     }
