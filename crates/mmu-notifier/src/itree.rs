@@ -3,17 +3,16 @@
 //!
 //! # Structure
 //!
-//! [`IntervalTree`] is an AVL tree kept in an arena. Every entry owns one *slot* index,
-//! `1..2^30`, into two parallel vectors:
+//! [`IntervalTree`] is a red-black tree kept in an arena. Every entry owns one *slot*
+//! index, `1..2^30`, into two parallel vectors:
 //!
 //! - `nodes`, 40 bytes per entry: `start`, `last`, the subtree maximum `max` and the two
 //!   child links (the fields every descent reads, first: a child link is a plain `u32`
 //!   slot index, 0 being the empty link, so a descent loads it and uses it), then the
-//!   `up` word and the slot's generation (for removal, which climbs from the entry towards
-//!   the root). The `up` word holds the parent's index in its low 30 bits and the node's
-//!   AVL balance in its top two: whether the left subtree is one level taller, the right
-//!   one is, or neither. Only rebalancing reads the balance, and it finds it in the word
-//!   it reads anyway to climb.
+//!   `up` word and the slot's generation. The `up` word holds the parent's index in its
+//!   low 30 bits and the node's color in its top bit (set: red); bit 30 is always clear.
+//!   Removal and rebalancing climb through the parent links, and find a node's color in
+//!   the word they read anyway to climb.
 //! - `values`: `Some(value)` while the slot is occupied.
 //!
 //! Freed slots are chained into a free list (through the dead node's left link) and reused
@@ -22,23 +21,34 @@
 //! refused once its own entry has been removed. Each tree starts its generations at a
 //! different base, so a key from another tree is almost always refused as well.
 //!
-//! Index 0 is a sentinel node (all zero) that is never linked into the tree, so an empty
-//! link reads as a subtree whose maximum is 0 and maxima are recomputed without branches.
+//! Index 0 is a sentinel node (all zero: black, maximum 0) that is never linked into the
+//! tree, so an empty link reads as a black subtree whose maximum is 0, and maxima and
+//! colors are read without checking for empty links.
 //!
-//! Insertion walks down from the root (one comparison and one conditional store per level)
-//! and retraces upwards through the parent links; removal starts at the entry itself and
-//! climbs the parent links, so it never searches. An AVL tree of fewer than 2^30 nodes is
-//! at most 44 levels tall, so the queries' stacks are small arrays and nothing recurses.
+//! Insertion walks down from the root (one comparison and one conditional store per
+//! level), hangs the new entry as a red leaf and repairs upwards through the parent links
+//! (recoloring, then at most two rotations). Removal starts at the entry itself, so it
+//! never searches: it unlinks it (or its successor, which takes its place), recomputes
+//! maxima upwards until one does not change, and then, if a black node left, recolors
+//! upwards and rotates at most three times. Both are O(log n); the rebalancing after
+//! either is O(1) amortized, as in Linux. A red-black tree of fewer than 2^30 nodes is at
+//! most 60 levels tall, so the iterator's stack is a small array and nothing recurses.
 //!
 //! # Slot indices
 //!
 //! The hot paths read nodes without bounds checks. That is sound because of one
 //! invariant: every index the tree stores (in a link, a parent field, `root` or the free
 //! list) or passes between its own functions is either the empty link 0 while the
-//! sentinel exists, or a slot that was pushed; `nodes` only ever grows. A slot enters the tree only after
-//! `alloc` pushed it (pushing the sentinel first), and keys from callers are checked
-//! against `nodes.len()` and the slot's generation before they are used. Debug builds
-//! assert the bound on every access.
+//! sentinel exists, or a slot that was pushed; `nodes` and `values` only ever grow, and
+//! always together, so they have the same length. A slot enters the tree only after
+//! `alloc` pushed it (the sentinel first), and keys from callers are checked against
+//! `nodes.len()` and the slot's generation before they are used. Debug builds assert the
+//! bound on every access.
+//!
+//! Queries also hand out references to the values of the nodes they visit without
+//! checking that the slot is occupied, because every node reachable from `root` holds its
+//! value: `alloc` stores the value before the node is linked, and `remove` takes it out
+//! in the same `&mut self` call that unlinks the node. `check_invariants` verifies this.
 //!
 //! # Order and augmentation invariants
 //!
@@ -46,15 +56,17 @@
 //!   starts in the order they were inserted (an insertion goes right of an equal start,
 //!   and rotations and removals keep the in-order sequence), so duplicate intervals are
 //!   distinct, totally ordered entries.
-//! - **Balance.** At every node the heights of the two subtrees differ by at most one, and
-//!   the balance bits say which one (if either) is taller.
+//! - **Color.** The root is black, no red node has a red child, and every path from a
+//!   node down to an empty link passes the same number of black nodes (so the longest
+//!   path is at most twice the shortest).
 //! - **Augmentation.** Every node's `max` is the largest `last` in its subtree:
 //!   `max(n) = max(last(n), max(left(n)), max(right(n)))` — Linux's `__subtree_last`.
 //!   Insertion raises `max` on its way down; a rotation hands the old subtree root's `max`
 //!   to the new subtree root (same set of entries) and recomputes the demoted node's;
-//!   removal fixes `max` bottom-up along the climb — a node's `max` can only change if it
-//!   equalled the removed `last` — and stops once neither the height nor the `max` of a
-//!   subtree at or above the removed entry's position changed.
+//!   removal recomputes `max` from the lowest node whose subtree lost an entry upwards and
+//!   stops at the first node whose `max` comes out unchanged (the subtrees above it lost
+//!   an entry that was not their maximum, or that an equal `last` still provides), before
+//!   any removal rotation.
 //!
 //! The augmentation lets an overlap query for `[qs, ql]` skip every subtree whose `max` is
 //! below `qs` (nothing in it ends late enough) and stop at the first node, in order, whose
@@ -70,13 +82,59 @@ const NIL: u32 = 0;
 /// The bits of a node's `up` word that hold the parent's slot index (slot indices are
 /// below 2^30).
 const IDX_MASK: u32 = 0x3FFF_FFFF;
-/// Where the balance sits in the `up` word: its top two bits.
-const BAL_SHIFT: u32 = 30;
-/// Balance value: neither side is taller (the sides themselves are 0 = left, 1 = right).
-const EVEN: usize = 2;
-/// Room for any root-to-leaf path: an AVL tree of fewer than 2^30 nodes is at most
-/// 44 levels tall.
-const MAX_HEIGHT: usize = 48;
+/// The bit of a node's `up` word that says it is red (clear: black, as the all-zero
+/// sentinel and free slots are).
+const RED: u32 = 1 << 31;
+/// Room for any root-to-leaf path: a red-black tree of fewer than 2^30 nodes is at most
+/// 2 log2(2^30) = 60 levels tall.
+const MAX_HEIGHT: usize = 64;
+
+/// The rebalancing cases, counted in unit-test builds (and nowhere else) so that a test
+/// can show that its workload reaches every one of them.
+#[cfg(test)]
+mod cases {
+    use std::cell::Cell;
+
+    pub const INS_RED_UNCLE: usize = 0;
+    pub const INS_RED_UNCLE_ROOT: usize = 1;
+    pub const INS_INNER: usize = 2;
+    pub const INS_OUTER: usize = 3;
+    pub const RM_LEAF_RED: usize = 4;
+    pub const RM_LEAF_BLACK: usize = 5;
+    pub const RM_ONE_CHILD: usize = 6;
+    pub const RM_SUCC_IS_RIGHT: usize = 7;
+    pub const RM_SUCC_DEEP: usize = 8;
+    pub const RM_SUCC_HAS_CHILD: usize = 9;
+    pub const FIX_RED_SIBLING: usize = 10;
+    pub const FIX_RED_PARENT_ABSORBS: usize = 11;
+    pub const FIX_CLIMB: usize = 12;
+    pub const FIX_AT_ROOT: usize = 13;
+    pub const FIX_NEAR_NEPHEW: usize = 14;
+    pub const FIX_FAR_NEPHEW: usize = 15;
+    pub const PROPAGATE_STOPS_EARLY: usize = 16;
+    pub const PROPAGATE_MAX_ELSEWHERE: usize = 17;
+    pub const COUNT: usize = 18;
+
+    thread_local! {
+        pub static HITS: Cell<[u64; COUNT]> = const { Cell::new([0; COUNT]) };
+    }
+
+    pub fn hit(case: usize) {
+        HITS.with(|h| {
+            let mut v = h.get();
+            v[case] += 1;
+            h.set(v);
+        });
+    }
+}
+
+/// Counts a rebalancing case in unit-test builds; nothing otherwise.
+macro_rules! case {
+    ($c:ident) => {
+        #[cfg(test)]
+        cases::hit(cases::$c);
+    };
+}
 
 /// Where each new tree's generations start (spread by the golden-ratio increment), so
 /// that keys of different trees rarely coincide.
@@ -134,9 +192,8 @@ struct Node {
     /// Left and right child indices ([`NIL`] for none); for a free slot, `link[0]` is the
     /// next free slot.
     link: [u32; 2],
-    /// The parent's index ([`NIL`] for the root and for free slots) in the low 30 bits,
-    /// and the AVL balance in the top two: 0 even, 1 the left subtree is one level
-    /// taller, 2 the right one is.
+    /// The parent's index ([`NIL`] for the root) in the low 30 bits, and [`RED`] for a
+    /// red node. Meaningless in a free slot.
     up: u32,
     /// The generation of the entry in this slot, or of the next one if it is free.
     gen: u32,
@@ -159,19 +216,19 @@ impl Node {
         self.up = (self.up & !IDX_MASK) | p;
     }
 
-    /// The taller side (0 = left, 1 = right), or [`EVEN`].
     #[inline(always)]
-    fn heavy(&self) -> usize {
-        // Balance code 0 (even), 1 (left), 2 (right); 3 never occurs.
-        const SIDE: [usize; 4] = [EVEN, 0, 1, EVEN];
-        SIDE[(self.up >> BAL_SHIFT) as usize]
+    fn is_red(&self) -> bool {
+        self.up & RED != 0
     }
 
     #[inline(always)]
-    fn set_heavy(&mut self, h: usize) {
-        // 0 (left) -> code 1, 1 (right) -> 2, EVEN -> 0.
-        let code = (h as u32 + 1) % 3;
-        self.up = (self.up & IDX_MASK) | code << BAL_SHIFT;
+    fn set_black(&mut self) {
+        self.up &= !RED;
+    }
+
+    #[inline(always)]
+    fn set_red(&mut self) {
+        self.up |= RED;
     }
 
     /// Replaces the child on side `d`.
@@ -288,32 +345,49 @@ impl<V> IntervalTree<V> {
             index: idx,
             generation,
         };
-        let mut n = self.root;
+        let n = self.root;
         if n == NIL {
             self.root = idx;
             return Ok(key);
         }
         // Down to a leaf position, raising maxima on the way. An equal start goes right:
         // after the entries already there.
-        // The slice keeps the base pointer in a register across the stores.
+        // The slice keeps the base pointer in a register across the stores; the loop
+        // carries only the node's address (its index is recovered once, at the end).
         let nodes = &mut self.nodes[..];
-        let d = loop {
-            debug_assert!((n as usize) < nodes.len());
-            // SAFETY: n is the root or a child link: in bounds (see "Slot indices").
-            let node = unsafe { nodes.get_unchecked_mut(n as usize) };
+        let base = nodes.as_ptr() as usize;
+        debug_assert!((n as usize) < nodes.len());
+        // SAFETY: the root is in bounds (see "Slot indices").
+        let mut node = unsafe { nodes.get_unchecked_mut(n as usize) };
+        let parent_red = loop {
             if node.max < last {
                 node.max = last;
             }
-            let d = (start >= node.start) as usize;
-            let c = node.child(d);
-            if c == NIL {
-                node.link[d] = idx;
-                break d;
-            }
-            n = c;
+            let c = if start < node.start {
+                let c = node.link[0];
+                if c == NIL {
+                    node.link[0] = idx;
+                    break node.is_red();
+                }
+                c
+            } else {
+                let c = node.link[1];
+                if c == NIL {
+                    node.link[1] = idx;
+                    break node.is_red();
+                }
+                c
+            };
+            debug_assert!((c as usize) < nodes.len());
+            // SAFETY: c is a child link: in bounds (see "Slot indices").
+            node = unsafe { nodes.get_unchecked_mut(c as usize) };
         };
-        self.nd_mut(idx).set_parent(n);
-        self.insert_retrace(n, d);
+        let n = ((node as *mut Node as usize - base) / std::mem::size_of::<Node>()) as u32;
+        // The new node is red; if its parent is red too, repair that.
+        self.nd_mut(idx).up = RED | n;
+        if parent_red {
+            self.insert_fixup(idx, n);
+        }
         Ok(key)
     }
 
@@ -322,23 +396,43 @@ impl<V> IntervalTree<V> {
     pub fn remove(&mut self, key: NodeKey) -> Option<V> {
         let z = key.index;
         match self.nodes.get(z as usize) {
-            Some(m) if m.gen == key.generation && z != NIL => {}
+            Some(m) if m.gen == key.generation => {}
             _ => return None,
         }
-        let value = self.values[z as usize].take()?;
+        debug_assert_eq!(self.values.len(), self.nodes.len());
+        // SAFETY: z < nodes.len() (checked just above), and `values` has the same length.
+        // (The sentinel's value is always `None`, so it is refused here.)
+        let value = unsafe { self.values.get_unchecked_mut(z as usize) }.take()?;
         let zn = *self.nd(z);
         let zp = zn.parent();
-        let [zl, zr] = [zn.child(0), zn.child(1)];
-        // Read z's side early, so the miss on its parent overlaps the successor walk.
-        // (For the root this reads the sentinel, harmlessly.)
-        let zside = self.nd(zp).side_of(z);
+        let [zl, zr] = zn.link;
 
-        // Where the climb starts: the node whose subtree on side `d` lost one level
-        // of height (at most), and `zpos`, the node now at z's position (NIL if none).
-        let (p, d, zpos, below_last);
-        if zl != NIL && zr != NIL {
+        // Unlink z. `fix` is where maxima start to be stale (the lowest node whose
+        // subtree lost z); `db` is the parent of a position whose paths lost one black
+        // node (NIL if none did).
+        let (fix, db);
+        if zl == NIL || zr == NIL {
+            // At most one child: it takes z's place. A lone child is a red leaf (the black
+            // heights of z's two sides are equal) and turns black, taking z's place and
+            // color word; without a child, a black z leaves its parent one black short.
+            let c = zl | zr;
+            self.hook(zp, z, c);
+            if c != NIL {
+                case!(RM_ONE_CHILD);
+                self.nd_mut(c).up = zn.up & IDX_MASK;
+                db = NIL;
+            } else if zn.up & RED != 0 {
+                case!(RM_LEAF_RED);
+                db = NIL;
+            } else {
+                case!(RM_LEAF_BLACK);
+                db = zp;
+            }
+            fix = zp;
+        } else {
             // Two children: the successor s (leftmost of the right subtree) leaves its
-            // place to its right child and takes z's place, links and balance.
+            // place to its right child c2 (at most a red leaf) and takes z's place, links
+            // and color.
             let (mut sp, mut s) = (z, zr);
             loop {
                 let l = self.nd(s).child(0);
@@ -347,50 +441,57 @@ impl<V> IntervalTree<V> {
                 }
                 (sp, s) = (s, l);
             }
-            let sr = self.nd(s).child(1);
+            let sn = *self.nd(s);
+            let c2 = sn.child(1);
             let mut link = zn.link;
             if s == zr {
-                // s keeps its right subtree; z's right side shrank.
-                link[1] = sr;
-                (p, d) = (s, 1);
+                // s keeps its right subtree.
+                case!(RM_SUCC_IS_RIGHT);
+                link[1] = c2;
+                sp = s;
             } else {
-                self.nd_mut(sp).set_child(0, sr);
-                if sr != NIL {
-                    self.nd_mut(sr).set_parent(sp);
-                }
+                case!(RM_SUCC_DEEP);
+                self.nd_mut(sp).set_child(0, c2);
                 self.nd_mut(zr).set_parent(s);
-                (p, d) = (sp, 0);
             }
-            let sn = self.nd_mut(s);
-            sn.link = link;
-            // The subtrees below z's position lost s, not z.
-            below_last = sn.last;
-            sn.max = zn.max;
+            {
+                let sm = self.nd_mut(s);
+                sm.link = link;
+                sm.up = zn.up;
+                // Same entries as z's subtree had, but z: recomputed below.
+                sm.max = zn.max;
+            }
             self.nd_mut(zl).set_parent(s);
-            // s also takes z's parent link and balance.
-            self.nd_mut(s).up = zn.up;
-            self.hook_side(zp, zside, s);
-            zpos = s;
-        } else {
-            // At most one child: it takes z's place (one of zl, zr is NIL = 0).
-            let c = zl | zr;
-            if c != NIL {
-                self.nd_mut(c).set_parent(zp);
+            self.hook(zp, z, s);
+            if c2 != NIL {
+                // A red leaf: it turns black in s's old place.
+                case!(RM_SUCC_HAS_CHILD);
+                self.nd_mut(c2).up = sp;
+                db = NIL;
+            } else {
+                db = if sn.up & RED != 0 { NIL } else { sp };
             }
-            d = zside;
-            self.hook_side(zp, zside, c);
-            (p, zpos, below_last) = (zp, NIL, zn.last);
+            if sp != s {
+                // The nodes from s's old parent up to (not including) s lost s.
+                self.propagate(sp, s, sn.last);
+            }
+            fix = s;
         }
-        self.remove_retrace(p, d, zpos, zn.last, below_last);
-
+        // Free z's slot. Its other fields are never read again (nothing links to it, and
+        // `alloc` rewrites the node): only the free-list link and the next generation
+        // matter.
         self.len -= 1;
         let free = self.free;
-        *self.nd_mut(z) = Node {
-            link: [free, NIL],
-            gen: key.generation.wrapping_add(1),
-            ..Node::default()
-        };
+        let zm = self.nd_mut(z);
+        zm.link[0] = free;
+        zm.gen = key.generation.wrapping_add(1);
         self.free = z;
+
+        // Maxima first (rotations keep them), then the colors.
+        self.propagate(fix, NIL, zn.last);
+        if db != NIL {
+            self.remove_fixup(db);
+        }
         Some(value)
     }
 
@@ -549,8 +650,9 @@ impl<V> IntervalTree<V> {
     }
 
     /// Checks every structural invariant and panics with a description of the first one
-    /// that is broken: order by `start`, AVL balance and its bits, subtree
-    /// maxima, parent links, `len`, the slots and the free list. O(n); for tests. (The
+    /// that is broken: order by `start`, the red-black coloring (black root, no red node
+    /// with a red child, equal black heights), subtree maxima, parent links, a value in
+    /// every node of the tree, `len`, the slots and the free list. O(n); for tests. (The
     /// order among equal starts, insertion order, is checked by the property tests.)
     #[doc(hidden)]
     pub fn check_invariants(&self) {
@@ -575,6 +677,7 @@ impl<V> IntervalTree<V> {
             NIL,
             "root has a parent"
         );
+        assert!(!self.nodes[self.root as usize].is_red(), "the root is red");
         let mut seen = vec![false; self.nodes.len()];
         let mut prev: Option<(u64, u32)> = None;
         let (_, count) = self.check_subtree(self.root, &mut seen, &mut prev);
@@ -598,7 +701,7 @@ impl<V> IntervalTree<V> {
         );
     }
 
-    /// Returns (height, entry count) of the subtree at `n`, checking it.
+    /// Returns (black height, entry count) of the subtree at `n`, checking it.
     fn check_subtree(
         &self,
         n: u32,
@@ -616,7 +719,11 @@ impl<V> IntervalTree<V> {
         );
         let node = self.nodes[n as usize];
         assert!(node.start <= node.last, "node {n}: start > last");
-        assert!(node.up >> BAL_SHIFT != 3, "node {n}: invalid balance code");
+        assert_eq!(
+            node.up & !(RED | IDX_MASK),
+            0,
+            "node {n}: stray bit in up word"
+        );
         for d in 0..2 {
             let c = node.child(d);
             if c != NIL {
@@ -634,45 +741,47 @@ impl<V> IntervalTree<V> {
         }
         *prev = Some(key);
         let (hr, cr) = self.check_subtree(node.child(1), seen, prev);
-        let expect = match hl.cmp(&hr) {
-            std::cmp::Ordering::Greater => 0,
-            std::cmp::Ordering::Less => 1,
-            std::cmp::Ordering::Equal => EVEN,
-        };
-        assert!(
-            hl.abs_diff(hr) <= 1,
-            "node {n}: unbalanced, heights {hl} and {hr}"
-        );
         assert_eq!(
-            node.heavy(),
-            expect,
-            "node {n}: wrong balance bits (heights {hl}, {hr})"
+            hl, hr,
+            "node {n}: black heights {hl} (left) and {hr} (right) differ"
         );
+        if node.is_red() {
+            for d in 0..2 {
+                assert!(
+                    !self.nodes[node.child(d) as usize].is_red(),
+                    "red node {n} has a red child"
+                );
+            }
+        }
         assert_eq!(node.max, self.compute_max(n), "node {n}: wrong subtree max");
-        (1 + hl.max(hr), 1 + cl + cr)
+        (hl + u32::from(!node.is_red()), 1 + cl + cr)
     }
 
     /// Takes a slot for a new, unlinked node; returns its index and generation.
+    #[inline(always)]
     fn alloc(&mut self, start: u64, last: u64, value: V) -> (u32, u32) {
-        if self.free != NIL {
-            let idx = self.free;
-            let n = &mut self.nodes[idx as usize];
-            self.free = n.link[0];
+        let idx = self.free;
+        if idx != NIL {
+            let n = self.nd_mut(idx);
+            let next = n.link[0];
+            let gen = n.gen;
             *n = Node {
                 start,
                 last,
                 max: last,
                 link: [NIL; 2],
                 up: NIL,
-                gen: n.gen,
+                gen,
             };
+            self.free = next;
             self.values[idx as usize] = Some(value);
-            return (idx, n.gen);
+            return (idx, gen);
         }
-        if self.nodes.is_empty() {
-            self.nodes.push(Node::default());
-            self.values.push(None);
+        let idx = self.nodes.len();
+        if idx == self.nodes.capacity() {
+            self.grow();
         }
+        // (`grow` pushed the sentinel if this is the first entry.)
         let idx = self.nodes.len();
         assert!(
             idx <= IDX_MASK as usize,
@@ -690,6 +799,20 @@ impl<V> IntervalTree<V> {
         (idx as u32, self.gen_base)
     }
 
+    /// Doubles the room of both vectors (at least 16 slots), out of the insertion path;
+    /// the first time, pushes the sentinel too.
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self) {
+        let more = self.nodes.len().max(16);
+        self.nodes.reserve_exact(more);
+        self.values.reserve_exact(more);
+        if self.nodes.is_empty() {
+            self.nodes.push(Node::default());
+            self.values.push(None);
+        }
+    }
+
     /// The key and value of an entry in the tree.
     #[inline]
     fn entry(&self, n: u32) -> (NodeKey, &V) {
@@ -700,10 +823,13 @@ impl<V> IntervalTree<V> {
         debug_assert_eq!(self.values.len(), self.nodes.len());
         // SAFETY: `n` is in bounds of `nodes` (as in `nd`), and `values` always has the
         // same length: the two are only ever pushed together.
-        match unsafe { self.values.get_unchecked(n as usize) } {
-            Some(value) => (key, value),
-            None => unreachable!("node {n} in the tree has a vacant slot"),
-        }
+        let slot = unsafe { self.values.get_unchecked(n as usize) };
+        debug_assert!(slot.is_some(), "node {n} in the tree has a vacant slot");
+        // SAFETY: a node in the tree holds its value (see "Slot indices"), so the
+        // reference is formed without reading the slot: a caller that does not look at
+        // the value never touches its memory.
+        let value = unsafe { slot.as_ref().unwrap_unchecked() };
+        (key, value)
     }
 
     /// Node `i`, without a bounds check.
@@ -745,23 +871,16 @@ impl<V> IntervalTree<V> {
         }
     }
 
-    /// Makes `new` the child of `parent` on side `d` (the root when `parent` is NIL).
+    /// Lifts `p`'s child `c` on side `d` above `p` and returns it; `c` gets the whole up
+    /// word `c_up` (its new parent, which must be `p`'s old one, and color) and `p` the
+    /// color `p_red` ([`RED`] or 0), each written at once. Maxima and the other parent
+    /// links are kept exact (provided the children's maxima are), except that the caller
+    /// hooks `c` into `p`'s old parent.
     #[inline(always)]
-    fn hook_side(&mut self, parent: u32, d: usize, new: u32) {
-        if parent == NIL {
-            self.root = new;
-        } else {
-            self.nd_mut(parent).set_child(d, new);
-        }
-    }
-
-    /// Lifts `p`'s child on side `d` above `p` and returns it. Maxima and parent links are
-    /// kept exact (provided the children's maxima are), except that the caller hooks the
-    /// returned node into `p`'s old parent; balance bits are the caller's job too.
-    #[inline(always)]
-    fn rotate(&mut self, p: u32, d: usize) -> u32 {
-        let pn = *self.nd(p);
-        let c = pn.child(d);
+    fn rotate(&mut self, p: u32, d: usize, c_up: u32, p_red: u32) -> u32 {
+        let pn = self.nd(p);
+        let (c, p_max) = (pn.child(d), pn.max);
+        debug_assert_eq!(c_up & IDX_MASK, pn.parent());
         let inner = self.nd(c).child(1 - d);
         self.nd_mut(p).set_child(d, inner);
         if inner != NIL {
@@ -769,119 +888,141 @@ impl<V> IntervalTree<V> {
         }
         let cn = self.nd_mut(c);
         cn.set_child(1 - d, p);
-        cn.max = pn.max;
-        cn.set_parent(pn.parent());
-        self.nd_mut(p).set_parent(c);
+        cn.max = p_max;
+        cn.up = c_up;
+        self.nd_mut(p).up = c | p_red;
         let m = self.compute_max(p);
         self.nd_mut(p).max = m;
         c
     }
 
-    /// `p` is two levels taller on side `e` than on the other: rotate it back into
-    /// balance and hook the new subtree root where `p` was. Returns the new subtree root
-    /// and whether the subtree got shorter than it was before rebalancing (always true
-    /// after an insertion).
-    fn rebalance(&mut self, p: u32, e: usize) -> (u32, bool) {
-        let pp = self.nd(p).parent();
-        let c = self.nd(p).child(e);
-        let ch = self.nd(c).heavy();
-        let (top, shorter) = if ch == 1 - e {
-            let g = self.nd(c).child(1 - e);
-            let gh = self.nd(g).heavy();
-            self.rotate(c, 1 - e);
-            self.nd_mut(p).set_child(e, g);
-            self.rotate(p, e);
-            self.nd_mut(p).set_heavy(if gh == e { 1 - e } else { EVEN });
-            self.nd_mut(c).set_heavy(if gh == 1 - e { e } else { EVEN });
-            self.nd_mut(g).set_heavy(EVEN);
-            (g, true)
-        } else {
-            self.rotate(p, e);
-            if ch == e {
-                self.nd_mut(p).set_heavy(EVEN);
-                self.nd_mut(c).set_heavy(EVEN);
-                (c, true)
-            } else {
-                // Only after a removal: the sibling was even.
-                self.nd_mut(p).set_heavy(e);
-                self.nd_mut(c).set_heavy(1 - e);
-                (c, false)
-            }
-        };
-        self.hook(pp, p, top);
-        (top, shorter)
-    }
-
-    /// After a leaf was hung below `p` on side `d`: restore the balance upwards, climbing
-    /// the parent links. (Maxima were raised on the way down.)
+    /// After the subtrees from `n` upwards lost an entry whose last was `gone`: recomputes
+    /// maxima from `n` upwards, until one is unchanged or `stop` is reached (NIL: the
+    /// root's parent). A node whose `max` is above `gone` has it from another entry that
+    /// is still there, and so do all nodes above it (their maxima are at least as large):
+    /// there the climb stops without reading the children.
     #[inline(always)]
-    fn insert_retrace(&mut self, mut p: u32, mut d: usize) {
-        loop {
-            let h = self.nd(p).heavy();
-            if h == EVEN {
-                // Taller by one on side d; so is the whole subtree.
-                self.nd_mut(p).set_heavy(d);
-                let c = p;
-                p = self.nd(c).parent();
-                if p == NIL {
-                    return;
-                }
-                d = self.nd(p).side_of(c);
-            } else if h != d {
-                self.nd_mut(p).set_heavy(EVEN);
-                return;
-            } else {
-                self.rebalance(p, d);
+    fn propagate(&mut self, mut n: u32, stop: u32, gone: u64) {
+        while n != stop {
+            if self.nd(n).max > gone {
+                case!(PROPAGATE_MAX_ELSEWHERE);
                 return;
             }
+            let m = self.compute_max(n);
+            let node = self.nd_mut(n);
+            if node.max == m {
+                case!(PROPAGATE_STOPS_EARLY);
+                return;
+            }
+            node.max = m;
+            n = node.parent();
         }
     }
 
-    /// After `p`'s subtree on side `d` lost an entry (and one level of height): climb,
-    /// fixing maxima and balance. `zpos` is the node now at the removed entry's position
-    /// (NIL if that position is gone); subtrees at or above it lost an entry whose last
-    /// was `removed_last`, those strictly below it one whose last was `below_last`.
-    fn remove_retrace(
-        &mut self,
-        mut p: u32,
-        mut d: usize,
-        zpos: u32,
-        removed_last: u64,
-        below_last: u64,
-    ) {
-        let mut shrunk = true;
-        let mut above = zpos == NIL;
-        while p != NIL {
-            above |= p == zpos;
-            let gone = if above { removed_last } else { below_last };
-            let old_max = self.nd(p).max;
-            // Only a max that came from the entry that left can change.
-            if old_max <= gone {
-                let m = self.compute_max(p);
-                self.nd_mut(p).max = m;
-            }
-            let new_max = self.nd(p).max;
-            let mut top = p;
-            if shrunk {
-                let h = self.nd(p).heavy();
-                if h == d {
-                    self.nd_mut(p).set_heavy(EVEN);
-                } else if h == EVEN {
-                    self.nd_mut(p).set_heavy(1 - d);
-                    shrunk = false;
-                } else {
-                    (top, shrunk) = self.rebalance(p, 1 - d);
+    /// `x` is red and so is its parent `p`: recolor and rotate upwards until no red node
+    /// has a red parent and the root is black. (Maxima were raised on the way down.)
+    #[inline(always)]
+    fn insert_fixup(&mut self, mut x: u32, mut p: u32) {
+        loop {
+            // p is red, so it is not the root, and its parent g is black.
+            let g = self.nd(p).parent();
+            let gn = self.nd(g);
+            let pd = gn.side_of(p);
+            let u = gn.child(1 - pd);
+            if self.nd(u).is_red() {
+                // Red uncle: push g's black down to p and u; g turns red, which may clash
+                // with g's parent (the root stays black instead).
+                case!(INS_RED_UNCLE);
+                self.nd_mut(p).set_black();
+                self.nd_mut(u).set_black();
+                let gp = self.nd(g).parent();
+                if gp == NIL {
+                    case!(INS_RED_UNCLE_ROOT);
+                    return;
                 }
+                self.nd_mut(g).set_red();
+                if !self.nd(gp).is_red() {
+                    return;
+                }
+                (x, p) = (g, gp);
+                continue;
             }
-            // The subtree root's max is new_max either way (a rotation passes it on).
-            if !shrunk && new_max == old_max && above {
-                return;
+            // Black uncle: one or two rotations put the middle one of x, p, g on top,
+            // black, with the other two red below it.
+            if self.nd(p).side_of(x) != pd {
+                // x is the inner grandchild: lift it above p first.
+                case!(INS_INNER);
+                // Both stay red.
+                self.rotate(p, 1 - pd, RED | g, RED);
+                self.nd_mut(g).set_child(pd, x);
+                p = x;
             }
-            let parent = self.nd(top).parent();
-            if parent != NIL {
-                d = self.nd(parent).side_of(top);
+            case!(INS_OUTER);
+            let gp = self.nd(g).parent();
+            // p turns black, g red.
+            self.rotate(g, pd, gp, RED);
+            self.hook(gp, g, p);
+            return;
+        }
+    }
+
+    /// `p`'s child on one side (NIL or a black node) has one black node fewer on its paths
+    /// than its sibling: recolor and rotate until the black heights agree again. Out of
+    /// line: it keeps the removal's own path short.
+    #[inline(never)]
+    fn remove_fixup(&mut self, mut p: u32) {
+        let mut x = NIL;
+        loop {
+            // An empty position is on the side whose link is NIL; the sibling is not
+            // empty (its paths hold at least one black node more).
+            let d = (self.nd(p).child(1) == x) as usize;
+            let mut w = self.nd(p).child(1 - d);
+            if self.nd(w).is_red() {
+                // Red sibling: rotate it above p (black, p red below it); x's new sibling
+                // is w's old inner child, black.
+                case!(FIX_RED_SIBLING);
+                let pp = self.nd(p).parent();
+                self.rotate(p, 1 - d, pp, RED);
+                self.hook(pp, p, w);
+                w = self.nd(p).child(1 - d);
             }
-            p = parent;
+            let mut far = self.nd(w).child(1 - d);
+            if !self.nd(far).is_red() {
+                let near = self.nd(w).child(d);
+                if !self.nd(near).is_red() {
+                    // Black sibling with black children: it turns red, and the shortage
+                    // moves up to p (a red p absorbs it by turning black).
+                    self.nd_mut(w).set_red();
+                    if self.nd(p).is_red() {
+                        case!(FIX_RED_PARENT_ABSORBS);
+                        self.nd_mut(p).set_black();
+                        return;
+                    }
+                    case!(FIX_CLIMB);
+                    x = p;
+                    p = self.nd(p).parent();
+                    if p == NIL {
+                        case!(FIX_AT_ROOT);
+                        return;
+                    }
+                    continue;
+                }
+                // Red near nephew: lift it above w. It is x's new sibling, and w (black)
+                // its far child, which the next step turns black anyway: no recoloring.
+                case!(FIX_NEAR_NEPHEW);
+                self.rotate(w, d, RED | p, 0);
+                self.nd_mut(p).set_child(1 - d, near);
+                (w, far) = (near, w);
+            }
+            // Red far nephew (or w after the lift): rotate w above p; w takes p's color,
+            // p and the far nephew turn black, and x's side gains the black node it
+            // lacked.
+            case!(FIX_FAR_NEPHEW);
+            let p_up = self.nd(p).up;
+            self.rotate(p, 1 - d, p_up, 0);
+            self.nd_mut(far).set_black();
+            self.hook(p_up & IDX_MASK, p, w);
+            return;
         }
     }
 }
@@ -1107,6 +1248,74 @@ mod tests {
             }
         }
         assert!(t.is_empty());
+        t.check_invariants();
+    }
+
+    /// Random and adversarial workloads reach every rebalancing case, with every
+    /// invariant checked after every operation (so a wrong case cannot go unnoticed).
+    #[test]
+    fn every_rebalancing_case_is_exercised_and_checked() {
+        cases::HITS.with(|h| h.set([0; cases::COUNT]));
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut t = IntervalTree::new();
+        let mut live = Vec::new();
+        for step in 0..6000u64 {
+            // Grow, shrink, grow: the tree swings between about 0 and 300 entries.
+            let grow = (step / 1000) % 2 == 0;
+            if live.is_empty() || rng(10) < if grow { 7 } else { 3 } {
+                let s = match rng(3) {
+                    0 => step,           // ascending
+                    1 => 100_000 - step, // descending
+                    _ => rng(512),       // random, with duplicates
+                };
+                live.push(t.insert(s, s + rng(64), step).unwrap());
+            } else {
+                let k = live.swap_remove(rng(live.len() as u64) as usize);
+                assert!(t.remove(k).is_some());
+            }
+            t.check_invariants();
+        }
+        let hits = cases::HITS.with(|h| h.get());
+        for (case, n) in hits.iter().enumerate() {
+            assert!(*n > 0, "rebalancing case {case} never ran: {hits:?}");
+        }
+    }
+
+    /// The storage grows by doubling (from 16 slots), both vectors together, and not
+    /// while freed slots are there to reuse.
+    #[test]
+    fn storage_doubles_and_reuses_freed_slots() {
+        let mut t = IntervalTree::new();
+        assert_eq!(t.nodes.capacity(), 0);
+        let mut caps = vec![];
+        let mut keys = vec![];
+        for i in 0..1000u64 {
+            keys.push(t.insert(i, i, i).unwrap());
+            let cap = t.nodes.capacity();
+            assert_eq!(cap, t.values.capacity(), "vectors grew apart");
+            assert!(
+                cap < 2 * t.nodes.len() + 16,
+                "capacity {cap} at {}",
+                t.nodes.len()
+            );
+            if caps.last() != Some(&cap) {
+                caps.push(cap);
+            }
+        }
+        assert_eq!(caps, [16, 32, 64, 128, 256, 512, 1024]);
+        for k in keys.drain(..500) {
+            t.remove(k).unwrap();
+        }
+        for i in 0..500u64 {
+            t.insert(i, i, i).unwrap();
+        }
+        assert_eq!((t.nodes.len(), t.nodes.capacity()), (1001, 1024));
         t.check_invariants();
     }
 

@@ -226,3 +226,86 @@ fn run_sparse_checks(ops: &[Op]) {
     tree.check_invariants();
     assert_eq!(tree.len(), live.len());
 }
+
+/// The start of the i-th inserted interval.
+type StartOf = fn(u64) -> u64;
+/// Which of the `left` live entries (by insertion rank) removal number `step` takes.
+type Pick = fn(usize, usize) -> usize;
+
+/// Insertion and removal orders that drive the rebalancing hard (sorted runs build long
+/// spines that must be rotated away; equal starts pile up on one side; removal from the
+/// ends, the middle and alternately), each checked against the model and the tree's
+/// invariants (order, red-black coloring, maxima, links) after every single step.
+#[test]
+fn adversarial_orders_keep_every_invariant() {
+    const N: u64 = 200;
+    let starts: [(&str, StartOf); 5] = [
+        ("ascending", |i| i * 3),
+        ("descending", |i| (N - i) * 3),
+        ("all equal", |_| 7),
+        ("zigzag", |i| if i % 2 == 0 { i } else { 10 * N - i }),
+        ("inward", |i| if i % 2 == 0 { i / 2 } else { N - i / 2 }),
+    ];
+    let removals: [(&str, Pick); 5] = [
+        ("oldest first", |_, _| 0),
+        ("newest first", |left, _| left - 1),
+        ("middle", |left, _| left / 2),
+        (
+            "alternate ends",
+            |left, step| if step % 2 == 0 { 0 } else { left - 1 },
+        ),
+        ("stride", |left, step| (step * 7) % left),
+    ];
+    for (sname, start) in starts {
+        for (rname, pick) in removals {
+            let mut ops = Vec::new();
+            for i in 0..N {
+                let s = start(i);
+                ops.push(Op::Insert(s, s + i % 5));
+            }
+            for i in 0..N {
+                ops.push(Op::Query(i * 3, i * 3 + 2));
+            }
+            let mut order: Vec<usize> = (0..N as usize).collect();
+            for step in 0..N as usize {
+                let j = pick(order.len(), step);
+                ops.push(Op::Remove(order.remove(j)));
+            }
+            run_by_rank(&ops, sname, rname);
+        }
+    }
+}
+
+/// Like [`run`] for a script whose removals name entries by insertion rank (0 = first
+/// inserted), with the invariants checked after every step.
+fn run_by_rank(ops: &[Op], sname: &str, rname: &str) {
+    let mut tree = IntervalTree::new();
+    let mut keys: Vec<Option<(NodeKey, u64, u64)>> = Vec::new();
+    for op in ops {
+        match *op {
+            Op::Insert(s, l) => {
+                let k = tree.insert(s, l, keys.len() as u32).unwrap();
+                keys.push(Some((k, s, l)));
+            }
+            Op::Remove(rank) => {
+                let (k, _, _) = keys[rank].take().expect("removed twice");
+                assert_eq!(tree.remove(k), Some(rank as u32), "{sname}, {rname}");
+            }
+            Op::Query(qs, ql) => {
+                let mut got = Vec::new();
+                tree.for_each_overlap(qs, ql, |_, _, _, v| got.push(*v));
+                let want: Vec<u32> = keys
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| e.filter(|e| overlaps(e.1, e.2, qs, ql)).map(|_| i as u32))
+                    .collect();
+                got.sort_unstable();
+                assert_eq!(got, want, "{sname}, {rname}: query [{qs}, {ql}]");
+            }
+            _ => unreachable!(),
+        }
+        tree.check_invariants();
+        assert_eq!(tree.len(), keys.iter().flatten().count());
+    }
+    assert!(tree.is_empty());
+}
