@@ -65,10 +65,10 @@
 //! policy is not the normal one is left alone), which gives them an early virtual
 //! deadline: the unmapper they wake waits until they sleep again. Measured on one CPU
 //! (unmapper, monitor and a bare userfaultfd reader, alternating; medians of 8 runs of
-//! 2000 unmaps): the callback ran 1.24 times as long after the `munmap` call as the bare
-//! reader's `read()` returned, instead of 1.73 times, and the unmapper saw its handle
-//! invalid after 12.3 µs instead of 15.0 µs; with threads of the process also running on
-//! the other CPU, 1.54 instead of 1.93 times.
+//! 2000 unmaps each way): the callback ran 1.22 times as long after the `munmap` call as
+//! the bare reader's `read()` returned, instead of 1.33 times on a quiet machine (1.24
+//! instead of 1.73 on a loaded one); with threads of the process also running on the
+//! other CPU, 1.66 instead of 1.78 (loaded: 1.54 instead of 1.93).
 //!
 //! # Which memory is safe to watch
 //!
