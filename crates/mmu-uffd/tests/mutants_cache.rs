@@ -304,28 +304,47 @@ fn the_counters_add_up_after_threads_reuse_each_others_addresses() {
     let (cache, counts) = counting_cache(&m, config);
     let cache = Arc::new(cache);
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-    let threads: Vec<_> = (0..4)
+    // Besides: one thread looks up a region another keeps invalidating, so lookups meet
+    // invalidations between their dirty-flag check and their index lock.
+    let region = anon(4) as usize;
+    let mut threads: Vec<_> = (0..2)
         .map(|t| {
             let cache = cache.clone();
             std::thread::spawn(move || {
                 let (mut i, mut gets) = (0usize, 0u64);
                 while std::time::Instant::now() < deadline {
-                    let pages = 1 + (i + t) % 3;
-                    let p = anon(pages);
-                    for _ in 0..1 + i % 3 {
-                        drop(cache.get(p, pages * PAGE).unwrap());
+                    if t == 0 {
+                        drop(cache.get(region as *mut u8, 4 * PAGE).unwrap());
                         gets += 1;
+                    } else {
+                        cache.invalidate(region as *const u8, 4 * PAGE).unwrap();
                     }
-                    let held = cache.get(p, PAGE).unwrap();
-                    gets += 1;
-                    unmap(p, pages * PAGE);
-                    drop(held);
                     i += 1;
                 }
                 (i, gets)
             })
         })
         .collect();
+    threads.extend((0..4).map(|t| {
+        let cache = cache.clone();
+        std::thread::spawn(move || {
+            let (mut i, mut gets) = (0usize, 0u64);
+            while std::time::Instant::now() < deadline {
+                let pages = 1 + (i + t) % 3;
+                let p = anon(pages);
+                for _ in 0..1 + i % 3 {
+                    drop(cache.get(p, pages * PAGE).unwrap());
+                    gets += 1;
+                }
+                let held = cache.get(p, PAGE).unwrap();
+                gets += 1;
+                unmap(p, pages * PAGE);
+                drop(held);
+                i += 1;
+            }
+            (i, gets)
+        })
+    }));
     let (mut rounds, mut gets) = (0, 0);
     for t in threads {
         let (r, g) = t.join().unwrap();
@@ -349,6 +368,7 @@ fn the_counters_add_up_after_threads_reuse_each_others_addresses() {
         s.evictions + s.invalidated_found + s.replaced + s.retries,
         "{s:?}"
     );
+    unmap(region as *mut u8, 4 * PAGE);
 }
 
 /// `Monitor::stats` includes every event of the calls that returned before it: an unmap of
