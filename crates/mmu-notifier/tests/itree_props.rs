@@ -309,3 +309,19 @@ fn run_by_rank(ops: &[Op], sname: &str, rname: &str) {
     }
     assert!(tree.is_empty());
 }
+
+/// The in-order iterator knows exactly how many entries it has left.
+#[test]
+fn the_iterator_counts_down_what_is_left() {
+    let mut t = IntervalTree::new();
+    for i in 0..5u64 {
+        t.insert(i * 10, i * 10 + 5, i).unwrap();
+    }
+    let mut it = t.iter();
+    assert_eq!(it.size_hint(), (5, Some(5)));
+    for left in (0..5).rev() {
+        assert!(it.next().is_some());
+        assert_eq!(it.size_hint(), (left, Some(left)));
+    }
+    assert!(it.next().is_none());
+}
