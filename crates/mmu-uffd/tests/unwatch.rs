@@ -152,8 +152,23 @@ fn an_explicit_watch_moves_with_its_memory() {
         return;
     };
     let (cache, _) = counting_cache(&m, CacheConfig::default());
-    let p = anon(4);
+    // Another explicit watch just below (with a page between), which the move must leave
+    // alone.
+    let below = reserve(7);
+    let fixed = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+    let other = map(below as usize, 2 * PAGE, RW, fixed, -1, 0);
+    // SAFETY: inside the reservation.
+    let p = map(
+        unsafe { below.add(3 * PAGE) } as usize,
+        4 * PAGE,
+        RW,
+        fixed,
+        -1,
+        0,
+    );
+    touch(p, 4 * PAGE);
     m.watch(p, 4 * PAGE).unwrap();
+    m.watch(other, 2 * PAGE).unwrap();
     // Eight reserved pages: p moves to the first four, fresh memory goes to the others.
     let dst = reserve(8);
     // SAFETY: inside the reservation.
@@ -193,5 +208,13 @@ fn an_explicit_watch_moves_with_its_memory() {
     );
     m.unwatch(q, 4 * PAGE).unwrap();
     assert_eq!(removes_from_madvise(&m, q, 4 * PAGE), 0);
+    touch(other, 2 * PAGE);
+    assert_eq!(
+        removes_from_madvise(&m, other, 2 * PAGE),
+        1,
+        "the move changed another explicit watch"
+    );
+    assert_eq!(m.state(), mmu_uffd::MonitorState::Running);
     unmap(q, 8 * PAGE);
+    unmap(below, 7 * PAGE);
 }
