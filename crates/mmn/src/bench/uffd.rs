@@ -11,8 +11,8 @@
 //!   without that knowledge makes (libfabric's does), issued on a bare userfaultfd;
 //! - a miss on never-seen memory (a fresh mapping per lookup: registration and hole
 //!   check), against a bare `UFFDIO_REGISTER` of a fresh mapping, alternating one by one.
-//!   (For reference, libfabric 1.17's uffd-monitored cache measured 636 ns per miss and
-//!   1.12 us on never-seen memory on this machine kind; the goal is 1.2x of those.)
+//!   (libfabric 1.17's own cache is measured on the same workloads, side by side, by
+//!   `cargo bench -p mmu-uffd-capi --bench miss_vs_libfabric`.)
 //! - the latency from a munmap call to the monitor's invalidation callback, and to the
 //!   cached handle reading invalid, against a bare userfaultfd reader (a thread blocked in
 //!   `read()`, timestamping the event when it arrives: what a C monitor does), in
