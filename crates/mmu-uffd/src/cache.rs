@@ -925,13 +925,14 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
         self.config.max_bytes.map_or(true, |max| len <= max)
     }
 
-    /// Whether the index must evict before an entry of `len` more bytes joins it.
-    fn over_limits(&self, ix: &Index<R, K>, len: u64) -> bool {
-        ix.lru.len() >= self.config.capacity
+    /// Whether the index would be over its limits with `entries` more entries of `bytes`
+    /// more bytes: `(1, len)` before a fill makes room, `(0, 0)` after its insert.
+    fn over_limits(&self, ix: &Index<R, K>, entries: usize, bytes: u64) -> bool {
+        ix.lru.len() + entries > self.config.capacity
             || self
                 .config
                 .max_bytes
-                .is_some_and(|max| ix.lru.bytes().saturating_add(len) > max)
+                .is_some_and(|max| ix.lru.bytes().saturating_add(bytes) > max)
     }
 
     /// A miss: the collision-retry loop of the fill (the module docs), at most
@@ -1003,7 +1004,7 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
         {
             let mut ix = self.index.lock();
             while cacheable
-                && self.over_limits(&ix, e - s)
+                && self.over_limits(&ix, 1, e - s)
                 && ix.evict_one(self.config.retained, &mut evicted, &mut old)
             {}
         }
@@ -1095,11 +1096,7 @@ impl<R: KeyedRegistrar<K>, K: CacheKey> RegCache<R, K> {
                 ix.stats.replaced += removed.len() as u64;
                 // Other fills may have filled the room made above. The new entry is the
                 // most recently used and fits alone: it is never the one evicted.
-                while (ix.lru.len() > self.config.capacity
-                    || self
-                        .config
-                        .max_bytes
-                        .is_some_and(|max| ix.lru.bytes() > max))
+                while self.over_limits(&ix, 0, 0)
                     && ix.evict_one(self.config.retained, &mut removed, &mut old)
                 {}
                 removed
