@@ -65,7 +65,6 @@ const LIST_COUNTS: [usize; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
 
 pub(super) fn run(plan: &Plan, report: &mut Report) {
     list_subscribers(plan, report);
-    fixed_cost_anchors(plan, report);
     read_begin_retry(plan, report);
     interval_curve(plan, report);
 }
@@ -85,20 +84,43 @@ fn list_subscribers(plan: &Plan, report: &mut Report) {
             .iter()
             .map(|s| s.clone() as Arc<dyn ListSubscriber>)
             .collect();
-        let st = interleaved(
-            plan.rounds,
-            &mut [
-                batched(plan.batch, || {
-                    drop(black_box(mm.invalidate_range_start(black_box(range))))
-                }),
-                batched(plan.batch, || {
+        let mut variants = vec![
+            batched(plan.batch, || {
+                drop(black_box(mm.invalidate_range_start(black_box(range))))
+            }),
+            batched(plan.batch, || {
+                for s in black_box(&dyns) {
+                    let _ = black_box(s.invalidate_range_start(black_box(&range)));
+                    s.invalidate_range_end(black_box(&range));
+                }
+            }),
+        ];
+        if n == 1 {
+            // The fixed cost's anchors, in the same rounds.
+            variants.push(batched(plan.batch, || {
+                // Linux: start walks the list in one section, end in another.
+                linux_section(|| {
+                    for s in black_box(&dyns) {
+                        let _ = black_box(s.invalidate_range_start(black_box(&range)));
+                    }
+                });
+                linux_section(|| {
+                    for s in black_box(&dyns) {
+                        s.invalidate_range_end(black_box(&range));
+                    }
+                });
+            }));
+            variants.push(batched(plan.batch, || {
+                minimal_section(|| {
                     for s in black_box(&dyns) {
                         let _ = black_box(s.invalidate_range_start(black_box(&range)));
                         s.invalidate_range_end(black_box(&range));
                     }
-                }),
-            ],
-        );
+                })
+            }));
+        }
+        let st = interleaved(plan.rounds, &mut variants);
+        drop(variants);
         // The notifier called every subscriber as often as the baseline did (both ran at
         // least once), or the comparison would be meaningless.
         for s in &subs {
@@ -125,6 +147,24 @@ fn list_subscribers(plan: &Plan, report: &mut Report) {
                 } else {
                     format!("{n} direct start+end call{}", if n == 1 { "" } else { "s" })
                 },
+                st[1],
+            );
+        }
+        if n == 1 {
+            report.pair(
+                "core",
+                "start_end_list_1_vs_linux",
+                "start+end, 1 list subscriber",
+                st[0],
+                "Linux's construction (2 sections, 4 full barriers)",
+                st[2],
+            );
+            report.pair(
+                "core",
+                "least_section_list_1",
+                "least read-side section around the calls",
+                st[3],
+                "1 direct start+end call",
                 st[1],
             );
         }
@@ -177,73 +217,6 @@ fn minimal_section(f: impl FnOnce()) {
     f();
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
     SECTION.with(|c| c[1].set(c[1].get().wrapping_add(1)));
-}
-
-/// The pair with one subscriber, its direct calls, Linux's construction of the path and
-/// the least a section costs, all four interleaved in the same rounds.
-fn fixed_cost_anchors(plan: &Plan, report: &mut Report) {
-    let range = Range::new(0x1000, 0x2000, Event::Clear).expect("a valid range");
-    let mm = Subscriptions::new();
-    let sub = Arc::new(Counting::default());
-    let reg = mm.register(sub.clone()).expect("a live address space");
-    let dyns: Vec<Arc<dyn ListSubscriber>> = vec![sub.clone()];
-    let st = interleaved(
-        plan.rounds,
-        &mut [
-            batched(plan.batch, || {
-                drop(black_box(mm.invalidate_range_start(black_box(range))))
-            }),
-            batched(plan.batch, || {
-                for s in black_box(&dyns) {
-                    let _ = black_box(s.invalidate_range_start(black_box(&range)));
-                    s.invalidate_range_end(black_box(&range));
-                }
-            }),
-            batched(plan.batch, || {
-                // Linux: start walks the list in one section, end in another.
-                linux_section(|| {
-                    for s in black_box(&dyns) {
-                        let _ = black_box(s.invalidate_range_start(black_box(&range)));
-                    }
-                });
-                linux_section(|| {
-                    for s in black_box(&dyns) {
-                        s.invalidate_range_end(black_box(&range));
-                    }
-                });
-            }),
-            batched(plan.batch, || {
-                minimal_section(|| {
-                    for s in black_box(&dyns) {
-                        let _ = black_box(s.invalidate_range_start(black_box(&range)));
-                        s.invalidate_range_end(black_box(&range));
-                    }
-                })
-            }),
-        ],
-    );
-    drop(reg);
-    let (a, b) = (
-        sub.starts.load(Ordering::Relaxed),
-        sub.ends.load(Ordering::Relaxed),
-    );
-    assert!(a > 0 && a == b, "subscriber called {a} starts, {b} ends");
-    report.pair(
-        "core",
-        "start_end_list_1_vs_linux",
-        "start+end, 1 list subscriber",
-        st[0],
-        "Linux's construction (2 sections, 4 full barriers)",
-        st[2],
-    );
-    report.pair(
-        "core",
-        "least_section_list_1",
-        "least read-side section around the calls",
-        st[3],
-        "1 direct start+end call",
-        st[1],
-    );
 }
 
 fn read_begin_retry(plan: &Plan, report: &mut Report) {
