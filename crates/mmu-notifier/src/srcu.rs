@@ -104,6 +104,11 @@ struct DeferQueue {
 struct Inner {
     id: u64,
     idx: AtomicUsize,
+    /// The process's barrier flavour (`barrier::asymmetric()`), copied here when the domain
+    /// is created: the flavour is decided before the first domain exists and never
+    /// changes, and a reader then finds it on the line it reads `id` and `idx` from,
+    /// instead of loading a static from another line.
+    asymmetric: bool,
     /// Every reader slot of the domain; only ever grows.
     slots: Mutex<Vec<Slot>>,
     /// Cleared when the domain is dropped, so threads can forget their slots of it.
@@ -210,6 +215,7 @@ impl Srcu {
             inner: Arc::new(Inner {
                 id: NEXT_DOMAIN_ID.fetch_add(1, Relaxed),
                 idx: AtomicUsize::new(0),
+                asymmetric: barrier::asymmetric(),
                 slots: Mutex::new(Vec::new()),
                 alive: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 gp_lock: Mutex::new(()),
@@ -313,7 +319,7 @@ impl Srcu {
         // Only this thread writes its slot: a plain load and store suffice.
         let n = slot.lock[idx].load(Relaxed);
         slot.lock[idx].store(n.wrapping_add(1), Relaxed);
-        barrier::reader();
+        barrier::reader(self.inner.asymmetric);
         SrcuReadGuard {
             unlock: &slot.unlock[idx],
             _not_send: PhantomData,

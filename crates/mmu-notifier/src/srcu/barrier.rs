@@ -117,10 +117,11 @@ mod imp {
 
 pub(super) use imp::{asymmetric, init};
 
-/// The reader's half: after the lock increment, before the section.
+/// The reader's half: after the lock increment, before the section. `asymmetric` is the
+/// domain's copy of [`asymmetric()`].
 #[inline(always)]
-pub(super) fn reader() {
-    if asymmetric() {
+pub(super) fn reader(asymmetric: bool) {
+    if asymmetric {
         compiler_fence(SeqCst);
     } else {
         crate::sync::fence(SeqCst);
@@ -160,8 +161,10 @@ mod tests {
         if FENCE_ONLY {
             assert!(!asymmetric(), "a fence-only build took the membarrier path");
         }
+        // A domain's readers use the process's flavour (their copy of it).
+        assert_eq!(Srcu::new().inner.asymmetric, asymmetric());
         // Both halves run without failing whichever flavour is in use.
-        reader();
+        reader(asymmetric());
         updater();
     }
 
