@@ -88,6 +88,13 @@ typedef struct {
     // for `capacity`; a single longer range is registered but not cached); 0 means no
     // limit (the default). libfabric's `FI_MR_CACHE_MAX_SIZE`.
     uint64_t max_bytes;
+    // Watch leases of evicted entries the cache keeps (default 1024), taken as given:
+    // 0 keeps none. An entry evicted while valid and unused leaves its memory registered
+    // with the monitor, so that the next miss on that memory makes no system call; a
+    // retained lease vouches for nothing (a miss still checks the memory as for any
+    // miss). The cost: an `madvise` that frees retained memory waits for the monitor, as
+    // on cached memory. `mmu_uffd_cache_clear` drops them.
+    size_t retained;
 } mmu_uffd_cache_config;
 
 // Registers `[addr, addr + len)` (whole pages) and stores the registration's key in
@@ -216,7 +223,7 @@ extern "C" {
 const char *mmu_uffd_last_error(void);
 
 // The default cache configuration: capacity 1024, merge on, reuse check on, 64 attempts,
-// no limit in bytes.
+// no limit in bytes, 1024 retained watch leases.
 mmu_uffd_cache_config mmu_uffd_cache_config_default(void);
 
 // Creates a cache on `monitor`'s address space with `registrar`'s callbacks (copied) and

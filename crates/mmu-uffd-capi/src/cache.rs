@@ -97,6 +97,13 @@ pub struct mmu_uffd_cache_config {
     /// for `capacity`; a single longer range is registered but not cached); 0 means no
     /// limit (the default). libfabric's `FI_MR_CACHE_MAX_SIZE`.
     pub max_bytes: u64,
+    /// Watch leases of evicted entries the cache keeps (default 1024), taken as given:
+    /// 0 keeps none. An entry evicted while valid and unused leaves its memory registered
+    /// with the monitor, so that the next miss on that memory makes no system call; a
+    /// retained lease vouches for nothing (a miss still checks the memory as for any
+    /// miss). The cost: an `madvise` that frees retained memory waits for the monitor, as
+    /// on cached memory. `mmu_uffd_cache_clear` drops them.
+    pub retained: usize,
 }
 
 /// Counters of a cache (`mmu_uffd_cache_get_stats`).
@@ -222,7 +229,7 @@ pub struct mmu_uffd_reg {
 }
 
 /// The default cache configuration: capacity 1024, merge on, reuse check on, 64 attempts,
-/// no limit in bytes.
+/// no limit in bytes, 1024 retained watch leases.
 #[no_mangle]
 pub extern "C" fn mmu_uffd_cache_config_default() -> mmu_uffd_cache_config {
     let d = CacheConfig::default();
@@ -232,6 +239,7 @@ pub extern "C" fn mmu_uffd_cache_config_default() -> mmu_uffd_cache_config {
         reuse_check: d.reuse_check,
         max_attempts: d.max_attempts,
         max_bytes: d.max_bytes.unwrap_or(0),
+        retained: d.retained,
     }
 }
 
@@ -267,7 +275,8 @@ pub unsafe extern "C" fn mmu_uffd_cache_new(
             .unwrap_or_else(|| mmu_uffd_cache_config_default());
         let mut cfg = CacheConfig::default()
             .with_merge(c.merge)
-            .with_reuse_check(c.reuse_check);
+            .with_reuse_check(c.reuse_check)
+            .with_retained(c.retained);
         if c.capacity != 0 {
             cfg = cfg.with_capacity(c.capacity);
         }

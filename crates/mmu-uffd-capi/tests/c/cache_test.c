@@ -259,6 +259,38 @@ int main(void) {
     CHECK(mmu_uffd_monitor_unwatch(monitor, w, page) == 0, "unwatch");
     CHECK(munmap(w, page) == 0, "munmap");
 
+    /* ---- retained watch leases: a miss on evicted memory registers nothing, unless
+     * the configuration keeps none ---- */
+    CHECK(ccfg.retained == 1024 && mmu_uffd_cache_config_default().retained == 1024,
+          "1024 retained leases by default");
+    for (size_t retained = 0; retained <= 1024; retained += 1024) {
+        mmu_uffd_cache_config one = ccfg;
+        one.capacity = 1; /* every lookup of another range evicts */
+        one.retained = retained;
+        mmu_uffd_cache *c1 = NULL;
+        CHECK(mmu_uffd_cache_new(monitor, &one, &registrar, &c1) == 0, "cache_new");
+        char *a = map(NULL, 2 * page), *b = map(NULL, page);
+        mmu_uffd_reg *ha = NULL, *hb = NULL;
+        CHECK(mmu_uffd_cache_get(c1, a, 2 * page, &ha) == 0, "get a");
+        mmu_uffd_reg_put(ha);
+        CHECK(mmu_uffd_cache_get(c1, b, page, &hb) == 0, "get b (evicts a)");
+        mmu_uffd_reg_put(hb);
+        CHECK(mmu_uffd_cache_len(c1) == 1, "one entry"); /* also unwatches what is idle */
+        mmu_uffd_monitor_stats before, after;
+        CHECK(mmu_uffd_monitor_get_stats(monitor, &before) == 0, "monitor stats");
+        CHECK(mmu_uffd_cache_get(c1, a, 2 * page, &ha) == 0, "get a again");
+        CHECK(mmu_uffd_reg_is_valid(ha), "valid");
+        CHECK(mmu_uffd_monitor_get_stats(monitor, &after) == 0, "monitor stats");
+        unsigned long long regs = after.watch_registrations - before.watch_registrations;
+        printf("retained %zu: the miss on evicted memory made %llu registrations\n", retained,
+               regs);
+        CHECK(retained ? regs == 0 : regs >= 1,
+              "retained leases decide whether a miss on evicted memory registers it again");
+        mmu_uffd_reg_put(ha);
+        mmu_uffd_cache_free(c1);
+        CHECK(munmap(a, 2 * page) == 0 && munmap(b, page) == 0, "munmap");
+    }
+
     /* ---- threads reusing addresses: no stale registration ---- */
     enum { THREADS = 4, ITERATIONS = 2000 };
     pthread_t threads[THREADS];
