@@ -97,32 +97,61 @@ impl ListPtr {
 #[derive(Clone, Copy)]
 struct TlbPtr(NonNull<dyn SecondaryTlb>);
 
+/// List subscribers a snapshot holds on its own first cache line (see [`Snapshot`]).
+const HEAD: usize = 2;
+
+/// What fills the unused places of [`Snapshot::head`]: never called (a snapshot's list
+/// slice covers only the places in use), there so that every place holds a valid pointer.
+struct Vacant;
+impl ListSubscriber for Vacant {}
+static VACANT: Vacant = Vacant;
+
 /// An immutable list of subscribers, published through `MmInner::list`.
 ///
 /// The list subscribers and the TLBs are kept apart, each as the bare trait objects the
 /// readers call; `owners` holds the `Arc` of every one of them, so that a pointer in
-/// `list` or `tlbs` is valid for as long as the snapshot is.
+/// `head`, `list` or `tlbs` is valid for as long as the snapshot is.
+///
+/// An invalidation's calls wait on a chain of dependent loads (the address space, its
+/// snapshot pointer, the snapshot, the subscriber's pointer, its function), and every
+/// subscriber call that ends in an atomic read-modify-write waits for all of them. With up
+/// to [`HEAD`] list subscribers their pointers are in the snapshot itself, on the line
+/// that also holds `n_list` and `itree` (the snapshot is aligned to a cache line), one
+/// load fewer than reaching them through a separate allocation.
+#[repr(C, align(64))]
 struct Snapshot {
-    list: Box<[ListPtr]>,
-    tlbs: Box<[TlbPtr]>,
+    /// Number of list subscribers.
+    n_list: usize,
     /// Invalidations must run the interval part (set once, by the first interval insert).
     /// Kept here so that the fast path reads one cache line.
     itree: bool,
-    /// Never read: held for its drop, which keeps every pointee of `list` and `tlbs`
-    /// alive for as long as the snapshot.
+    /// The list subscribers if there are at most [`HEAD`] (the other places hold
+    /// [`VACANT`]).
+    head: [ListPtr; HEAD],
+    /// The list subscribers if there are more than [`HEAD`]; empty otherwise.
+    list: Box<[ListPtr]>,
+    tlbs: Box<[TlbPtr]>,
+    /// Never read: held for its drop, which keeps every pointee of `head`, `list` and
+    /// `tlbs` alive for as long as the snapshot.
     #[allow(dead_code)]
     owners: Box<[Callbacks]>,
 }
 
 impl Snapshot {
     fn new(owners: Box<[Callbacks]>, itree: bool) -> Self {
-        let list = owners
+        let mut list: Vec<ListPtr> = owners
             .iter()
             .filter_map(|c| match c {
                 Callbacks::List(s) => Some(ListPtr::new(s)),
                 Callbacks::Tlb(_) => None,
             })
             .collect();
+        let n_list = list.len();
+        let mut head = [ListPtr(NonNull::from(&VACANT as &dyn ListSubscriber)); HEAD];
+        if n_list <= HEAD {
+            head[..n_list].copy_from_slice(&list);
+            list.clear();
+        }
         let tlbs = owners
             .iter()
             .filter_map(|c| match c {
@@ -131,9 +160,11 @@ impl Snapshot {
             })
             .collect();
         Self {
-            list,
-            tlbs,
+            n_list,
             itree,
+            head,
+            list: list.into_boxed_slice(),
+            tlbs,
             owners,
         }
     }
@@ -141,10 +172,12 @@ impl Snapshot {
     /// The list subscribers, in registration order.
     #[inline]
     fn list(&self) -> impl Iterator<Item = &dyn ListSubscriber> + '_ {
-        // SAFETY: every pointer in `list` was taken from an `Arc` in `owners`, which this
-        // snapshot owns and never changes: the pointee lives at least as long as `self`,
-        // and it is `Sync`, so a shared reference on any thread is sound.
-        self.list.iter().map(|p| unsafe { p.0.as_ref() })
+        let ptrs = self.head.get(..self.n_list).unwrap_or(&self.list);
+        // SAFETY: every pointer in `head` and `list` was taken from an `Arc` in `owners`
+        // (or is `VACANT`, a static), which this snapshot owns and never changes: the
+        // pointee lives at least as long as `self`, and it is `Sync`, so a shared
+        // reference on any thread is sound.
+        ptrs.iter().map(|p| unsafe { p.0.as_ref() })
     }
 
     /// The secondary TLBs, in registration order.

@@ -190,6 +190,55 @@ fn rule1_tlb_only_and_start_end_only_register_and_get_their_calls() {
     );
 }
 
+/// Every list subscriber gets start and end once, in registration order, whatever their
+/// number: the first few are kept apart from the rest for speed, so the count goes up to
+/// 5 and back to 0 (a TLB among them), through every path that walks the list.
+#[test]
+fn rule1_every_list_subscriber_is_called_once_in_order_at_any_count() {
+    const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
+    let mm = Subscriptions::new();
+    let l = log();
+    let _tlb = mm
+        .register_tlb(Arc::new(TlbRecorder { log: l.clone() }))
+        .unwrap();
+    let all = START_END | Ops::TEST_YOUNG | Ops::CLEAR_YOUNG | Ops::CLEAR_FLUSH_YOUNG;
+    let mut regs = Vec::new();
+    let check = |live: &[&str], regs_len: usize| {
+        assert_eq!(live.len(), regs_len);
+        l.lock().unwrap().clear();
+        drop(mm.invalidate_range_start(range(Event::Clear)));
+        drop(mm.try_invalidate_range_start(range(Event::Clear)).unwrap());
+        mm.clear_flush_young(0x1000, 0x2000);
+        mm.clear_young(0x1000, 0x2000);
+        mm.test_young(0x1000);
+        let mut want = Vec::new();
+        for _ in 0..2 {
+            want.extend(live.iter().map(|n| format!("{n}:start")));
+            want.extend(live.iter().map(|n| format!("{n}:end")));
+        }
+        for op in ["cfy", "cy", "ty"] {
+            want.extend(live.iter().map(|n| format!("{n}:{op}")));
+        }
+        assert_eq!(
+            *l.lock().unwrap(),
+            want,
+            "with {} list subscribers",
+            live.len()
+        );
+    };
+    check(&[], 0);
+    for (i, name) in NAMES.into_iter().enumerate() {
+        let r = Arc::new(Recorder::new(name, all, &l));
+        regs.push(mm.register(r).unwrap());
+        check(&NAMES[..=i], regs.len());
+    }
+    // Unregister from the front: the remaining ones keep their order.
+    for i in 0..NAMES.len() {
+        regs.remove(0).unregister();
+        check(&NAMES[i + 1..], regs.len());
+    }
+}
+
 // ----- rule 2 -------------------------------------------------------------------------
 
 fn young_set(
