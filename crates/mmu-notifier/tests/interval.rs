@@ -786,3 +786,39 @@ fn nested_overlapping_invalidations_keep_the_tree_frozen_until_the_last_end() {
     drop(g2);
     assert_eq!(mm.stats().interval_seq, frozen + 1);
 }
+
+/// An invalidation calls every subscription it overlaps once, in address order, however
+/// many there are (the first few are gathered apart from the rest); a non-blocking one
+/// stops at the first whose user lock is busy, wherever it is, and calls none after it.
+#[test]
+fn every_overlapped_subscription_is_called_once_in_order_and_a_busy_one_stops_the_rest() {
+    let mm = Subscriptions::new();
+    let log = Arc::new(Log::default());
+    let subs: Vec<_> = (0..9u64)
+        .map(|i| {
+            mm.insert_interval(i * P..(i + 1) * P, Sub::new(&format!("s{i}"), &log))
+                .unwrap()
+        })
+        .collect();
+    for n in 0..=9u64 {
+        drop(mm.invalidate_range_start(r(0, n * P + 1)));
+        let want: Vec<String> = (0..=n.min(8)).map(|i| format!("s{i}:Unmap")).collect();
+        assert_eq!(
+            log.take(),
+            want,
+            "an invalidation over {} subscriptions",
+            n + 1
+        );
+    }
+    for busy in [2usize, 4, 7] {
+        let held = subs[busy].lock();
+        assert_eq!(
+            mm.try_invalidate_range_start(r(0, 9 * P)).err(),
+            Some(WouldBlock)
+        );
+        let want: Vec<String> = (0..busy).map(|i| format!("s{i}:Unmap")).collect();
+        assert_eq!(log.take(), want, "subscription {busy} busy");
+        drop(held);
+    }
+    assert_eq!(mm.stats().interval_seq & 1, 0, "every interval part ended");
+}

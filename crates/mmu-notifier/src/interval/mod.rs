@@ -410,6 +410,48 @@ impl Drop for ItreeActive<'_> {
     }
 }
 
+/// The subscriptions an invalidation found, gathered under the tree lock and called after
+/// it is dropped: the first [`Hits::INLINE`] on the stack (an invalidation usually hits one
+/// or a few), the rest in a vector, so that the common invalidation allocates nothing.
+struct Hits {
+    inline: [Option<StdArc<dyn ErasedNode>>; Hits::INLINE],
+    more: Vec<StdArc<dyn ErasedNode>>,
+}
+
+impl Hits {
+    const INLINE: usize = 4;
+
+    fn new() -> Self {
+        Self {
+            inline: [const { None }; Hits::INLINE],
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, node: &StdArc<dyn ErasedNode>) {
+        match self.inline.iter_mut().find(|h| h.is_none()) {
+            Some(free) => *free = Some(node.clone()),
+            None => self.more.push(node.clone()),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inline[0].is_none()
+    }
+
+    /// Calls `f` on each, in the order they were found, until it returns false; returns
+    /// whether it never did.
+    fn all(self, mut f: impl FnMut(StdArc<dyn ErasedNode>) -> bool) -> bool {
+        for hit in self.inline {
+            let Some(node) = hit else { return true };
+            if !f(node) {
+                return false;
+            }
+        }
+        self.more.into_iter().all(f)
+    }
+}
+
 /// The interval part of `invalidate_range_start`. `Err` means a subscription could not
 /// proceed in a non-blockable range; the interval part has then already ended.
 pub(crate) fn inv_start<'a>(
@@ -420,11 +462,9 @@ pub(crate) fn inv_start<'a>(
     let (hits, cur_seq) = {
         let mut st = itree.state.lock();
         st.active += 1;
-        let mut hits: Vec<StdArc<dyn ErasedNode>> = Vec::new();
+        let mut hits = Hits::new();
         st.tree
-            .for_each_overlap(range.start(), range.end() - 1, |_, _, _, n| {
-                hits.push(n.clone())
-            });
+            .for_each_overlap(range.start(), range.end() - 1, |_, _, _, n| hits.push(n));
         if !hits.is_empty() && !st.frozen() {
             let odd = st.seq | 1;
             itree.set_seq(&mut st, odd);
@@ -433,14 +473,12 @@ pub(crate) fn inv_start<'a>(
     };
     let active = ItreeActive { mm };
     if hits.is_empty() {
-        // The common miss: nothing was allocated, nothing to call.
+        // The common miss: nothing to call.
         return Ok(active);
     }
-    for node in hits {
-        if !node.invalidate(mm, range, cur_seq) {
-            drop(active);
-            return Err(WouldBlock);
-        }
+    if !hits.all(|node| node.invalidate(mm, range, cur_seq)) {
+        drop(active);
+        return Err(WouldBlock);
     }
     Ok(active)
 }
@@ -468,6 +506,10 @@ fn inv_end(mm: &Subscriptions) {
 /// subscriptions whose `release` must now run.
 fn apply_deferred(st: &mut ItreeState) -> Vec<StdArc<dyn ErasedNode>> {
     let mut releases = Vec::new();
+    if st.deferred.is_empty() {
+        // The common end of an invalidation that hit: nothing was queued meanwhile.
+        return releases;
+    }
     for Deferred { node, op } in std::mem::take(&mut st.deferred) {
         let core = node.core();
         if let Some(k) = core.key() {
