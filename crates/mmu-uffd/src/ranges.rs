@@ -10,9 +10,12 @@ pub(crate) struct RangeSet {
 }
 
 impl RangeSet {
-    /// Whether `[start, end)` is entirely inside the set.
-    #[cfg(test)]
+    /// Whether `[start, end)` is entirely inside the set (an empty range always is). Ranges
+    /// are merged when they touch, so one range of the set must hold all of it: one lookup.
     pub(crate) fn covers(&self, start: u64, end: u64) -> bool {
+        if start >= end {
+            return true;
+        }
         match self.map.range(..=start).next_back() {
             Some((_, &e)) => e >= end,
             None => false,
@@ -25,16 +28,20 @@ impl RangeSet {
             return;
         }
         if let Some((&s, &e)) = self.map.range(..=start).next_back() {
+            if e >= end {
+                return; // covered already
+            }
             if e >= start {
                 start = s;
                 end = end.max(e);
             }
         }
-        let absorbed: Vec<u64> = self.map.range(start..=end).map(|(&s, _)| s).collect();
-        for s in absorbed {
-            if let Some(e) = self.map.remove(&s) {
-                end = end.max(e);
-            }
+        // Absorb every range that starts inside `[start, end]`, one at a time (no
+        // allocation: usually none or one, the neighbour a fresh buffer touches). Ranges
+        // are disjoint, so none can start past `end` once `end` grows to a removed one's.
+        while let Some((&s, &e)) = self.map.range(start..=end).next() {
+            self.map.remove(&s);
+            end = end.max(e);
         }
         self.map.insert(start, end);
     }
