@@ -2,6 +2,7 @@
 //! `Monitor::watch` (never unwatched because cache entries went).
 
 use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Included};
 
 /// Disjoint, non-adjacent `[start, end)` ranges keyed by start (adjacent ranges merge).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -36,10 +37,12 @@ impl RangeSet {
                 end = end.max(e);
             }
         }
-        // Absorb every range that starts inside `[start, end]`, one at a time (no
-        // allocation: usually none or one, the neighbour a fresh buffer touches). Ranges
-        // are disjoint, so none can start past `end` once `end` grows to a removed one's.
-        while let Some((&s, &e)) = self.map.range(start..=end).next() {
+        // Absorb every range that starts inside `(start, end]`, one at a time (no
+        // allocation: usually none or one, the neighbour a fresh buffer touches); one
+        // starting at `start` is the one found above, which the insert below replaces.
+        // Ranges are disjoint, so none can start past `end` once `end` grows to a removed
+        // one's.
+        while let Some((&s, &e)) = self.map.range((Excluded(start), Included(end))).next() {
             self.map.remove(&s);
             end = end.max(e);
         }
