@@ -9,7 +9,7 @@
 //!
 //! `cargo bench -p mmu-uffd-capi --bench miss_vs_libfabric` (release build; about a
 //! minute). Every variant runs in its own process, one after the other in a rotating
-//! order, for `MISS_ROUNDS` rounds (default 31); each process prints the median of its
+//! order, for `MISS_ROUNDS` rounds (default 32); each process prints the median of its
 //! batches (ns per operation), and the table gives, per variant, the median over the
 //! rounds with the 10th and 90th percentiles, and the per-round ratio ours / libfabric.
 //! With `strace` installed it also counts the system calls per operation of each
@@ -32,6 +32,20 @@
 //!   loop) in a cache of 4096 entries, nothing evicted: 2000 misses per process (one
 //!   batch of warm-up, then `MISS_BATCHES` of `MISS_FRESH_OPS`), as the criterion bench's
 //!   "miss on unwatched memory" (4096 entries, 2000 misses).
+//!
+//! **The layout shift.** What `UFFDIO_REGISTER` and `msync` of a fresh mapping cost depends
+//! on where the buffers land among the process's mappings, not on who calls them: on the
+//! bare userfaultfd, in a process with nothing else (Linux 6.18, a 2-vCPU KVM guest), the
+//! same register + check loop took
+//! 1.28-1.49 us or 2.6-2.9 us per buffer depending only on how many one-page mappings were
+//! made before the buffers (0-2 and 7-19: fast; 3-6 and 20: slow, twice as long, every
+//! run; the kernel's tree of mappings, presumably). The two caches' processes have
+//! different mappings (monitor threads' stacks and malloc arenas), so a comparison at one
+//! layout compares the kernel's luck. Round `r` therefore maps `r % MISS_SHIFTS` (default
+//! 16) such pages, alternately read-only and inaccessible so that none merges, just before
+//! the buffers, the same number for every variant of the round: over the rounds each side
+//! runs at every shift, the per-round ratio compares equal shifts, and a table by shift
+//! shows the kernel's steps (`MISS_SHIFTS=1`: no shift).
 //!
 //! libfabric's cache cannot be reached through libfabric's public API on a machine
 //! without RDMA hardware: in 1.17 only the verbs and efa providers (and the shm
@@ -75,6 +89,35 @@ fn anon(len: usize) -> *mut u8 {
     };
     assert_ne!(p, libc::MAP_FAILED);
     p.cast()
+}
+
+/// The layout shift: `MISS_SHIFT` one-page mappings, read-only and inaccessible in turn
+/// so that none merges with its neighbours, mapped just before the buffers (see the
+/// module docs; libfabric_miss.c does the same).
+fn shift_layout() {
+    let n: usize = std::env::var("MISS_SHIFT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for i in 0..n {
+        let prot = if i % 2 == 1 {
+            libc::PROT_NONE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh anonymous private mapping, never accessed.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -145,6 +188,7 @@ fn child(mode: &str, batches: usize, ops: usize) {
     match mode {
         "ours-cycle" | "ours-cycle-unretained" => {
             let cache = new_cache(ENTRIES);
+            shift_layout();
             let bufs: Vec<*mut u8> = (0..NBUFS).map(|_| anon(BUF_PAGES * PAGE)).collect();
             let mut j = 0;
             let ns = batched(batches, ops, || {
@@ -159,7 +203,9 @@ fn child(mode: &str, batches: usize, ops: usize) {
             let n = (batches + 1) * ops;
             assert!(n < FRESH_CAPACITY, "more fresh misses than entries");
             let cache = new_cache(FRESH_CAPACITY);
-            let bufs: Vec<*mut u8> = (0..n).map(|_| anon(FRESH_PAGES * PAGE)).collect();
+            let mut bufs: Vec<*mut u8> = Vec::with_capacity(n);
+            shift_layout();
+            bufs.extend((0..n).map(|_| anon(FRESH_PAGES * PAGE)));
             let mut k = 0;
             let ns = batched(batches, ops, || {
                 black_box(cache.get(black_box(bufs[k]), FRESH_PAGES * PAGE).unwrap());
@@ -182,11 +228,12 @@ struct Variant {
 }
 
 impl Variant {
-    fn command(&self, batches: usize, ops: usize) -> Command {
+    fn command(&self, batches: usize, ops: usize, shift: usize) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.args(&self.args)
             .arg(batches.to_string())
             .arg(ops.to_string())
+            .env("MISS_SHIFT", shift.to_string())
             .env_remove("FI_MR_CACHE_MONITOR")
             .env_remove("LD_LIBRARY_PATH");
         if let Some(mode) = self.env {
@@ -205,9 +252,9 @@ impl Variant {
     }
 
     /// Runs it once; its number (ns per operation), or the line explaining why none.
-    fn run(&self, batches: usize, ops: usize) -> Result<f64, String> {
+    fn run(&self, batches: usize, ops: usize, shift: usize) -> Result<f64, String> {
         let out = self
-            .command(batches, ops)
+            .command(batches, ops, shift)
             .output()
             .map_err(|e| format!("{}: {e}", self.exe.display()))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -225,7 +272,7 @@ impl Variant {
     /// markers around the timed batches: `strace -f` of one batch.
     fn syscalls(&self, dir: &Path, ops: usize) -> Option<(f64, String)> {
         let file = dir.join(format!("{}.strace", self.name));
-        let inner = self.command(1, ops);
+        let inner = self.command(1, ops, 0);
         let mut cmd = Command::new("strace");
         cmd.args(["-f", "-qq", "-o"])
             .arg(&file)
@@ -338,19 +385,26 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let rounds = env("MISS_ROUNDS", 31);
+    let rounds = env("MISS_ROUNDS", 32);
     let (batches, ops) = (env("MISS_BATCHES", 9), env("MISS_OPS", 1000));
     let fresh_ops = env("MISS_FRESH_OPS", 200);
+    let shifts = env("MISS_SHIFTS", 16).max(1);
     let mut samples: Vec<Vec<f64>> = variants.iter().map(|_| Vec::new()).collect();
+    // The layout shift of each sample (round r: r % shifts, the same for every variant).
+    let mut shift_of: Vec<Vec<usize>> = variants.iter().map(|_| Vec::new()).collect();
     let mut skipped: Vec<Option<String>> = variants.iter().map(|_| None).collect();
     for r in 0..rounds {
+        let shift = r % shifts;
         for k in 0..variants.len() {
             let i = (r + k) % variants.len();
             if skipped[i].is_some() {
                 continue;
             }
-            match variants[i].run(batches, variants[i].ops(ops, fresh_ops)) {
-                Ok(ns) => samples[i].push(ns),
+            match variants[i].run(batches, variants[i].ops(ops, fresh_ops), shift) {
+                Ok(ns) => {
+                    samples[i].push(ns);
+                    shift_of[i].push(shift);
+                }
                 Err(why) => skipped[i] = Some(why),
             }
         }
@@ -360,8 +414,9 @@ fn main() {
         .map(|v| v.syscalls(&work_dir("miss"), v.ops(ops, fresh_ops)))
         .collect();
     println!(
-        "\nper operation, {rounds} rounds of one process per variant (rotating order), each \
-         the median of {batches} batches of {ops} ({fresh_ops} for fresh):"
+        "\nper operation, {rounds} rounds of one process per variant (rotating order, layout \
+         shift = round % {shifts}), each the median of {batches} batches of {ops} ({fresh_ops} \
+         for fresh):"
     );
     println!(
         "{:<24} {:>9} {:>9} {:>9} {:>9}  system calls per operation (strace -f)",
@@ -376,7 +431,8 @@ fn main() {
             println!("{:<24} {why}", v.name);
             continue;
         }
-        let s = &mut samples[i];
+        // On a copy: `samples` stays in round order for the ratios below.
+        let s = &mut samples[i].clone();
         let (m, p10, p90) = (median(s), percentile(s, 10), percentile(s, 90));
         let sys = syscalls[i]
             .as_ref()
@@ -393,6 +449,36 @@ fn main() {
             floor.map_or(f64::NAN, |f| m / f)
         );
     }
+    // The fresh misses by layout shift: the kernel's share moves with it (module docs).
+    if shifts > 1 {
+        println!("\nby layout shift (median ns over the rounds with that shift):");
+        println!(
+            "{:<26}{}",
+            "shift",
+            (0..shifts).map(|k| format!("{k:>6}")).collect::<String>()
+        );
+        for (i, v) in variants.iter().enumerate() {
+            if !v.name.contains("fresh") || samples[i].is_empty() {
+                continue;
+            }
+            let row: String = (0..shifts)
+                .map(|k| {
+                    let mut at: Vec<f64> = samples[i]
+                        .iter()
+                        .zip(&shift_of[i])
+                        .filter(|(_, &sh)| sh == k)
+                        .map(|(&x, _)| x)
+                        .collect();
+                    if at.is_empty() {
+                        format!("{:>6}", "-")
+                    } else {
+                        format!("{:>6.0}", median(&mut at))
+                    }
+                })
+                .collect();
+            println!("{:<26}{row}", v.name);
+        }
+    }
     for (ours, theirs) in [
         ("ours-cycle", "libfabric-cycle"),
         ("ours-fresh", "libfabric-fresh"),
@@ -402,7 +488,8 @@ fn main() {
         if samples[a].is_empty() || samples[b].is_empty() {
             continue;
         }
-        // Round by round (the two ran next to each other): ours / libfabric.
+        // Round by round (the two ran next to each other, with the same layout shift): ours
+        // / libfabric.
         let mut ratios: Vec<f64> = samples[a]
             .iter()
             .zip(&samples[b])

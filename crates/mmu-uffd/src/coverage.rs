@@ -53,6 +53,28 @@ impl CoverageMap {
                 return;
             }
         }
+        // Fast path: no address of the range is counted yet (memory leased for the first
+        // time, the common miss). The last segment starting before `end` is the only one
+        // that could overlap the range: if it ends by `start`, none does. The range becomes
+        // one segment of count 1, merged with a neighbour of count 1 that touches it on
+        // either side (the merge invariant: no other boundary changed). A few map
+        // operations and no allocation, where the general path splits, collects the gaps
+        // and merges in a second pass.
+        let before = self.map.range(..end).next_back().map(|(&s, &v)| (s, v));
+        if before.map_or(true, |(_, (e, _))| e <= start) {
+            let mut seg = (start, end);
+            if let Some((s, (e, 1))) = before {
+                if e == start {
+                    seg.0 = s; // extends the neighbour below (replaced by the insert)
+                }
+            }
+            if let Some(&(e, 1)) = self.map.get(&end) {
+                self.map.remove(&end);
+                seg.1 = e;
+            }
+            self.map.insert(seg.0, (seg.1, 1));
+            return;
+        }
         self.split_at(start);
         self.split_at(end);
         let mut gaps = Vec::new();
@@ -313,6 +335,31 @@ mod tests {
         m.release(0x3000, 0x7000, &mut freed);
         assert_eq!(freed, [(0x3000, 0x7000)]);
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn fresh_neighbours_merge_in_either_address_order() {
+        // Buffers leased for the first time, top-down (mmap's order) and bottom-up: each
+        // joins the touching segment of count 1; a segment of another count stays apart.
+        let mut m = CoverageMap::default();
+        for i in (1..5u64).rev() {
+            m.acquire(i * PAGE, (i + 1) * PAGE);
+        }
+        assert_eq!(segs(&m), [(PAGE, 5 * PAGE, 1)]);
+        m.acquire(5 * PAGE, 6 * PAGE);
+        m.acquire(6 * PAGE, 7 * PAGE);
+        assert_eq!(segs(&m), [(PAGE, 7 * PAGE, 1)]);
+        m.acquire(8 * PAGE, 9 * PAGE);
+        m.acquire(8 * PAGE, 9 * PAGE);
+        m.acquire(7 * PAGE, 8 * PAGE); // between a count of 1 and one of 2
+        assert_eq!(segs(&m), [(PAGE, 8 * PAGE, 1), (8 * PAGE, 9 * PAGE, 2)]);
+        m.acquire(0, PAGE); // the address space's first page, below a count of 1
+        assert_eq!(segs(&m), [(0, 8 * PAGE, 1), (8 * PAGE, 9 * PAGE, 2)]);
+        let mut freed = Vec::new();
+        m.release(3 * PAGE, 4 * PAGE, &mut freed);
+        assert_eq!(freed, [(3 * PAGE, 4 * PAGE)]);
+        m.acquire(3 * PAGE, 4 * PAGE); // the hole again: both sides merge back
+        assert_eq!(segs(&m), [(0, 8 * PAGE, 1), (8 * PAGE, 9 * PAGE, 2)]);
     }
 
     #[test]

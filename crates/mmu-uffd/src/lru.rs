@@ -228,11 +228,28 @@ impl<K: Clone + Eq + Hash, V> LruIndex<K, V> {
     /// every range of `key` that overlaps it.
     pub(crate) fn insert(&mut self, key: K, start: u64, end: u64, value: V) -> Vec<V> {
         debug_assert!(start < end);
-        let removed: Vec<V> = self
-            .overlapping(&key, start, end)
-            .into_iter()
-            .map(|id| self.remove(id))
-            .collect();
+        // One search finds both the overlaps and, when there are none (the common case:
+        // a miss on memory no entry of the key covers), the insertion point: the ranges
+        // starting before `end` then all end by `start` (they are sorted and disjoint),
+        // so they are exactly those starting before `start`.
+        let mut at = None;
+        let mut removed = Vec::new();
+        if let Some(g) = self.group_of(&key) {
+            let by_start = &self.groups[g as usize].by_start;
+            let below_end = by_start.partition_point(|&(s, _)| s < end);
+            let overlaps = below_end
+                .checked_sub(1)
+                .is_some_and(|last| self.slots[by_start[last].1 as usize].end > start);
+            if overlaps {
+                removed = self
+                    .overlapping(&key, start, end)
+                    .into_iter()
+                    .map(|id| self.remove(id))
+                    .collect();
+            } else {
+                at = Some(below_end);
+            }
+        }
         let group = self.group_for(key);
         let slot = Slot {
             start,
@@ -253,7 +270,7 @@ impl<K: Clone + Eq + Hash, V> LruIndex<K, V> {
             }
         };
         let by_start = &mut self.groups[group as usize].by_start;
-        let at = by_start.partition_point(|&(s, _)| s < start);
+        let at = at.unwrap_or_else(|| by_start.partition_point(|&(s, _)| s < start));
         by_start.insert(at, (start, i));
         self.push_front(i);
         self.len += 1;

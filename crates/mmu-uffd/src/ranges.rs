@@ -2,6 +2,7 @@
 //! `Monitor::watch` (never unwatched because cache entries went).
 
 use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Included};
 
 /// Disjoint, non-adjacent `[start, end)` ranges keyed by start (adjacent ranges merge).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -10,9 +11,12 @@ pub(crate) struct RangeSet {
 }
 
 impl RangeSet {
-    /// Whether `[start, end)` is entirely inside the set.
-    #[cfg(test)]
+    /// Whether `[start, end)` is entirely inside the set (an empty range always is). Ranges
+    /// are merged when they touch, so one range of the set must hold all of it: one lookup.
     pub(crate) fn covers(&self, start: u64, end: u64) -> bool {
+        if start >= end {
+            return true;
+        }
         match self.map.range(..=start).next_back() {
             Some((_, &e)) => e >= end,
             None => false,
@@ -25,16 +29,22 @@ impl RangeSet {
             return;
         }
         if let Some((&s, &e)) = self.map.range(..=start).next_back() {
+            if e >= end {
+                return; // covered already
+            }
             if e >= start {
                 start = s;
                 end = end.max(e);
             }
         }
-        let absorbed: Vec<u64> = self.map.range(start..=end).map(|(&s, _)| s).collect();
-        for s in absorbed {
-            if let Some(e) = self.map.remove(&s) {
-                end = end.max(e);
-            }
+        // Absorb every range that starts inside `(start, end]`, one at a time (no
+        // allocation: usually none or one, the neighbour a fresh buffer touches); one
+        // starting at `start` is the one found above, which the insert below replaces.
+        // Ranges are disjoint, so none can start past `end` once `end` grows to a removed
+        // one's.
+        while let Some((&s, &e)) = self.map.range((Excluded(start), Included(end))).next() {
+            self.map.remove(&s);
+            end = end.max(e);
         }
         self.map.insert(start, end);
     }

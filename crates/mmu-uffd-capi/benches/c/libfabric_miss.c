@@ -159,6 +159,20 @@ static char *anon(size_t len)
 	return p;
 }
 
+/* The layout shift (see miss_vs_libfabric.rs): MISS_SHIFT one-page mappings, read-only
+ * and inaccessible in turn so that none merges with its neighbours, mapped just before the
+ * buffers. */
+static void shift_layout(void)
+{
+	const char *v = getenv("MISS_SHIFT");
+	long n = v ? atol(v) : 0;
+	for (long i = 0; i < n; i++) {
+		int prot = i % 2 ? PROT_NONE : PROT_READ;
+		void *p = mmap(NULL, page, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		CHECK(p != MAP_FAILED);
+	}
+}
+
 static uint64_t now(void)
 {
 	struct timespec t;
@@ -236,6 +250,7 @@ int main(int argc, char **argv)
 	if (!strcmp(mode, "cycle")) {
 		start_cache(ENTRIES);
 		char *bufs[NBUFS];
+		shift_layout();
 		for (int i = 0; i < NBUFS; i++)
 			bufs[i] = anon(BUF_PAGES * page);
 		ofi_mr_cache_delete(cache, lf_get(bufs[0], BUF_PAGES * page));
@@ -260,6 +275,7 @@ int main(int argc, char **argv)
 		start_cache(FRESH_CAPACITY);
 		char **bufs = calloc(n, sizeof *bufs);
 		CHECK(bufs);
+		shift_layout();
 		for (size_t i = 0; i < n; i++)
 			bufs[i] = anon(FRESH_PAGES * page);
 		ofi_mr_cache_delete(cache, lf_get(bufs[0], FRESH_PAGES * page));
@@ -280,6 +296,7 @@ int main(int argc, char **argv)
 		uint64_t m = again ? UFFDIO_REGISTER_MODE_MISSING : UFFDIO_REGISTER_MODE_WP;
 		int fd = bare_fd();
 		char *bufs[NBUFS];
+		shift_layout();
 		for (int i = 0; i < NBUFS; i++) {
 			bufs[i] = anon(BUF_PAGES * page);
 			if (again)
@@ -305,6 +322,7 @@ int main(int argc, char **argv)
 		size_t n = (size_t)(batches + 1) * (size_t)ops;
 		char **bufs = calloc(n, sizeof *bufs);
 		CHECK(bufs);
+		shift_layout();
 		for (size_t i = 0; i < n; i++)
 			bufs[i] = anon(FRESH_PAGES * page);
 		size_t k = 0;
