@@ -10,10 +10,23 @@
 //! invalidation callback runs on the monitor thread, side by side with a bare userfaultfd
 //! reader (a thread blocked in `read()`, timestamping when the event arrives: what a C
 //! monitor does), and the time until the unmapper sees its cache handle invalid, for two
-//! placements interleaved in one run: the monitor's threads on another CPU than the
-//! unmapper, and everything on one CPU (`sched_setaffinity`); it prints medians, p99 and
-//! the ratios to the bare reader (`MMU_UFFD_LATENCY_ONLY=1` runs only that part,
+//! placements (`sched_setaffinity`): the monitor's threads and the bare reader on another
+//! CPU than the unmapper, and everything on one CPU. It prints medians, p99 and the ratios
+//! to the bare reader (`MMU_UFFD_LATENCY_ONLY=1` runs only that part,
 //! `MMU_UFFD_PLACEMENT=other` or `same` only one placement).
+//!
+//! Each placement runs in processes of its own (the bench starts itself again,
+//! `MMU_UFFD_LATENCY_PROCS` processes per placement, default 6, the placements
+//! alternating; `MMU_UFFD_LATENCY_ROUNDS` rounds each, default 2000), and inside a process
+//! the bare reader's munmap and the monitor's alternate, each first every other round. Both
+//! are needed for a fair comparison. A one-CPU munmap right after a measurement of the
+//! other placement (whose threads just ran on the other CPU) is slower, by a few
+//! microseconds, than one after another one-CPU measurement. With both placements
+//! interleaved in one process in a fixed rotation, the monitor's munmap always came right
+//! after the other placement and the bare reader's one time in four: measured, 1.64 times
+//! the bare reader; with the two swapped in the rotation, 1.23. In a process of its own
+//! the one-CPU placement never runs a thread on the other CPU (the children start pinned
+//! to CPU 0), and the alternation makes each side follow the other as often as itself.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -248,15 +261,45 @@ fn p99(v: &mut [u64]) -> u64 {
     v[v.len() * 99 / 100]
 }
 
-/// One placement of the monitor threads relative to the unmapper: a monitor and a bare
-/// reader whose threads were created (and stay) on the same CPU.
-struct Placement {
-    name: &'static str,
-    monitor: Monitor,
-    bare: Bare,
+/// Where the readers run relative to the unmapping thread (which runs on CPU 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// The monitor's threads and the bare reader on CPU 1.
+    Other,
+    /// Everything on CPU 0; no thread of the process ever runs on CPU 1.
+    Same,
 }
 
-/// Per-placement samples (ns): bare reader, monitor callback, handle seen invalid.
+impl Placement {
+    fn key(self) -> &'static str {
+        match self {
+            Placement::Other => "other",
+            Placement::Same => "same",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Placement> {
+        [Placement::Other, Placement::Same]
+            .into_iter()
+            .find(|p| p.key() == s)
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Placement::Other => "monitor threads and bare reader on another CPU",
+            Placement::Same => "everything on one CPU",
+        }
+    }
+
+    fn readers_cpu(self) -> usize {
+        match self {
+            Placement::Other => 1,
+            Placement::Same => 0,
+        }
+    }
+}
+
+/// One process's samples (ns): bare reader, monitor callback, handle seen invalid.
 #[derive(Default)]
 struct Samples {
     raw: Vec<u64>,
@@ -317,35 +360,55 @@ fn bare_munmap(bare: &Bare, epoch: Instant) -> u64 {
     bare.seen.load(Ordering::Acquire).saturating_sub(t0)
 }
 
-fn latency(placements: &[Placement], epoch: Instant) {
-    let rounds = 2000;
-    let caches: Vec<_> = placements
-        .iter()
-        .map(|p| noop_cache(&p.monitor, 64))
-        .collect();
-    let mut samples: Vec<Samples> = placements.iter().map(|_| Samples::default()).collect();
-    // Every round runs each placement's bare reader and monitor once, in a rotating
-    // order, so that drifting machine load hits all of them alike.
-    let variants = placements.len() * 2;
+/// The number an environment variable holds, or `default`.
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
+}
+
+/// A child process of the latency part: one placement, `rounds` rounds, each one munmap
+/// through the bare reader and one through the monitor, in an order that alternates from
+/// round to round (each kind follows the other as often as itself). Prints one
+/// `LATENCY <placement> <pinned> <9 numbers>` line for the parent: bare reader, monitor
+/// callback and handle seen invalid (median, p99), then the floors: a miss on unwatched
+/// memory and an unwatched munmap (medians).
+fn latency_child(placement: Placement, busy: Duration) {
+    let rounds = env_number("MMU_UFFD_LATENCY_ROUNDS", 2000);
+    // The readers' threads inherit the mask of the thread that creates them.
+    let mut pinned = pin(placement.readers_cpu());
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("SKIPPED {e}");
+            return;
+        }
+    };
+    let Some(bare) = bare(epoch) else {
+        println!("SKIPPED bare userfaultfd reader unavailable");
+        return;
+    };
+    pinned &= pin(0);
+    let cache = noop_cache(&monitor, 64);
+    let mut s = Samples::default();
     for r in 0..rounds {
-        for k in 0..variants {
-            let v = (r + k) % variants;
-            let (i, monitored) = (v / 2, v % 2 == 0);
-            let s = &mut samples[i];
-            if monitored {
-                let (ours, to_invalid) =
-                    monitored_munmap(&placements[i].monitor, &caches[i], epoch);
+        for k in 0..2 {
+            if (r + k) % 2 == 0 {
+                let (ours, to_invalid) = monitored_munmap(&monitor, &cache, epoch);
                 s.ours.push(ours);
                 s.to_invalid.push(to_invalid);
             } else {
-                s.raw.push(bare_munmap(&placements[i].bare, epoch));
+                s.raw.push(bare_munmap(&bare, epoch));
             }
         }
     }
-    let monitor = &placements[0].monitor;
     // A miss on memory nobody watched yet: the monitor's UFFDIO_REGISTER system call is
     // part of it. Buffers are unmapped after the timed loop.
-    let fresh_cache = noop_cache(monitor, 4096);
+    let fresh_cache = noop_cache(&monitor, 4096);
     let fresh: Vec<*mut u8> = (0..rounds).map(|_| anon(4 * PAGE)).collect();
     let mut first_miss: Vec<u64> = fresh
         .iter()
@@ -356,11 +419,6 @@ fn latency(placements: &[Placement], epoch: Instant) {
         })
         .collect();
     assert_eq!(fresh_cache.stats().misses, rounds as u64);
-    println!(
-        "  miss on unwatched memory (watch syscall + register)     {:6.2} us ({:.2})",
-        median(&mut first_miss) as f64 / 1e3,
-        p99(&mut first_miss) as f64 / 1e3
-    );
     drop(fresh_cache);
     for p in fresh {
         // SAFETY: unmaps the buffers made above.
@@ -379,116 +437,154 @@ fn latency(placements: &[Placement], epoch: Instant) {
         })
         .collect();
     println!(
-        "  unwatched munmap, call -> return (the floor)            {:6.2} us ({:.2})",
-        median(&mut plain) as f64 / 1e3,
-        p99(&mut plain) as f64 / 1e3
+        "LATENCY {} {} {} {} {} {} {} {} {} {}",
+        placement.key(),
+        pinned as u8,
+        median(&mut s.raw),
+        p99(&mut s.raw),
+        median(&mut s.ours),
+        p99(&mut s.ours),
+        median(&mut s.to_invalid),
+        p99(&mut s.to_invalid),
+        median(&mut first_miss),
+        median(&mut plain),
     );
-    println!("munmap latency, {rounds} rounds each, interleaved, median (p99):");
-    for (p, s) in placements.iter().zip(&mut samples) {
-        let (mo, mr, mi) = (
-            median(&mut s.ours),
-            median(&mut s.raw),
-            median(&mut s.to_invalid),
+}
+
+/// The latency part: `MMU_UFFD_LATENCY_PROCS` processes per placement (default 6), the
+/// placements alternating, each process `MMU_UFFD_LATENCY_ROUNDS` rounds (default 2000).
+/// Prints, per placement, the medians over the processes of each process's medians (and
+/// p99), and the ratio monitor / bare reader: median over the processes, [lowest,
+/// highest].
+fn latency() {
+    let placements: Vec<Placement> = match std::env::var("MMU_UFFD_PLACEMENT") {
+        Ok(p) => match Placement::parse(&p) {
+            Some(p) => vec![p],
+            None => panic!("MMU_UFFD_PLACEMENT={p}: expected other or same"),
+        },
+        Err(_) => vec![Placement::Other, Placement::Same],
+    };
+    let procs = env_number("MMU_UFFD_LATENCY_PROCS", 6);
+    let rounds = env_number("MMU_UFFD_LATENCY_ROUNDS", 2000);
+    let exe = std::env::current_exe().expect("the bench's own path");
+    // The children inherit the mask: they start on CPU 0, so a process of the one-CPU
+    // placement never runs a thread on CPU 1, not even while it starts.
+    let mut pinned = pin(0);
+    let mut results: Vec<Vec<[u64; 8]>> = vec![Vec::new(); placements.len()];
+    for i in 0..procs {
+        for k in 0..placements.len() {
+            let j = (i + k) % placements.len();
+            let out = std::process::Command::new(&exe)
+                .args(std::env::args_os().skip(1))
+                .env("MMU_UFFD_LATENCY_CHILD", placements[j].key())
+                .env("MMU_UFFD_LATENCY_ROUNDS", rounds.to_string())
+                .output()
+                .expect("running a latency process");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "latency process failed: {}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if let Some(why) = text.lines().find_map(|l| l.strip_prefix("SKIPPED ")) {
+                println!("SKIPPED munmap latency: {why}");
+                return;
+            }
+            let line = text
+                .lines()
+                .find_map(|l| l.strip_prefix("LATENCY "))
+                .expect("a LATENCY line");
+            let f: Vec<&str> = line.split_whitespace().collect();
+            pinned &= f[1] == "1";
+            let mut v = [0u64; 8];
+            for (d, s) in v.iter_mut().zip(&f[2..]) {
+                *d = s.parse().expect("a number");
+            }
+            results[j].push(v);
+        }
+    }
+    let us = |ns: u64| ns as f64 / 1e3;
+    println!(
+        "munmap latency: {procs} processes per placement, alternating, {rounds} rounds each \
+         (bare reader and monitor alternating); medians over the processes of each \
+         process's median (p99){}:",
+        if pinned {
+            ", unmapper on CPU 0"
+        } else {
+            ", NOT PINNED (sched_setaffinity failed)"
+        }
+    );
+    for (p, runs) in placements.iter().zip(&mut results) {
+        let col = |runs: &[[u64; 8]], i: usize| -> u64 {
+            let mut v: Vec<u64> = runs.iter().map(|r| r[i]).collect();
+            median(&mut v)
+        };
+        let mut ratios: Vec<f64> = runs.iter().map(|r| r[2] as f64 / r[0] as f64).collect();
+        ratios.sort_by(f64::total_cmp);
+        let mut inv: Vec<f64> = runs.iter().map(|r| r[4] as f64 / r[0] as f64).collect();
+        inv.sort_by(f64::total_cmp);
+        println!("  [{}]", p.title());
+        println!(
+            "  unwatched munmap, call -> return (the floor)            {:6.2} us",
+            us(col(runs, 7))
         );
-        println!("  [{}]", p.name);
+        println!(
+            "  miss on unwatched memory (watch syscall + register)     {:6.2} us",
+            us(col(runs, 6))
+        );
         println!(
             "  bare reader: munmap call -> event read                 {:6.2} us ({:.2})",
-            mr as f64 / 1e3,
-            p99(&mut s.raw) as f64 / 1e3
+            us(col(runs, 0)),
+            us(col(runs, 1))
         );
         println!(
             "  monitor:     munmap call -> invalidation callback ran   {:6.2} us ({:.2})",
-            mo as f64 / 1e3,
-            p99(&mut s.ours) as f64 / 1e3
+            us(col(runs, 2)),
+            us(col(runs, 3))
         );
         println!(
             "  cache:       munmap call -> handle seen invalid         {:6.2} us ({:.2})",
-            mi as f64 / 1e3,
-            p99(&mut s.to_invalid) as f64 / 1e3
+            us(col(runs, 4)),
+            us(col(runs, 5))
         );
         println!(
-            "  ratio monitor / bare: {:.3}; seen invalid / bare: {:.3}",
-            mo as f64 / mr as f64,
-            mi as f64 / mr as f64
+            "  ratio monitor / bare: {:.3} [{:.3}, {:.3}]; seen invalid / bare: {:.3} \
+             [{:.3}, {:.3}]",
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1],
+            inv[inv.len() / 2],
+            inv[0],
+            inv[inv.len() - 1]
         );
     }
 }
 
 fn main() {
-    // The latency depends on where the reader threads run relative to the unmapper; pin
-    // them like the C reference: for "other CPU" the monitor and a bare reader are created
-    // while this thread is on CPU 1 (their threads inherit the mask), for "same CPU"
-    // another pair is created on CPU 0; the unmapping thread then moves to CPU 0 and the
-    // latency part runs both placements interleaved in one run.
-    let cross = pin(1);
     // MMU_UFFD_BUSY_POLL_US=N: the monitor keeps polling N us after each event.
     let busy = std::env::var("MMU_UFFD_BUSY_POLL_US")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_micros)
         .unwrap_or(Duration::ZERO);
-    let new_monitor = || Monitor::with_config(MonitorConfig::default().with_busy_poll(busy));
-    let monitor = match new_monitor() {
+    if let Ok(p) = std::env::var("MMU_UFFD_LATENCY_CHILD") {
+        let p = Placement::parse(&p).expect("MMU_UFFD_LATENCY_CHILD=other|same");
+        latency_child(p, busy);
+        return;
+    }
+    println!("monitor busy polling after each event: {busy:?}");
+    if std::env::var_os("MMU_UFFD_LATENCY_ONLY").is_some() {
+        latency();
+        return;
+    }
+    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
         Ok(m) => m,
         Err(e) => {
             println!("SKIPPED cache benchmarks: {e}");
             return;
         }
     };
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let bare_cross = bare(epoch);
-    let pinned = pin(0);
-    let same = if pinned {
-        new_monitor().ok().zip(bare(epoch))
-    } else {
-        None
-    };
-    println!("monitor busy polling after each event: {busy:?}");
-    println!(
-        "placement: {}",
-        match (cross && pinned, &same) {
-            (false, _) => "not pinned (sched_setaffinity failed)",
-            (true, None) => "readers on CPU 1, unmapper on CPU 0 (no second monitor)",
-            (true, Some(_)) => "readers on CPU 1 or on CPU 0, unmapper on CPU 0",
-        }
-    );
-    let run_latency = |monitor: Monitor| {
-        let Some(bare_cross) = bare_cross else {
-            println!("bare userfaultfd reader unavailable: latency comparison skipped");
-            return;
-        };
-        let mut placements = vec![Placement {
-            name: if cross && pinned {
-                "monitor threads on another CPU"
-            } else {
-                "unpinned"
-            },
-            monitor,
-            bare: bare_cross,
-        }];
-        if let Some((monitor, bare)) = same {
-            placements.push(Placement {
-                name: "everything on one CPU",
-                monitor,
-                bare,
-            });
-        }
-        // MMU_UFFD_PLACEMENT=other|same: only that placement (e.g. to count context
-        // switches per munmap with `perf stat -e context-switches`).
-        match std::env::var("MMU_UFFD_PLACEMENT").as_deref() {
-            Ok("other") => placements.truncate(1),
-            Ok("same") if placements.len() > 1 => {
-                placements.remove(0);
-            }
-            _ => {}
-        }
-        latency(&placements, epoch);
-    };
-    if std::env::var_os("MMU_UFFD_LATENCY_ONLY").is_some() {
-        run_latency(monitor);
-        return;
-    }
     if std::env::var_os("MMU_UFFD_MADVISE_ONLY").is_some() {
         madvise(&monitor);
         return;
@@ -498,9 +594,11 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     bench_hit_miss(&mut c, &monitor);
-    let floor = bare(epoch);
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let floor = bare(*EPOCH.get_or_init(Instant::now));
     bench_hit_cost(&mut c, &monitor, floor.as_ref());
     c.final_summary();
     madvise(&monitor);
-    run_latency(monitor);
+    drop(monitor);
+    latency();
 }
