@@ -27,6 +27,12 @@
 //! the bare reader; with the two swapped in the rotation, 1.23. In a process of its own
 //! the one-CPU placement never runs a thread on the other CPU (the children start pinned
 //! to CPU 0), and the alternation makes each side follow the other as often as itself.
+//!
+//! The floor part (`MMU_UFFD_READERS_ONLY=1`, not run otherwise) shows what the one-CPU
+//! ratio is made of: on CPU 0, in processes of their own, the bare reader, two threads
+//! that wait in epoll and read as the monitor does (without its work after the read), two
+//! threads both blocked in `read()`, two threads blocked in `read()` one at a time under a
+//! lock, and the monitor, in a shuffled order every round.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -561,6 +567,257 @@ fn latency() {
     }
 }
 
+/// How a pair of threads can read a userfaultfd (the floor part, see [`readers`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    /// Each thread waits in an epoll instance of its own (`EPOLLEXCLUSIVE`), then reads
+    /// without blocking: the monitor's way, without its work after the read.
+    Epoll,
+    /// Both threads block in `read()`: every event wakes both (the kernel's readers do not
+    /// wait exclusively). Not usable by the monitor: a batch is numbered before its read,
+    /// and two reads in progress at once could complete out of order (see `gate`).
+    Read,
+    /// Both threads block in `read()` under a lock, the other one waiting for the lock
+    /// (a futex): the only shape of blocking reads that keeps one read in progress at a
+    /// time. The lock is released (waking the other thread) right after the read, before
+    /// the timestamp, as it would have to be before any callback runs.
+    LockedRead,
+}
+
+/// Opens a userfaultfd like the monitor's (user-mode faults only, write-protect faults and
+/// unmap events).
+fn open_uffd(nonblock: bool) -> std::os::fd::RawFd {
+    // _IOWR(0xAA, 0x3F, struct uffdio_api): 24 bytes.
+    const API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
+    let flags = libc::O_CLOEXEC | 1 | if nonblock { libc::O_NONBLOCK } else { 0 };
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as std::os::fd::RawFd;
+    assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+    let mut api = [0xAAu64, 1 | (1 << 6), 0];
+    // SAFETY: UFFDIO_API reads and writes three u64 in a live array.
+    let r = unsafe { libc::ioctl(fd, API as _, api.as_mut_ptr()) };
+    assert_eq!(r, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// Asks for the shortest scheduler slice, as the monitor's threads do.
+fn short_slice() {
+    #[repr(C)]
+    #[derive(Default)]
+    struct SchedAttr {
+        size: u32,
+        policy: u32,
+        flags: u64,
+        nice: i32,
+        priority: u32,
+        runtime: u64,
+        deadline: u64,
+        period: u64,
+    }
+    let attr = SchedAttr {
+        size: 48,
+        runtime: 100_000,
+        ..Default::default()
+    };
+    // SAFETY: sched_setattr reads 48 bytes of `attr`, a live local; failure changes nothing.
+    unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+}
+
+/// Two reader threads on a userfaultfd of their own, timestamping every event they read.
+struct Pair {
+    fd: std::os::fd::RawFd,
+    seen: Arc<AtomicU64>,
+}
+
+impl Pair {
+    fn start(how: Reading, epoch: Instant) -> Pair {
+        let fd = open_uffd(how == Reading::Epoll);
+        let seen = Arc::new(AtomicU64::new(0));
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        for _ in 0..2 {
+            let (seen, lock) = (seen.clone(), lock.clone());
+            // The threads live as long as the process, like the bare reader's.
+            std::thread::spawn(move || {
+                short_slice();
+                let epoll = (how == Reading::Epoll).then(|| {
+                    // SAFETY: plain system calls on descriptors this thread owns or shares.
+                    unsafe {
+                        let e = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+                        let mut ev = libc::epoll_event {
+                            events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+                            u64: 1,
+                        };
+                        assert_eq!(libc::epoll_ctl(e, libc::EPOLL_CTL_ADD, fd, &mut ev), 0);
+                        e
+                    }
+                });
+                // The monitor's buffer: 64 messages.
+                let mut buf = [0u8; 64 * 32];
+                let read = |buf: &mut [u8]| {
+                    // SAFETY: reads into a live buffer of `buf.len()` bytes.
+                    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }
+                };
+                loop {
+                    let n = match how {
+                        Reading::Epoll => {
+                            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
+                            // SAFETY: `evs` is a live array of two entries.
+                            unsafe { libc::epoll_wait(epoll.unwrap(), evs.as_mut_ptr(), 2, -1) };
+                            read(&mut buf)
+                        }
+                        Reading::Read => read(&mut buf),
+                        Reading::LockedRead => {
+                            let _g = lock.lock().unwrap();
+                            read(&mut buf)
+                        }
+                    };
+                    if n > 0 {
+                        // Release: pairs with the unmapping thread's Acquire load.
+                        seen.store(epoch.elapsed().as_nanos() as u64, Ordering::Release);
+                    }
+                }
+            });
+        }
+        Pair { fd, seen }
+    }
+
+    /// One watched munmap: call -> event read.
+    fn munmap(&self, epoch: Instant) -> u64 {
+        // _IOWR(0xAA, 0x00, struct uffdio_register): 32 bytes.
+        const REGISTER: u64 = (3 << 30) | (32 << 16) | (0xAA << 8);
+        let p = anon(4 * PAGE);
+        // SAFETY: touches the first page of the fresh mapping.
+        unsafe { p.write_volatile(1) };
+        let mut reg = [p as u64, 4 * PAGE as u64, 2, 0];
+        // SAFETY: UFFDIO_REGISTER reads and writes four u64 in a live array.
+        let r = unsafe { libc::ioctl(self.fd, REGISTER as _, reg.as_mut_ptr()) };
+        assert_eq!(r, 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
+        self.seen.store(0, Ordering::Release);
+        let t0 = epoch.elapsed().as_nanos() as u64;
+        // SAFETY: unmaps the mapping made above.
+        unsafe { libc::munmap(p.cast(), 4 * PAGE) };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.seen.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        self.seen.load(Ordering::Acquire).saturating_sub(t0)
+    }
+}
+
+/// What the floor part compares, in its columns.
+const READINGS: [&str; 5] = [
+    "bare reader: one thread blocked in read()",
+    "two threads, epoll (EPOLLEXCLUSIVE) + read (the monitor's waiting and reading)",
+    "two threads blocked in read() (both woken; breaks the gate)",
+    "two threads blocked in read() under a lock (one read at a time)",
+    "the monitor: munmap call -> invalidation callback ran",
+];
+
+/// A child process of the floor part: everything on CPU 0, `rounds` rounds, each one
+/// munmap per column in a shuffled order. Prints `READERS` and the five medians (ns).
+fn readers_child(busy: Duration) {
+    let rounds = env_number("MMU_UFFD_LATENCY_ROUNDS", 2000);
+    pin(0);
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("SKIPPED {e}");
+            return;
+        }
+    };
+    let Some(bare) = bare(epoch) else {
+        println!("SKIPPED bare userfaultfd reader unavailable");
+        return;
+    };
+    let pairs = [
+        Pair::start(Reading::Epoll, epoch),
+        Pair::start(Reading::Read, epoch),
+        Pair::start(Reading::LockedRead, epoch),
+    ];
+    let cache = noop_cache(&monitor, 64);
+    let mut samples: Vec<Vec<u64>> = vec![Vec::with_capacity(rounds); READINGS.len()];
+    let mut order: Vec<usize> = (0..READINGS.len()).collect();
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..rounds {
+        // A fresh shuffle every round (xorshift, Fisher-Yates): each column follows every
+        // other as often.
+        for i in (1..order.len()).rev() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            order.swap(i, (rng % (i as u64 + 1)) as usize);
+        }
+        for &k in &order {
+            let t = match k {
+                0 => bare_munmap(&bare, epoch),
+                1..=3 => pairs[k - 1].munmap(epoch),
+                _ => monitored_munmap(&monitor, &cache, epoch).0,
+            };
+            samples[k].push(t);
+        }
+    }
+    let medians: Vec<String> = samples.iter_mut().map(|v| median(v).to_string()).collect();
+    println!("READERS {}", medians.join(" "));
+}
+
+/// The floor part (`MMU_UFFD_READERS_ONLY=1`): on one CPU, what waiting for and reading
+/// the event costs in each way two threads can read (without any work after the read),
+/// side by side with the bare reader and the monitor; `MMU_UFFD_LATENCY_PROCS` processes
+/// (default 6) of `MMU_UFFD_LATENCY_ROUNDS` rounds. Prints the medians over the processes
+/// of each process's median, and the ratios to the bare reader: median [lowest, highest].
+fn readers() {
+    let procs = env_number("MMU_UFFD_LATENCY_PROCS", 6);
+    let exe = std::env::current_exe().expect("the bench's own path");
+    pin(0);
+    let mut runs: Vec<Vec<u64>> = Vec::new();
+    for _ in 0..procs {
+        let out = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env("MMU_UFFD_READERS_CHILD", "1")
+            .output()
+            .expect("running a floor process");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "floor process failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(why) = text.lines().find_map(|l| l.strip_prefix("SKIPPED ")) {
+            println!("SKIPPED reading floor: {why}");
+            return;
+        }
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("READERS "))
+            .expect("a READERS line");
+        runs.push(
+            line.split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect(),
+        );
+    }
+    println!(
+        "reading floor, everything on CPU 0: {procs} processes, munmap call -> event read \
+         (the monitor: -> callback ran); medians over the processes, ratio to the bare \
+         reader median [lowest, highest]:"
+    );
+    for (k, name) in READINGS.iter().enumerate() {
+        let mut m: Vec<u64> = runs.iter().map(|r| r[k]).collect();
+        let mut ratios: Vec<f64> = runs.iter().map(|r| r[k] as f64 / r[0] as f64).collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "  {name:<80} {:6.2} us  x{:.3} [{:.3}, {:.3}]",
+            median(&mut m) as f64 / 1e3,
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1]
+        );
+    }
+}
+
 fn main() {
     // MMU_UFFD_BUSY_POLL_US=N: the monitor keeps polling N us after each event.
     let busy = std::env::var("MMU_UFFD_BUSY_POLL_US")
@@ -568,6 +825,10 @@ fn main() {
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_micros)
         .unwrap_or(Duration::ZERO);
+    if std::env::var_os("MMU_UFFD_READERS_CHILD").is_some() {
+        readers_child(busy);
+        return;
+    }
     if let Ok(p) = std::env::var("MMU_UFFD_LATENCY_CHILD") {
         let p = Placement::parse(&p).expect("MMU_UFFD_LATENCY_CHILD=other|same");
         latency_child(p, busy);
@@ -576,6 +837,10 @@ fn main() {
     println!("monitor busy polling after each event: {busy:?}");
     if std::env::var_os("MMU_UFFD_LATENCY_ONLY").is_some() {
         latency();
+        return;
+    }
+    if std::env::var_os("MMU_UFFD_READERS_ONLY").is_some() {
+        readers();
         return;
     }
     let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
