@@ -10,10 +10,29 @@
 //! invalidation callback runs on the monitor thread, side by side with a bare userfaultfd
 //! reader (a thread blocked in `read()`, timestamping when the event arrives: what a C
 //! monitor does), and the time until the unmapper sees its cache handle invalid, for two
-//! placements interleaved in one run: the monitor's threads on another CPU than the
-//! unmapper, and everything on one CPU (`sched_setaffinity`); it prints medians, p99 and
-//! the ratios to the bare reader (`MMU_UFFD_LATENCY_ONLY=1` runs only that part,
+//! placements (`sched_setaffinity`): the monitor's threads and the bare reader on another
+//! CPU than the unmapper, and everything on one CPU. It prints medians, p99 and the ratios
+//! to the bare reader (`MMU_UFFD_LATENCY_ONLY=1` runs only that part,
 //! `MMU_UFFD_PLACEMENT=other` or `same` only one placement).
+//!
+//! Each placement runs in processes of its own (the bench starts itself again,
+//! `MMU_UFFD_LATENCY_PROCS` processes per placement, default 6, the placements
+//! alternating; `MMU_UFFD_LATENCY_ROUNDS` rounds each, default 2000), and inside a process
+//! the bare reader's munmap and the monitor's alternate, each first every other round. Both
+//! are needed for a fair comparison. A one-CPU munmap right after a measurement of the
+//! other placement (whose threads just ran on the other CPU) is slower, by a few
+//! microseconds, than one after another one-CPU measurement. With both placements
+//! interleaved in one process in a fixed rotation, the monitor's munmap always came right
+//! after the other placement and the bare reader's one time in four: measured, 1.64 times
+//! the bare reader; with the two swapped in the rotation, 1.23. In a process of its own
+//! the one-CPU placement never runs a thread on the other CPU (the children start pinned
+//! to CPU 0), and the alternation makes each side follow the other as often as itself.
+//!
+//! The floor part (`MMU_UFFD_READERS_ONLY=1`, not run otherwise) shows what the one-CPU
+//! ratio is made of: on CPU 0, in processes of their own, the bare reader, two threads
+//! that wait in epoll and read as the monitor does (without its work after the read), two
+//! threads both blocked in `read()`, two threads blocked in `read()` one at a time under a
+//! lock, and the monitor, in a shuffled order every round.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -248,15 +267,45 @@ fn p99(v: &mut [u64]) -> u64 {
     v[v.len() * 99 / 100]
 }
 
-/// One placement of the monitor threads relative to the unmapper: a monitor and a bare
-/// reader whose threads were created (and stay) on the same CPU.
-struct Placement {
-    name: &'static str,
-    monitor: Monitor,
-    bare: Bare,
+/// Where the readers run relative to the unmapping thread (which runs on CPU 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// The monitor's threads and the bare reader on CPU 1.
+    Other,
+    /// Everything on CPU 0; no thread of the process ever runs on CPU 1.
+    Same,
 }
 
-/// Per-placement samples (ns): bare reader, monitor callback, handle seen invalid.
+impl Placement {
+    fn key(self) -> &'static str {
+        match self {
+            Placement::Other => "other",
+            Placement::Same => "same",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Placement> {
+        [Placement::Other, Placement::Same]
+            .into_iter()
+            .find(|p| p.key() == s)
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Placement::Other => "monitor threads and bare reader on another CPU",
+            Placement::Same => "everything on one CPU",
+        }
+    }
+
+    fn readers_cpu(self) -> usize {
+        match self {
+            Placement::Other => 1,
+            Placement::Same => 0,
+        }
+    }
+}
+
+/// One process's samples (ns): bare reader, monitor callback, handle seen invalid.
 #[derive(Default)]
 struct Samples {
     raw: Vec<u64>,
@@ -317,35 +366,55 @@ fn bare_munmap(bare: &Bare, epoch: Instant) -> u64 {
     bare.seen.load(Ordering::Acquire).saturating_sub(t0)
 }
 
-fn latency(placements: &[Placement], epoch: Instant) {
-    let rounds = 2000;
-    let caches: Vec<_> = placements
-        .iter()
-        .map(|p| noop_cache(&p.monitor, 64))
-        .collect();
-    let mut samples: Vec<Samples> = placements.iter().map(|_| Samples::default()).collect();
-    // Every round runs each placement's bare reader and monitor once, in a rotating
-    // order, so that drifting machine load hits all of them alike.
-    let variants = placements.len() * 2;
+/// The number an environment variable holds, or `default`.
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
+}
+
+/// A child process of the latency part: one placement, `rounds` rounds, each one munmap
+/// through the bare reader and one through the monitor, in an order that alternates from
+/// round to round (each kind follows the other as often as itself). Prints one
+/// `LATENCY <placement> <pinned> <9 numbers>` line for the parent: bare reader, monitor
+/// callback and handle seen invalid (median, p99), then the floors: a miss on unwatched
+/// memory and an unwatched munmap (medians).
+fn latency_child(placement: Placement, busy: Duration) {
+    let rounds = env_number("MMU_UFFD_LATENCY_ROUNDS", 2000);
+    // The readers' threads inherit the mask of the thread that creates them.
+    let mut pinned = pin(placement.readers_cpu());
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("SKIPPED {e}");
+            return;
+        }
+    };
+    let Some(bare) = bare(epoch) else {
+        println!("SKIPPED bare userfaultfd reader unavailable");
+        return;
+    };
+    pinned &= pin(0);
+    let cache = noop_cache(&monitor, 64);
+    let mut s = Samples::default();
     for r in 0..rounds {
-        for k in 0..variants {
-            let v = (r + k) % variants;
-            let (i, monitored) = (v / 2, v % 2 == 0);
-            let s = &mut samples[i];
-            if monitored {
-                let (ours, to_invalid) =
-                    monitored_munmap(&placements[i].monitor, &caches[i], epoch);
+        for k in 0..2 {
+            if (r + k) % 2 == 0 {
+                let (ours, to_invalid) = monitored_munmap(&monitor, &cache, epoch);
                 s.ours.push(ours);
                 s.to_invalid.push(to_invalid);
             } else {
-                s.raw.push(bare_munmap(&placements[i].bare, epoch));
+                s.raw.push(bare_munmap(&bare, epoch));
             }
         }
     }
-    let monitor = &placements[0].monitor;
     // A miss on memory nobody watched yet: the monitor's UFFDIO_REGISTER system call is
     // part of it. Buffers are unmapped after the timed loop.
-    let fresh_cache = noop_cache(monitor, 4096);
+    let fresh_cache = noop_cache(&monitor, 4096);
     let fresh: Vec<*mut u8> = (0..rounds).map(|_| anon(4 * PAGE)).collect();
     let mut first_miss: Vec<u64> = fresh
         .iter()
@@ -356,11 +425,6 @@ fn latency(placements: &[Placement], epoch: Instant) {
         })
         .collect();
     assert_eq!(fresh_cache.stats().misses, rounds as u64);
-    println!(
-        "  miss on unwatched memory (watch syscall + register)     {:6.2} us ({:.2})",
-        median(&mut first_miss) as f64 / 1e3,
-        p99(&mut first_miss) as f64 / 1e3
-    );
     drop(fresh_cache);
     for p in fresh {
         // SAFETY: unmaps the buffers made above.
@@ -379,116 +443,413 @@ fn latency(placements: &[Placement], epoch: Instant) {
         })
         .collect();
     println!(
-        "  unwatched munmap, call -> return (the floor)            {:6.2} us ({:.2})",
-        median(&mut plain) as f64 / 1e3,
-        p99(&mut plain) as f64 / 1e3
+        "LATENCY {} {} {} {} {} {} {} {} {} {}",
+        placement.key(),
+        pinned as u8,
+        median(&mut s.raw),
+        p99(&mut s.raw),
+        median(&mut s.ours),
+        p99(&mut s.ours),
+        median(&mut s.to_invalid),
+        p99(&mut s.to_invalid),
+        median(&mut first_miss),
+        median(&mut plain),
     );
-    println!("munmap latency, {rounds} rounds each, interleaved, median (p99):");
-    for (p, s) in placements.iter().zip(&mut samples) {
-        let (mo, mr, mi) = (
-            median(&mut s.ours),
-            median(&mut s.raw),
-            median(&mut s.to_invalid),
+}
+
+/// The latency part: `MMU_UFFD_LATENCY_PROCS` processes per placement (default 6), the
+/// placements alternating, each process `MMU_UFFD_LATENCY_ROUNDS` rounds (default 2000).
+/// Prints, per placement, the medians over the processes of each process's medians (and
+/// p99), and the ratio monitor / bare reader: median over the processes, [lowest,
+/// highest].
+fn latency() {
+    let placements: Vec<Placement> = match std::env::var("MMU_UFFD_PLACEMENT") {
+        Ok(p) => match Placement::parse(&p) {
+            Some(p) => vec![p],
+            None => panic!("MMU_UFFD_PLACEMENT={p}: expected other or same"),
+        },
+        Err(_) => vec![Placement::Other, Placement::Same],
+    };
+    let procs = env_number("MMU_UFFD_LATENCY_PROCS", 6);
+    let rounds = env_number("MMU_UFFD_LATENCY_ROUNDS", 2000);
+    let exe = std::env::current_exe().expect("the bench's own path");
+    // The children inherit the mask: they start on CPU 0, so a process of the one-CPU
+    // placement never runs a thread on CPU 1, not even while it starts.
+    let mut pinned = pin(0);
+    let mut results: Vec<Vec<[u64; 8]>> = vec![Vec::new(); placements.len()];
+    for i in 0..procs {
+        for k in 0..placements.len() {
+            let j = (i + k) % placements.len();
+            let out = std::process::Command::new(&exe)
+                .args(std::env::args_os().skip(1))
+                .env("MMU_UFFD_LATENCY_CHILD", placements[j].key())
+                .env("MMU_UFFD_LATENCY_ROUNDS", rounds.to_string())
+                .output()
+                .expect("running a latency process");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "latency process failed: {}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if let Some(why) = text.lines().find_map(|l| l.strip_prefix("SKIPPED ")) {
+                println!("SKIPPED munmap latency: {why}");
+                return;
+            }
+            let line = text
+                .lines()
+                .find_map(|l| l.strip_prefix("LATENCY "))
+                .expect("a LATENCY line");
+            let f: Vec<&str> = line.split_whitespace().collect();
+            pinned &= f[1] == "1";
+            let mut v = [0u64; 8];
+            for (d, s) in v.iter_mut().zip(&f[2..]) {
+                *d = s.parse().expect("a number");
+            }
+            results[j].push(v);
+        }
+    }
+    let us = |ns: u64| ns as f64 / 1e3;
+    println!(
+        "munmap latency: {procs} processes per placement, alternating, {rounds} rounds each \
+         (bare reader and monitor alternating); medians over the processes of each \
+         process's median (p99){}:",
+        if pinned {
+            ", unmapper on CPU 0"
+        } else {
+            ", NOT PINNED (sched_setaffinity failed)"
+        }
+    );
+    for (p, runs) in placements.iter().zip(&mut results) {
+        let col = |runs: &[[u64; 8]], i: usize| -> u64 {
+            let mut v: Vec<u64> = runs.iter().map(|r| r[i]).collect();
+            median(&mut v)
+        };
+        let mut ratios: Vec<f64> = runs.iter().map(|r| r[2] as f64 / r[0] as f64).collect();
+        ratios.sort_by(f64::total_cmp);
+        let mut inv: Vec<f64> = runs.iter().map(|r| r[4] as f64 / r[0] as f64).collect();
+        inv.sort_by(f64::total_cmp);
+        println!("  [{}]", p.title());
+        println!(
+            "  unwatched munmap, call -> return (the floor)            {:6.2} us",
+            us(col(runs, 7))
         );
-        println!("  [{}]", p.name);
+        println!(
+            "  miss on unwatched memory (watch syscall + register)     {:6.2} us",
+            us(col(runs, 6))
+        );
         println!(
             "  bare reader: munmap call -> event read                 {:6.2} us ({:.2})",
-            mr as f64 / 1e3,
-            p99(&mut s.raw) as f64 / 1e3
+            us(col(runs, 0)),
+            us(col(runs, 1))
         );
         println!(
             "  monitor:     munmap call -> invalidation callback ran   {:6.2} us ({:.2})",
-            mo as f64 / 1e3,
-            p99(&mut s.ours) as f64 / 1e3
+            us(col(runs, 2)),
+            us(col(runs, 3))
         );
         println!(
             "  cache:       munmap call -> handle seen invalid         {:6.2} us ({:.2})",
-            mi as f64 / 1e3,
-            p99(&mut s.to_invalid) as f64 / 1e3
+            us(col(runs, 4)),
+            us(col(runs, 5))
         );
         println!(
-            "  ratio monitor / bare: {:.3}; seen invalid / bare: {:.3}",
-            mo as f64 / mr as f64,
-            mi as f64 / mr as f64
+            "  ratio monitor / bare: {:.3} [{:.3}, {:.3}]; seen invalid / bare: {:.3} \
+             [{:.3}, {:.3}]",
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1],
+            inv[inv.len() / 2],
+            inv[0],
+            inv[inv.len() - 1]
+        );
+    }
+}
+
+/// How a pair of threads can read a userfaultfd (the floor part, see [`readers`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    /// Each thread waits in an epoll instance of its own (`EPOLLEXCLUSIVE`), then reads
+    /// without blocking: the monitor's way, without its work after the read.
+    Epoll,
+    /// Both threads block in `read()`: every event wakes both (the kernel's readers do not
+    /// wait exclusively). Not usable by the monitor: a batch is numbered before its read,
+    /// and two reads in progress at once could complete out of order (see `gate`).
+    Read,
+    /// Both threads block in `read()` under a lock, the other one waiting for the lock
+    /// (a futex): the only shape of blocking reads that keeps one read in progress at a
+    /// time. The lock is released (waking the other thread) right after the read, before
+    /// the timestamp, as it would have to be before any callback runs.
+    LockedRead,
+}
+
+/// Opens a userfaultfd like the monitor's (user-mode faults only, write-protect faults and
+/// unmap events).
+fn open_uffd(nonblock: bool) -> std::os::fd::RawFd {
+    // _IOWR(0xAA, 0x3F, struct uffdio_api): 24 bytes.
+    const API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
+    let flags = libc::O_CLOEXEC | 1 | if nonblock { libc::O_NONBLOCK } else { 0 };
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as std::os::fd::RawFd;
+    assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+    let mut api = [0xAAu64, 1 | (1 << 6), 0];
+    // SAFETY: UFFDIO_API reads and writes three u64 in a live array.
+    let r = unsafe { libc::ioctl(fd, API as _, api.as_mut_ptr()) };
+    assert_eq!(r, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// Asks for the shortest scheduler slice, as the monitor's threads do.
+fn short_slice() {
+    #[repr(C)]
+    #[derive(Default)]
+    struct SchedAttr {
+        size: u32,
+        policy: u32,
+        flags: u64,
+        nice: i32,
+        priority: u32,
+        runtime: u64,
+        deadline: u64,
+        period: u64,
+    }
+    let attr = SchedAttr {
+        size: 48,
+        runtime: 100_000,
+        ..Default::default()
+    };
+    // SAFETY: sched_setattr reads 48 bytes of `attr`, a live local; failure changes nothing.
+    unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+}
+
+/// Two reader threads on a userfaultfd of their own, timestamping every event they read.
+struct Pair {
+    fd: std::os::fd::RawFd,
+    seen: Arc<AtomicU64>,
+}
+
+impl Pair {
+    fn start(how: Reading, epoch: Instant) -> Pair {
+        let fd = open_uffd(how == Reading::Epoll);
+        let seen = Arc::new(AtomicU64::new(0));
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        for _ in 0..2 {
+            let (seen, lock) = (seen.clone(), lock.clone());
+            // The threads live as long as the process, like the bare reader's.
+            std::thread::spawn(move || {
+                short_slice();
+                let epoll = (how == Reading::Epoll).then(|| {
+                    // SAFETY: plain system calls on descriptors this thread owns or shares.
+                    unsafe {
+                        let e = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+                        let mut ev = libc::epoll_event {
+                            events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+                            u64: 1,
+                        };
+                        assert_eq!(libc::epoll_ctl(e, libc::EPOLL_CTL_ADD, fd, &mut ev), 0);
+                        e
+                    }
+                });
+                // The monitor's buffer: 64 messages.
+                let mut buf = [0u8; 64 * 32];
+                let read = |buf: &mut [u8]| {
+                    // SAFETY: reads into a live buffer of `buf.len()` bytes.
+                    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }
+                };
+                loop {
+                    let n = match how {
+                        Reading::Epoll => {
+                            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
+                            // SAFETY: `evs` is a live array of two entries.
+                            unsafe { libc::epoll_wait(epoll.unwrap(), evs.as_mut_ptr(), 2, -1) };
+                            read(&mut buf)
+                        }
+                        Reading::Read => read(&mut buf),
+                        Reading::LockedRead => {
+                            let _g = lock.lock().unwrap();
+                            read(&mut buf)
+                        }
+                    };
+                    if n > 0 {
+                        // Release: pairs with the unmapping thread's Acquire load.
+                        seen.store(epoch.elapsed().as_nanos() as u64, Ordering::Release);
+                    }
+                }
+            });
+        }
+        Pair { fd, seen }
+    }
+
+    /// One watched munmap: call -> event read.
+    fn munmap(&self, epoch: Instant) -> u64 {
+        // _IOWR(0xAA, 0x00, struct uffdio_register): 32 bytes.
+        const REGISTER: u64 = (3 << 30) | (32 << 16) | (0xAA << 8);
+        let p = anon(4 * PAGE);
+        // SAFETY: touches the first page of the fresh mapping.
+        unsafe { p.write_volatile(1) };
+        let mut reg = [p as u64, 4 * PAGE as u64, 2, 0];
+        // SAFETY: UFFDIO_REGISTER reads and writes four u64 in a live array.
+        let r = unsafe { libc::ioctl(self.fd, REGISTER as _, reg.as_mut_ptr()) };
+        assert_eq!(r, 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
+        self.seen.store(0, Ordering::Release);
+        let t0 = epoch.elapsed().as_nanos() as u64;
+        // SAFETY: unmaps the mapping made above.
+        unsafe { libc::munmap(p.cast(), 4 * PAGE) };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.seen.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        self.seen.load(Ordering::Acquire).saturating_sub(t0)
+    }
+}
+
+/// What the floor part compares, in its columns.
+const READINGS: [&str; 5] = [
+    "bare reader: one thread blocked in read()",
+    "two threads, epoll (EPOLLEXCLUSIVE) + read (the monitor's waiting and reading)",
+    "two threads blocked in read() (both woken; breaks the gate)",
+    "two threads blocked in read() under a lock (one read at a time)",
+    "the monitor: munmap call -> invalidation callback ran",
+];
+
+/// A child process of the floor part: everything on CPU 0, `rounds` rounds, each one
+/// munmap per column in a shuffled order. Prints `READERS` and the five medians (ns).
+fn readers_child(busy: Duration) {
+    let rounds = env_number("MMU_UFFD_LATENCY_ROUNDS", 2000);
+    pin(0);
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("SKIPPED {e}");
+            return;
+        }
+    };
+    let Some(bare) = bare(epoch) else {
+        println!("SKIPPED bare userfaultfd reader unavailable");
+        return;
+    };
+    let pairs = [
+        Pair::start(Reading::Epoll, epoch),
+        Pair::start(Reading::Read, epoch),
+        Pair::start(Reading::LockedRead, epoch),
+    ];
+    let cache = noop_cache(&monitor, 64);
+    let mut samples: Vec<Vec<u64>> = vec![Vec::with_capacity(rounds); READINGS.len()];
+    let mut order: Vec<usize> = (0..READINGS.len()).collect();
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..rounds {
+        // A fresh shuffle every round (xorshift, Fisher-Yates): each column follows every
+        // other as often.
+        for i in (1..order.len()).rev() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            order.swap(i, (rng % (i as u64 + 1)) as usize);
+        }
+        for &k in &order {
+            let t = match k {
+                0 => bare_munmap(&bare, epoch),
+                1..=3 => pairs[k - 1].munmap(epoch),
+                _ => monitored_munmap(&monitor, &cache, epoch).0,
+            };
+            samples[k].push(t);
+        }
+    }
+    let medians: Vec<String> = samples.iter_mut().map(|v| median(v).to_string()).collect();
+    println!("READERS {}", medians.join(" "));
+}
+
+/// The floor part (`MMU_UFFD_READERS_ONLY=1`): on one CPU, what waiting for and reading
+/// the event costs in each way two threads can read (without any work after the read),
+/// side by side with the bare reader and the monitor; `MMU_UFFD_LATENCY_PROCS` processes
+/// (default 6) of `MMU_UFFD_LATENCY_ROUNDS` rounds. Prints the medians over the processes
+/// of each process's median, and the ratios to the bare reader: median [lowest, highest].
+fn readers() {
+    let procs = env_number("MMU_UFFD_LATENCY_PROCS", 6);
+    let exe = std::env::current_exe().expect("the bench's own path");
+    pin(0);
+    let mut runs: Vec<Vec<u64>> = Vec::new();
+    for _ in 0..procs {
+        let out = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env("MMU_UFFD_READERS_CHILD", "1")
+            .output()
+            .expect("running a floor process");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "floor process failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(why) = text.lines().find_map(|l| l.strip_prefix("SKIPPED ")) {
+            println!("SKIPPED reading floor: {why}");
+            return;
+        }
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("READERS "))
+            .expect("a READERS line");
+        runs.push(
+            line.split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect(),
+        );
+    }
+    println!(
+        "reading floor, everything on CPU 0: {procs} processes, munmap call -> event read \
+         (the monitor: -> callback ran); medians over the processes, ratio to the bare \
+         reader median [lowest, highest]:"
+    );
+    for (k, name) in READINGS.iter().enumerate() {
+        let mut m: Vec<u64> = runs.iter().map(|r| r[k]).collect();
+        let mut ratios: Vec<f64> = runs.iter().map(|r| r[k] as f64 / r[0] as f64).collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "  {name:<80} {:6.2} us  x{:.3} [{:.3}, {:.3}]",
+            median(&mut m) as f64 / 1e3,
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1]
         );
     }
 }
 
 fn main() {
-    // The latency depends on where the reader threads run relative to the unmapper; pin
-    // them like the C reference: for "other CPU" the monitor and a bare reader are created
-    // while this thread is on CPU 1 (their threads inherit the mask), for "same CPU"
-    // another pair is created on CPU 0; the unmapping thread then moves to CPU 0 and the
-    // latency part runs both placements interleaved in one run.
-    let cross = pin(1);
     // MMU_UFFD_BUSY_POLL_US=N: the monitor keeps polling N us after each event.
     let busy = std::env::var("MMU_UFFD_BUSY_POLL_US")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_micros)
         .unwrap_or(Duration::ZERO);
-    let new_monitor = || Monitor::with_config(MonitorConfig::default().with_busy_poll(busy));
-    let monitor = match new_monitor() {
+    if std::env::var_os("MMU_UFFD_READERS_CHILD").is_some() {
+        readers_child(busy);
+        return;
+    }
+    if let Ok(p) = std::env::var("MMU_UFFD_LATENCY_CHILD") {
+        let p = Placement::parse(&p).expect("MMU_UFFD_LATENCY_CHILD=other|same");
+        latency_child(p, busy);
+        return;
+    }
+    println!("monitor busy polling after each event: {busy:?}");
+    if std::env::var_os("MMU_UFFD_LATENCY_ONLY").is_some() {
+        latency();
+        return;
+    }
+    if std::env::var_os("MMU_UFFD_READERS_ONLY").is_some() {
+        readers();
+        return;
+    }
+    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
         Ok(m) => m,
         Err(e) => {
             println!("SKIPPED cache benchmarks: {e}");
             return;
         }
     };
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let bare_cross = bare(epoch);
-    let pinned = pin(0);
-    let same = if pinned {
-        new_monitor().ok().zip(bare(epoch))
-    } else {
-        None
-    };
-    println!("monitor busy polling after each event: {busy:?}");
-    println!(
-        "placement: {}",
-        match (cross && pinned, &same) {
-            (false, _) => "not pinned (sched_setaffinity failed)",
-            (true, None) => "readers on CPU 1, unmapper on CPU 0 (no second monitor)",
-            (true, Some(_)) => "readers on CPU 1 or on CPU 0, unmapper on CPU 0",
-        }
-    );
-    let run_latency = |monitor: Monitor| {
-        let Some(bare_cross) = bare_cross else {
-            println!("bare userfaultfd reader unavailable: latency comparison skipped");
-            return;
-        };
-        let mut placements = vec![Placement {
-            name: if cross && pinned {
-                "monitor threads on another CPU"
-            } else {
-                "unpinned"
-            },
-            monitor,
-            bare: bare_cross,
-        }];
-        if let Some((monitor, bare)) = same {
-            placements.push(Placement {
-                name: "everything on one CPU",
-                monitor,
-                bare,
-            });
-        }
-        // MMU_UFFD_PLACEMENT=other|same: only that placement (e.g. to count context
-        // switches per munmap with `perf stat -e context-switches`).
-        match std::env::var("MMU_UFFD_PLACEMENT").as_deref() {
-            Ok("other") => placements.truncate(1),
-            Ok("same") if placements.len() > 1 => {
-                placements.remove(0);
-            }
-            _ => {}
-        }
-        latency(&placements, epoch);
-    };
-    if std::env::var_os("MMU_UFFD_LATENCY_ONLY").is_some() {
-        run_latency(monitor);
-        return;
-    }
     if std::env::var_os("MMU_UFFD_MADVISE_ONLY").is_some() {
         madvise(&monitor);
         return;
@@ -498,9 +859,11 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     bench_hit_miss(&mut c, &monitor);
-    let floor = bare(epoch);
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let floor = bare(*EPOCH.get_or_init(Instant::now));
     bench_hit_cost(&mut c, &monitor, floor.as_ref());
     c.final_summary();
     madvise(&monitor);
-    run_latency(monitor);
+    drop(monitor);
+    latency();
 }

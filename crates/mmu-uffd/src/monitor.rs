@@ -67,8 +67,10 @@
 //! (unmapper, monitor and a bare userfaultfd reader, alternating; medians of 8 runs of
 //! 2000 unmaps each way): the callback ran 1.22 times as long after the `munmap` call as
 //! the bare reader's `read()` returned, instead of 1.33 times on a quiet machine (1.24
-//! instead of 1.73 on a loaded one); with threads of the process also running on the
-//! other CPU, 1.66 instead of 1.78 (loaded: 1.54 instead of 1.93).
+//! instead of 1.73 on a loaded one). The cache bench's latency part measures it so (each
+//! placement in processes of its own): 1.29 on a machine shared with builds, of which
+//! waiting in epoll and reading as the monitor does, without its work, is 1.18 (its
+//! floor part; see `reader` for why the threads do not block in `read()`).
 //!
 //! # Which memory is safe to watch
 //!

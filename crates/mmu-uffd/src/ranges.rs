@@ -62,8 +62,8 @@ impl RangeSet {
                 }
             }
         }
-        let inside: Vec<(u64, u64)> = self.map.range(start..end).map(|(&s, &e)| (s, e)).collect();
-        for (s, e) in inside {
+        // One range at a time (no allocation: the monitor's applier calls this).
+        while let Some((&s, &e)) = self.map.range(start..end).next() {
             self.map.remove(&s);
             if e > end {
                 self.map.insert(end, e);
