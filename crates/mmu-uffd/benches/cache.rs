@@ -4,8 +4,8 @@
 //! `cargo bench -p mmu-uffd --bench cache`. Hit and miss are criterion benchmarks; the hit
 //! cost group puts the default cache (address-reuse check on), the opt-out, and an empty
 //! system call side by side. The madvise part times `madvise(MADV_DONTNEED)` of 16 pages on
-//! memory never cached, cached once and released, and explicitly unwatched, in alternating
-//! rounds, and prints medians and ratios (`MMU_UFFD_MADVISE_ONLY=1` runs only that). The
+//! memory never cached, cached (an entry whose handle was dropped), and cached once and
+//! then cleared, in alternating rounds, and prints medians and ratios (`MMU_UFFD_MADVISE_ONLY=1` runs only that). The
 //! latency part measures, per munmap, the time from just before the call to the moment the
 //! invalidation callback runs on the monitor thread, side by side with a bare userfaultfd
 //! reader (a thread blocked in `read()`, timestamping when the event arrives: what a C
@@ -145,26 +145,27 @@ fn dontneed(p: *mut u8, len: usize) {
     assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
 }
 
-/// madvise(MADV_DONTNEED) of 16 pages on memory never cached, cached once and released
-/// (today still registered with userfaultfd, so every madvise waits for the monitor to read
-/// its REMOVE event), and explicitly unwatched; alternating rounds, pages re-touched before
-/// every call.
+/// madvise(MADV_DONTNEED) of 16 pages on memory never cached, cached (the entry's lease
+/// keeps the memory registered with userfaultfd, so every madvise waits for the monitor to
+/// read its REMOVE event, as it would with a lease retained after an eviction), and cached
+/// once then cleared (`clear` drops the entries and the retained leases, and the monitor
+/// unregisters what no lease covers); alternating rounds, pages re-touched before every
+/// call.
 fn madvise(monitor: &Monitor) {
     const PAGES: usize = 16;
     let len = PAGES * PAGE;
     let cache = noop_cache(monitor, 64);
     let never = anon(len);
-    let once = anon(len);
-    drop(cache.get(once, len).unwrap());
-    cache.clear();
-    let unwatched = anon(len);
-    drop(cache.get(unwatched, len).unwrap());
-    cache.clear();
-    monitor.unwatch(unwatched, len).unwrap();
+    let cached = anon(len);
+    drop(cache.get(cached, len).unwrap());
+    let cleared = anon(len);
+    let other = noop_cache(monitor, 64);
+    drop(other.get(cleared, len).unwrap());
+    other.clear();
     let cases = [
         ("never cached", never),
-        ("cached once, handle dropped, cache.clear()", once),
-        ("cached once, then monitor.unwatch", unwatched),
+        ("cached, handle dropped", cached),
+        ("cached once, then cache.clear()", cleared),
     ];
     // Whether the monitor sees (and the madvise waits for) an event, one call per case.
     let seen: Vec<bool> = cases
