@@ -181,10 +181,10 @@ pub struct InvalidInterval {
     pub last: u64,
 }
 
-/// One entry's place in the tree. The fields a descent reads come first.
-#[derive(Clone, Copy, Debug, Default)]
+/// One entry: its place in the tree and its value. The fields a descent reads come first.
+#[derive(Clone)]
 #[repr(C)]
-struct Node {
+struct Node<V> {
     start: u64,
     last: u64,
     /// The largest `last` in this node's subtree.
@@ -197,9 +197,25 @@ struct Node {
     up: u32,
     /// The generation of the entry in this slot, or of the next one if it is free.
     gen: u32,
+    /// The entry's value; `None` in a free slot and in the sentinel.
+    value: Option<V>,
 }
 
-impl Node {
+impl<V> Node<V> {
+    /// A node that is not linked anywhere (black, no parent, no children).
+    #[inline(always)]
+    fn unlinked(start: u64, last: u64, gen: u32, value: Option<V>) -> Self {
+        Self {
+            start,
+            last,
+            max: last,
+            link: [NIL; 2],
+            up: NIL,
+            gen,
+            value,
+        }
+    }
+
     #[inline(always)]
     fn child(&self, d: usize) -> u32 {
         self.link[d]
@@ -267,9 +283,7 @@ impl Node {
 #[derive(Clone)]
 pub struct IntervalTree<V> {
     /// The entries' nodes; index 0 is the sentinel (pushed with the first entry).
-    nodes: Vec<Node>,
-    /// Values, parallel to `nodes`; `None` for free slots and the sentinel.
-    values: Vec<Option<V>>,
+    nodes: Vec<Node<V>>,
     root: u32,
     /// Head of the free-slot list, [`NIL`] when empty.
     free: u32,
@@ -297,7 +311,6 @@ impl<V> IntervalTree<V> {
     pub fn new() -> Self {
         Self {
             nodes: Vec::new(),
-            values: Vec::new(),
             root: NIL,
             free: NIL,
             len: 0,
@@ -315,12 +328,12 @@ impl<V> IntervalTree<V> {
         self.len == 0
     }
 
-    /// Approximate heap bytes one entry takes beyond its value: its 40-byte node. (The
-    /// value is kept as an `Option<V>`, which costs nothing more for types with a niche
-    /// such as `Arc`, `Box` or references, and up to `align_of::<V>()` bytes otherwise;
-    /// vector growth slack is not counted.)
+    /// Heap bytes one entry takes, its value included: its node, 40 bytes of tree links
+    /// and interval plus the value kept as an `Option<V>` (which costs nothing more than
+    /// `V` for types with a niche such as `Arc`, `Box` or references, and up to
+    /// `align_of::<V>()` bytes otherwise). Vector growth slack is not counted.
     pub fn bytes_per_entry() -> usize {
-        std::mem::size_of::<Node>()
+        std::mem::size_of::<Node<V>>()
     }
 
     /// Inserts the closed interval `[start, last]` with `value`, and returns the new
@@ -335,10 +348,18 @@ impl<V> IntervalTree<V> {
     /// # Panics
     ///
     /// If the tree already holds 2^30 − 1 entries (about 43 GB of nodes).
+    #[inline]
     pub fn insert(&mut self, start: u64, last: u64, value: V) -> Result<NodeKey, InvalidInterval> {
         if start > last {
             return Err(InvalidInterval { start, last });
         }
+        // (The check above is inlined into the caller, so the key comes back in a
+        // register rather than through a `Result` in memory.)
+        Ok(self.insert_valid(start, last, value))
+    }
+
+    /// [`insert`](Self::insert) of a valid interval (`start <= last`).
+    fn insert_valid(&mut self, start: u64, last: u64, value: V) -> NodeKey {
         let (idx, generation) = self.alloc(start, last, value);
         self.len += 1;
         let key = NodeKey {
@@ -348,7 +369,7 @@ impl<V> IntervalTree<V> {
         let n = self.root;
         if n == NIL {
             self.root = idx;
-            return Ok(key);
+            return key;
         }
         // Down to a leaf position, raising maxima on the way. An equal start goes right:
         // after the entries already there.
@@ -382,30 +403,29 @@ impl<V> IntervalTree<V> {
             // SAFETY: c is a child link: in bounds (see "Slot indices").
             node = unsafe { nodes.get_unchecked_mut(c as usize) };
         };
-        let n = ((node as *mut Node as usize - base) / std::mem::size_of::<Node>()) as u32;
+        let n = ((node as *mut Node<V> as usize - base) / std::mem::size_of::<Node<V>>()) as u32;
         // The new node is red; if its parent is red too, repair that.
         self.nd_mut(idx).up = RED | n;
         if parent_red {
             self.insert_fixup(idx, n);
         }
-        Ok(key)
+        key
     }
 
     /// Removes the entry `key` names and returns its value, or `None` if the key is stale
     /// (its entry was already removed) or does not belong to this tree. O(log n).
     pub fn remove(&mut self, key: NodeKey) -> Option<V> {
         let z = key.index;
-        match self.nodes.get(z as usize) {
-            Some(m) if m.gen == key.generation => {}
-            _ => return None,
-        }
-        debug_assert_eq!(self.values.len(), self.nodes.len());
-        // SAFETY: z < nodes.len() (checked just above), and `values` has the same length.
+        // The generation and the value share the node's line: one check and one move.
         // (The sentinel's value is always `None`, so it is refused here.)
-        let value = unsafe { self.values.get_unchecked_mut(z as usize) }.take()?;
-        let zn = *self.nd(z);
-        let zp = zn.parent();
-        let [zl, zr] = zn.link;
+        let (value, zup, zl, zr, zmax, zlast) = match self.nodes.get_mut(z as usize) {
+            Some(m) if m.gen == key.generation => {
+                let value = m.value.take()?;
+                (value, m.up, m.link[0], m.link[1], m.max, m.last)
+            }
+            _ => return None,
+        };
+        let zp = zup & IDX_MASK;
 
         // Unlink z. `fix` is where maxima start to be stale (the lowest node whose
         // subtree lost z); `db` is the parent of a position whose paths lost one black
@@ -419,9 +439,9 @@ impl<V> IntervalTree<V> {
             self.hook(zp, z, c);
             if c != NIL {
                 case!(RM_ONE_CHILD);
-                self.nd_mut(c).up = zn.up & IDX_MASK;
+                self.nd_mut(c).up = zp;
                 db = NIL;
-            } else if zn.up & RED != 0 {
+            } else if zup & RED != 0 {
                 case!(RM_LEAF_RED);
                 db = NIL;
             } else {
@@ -441,9 +461,11 @@ impl<V> IntervalTree<V> {
                 }
                 (sp, s) = (s, l);
             }
-            let sn = *self.nd(s);
-            let c2 = sn.child(1);
-            let mut link = zn.link;
+            let (c2, s_up, s_last) = {
+                let sn = self.nd(s);
+                (sn.child(1), sn.up, sn.last)
+            };
+            let mut link = [zl, zr];
             if s == zr {
                 // s keeps its right subtree.
                 case!(RM_SUCC_IS_RIGHT);
@@ -457,9 +479,9 @@ impl<V> IntervalTree<V> {
             {
                 let sm = self.nd_mut(s);
                 sm.link = link;
-                sm.up = zn.up;
+                sm.up = zup;
                 // Same entries as z's subtree had, but z: recomputed below.
-                sm.max = zn.max;
+                sm.max = zmax;
             }
             self.nd_mut(zl).set_parent(s);
             self.hook(zp, z, s);
@@ -469,11 +491,11 @@ impl<V> IntervalTree<V> {
                 self.nd_mut(c2).up = sp;
                 db = NIL;
             } else {
-                db = if sn.up & RED != 0 { NIL } else { sp };
+                db = if s_up & RED != 0 { NIL } else { sp };
             }
             if sp != s {
                 // The nodes from s's old parent up to (not including) s lost s.
-                self.propagate(sp, s, sn.last);
+                self.propagate(sp, s, s_last);
             }
             fix = s;
         }
@@ -488,7 +510,7 @@ impl<V> IntervalTree<V> {
         self.free = z;
 
         // Maxima first (rotations keep them), then the colors.
-        self.propagate(fix, NIL, zn.last);
+        self.propagate(fix, NIL, zlast);
         if db != NIL {
             self.remove_fixup(db);
         }
@@ -499,11 +521,7 @@ impl<V> IntervalTree<V> {
     /// key. O(1).
     pub fn get(&self, key: NodeKey) -> Option<(u64, u64, &V)> {
         match self.nodes.get(key.index as usize) {
-            Some(m) if m.gen == key.generation => {
-                let value = self.values[key.index as usize].as_ref()?;
-                let n = &self.nodes[key.index as usize];
-                Some((n.start, n.last, value))
-            }
+            Some(n) if n.gen == key.generation => Some((n.start, n.last, n.value.as_ref()?)),
             _ => None,
         }
     }
@@ -511,8 +529,8 @@ impl<V> IntervalTree<V> {
     /// The value of the entry `key` names, mutably, or `None` for a stale or foreign key.
     /// O(1). (The interval itself cannot change: remove and insert again.)
     pub fn get_mut(&mut self, key: NodeKey) -> Option<&mut V> {
-        match self.nodes.get(key.index as usize) {
-            Some(m) if m.gen == key.generation => self.values[key.index as usize].as_mut(),
+        match self.nodes.get_mut(key.index as usize) {
+            Some(n) if n.gen == key.generation => n.value.as_mut(),
             _ => None,
         }
     }
@@ -656,11 +674,6 @@ impl<V> IntervalTree<V> {
     /// order among equal starts, insertion order, is checked by the property tests.)
     #[doc(hidden)]
     pub fn check_invariants(&self) {
-        assert_eq!(
-            self.nodes.len(),
-            self.values.len(),
-            "nodes and values differ in length"
-        );
         if self.nodes.is_empty() {
             assert_eq!(self.root, NIL);
             assert_eq!(self.len, 0);
@@ -669,9 +682,10 @@ impl<V> IntervalTree<V> {
         let s = &self.nodes[0];
         assert!(
             s.start == 0 && s.last == 0 && s.max == 0 && s.link == [0, 0] && s.up == 0,
-            "sentinel modified: {s:?}"
+            "sentinel modified: {:?}",
+            (s.start, s.last, s.max, s.link, s.up)
         );
-        assert!(self.values[0].is_none(), "sentinel slot occupied");
+        assert!(s.value.is_none(), "sentinel slot occupied");
         assert_eq!(
             self.nodes[self.root as usize].parent(),
             NIL,
@@ -682,12 +696,15 @@ impl<V> IntervalTree<V> {
         let mut prev: Option<(u64, u32)> = None;
         let (_, count) = self.check_subtree(self.root, &mut seen, &mut prev);
         assert_eq!(count, self.len, "reachable entries != len");
-        let occupied = self.values.iter().filter(|v| v.is_some()).count();
+        let occupied = self.nodes.iter().filter(|n| n.value.is_some()).count();
         assert_eq!(occupied, self.len, "occupied slots != len");
         let mut f = self.free;
         let mut free = 0;
         while f != NIL {
-            assert!(self.values[f as usize].is_none(), "free slot {f} occupied");
+            assert!(
+                self.nodes[f as usize].value.is_none(),
+                "free slot {f} occupied"
+            );
             assert!(!seen[f as usize], "free slot {f} is in the tree");
             seen[f as usize] = true;
             free += 1;
@@ -713,11 +730,11 @@ impl<V> IntervalTree<V> {
         }
         assert!(!seen[n as usize], "node {n} reached twice");
         seen[n as usize] = true;
+        let node = &self.nodes[n as usize];
         assert!(
-            self.values[n as usize].is_some(),
+            node.value.is_some(),
             "node {n} in the tree has a vacant slot"
         );
-        let node = self.nodes[n as usize];
         assert!(node.start <= node.last, "node {n}: start > last");
         assert_eq!(
             node.up & !(RED | IDX_MASK),
@@ -765,16 +782,12 @@ impl<V> IntervalTree<V> {
             let n = self.nd_mut(idx);
             let next = n.link[0];
             let gen = n.gen;
-            *n = Node {
-                start,
-                last,
-                max: last,
-                link: [NIL; 2],
-                up: NIL,
-                gen,
-            };
+            (n.start, n.last, n.max, n.link, n.up) = (start, last, last, [NIL; 2], NIL);
+            // A free slot holds no value: nothing to drop.
+            let old = n.value.replace(value);
+            debug_assert!(old.is_none(), "free slot {idx} occupied");
+            std::mem::forget(old);
             self.free = next;
-            self.values[idx as usize] = Some(value);
             return (idx, gen);
         }
         let idx = self.nodes.len();
@@ -787,54 +800,46 @@ impl<V> IntervalTree<V> {
             idx <= IDX_MASK as usize,
             "IntervalTree is full (2^30 - 1 entries)"
         );
-        self.nodes.push(Node {
-            start,
-            last,
-            max: last,
-            link: [NIL; 2],
-            up: NIL,
-            gen: self.gen_base,
-        });
-        self.values.push(Some(value));
-        (idx as u32, self.gen_base)
+        let gen = self.gen_base;
+        self.nodes
+            .push(Node::unlinked(start, last, gen, Some(value)));
+        (idx as u32, gen)
     }
 
-    /// Doubles the room of both vectors (at least 16 slots), out of the insertion path;
-    /// the first time, pushes the sentinel too.
+    /// Doubles the room (at least 16 slots), out of the insertion path; the first time,
+    /// pushes the sentinel too.
     #[cold]
     #[inline(never)]
     fn grow(&mut self) {
         let more = self.nodes.len().max(16);
         self.nodes.reserve_exact(more);
-        self.values.reserve_exact(more);
         if self.nodes.is_empty() {
-            self.nodes.push(Node::default());
-            self.values.push(None);
+            self.nodes.push(Node::unlinked(0, 0, 0, None));
         }
     }
 
     /// The key and value of an entry in the tree.
     #[inline]
     fn entry(&self, n: u32) -> (NodeKey, &V) {
+        let node = self.nd(n);
         let key = NodeKey {
             index: n,
-            generation: self.nd(n).gen,
+            generation: node.gen,
         };
-        debug_assert_eq!(self.values.len(), self.nodes.len());
-        // SAFETY: `n` is in bounds of `nodes` (as in `nd`), and `values` always has the
-        // same length: the two are only ever pushed together.
-        let slot = unsafe { self.values.get_unchecked(n as usize) };
-        debug_assert!(slot.is_some(), "node {n} in the tree has a vacant slot");
+        debug_assert!(
+            node.value.is_some(),
+            "node {n} in the tree has a vacant slot"
+        );
         // SAFETY: a node in the tree holds its value (see "Slot indices"), so the
         // reference is formed without reading the slot: a caller that does not look at
         // the value never touches its memory.
-        let value = unsafe { slot.as_ref().unwrap_unchecked() };
+        let value = unsafe { node.value.as_ref().unwrap_unchecked() };
         (key, value)
     }
 
     /// Node `i`, without a bounds check.
     #[inline(always)]
-    fn nd(&self, i: u32) -> &Node {
+    fn nd(&self, i: u32) -> &Node<V> {
         debug_assert!((i as usize) < self.nodes.len(), "slot {i} out of range");
         // SAFETY: `i` is in bounds by the slot-index invariant (see "Slot indices" in the
         // module documentation): every index the tree stores or passes to this is NIL (and
@@ -844,7 +849,7 @@ impl<V> IntervalTree<V> {
 
     /// Node `i`, mutably, without a bounds check.
     #[inline(always)]
-    fn nd_mut(&mut self, i: u32) -> &mut Node {
+    fn nd_mut(&mut self, i: u32) -> &mut Node<V> {
         debug_assert!((i as usize) < self.nodes.len(), "slot {i} out of range");
         // SAFETY: as in `nd`.
         unsafe { self.nodes.get_unchecked_mut(i as usize) }
@@ -1091,12 +1096,12 @@ mod tests {
 
     #[test]
     fn node_is_small() {
-        assert_eq!(std::mem::size_of::<Node>(), 40);
-        assert_eq!(IntervalTree::<u64>::bytes_per_entry(), 40);
-        // What an interval subscription costs here: its node plus the slot of the
-        // `Arc<dyn ...>` (a fat pointer; `None` is its niche) that the tree's value is.
-        let per_subscription = IntervalTree::<std::sync::Arc<dyn Fn()>>::bytes_per_entry()
-            + std::mem::size_of::<Option<std::sync::Arc<dyn Fn()>>>();
+        // 40 bytes of interval and links, then the value.
+        assert_eq!(std::mem::offset_of!(Node<u64>, value), 40);
+        assert_eq!(IntervalTree::<u64>::bytes_per_entry(), 56);
+        // What an interval subscription costs here: its node with the `Arc<dyn ...>` (a
+        // fat pointer; `None` is its niche) that the tree's value is.
+        let per_subscription = IntervalTree::<std::sync::Arc<dyn Fn()>>::bytes_per_entry();
         assert_eq!(per_subscription, 56);
     }
 
@@ -1287,8 +1292,8 @@ mod tests {
         }
     }
 
-    /// The storage grows by doubling (from 16 slots), both vectors together, and not
-    /// while freed slots are there to reuse.
+    /// The storage grows by doubling (from 16 slots), and not while freed slots are there
+    /// to reuse.
     #[test]
     fn storage_doubles_and_reuses_freed_slots() {
         let mut t = IntervalTree::new();
@@ -1298,7 +1303,6 @@ mod tests {
         for i in 0..1000u64 {
             keys.push(t.insert(i, i, i).unwrap());
             let cap = t.nodes.capacity();
-            assert_eq!(cap, t.values.capacity(), "vectors grew apart");
             assert!(
                 cap < 2 * t.nodes.len() + 16,
                 "capacity {cap} at {}",
