@@ -85,6 +85,9 @@ const IDX_MASK: u32 = 0x3FFF_FFFF;
 /// The bit of a node's `up` word that says it is red (clear: black, as the all-zero
 /// sentinel and free slots are).
 const RED: u32 = 1 << 31;
+/// The most slots a tree has (the sentinel and 2^30 - 1 entries): every slot index fits
+/// in [`IDX_MASK`].
+const MAX_SLOTS: usize = IDX_MASK as usize + 1;
 /// Room for any root-to-leaf path: a red-black tree of fewer than 2^30 nodes is at most
 /// 2 log2(2^30) = 60 levels tall.
 const MAX_HEIGHT: usize = 64;
@@ -181,10 +184,10 @@ pub struct InvalidInterval {
     pub last: u64,
 }
 
-/// One entry: its place in the tree and its value. The fields a descent reads come first.
-#[derive(Clone)]
+/// One entry's place in the tree. The fields a descent reads come first.
+#[derive(Clone, Copy, Debug, Default)]
 #[repr(C)]
-struct Node<V> {
+struct Node {
     start: u64,
     last: u64,
     /// The largest `last` in this node's subtree.
@@ -197,25 +200,9 @@ struct Node<V> {
     up: u32,
     /// The generation of the entry in this slot, or of the next one if it is free.
     gen: u32,
-    /// The entry's value; `None` in a free slot and in the sentinel.
-    value: Option<V>,
 }
 
-impl<V> Node<V> {
-    /// A node that is not linked anywhere (black, no parent, no children).
-    #[inline(always)]
-    fn unlinked(start: u64, last: u64, gen: u32, value: Option<V>) -> Self {
-        Self {
-            start,
-            last,
-            max: last,
-            link: [NIL; 2],
-            up: NIL,
-            gen,
-            value,
-        }
-    }
-
+impl Node {
     #[inline(always)]
     fn child(&self, d: usize) -> u32 {
         self.link[d]
@@ -280,16 +267,37 @@ impl<V> Node<V> {
 /// assert!(!t.overlaps_any(0, 0x2fff));
 /// # Ok::<(), mmu_notifier::itree::InvalidInterval>(())
 /// ```
-#[derive(Clone)]
 pub struct IntervalTree<V> {
     /// The entries' nodes; index 0 is the sentinel (pushed with the first entry).
-    nodes: Vec<Node<V>>,
+    nodes: Vec<Node>,
+    /// Values, parallel to `nodes`; `None` for free slots and the sentinel.
+    values: Vec<Option<V>>,
+    /// How many slots the vectors may hold without growing: their capacity, but never
+    /// more than [`MAX_SLOTS`]. An insertion that finds `len == room` grows them, or
+    /// panics if the tree is full.
+    room: usize,
     root: u32,
     /// Head of the free-slot list, [`NIL`] when empty.
     free: u32,
     len: usize,
     /// The generation of a slot's first entry.
     gen_base: u32,
+}
+
+impl<V: Clone> Clone for IntervalTree<V> {
+    fn clone(&self) -> Self {
+        let (nodes, values) = (self.nodes.clone(), self.values.clone());
+        Self {
+            // The clone's capacities need not be the original's.
+            room: nodes.capacity().min(values.capacity()).min(MAX_SLOTS),
+            nodes,
+            values,
+            root: self.root,
+            free: self.free,
+            len: self.len,
+            gen_base: self.gen_base,
+        }
+    }
 }
 
 impl<V> Default for IntervalTree<V> {
@@ -311,6 +319,8 @@ impl<V> IntervalTree<V> {
     pub fn new() -> Self {
         Self {
             nodes: Vec::new(),
+            values: Vec::new(),
+            room: 0,
             root: NIL,
             free: NIL,
             len: 0,
@@ -328,12 +338,12 @@ impl<V> IntervalTree<V> {
         self.len == 0
     }
 
-    /// Heap bytes one entry takes, its value included: its node, 40 bytes of tree links
-    /// and interval plus the value kept as an `Option<V>` (which costs nothing more than
-    /// `V` for types with a niche such as `Arc`, `Box` or references, and up to
-    /// `align_of::<V>()` bytes otherwise). Vector growth slack is not counted.
+    /// Approximate heap bytes one entry takes beyond its value: its 40-byte node. (The
+    /// value is kept as an `Option<V>`, which costs nothing more for types with a niche
+    /// such as `Arc`, `Box` or references, and up to `align_of::<V>()` bytes otherwise;
+    /// vector growth slack is not counted.)
     pub fn bytes_per_entry() -> usize {
-        std::mem::size_of::<Node<V>>()
+        std::mem::size_of::<Node>()
     }
 
     /// Inserts the closed interval `[start, last]` with `value`, and returns the new
@@ -403,7 +413,7 @@ impl<V> IntervalTree<V> {
             // SAFETY: c is a child link: in bounds (see "Slot indices").
             node = unsafe { nodes.get_unchecked_mut(c as usize) };
         };
-        let n = ((node as *mut Node<V> as usize - base) / std::mem::size_of::<Node<V>>()) as u32;
+        let n = ((node as *mut Node as usize - base) / std::mem::size_of::<Node>()) as u32;
         // The new node is red; if its parent is red too, repair that.
         self.nd_mut(idx).up = RED | n;
         if parent_red {
@@ -416,16 +426,17 @@ impl<V> IntervalTree<V> {
     /// (its entry was already removed) or does not belong to this tree. O(log n).
     pub fn remove(&mut self, key: NodeKey) -> Option<V> {
         let z = key.index;
-        // The generation and the value share the node's line: one check and one move.
-        // (The sentinel's value is always `None`, so it is refused here.)
-        let (value, zup, zl, zr, zmax, zlast) = match self.nodes.get_mut(z as usize) {
-            Some(m) if m.gen == key.generation => {
-                let value = m.value.take()?;
-                (value, m.up, m.link[0], m.link[1], m.max, m.last)
-            }
+        match self.nodes.get(z as usize) {
+            Some(m) if m.gen == key.generation => {}
             _ => return None,
-        };
-        let zp = zup & IDX_MASK;
+        }
+        debug_assert_eq!(self.values.len(), self.nodes.len());
+        // SAFETY: z < nodes.len() (checked just above), and `values` has the same length.
+        // (The sentinel's value is always `None`, so it is refused here.)
+        let value = unsafe { self.values.get_unchecked_mut(z as usize) }.take()?;
+        let zn = *self.nd(z);
+        let zp = zn.parent();
+        let [zl, zr] = zn.link;
 
         // Unlink z. `fix` is where maxima start to be stale (the lowest node whose
         // subtree lost z); `db` is the parent of a position whose paths lost one black
@@ -439,9 +450,9 @@ impl<V> IntervalTree<V> {
             self.hook(zp, z, c);
             if c != NIL {
                 case!(RM_ONE_CHILD);
-                self.nd_mut(c).up = zp;
+                self.nd_mut(c).up = zn.up & IDX_MASK;
                 db = NIL;
-            } else if zup & RED != 0 {
+            } else if zn.up & RED != 0 {
                 case!(RM_LEAF_RED);
                 db = NIL;
             } else {
@@ -461,11 +472,9 @@ impl<V> IntervalTree<V> {
                 }
                 (sp, s) = (s, l);
             }
-            let (c2, s_up, s_last) = {
-                let sn = self.nd(s);
-                (sn.child(1), sn.up, sn.last)
-            };
-            let mut link = [zl, zr];
+            let sn = *self.nd(s);
+            let c2 = sn.child(1);
+            let mut link = zn.link;
             if s == zr {
                 // s keeps its right subtree.
                 case!(RM_SUCC_IS_RIGHT);
@@ -479,9 +488,9 @@ impl<V> IntervalTree<V> {
             {
                 let sm = self.nd_mut(s);
                 sm.link = link;
-                sm.up = zup;
+                sm.up = zn.up;
                 // Same entries as z's subtree had, but z: recomputed below.
-                sm.max = zmax;
+                sm.max = zn.max;
             }
             self.nd_mut(zl).set_parent(s);
             self.hook(zp, z, s);
@@ -491,11 +500,11 @@ impl<V> IntervalTree<V> {
                 self.nd_mut(c2).up = sp;
                 db = NIL;
             } else {
-                db = if s_up & RED != 0 { NIL } else { sp };
+                db = if sn.up & RED != 0 { NIL } else { sp };
             }
             if sp != s {
                 // The nodes from s's old parent up to (not including) s lost s.
-                self.propagate(sp, s, s_last);
+                self.propagate(sp, s, sn.last);
             }
             fix = s;
         }
@@ -510,7 +519,7 @@ impl<V> IntervalTree<V> {
         self.free = z;
 
         // Maxima first (rotations keep them), then the colors.
-        self.propagate(fix, NIL, zlast);
+        self.propagate(fix, NIL, zn.last);
         if db != NIL {
             self.remove_fixup(db);
         }
@@ -521,7 +530,11 @@ impl<V> IntervalTree<V> {
     /// key. O(1).
     pub fn get(&self, key: NodeKey) -> Option<(u64, u64, &V)> {
         match self.nodes.get(key.index as usize) {
-            Some(n) if n.gen == key.generation => Some((n.start, n.last, n.value.as_ref()?)),
+            Some(m) if m.gen == key.generation => {
+                let value = self.values[key.index as usize].as_ref()?;
+                let n = &self.nodes[key.index as usize];
+                Some((n.start, n.last, value))
+            }
             _ => None,
         }
     }
@@ -529,8 +542,8 @@ impl<V> IntervalTree<V> {
     /// The value of the entry `key` names, mutably, or `None` for a stale or foreign key.
     /// O(1). (The interval itself cannot change: remove and insert again.)
     pub fn get_mut(&mut self, key: NodeKey) -> Option<&mut V> {
-        match self.nodes.get_mut(key.index as usize) {
-            Some(n) if n.gen == key.generation => n.value.as_mut(),
+        match self.nodes.get(key.index as usize) {
+            Some(m) if m.gen == key.generation => self.values[key.index as usize].as_mut(),
             _ => None,
         }
     }
@@ -674,6 +687,11 @@ impl<V> IntervalTree<V> {
     /// order among equal starts, insertion order, is checked by the property tests.)
     #[doc(hidden)]
     pub fn check_invariants(&self) {
+        assert_eq!(
+            self.nodes.len(),
+            self.values.len(),
+            "nodes and values differ in length"
+        );
         if self.nodes.is_empty() {
             assert_eq!(self.root, NIL);
             assert_eq!(self.len, 0);
@@ -682,10 +700,9 @@ impl<V> IntervalTree<V> {
         let s = &self.nodes[0];
         assert!(
             s.start == 0 && s.last == 0 && s.max == 0 && s.link == [0, 0] && s.up == 0,
-            "sentinel modified: {:?}",
-            (s.start, s.last, s.max, s.link, s.up)
+            "sentinel modified: {s:?}"
         );
-        assert!(s.value.is_none(), "sentinel slot occupied");
+        assert!(self.values[0].is_none(), "sentinel slot occupied");
         assert_eq!(
             self.nodes[self.root as usize].parent(),
             NIL,
@@ -696,15 +713,12 @@ impl<V> IntervalTree<V> {
         let mut prev: Option<(u64, u32)> = None;
         let (_, count) = self.check_subtree(self.root, &mut seen, &mut prev);
         assert_eq!(count, self.len, "reachable entries != len");
-        let occupied = self.nodes.iter().filter(|n| n.value.is_some()).count();
+        let occupied = self.values.iter().filter(|v| v.is_some()).count();
         assert_eq!(occupied, self.len, "occupied slots != len");
         let mut f = self.free;
         let mut free = 0;
         while f != NIL {
-            assert!(
-                self.nodes[f as usize].value.is_none(),
-                "free slot {f} occupied"
-            );
+            assert!(self.values[f as usize].is_none(), "free slot {f} occupied");
             assert!(!seen[f as usize], "free slot {f} is in the tree");
             seen[f as usize] = true;
             free += 1;
@@ -730,11 +744,11 @@ impl<V> IntervalTree<V> {
         }
         assert!(!seen[n as usize], "node {n} reached twice");
         seen[n as usize] = true;
-        let node = &self.nodes[n as usize];
         assert!(
-            node.value.is_some(),
+            self.values[n as usize].is_some(),
             "node {n} in the tree has a vacant slot"
         );
+        let node = self.nodes[n as usize];
         assert!(node.start <= node.last, "node {n}: start > last");
         assert_eq!(
             node.up & !(RED | IDX_MASK),
@@ -782,64 +796,94 @@ impl<V> IntervalTree<V> {
             let n = self.nd_mut(idx);
             let next = n.link[0];
             let gen = n.gen;
-            (n.start, n.last, n.max, n.link, n.up) = (start, last, last, [NIL; 2], NIL);
-            // A free slot holds no value: nothing to drop.
-            let old = n.value.replace(value);
-            debug_assert!(old.is_none(), "free slot {idx} occupied");
-            std::mem::forget(old);
+            *n = Node {
+                start,
+                last,
+                max: last,
+                link: [NIL; 2],
+                up: NIL,
+                gen,
+            };
             self.free = next;
+            self.values[idx as usize] = Some(value);
             return (idx, gen);
         }
-        let idx = self.nodes.len();
-        if idx == self.nodes.capacity() {
+        let mut idx = self.nodes.len();
+        if idx == self.room {
             self.grow();
+            // (`grow` pushed the sentinel if this is the first entry.)
+            idx = self.nodes.len();
         }
-        // (`grow` pushed the sentinel if this is the first entry.)
-        let idx = self.nodes.len();
-        assert!(
-            idx <= IDX_MASK as usize,
-            "IntervalTree is full (2^30 - 1 entries)"
-        );
         let gen = self.gen_base;
-        self.nodes
-            .push(Node::unlinked(start, last, gen, Some(value)));
+        debug_assert!(idx < self.room);
+        debug_assert!(self.room <= self.nodes.capacity().min(self.values.capacity()));
+        // SAFETY: idx = len < room <= both capacities (both vectors always have the same
+        // length): the slot is allocated and unused in both, and is written before their
+        // lengths count it.
+        unsafe {
+            self.nodes.as_mut_ptr().add(idx).write(Node {
+                start,
+                last,
+                max: last,
+                link: [NIL; 2],
+                up: NIL,
+                gen,
+            });
+            self.values.as_mut_ptr().add(idx).write(Some(value));
+            self.nodes.set_len(idx + 1);
+            self.values.set_len(idx + 1);
+        }
+        // (idx < room <= 2^30.)
         (idx as u32, gen)
     }
 
-    /// Doubles the room (at least 16 slots), out of the insertion path; the first time,
-    /// pushes the sentinel too.
+    /// Doubles the room of both vectors (at least 16 slots, at most [`MAX_SLOTS`]), out of
+    /// the insertion path; the first time, pushes the sentinel too.
+    ///
+    /// # Panics
+    ///
+    /// If the tree holds 2^30 - 1 entries (every slot index is taken).
     #[cold]
     #[inline(never)]
     fn grow(&mut self) {
-        let more = self.nodes.len().max(16);
+        let len = self.nodes.len();
+        assert!(len < MAX_SLOTS, "IntervalTree is full (2^30 - 1 entries)");
+        let more = len.max(16).min(MAX_SLOTS - len);
         self.nodes.reserve_exact(more);
-        if self.nodes.is_empty() {
-            self.nodes.push(Node::unlinked(0, 0, 0, None));
+        self.values.reserve_exact(more);
+        self.room = self
+            .nodes
+            .capacity()
+            .min(self.values.capacity())
+            .min(MAX_SLOTS);
+        if len == 0 {
+            self.nodes.push(Node::default());
+            self.values.push(None);
         }
     }
 
     /// The key and value of an entry in the tree.
     #[inline]
     fn entry(&self, n: u32) -> (NodeKey, &V) {
-        let node = self.nd(n);
         let key = NodeKey {
             index: n,
-            generation: node.gen,
+            generation: self.nd(n).gen,
         };
-        debug_assert!(
-            node.value.is_some(),
-            "node {n} in the tree has a vacant slot"
-        );
+        debug_assert_eq!(self.values.len(), self.nodes.len());
+        // SAFETY: `n` is in bounds of `nodes` (as in `nd`), and `values` always has the
+        // same length: the two are only ever pushed together.
+        let slot = unsafe { self.values.get_unchecked(n as usize) };
+        debug_assert!(slot.is_some(), "node {n} in the tree has a vacant slot");
         // SAFETY: a node in the tree holds its value (see "Slot indices"), so the
         // reference is formed without reading the slot: a caller that does not look at
         // the value never touches its memory.
-        let value = unsafe { node.value.as_ref().unwrap_unchecked() };
+        let value = unsafe { slot.as_ref().unwrap_unchecked() };
         (key, value)
     }
 
     /// Node `i`, without a bounds check.
     #[inline(always)]
-    fn nd(&self, i: u32) -> &Node<V> {
+    fn nd(&self, i: u32) -> &Node {
         debug_assert!((i as usize) < self.nodes.len(), "slot {i} out of range");
         // SAFETY: `i` is in bounds by the slot-index invariant (see "Slot indices" in the
         // module documentation): every index the tree stores or passes to this is NIL (and
@@ -849,7 +893,7 @@ impl<V> IntervalTree<V> {
 
     /// Node `i`, mutably, without a bounds check.
     #[inline(always)]
-    fn nd_mut(&mut self, i: u32) -> &mut Node<V> {
+    fn nd_mut(&mut self, i: u32) -> &mut Node {
         debug_assert!((i as usize) < self.nodes.len(), "slot {i} out of range");
         // SAFETY: as in `nd`.
         unsafe { self.nodes.get_unchecked_mut(i as usize) }
@@ -1096,12 +1140,12 @@ mod tests {
 
     #[test]
     fn node_is_small() {
-        // 40 bytes of interval and links, then the value.
-        assert_eq!(std::mem::offset_of!(Node<u64>, value), 40);
-        assert_eq!(IntervalTree::<u64>::bytes_per_entry(), 56);
-        // What an interval subscription costs here: its node with the `Arc<dyn ...>` (a
-        // fat pointer; `None` is its niche) that the tree's value is.
-        let per_subscription = IntervalTree::<std::sync::Arc<dyn Fn()>>::bytes_per_entry();
+        assert_eq!(std::mem::size_of::<Node>(), 40);
+        assert_eq!(IntervalTree::<u64>::bytes_per_entry(), 40);
+        // What an interval subscription costs here: its node plus the slot of the
+        // `Arc<dyn ...>` (a fat pointer; `None` is its niche) that the tree's value is.
+        let per_subscription = IntervalTree::<std::sync::Arc<dyn Fn()>>::bytes_per_entry()
+            + std::mem::size_of::<Option<std::sync::Arc<dyn Fn()>>>();
         assert_eq!(per_subscription, 56);
     }
 
@@ -1292,8 +1336,8 @@ mod tests {
         }
     }
 
-    /// The storage grows by doubling (from 16 slots), and not while freed slots are there
-    /// to reuse.
+    /// The storage grows by doubling (from 16 slots), both vectors together, and not
+    /// while freed slots are there to reuse.
     #[test]
     fn storage_doubles_and_reuses_freed_slots() {
         let mut t = IntervalTree::new();
@@ -1303,6 +1347,7 @@ mod tests {
         for i in 0..1000u64 {
             keys.push(t.insert(i, i, i).unwrap());
             let cap = t.nodes.capacity();
+            assert_eq!(cap, t.values.capacity(), "vectors grew apart");
             assert!(
                 cap < 2 * t.nodes.len() + 16,
                 "capacity {cap} at {}",

@@ -891,7 +891,8 @@ impl<T: IntervalSubscriber> IntervalSubscription<T> {
     pub fn memory_overhead() -> usize {
         let counts = 2 * std::mem::size_of::<usize>();
         let node = std::mem::size_of::<Node<T>>() - std::mem::size_of::<T>();
-        let tree = IntervalTree::<StdArc<dyn ErasedNode>>::bytes_per_entry();
+        let tree = IntervalTree::<StdArc<dyn ErasedNode>>::bytes_per_entry()
+            + std::mem::size_of::<Option<StdArc<dyn ErasedNode>>>();
         counts + node + tree
     }
 }
