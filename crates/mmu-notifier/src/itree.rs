@@ -45,6 +45,12 @@
 //! `nodes.len()` and the slot's generation before they are used. Debug builds assert the
 //! bound on every access.
 //!
+//! `alloc` appends a slot by writing both vectors' next element in place, without
+//! `push`'s capacity check. That is sound because the tree keeps `room`, the number of
+//! slots both vectors have allocated (never more than 2^30, so that indices fit their 30
+//! bits): `grow` sets it from the capacities it obtained, `clone` from the clone's own,
+//! and an insertion grows the storage first whenever `len == room`.
+//!
 //! Queries also hand out references to the values of the nodes they visit without
 //! checking that the slot is occupied, because every node reachable from `root` holds its
 //! value: `alloc` stores the value before the node is linked, and `remove` takes it out
@@ -691,6 +697,13 @@ impl<V> IntervalTree<V> {
             self.nodes.len(),
             self.values.len(),
             "nodes and values differ in length"
+        );
+        let capacity = self.nodes.capacity().min(self.values.capacity());
+        assert!(
+            self.nodes.len() <= self.room && self.room <= capacity.min(MAX_SLOTS),
+            "room {} outside [len {}, capacity {capacity}]",
+            self.room,
+            self.nodes.len()
         );
         if self.nodes.is_empty() {
             assert_eq!(self.root, NIL);
@@ -1365,6 +1378,32 @@ mod tests {
             t.insert(i, i, i).unwrap();
         }
         assert_eq!((t.nodes.len(), t.nodes.capacity()), (1001, 1024));
+        t.check_invariants();
+    }
+
+    /// A clone gets a room bound from its own capacities (a cloned vector may have less
+    /// room than the original), and keeps working as the original does.
+    #[test]
+    fn clone_has_its_own_room() {
+        let mut t = IntervalTree::new();
+        let keys: Vec<_> = (0..40u64).map(|i| t.insert(i, i + 3, i).unwrap()).collect();
+        assert_eq!(t.nodes.capacity(), 64);
+        let mut c = t.clone();
+        assert!(
+            c.nodes.capacity() < 64,
+            "the clone has the original's slack"
+        );
+        c.check_invariants();
+        // Into the clone until it grows twice: every write lands inside its storage.
+        for i in 40..200u64 {
+            c.insert(i, i + 3, i).unwrap();
+            c.check_invariants();
+        }
+        assert_eq!(c.remove(keys[7]), Some(7));
+        assert_eq!(c.len(), 199);
+        // The original is untouched.
+        assert_eq!(t.len(), 40);
+        assert_eq!(t.get(keys[7]), Some((7, 10, &7)));
         t.check_invariants();
     }
 
