@@ -440,9 +440,10 @@ impl<V> IntervalTree<V> {
         // SAFETY: z < nodes.len() (checked just above), and `values` has the same length.
         // (The sentinel's value is always `None`, so it is refused here.)
         let value = unsafe { self.values.get_unchecked_mut(z as usize) }.take()?;
-        let zn = *self.nd(z);
-        let zp = zn.parent();
-        let [zl, zr] = zn.link;
+        // (Only the words needed now are kept in registers; `max` and `last` are read
+        // again where they are used: the node is not rewritten before that.)
+        let (zup, [zl, zr]) = (self.nd(z).up, self.nd(z).link);
+        let zp = zup & IDX_MASK;
 
         // Unlink z. `fix` is where maxima start to be stale (the lowest node whose
         // subtree lost z); `db` is the parent of a position whose paths lost one black
@@ -456,9 +457,9 @@ impl<V> IntervalTree<V> {
             self.hook(zp, z, c);
             if c != NIL {
                 case!(RM_ONE_CHILD);
-                self.nd_mut(c).up = zn.up & IDX_MASK;
+                self.nd_mut(c).up = zp;
                 db = NIL;
-            } else if zn.up & RED != 0 {
+            } else if zup & RED != 0 {
                 case!(RM_LEAF_RED);
                 db = NIL;
             } else {
@@ -478,9 +479,10 @@ impl<V> IntervalTree<V> {
                 }
                 (sp, s) = (s, l);
             }
+            let zmax = self.nd(z).max;
             let sn = *self.nd(s);
             let c2 = sn.child(1);
-            let mut link = zn.link;
+            let mut link = [zl, zr];
             if s == zr {
                 // s keeps its right subtree.
                 case!(RM_SUCC_IS_RIGHT);
@@ -494,9 +496,9 @@ impl<V> IntervalTree<V> {
             {
                 let sm = self.nd_mut(s);
                 sm.link = link;
-                sm.up = zn.up;
+                sm.up = zup;
                 // Same entries as z's subtree had, but z: recomputed below.
-                sm.max = zn.max;
+                sm.max = zmax;
             }
             self.nd_mut(zl).set_parent(s);
             self.hook(zp, z, s);
@@ -520,12 +522,13 @@ impl<V> IntervalTree<V> {
         self.len -= 1;
         let free = self.free;
         let zm = self.nd_mut(z);
+        let zlast = zm.last;
         zm.link[0] = free;
         zm.gen = key.generation.wrapping_add(1);
         self.free = z;
 
         // Maxima first (rotations keep them), then the colors.
-        self.propagate(fix, NIL, zn.last);
+        self.propagate(fix, NIL, zlast);
         if db != NIL {
             self.remove_fixup(db);
         }
