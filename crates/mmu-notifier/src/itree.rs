@@ -853,8 +853,10 @@ impl<V> IntervalTree<V> {
         (idx as u32, gen)
     }
 
-    /// Doubles the room of both vectors (at least 16 slots, at most [`MAX_SLOTS`]), out of
-    /// the insertion path; the first time, pushes the sentinel too.
+    /// Grows the room of both vectors, out of the insertion path: to 16 slots first, then
+    /// four times larger up to 1024 slots (fewer reallocations, each copying the whole
+    /// storage, while the slack stays a few tens of kilobytes at most), then twice larger,
+    /// never beyond [`MAX_SLOTS`]. The first time, it pushes the sentinel too.
     ///
     /// # Panics
     ///
@@ -864,7 +866,8 @@ impl<V> IntervalTree<V> {
     fn grow(&mut self) {
         let len = self.nodes.len();
         assert!(len < MAX_SLOTS, "IntervalTree is full (2^30 - 1 entries)");
-        let more = len.max(16).min(MAX_SLOTS - len);
+        let more = if len < 1024 { 3 * len } else { len };
+        let more = more.max(16).min(MAX_SLOTS - len);
         self.nodes.reserve_exact(more);
         self.values.reserve_exact(more);
         self.room = self
@@ -1352,35 +1355,33 @@ mod tests {
         }
     }
 
-    /// The storage grows by doubling (from 16 slots), both vectors together, and not
-    /// while freed slots are there to reuse.
+    /// The storage grows fourfold from 16 slots up to 1024, then by doubling, both
+    /// vectors together, and not while freed slots are there to reuse.
     #[test]
-    fn storage_doubles_and_reuses_freed_slots() {
+    fn storage_grows_geometrically_and_reuses_freed_slots() {
         let mut t = IntervalTree::new();
         assert_eq!(t.nodes.capacity(), 0);
         let mut caps = vec![];
         let mut keys = vec![];
-        for i in 0..1000u64 {
+        for i in 0..3000u64 {
             keys.push(t.insert(i, i, i).unwrap());
             let cap = t.nodes.capacity();
             assert_eq!(cap, t.values.capacity(), "vectors grew apart");
-            assert!(
-                cap < 2 * t.nodes.len() + 16,
-                "capacity {cap} at {}",
-                t.nodes.len()
-            );
+            let len = t.nodes.len();
+            let bound = if len <= 1024 { 4 * len + 16 } else { 2 * len };
+            assert!(cap <= bound, "capacity {cap} at {len}");
             if caps.last() != Some(&cap) {
                 caps.push(cap);
             }
         }
-        assert_eq!(caps, [16, 32, 64, 128, 256, 512, 1024]);
-        for k in keys.drain(..500) {
+        assert_eq!(caps, [16, 64, 256, 1024, 2048, 4096]);
+        for k in keys.drain(..1500) {
             t.remove(k).unwrap();
         }
-        for i in 0..500u64 {
+        for i in 0..1500u64 {
             t.insert(i, i, i).unwrap();
         }
-        assert_eq!((t.nodes.len(), t.nodes.capacity()), (1001, 1024));
+        assert_eq!((t.nodes.len(), t.nodes.capacity()), (3001, 4096));
         t.check_invariants();
     }
 
