@@ -1035,9 +1035,8 @@ impl<V> IntervalTree<V> {
     }
 
     /// `p`'s child on one side (NIL or a black node) has one black node fewer on its paths
-    /// than its sibling: recolor and rotate until the black heights agree again. Out of
-    /// line: it keeps the removal's own path short.
-    #[inline(never)]
+    /// than its sibling: recolor and rotate until the black heights agree again.
+    #[inline(always)]
     fn remove_fixup(&mut self, mut p: u32) {
         let mut x = NIL;
         loop {
