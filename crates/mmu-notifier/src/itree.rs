@@ -45,6 +45,12 @@
 //! `nodes.len()` and the slot's generation before they are used. Debug builds assert the
 //! bound on every access.
 //!
+//! `alloc` appends a slot by writing both vectors' next element in place, without
+//! `push`'s capacity check. That is sound because the tree keeps `room`, the number of
+//! slots both vectors have allocated (never more than 2^30, so that indices fit their 30
+//! bits): `grow` sets it from the capacities it obtained, `clone` from the clone's own,
+//! and an insertion grows the storage first whenever `len == room`.
+//!
 //! Queries also hand out references to the values of the nodes they visit without
 //! checking that the slot is occupied, because every node reachable from `root` holds its
 //! value: `alloc` stores the value before the node is linked, and `remove` takes it out
@@ -85,6 +91,9 @@ const IDX_MASK: u32 = 0x3FFF_FFFF;
 /// The bit of a node's `up` word that says it is red (clear: black, as the all-zero
 /// sentinel and free slots are).
 const RED: u32 = 1 << 31;
+/// The most slots a tree has (the sentinel and 2^30 - 1 entries): every slot index fits
+/// in [`IDX_MASK`].
+const MAX_SLOTS: usize = IDX_MASK as usize + 1;
 /// Room for any root-to-leaf path: a red-black tree of fewer than 2^30 nodes is at most
 /// 2 log2(2^30) = 60 levels tall.
 const MAX_HEIGHT: usize = 64;
@@ -264,18 +273,37 @@ impl Node {
 /// assert!(!t.overlaps_any(0, 0x2fff));
 /// # Ok::<(), mmu_notifier::itree::InvalidInterval>(())
 /// ```
-#[derive(Clone)]
 pub struct IntervalTree<V> {
     /// The entries' nodes; index 0 is the sentinel (pushed with the first entry).
     nodes: Vec<Node>,
     /// Values, parallel to `nodes`; `None` for free slots and the sentinel.
     values: Vec<Option<V>>,
+    /// How many slots the vectors may hold without growing: their capacity, but never
+    /// more than [`MAX_SLOTS`]. An insertion that finds `len == room` grows them, or
+    /// panics if the tree is full.
+    room: usize,
     root: u32,
     /// Head of the free-slot list, [`NIL`] when empty.
     free: u32,
     len: usize,
     /// The generation of a slot's first entry.
     gen_base: u32,
+}
+
+impl<V: Clone> Clone for IntervalTree<V> {
+    fn clone(&self) -> Self {
+        let (nodes, values) = (self.nodes.clone(), self.values.clone());
+        Self {
+            // The clone's capacities need not be the original's.
+            room: nodes.capacity().min(values.capacity()).min(MAX_SLOTS),
+            nodes,
+            values,
+            root: self.root,
+            free: self.free,
+            len: self.len,
+            gen_base: self.gen_base,
+        }
+    }
 }
 
 impl<V> Default for IntervalTree<V> {
@@ -298,6 +326,7 @@ impl<V> IntervalTree<V> {
         Self {
             nodes: Vec::new(),
             values: Vec::new(),
+            room: 0,
             root: NIL,
             free: NIL,
             len: 0,
@@ -335,10 +364,18 @@ impl<V> IntervalTree<V> {
     /// # Panics
     ///
     /// If the tree already holds 2^30 − 1 entries (about 43 GB of nodes).
+    #[inline]
     pub fn insert(&mut self, start: u64, last: u64, value: V) -> Result<NodeKey, InvalidInterval> {
         if start > last {
             return Err(InvalidInterval { start, last });
         }
+        // (The check above is inlined into the caller, so the key comes back in a
+        // register rather than through a `Result` in memory.)
+        Ok(self.insert_valid(start, last, value))
+    }
+
+    /// [`insert`](Self::insert) of a valid interval (`start <= last`).
+    fn insert_valid(&mut self, start: u64, last: u64, value: V) -> NodeKey {
         let (idx, generation) = self.alloc(start, last, value);
         self.len += 1;
         let key = NodeKey {
@@ -348,7 +385,7 @@ impl<V> IntervalTree<V> {
         let n = self.root;
         if n == NIL {
             self.root = idx;
-            return Ok(key);
+            return key;
         }
         // Down to a leaf position, raising maxima on the way. An equal start goes right:
         // after the entries already there.
@@ -388,7 +425,7 @@ impl<V> IntervalTree<V> {
         if parent_red {
             self.insert_fixup(idx, n);
         }
-        Ok(key)
+        key
     }
 
     /// Removes the entry `key` names and returns its value, or `None` if the key is stale
@@ -403,9 +440,10 @@ impl<V> IntervalTree<V> {
         // SAFETY: z < nodes.len() (checked just above), and `values` has the same length.
         // (The sentinel's value is always `None`, so it is refused here.)
         let value = unsafe { self.values.get_unchecked_mut(z as usize) }.take()?;
-        let zn = *self.nd(z);
-        let zp = zn.parent();
-        let [zl, zr] = zn.link;
+        // (Only the words needed now are kept in registers; `max` and `last` are read
+        // again where they are used: the node is not rewritten before that.)
+        let (zup, [zl, zr]) = (self.nd(z).up, self.nd(z).link);
+        let zp = zup & IDX_MASK;
 
         // Unlink z. `fix` is where maxima start to be stale (the lowest node whose
         // subtree lost z); `db` is the parent of a position whose paths lost one black
@@ -419,9 +457,9 @@ impl<V> IntervalTree<V> {
             self.hook(zp, z, c);
             if c != NIL {
                 case!(RM_ONE_CHILD);
-                self.nd_mut(c).up = zn.up & IDX_MASK;
+                self.nd_mut(c).up = zp;
                 db = NIL;
-            } else if zn.up & RED != 0 {
+            } else if zup & RED != 0 {
                 case!(RM_LEAF_RED);
                 db = NIL;
             } else {
@@ -441,9 +479,10 @@ impl<V> IntervalTree<V> {
                 }
                 (sp, s) = (s, l);
             }
+            let zmax = self.nd(z).max;
             let sn = *self.nd(s);
             let c2 = sn.child(1);
-            let mut link = zn.link;
+            let mut link = [zl, zr];
             if s == zr {
                 // s keeps its right subtree.
                 case!(RM_SUCC_IS_RIGHT);
@@ -457,9 +496,9 @@ impl<V> IntervalTree<V> {
             {
                 let sm = self.nd_mut(s);
                 sm.link = link;
-                sm.up = zn.up;
+                sm.up = zup;
                 // Same entries as z's subtree had, but z: recomputed below.
-                sm.max = zn.max;
+                sm.max = zmax;
             }
             self.nd_mut(zl).set_parent(s);
             self.hook(zp, z, s);
@@ -483,12 +522,13 @@ impl<V> IntervalTree<V> {
         self.len -= 1;
         let free = self.free;
         let zm = self.nd_mut(z);
+        let zlast = zm.last;
         zm.link[0] = free;
         zm.gen = key.generation.wrapping_add(1);
         self.free = z;
 
         // Maxima first (rotations keep them), then the colors.
-        self.propagate(fix, NIL, zn.last);
+        self.propagate(fix, NIL, zlast);
         if db != NIL {
             self.remove_fixup(db);
         }
@@ -661,6 +701,13 @@ impl<V> IntervalTree<V> {
             self.values.len(),
             "nodes and values differ in length"
         );
+        let capacity = self.nodes.capacity().min(self.values.capacity());
+        assert!(
+            self.nodes.len() <= self.room && self.room <= capacity.min(MAX_SLOTS),
+            "room {} outside [len {}, capacity {capacity}]",
+            self.room,
+            self.nodes.len()
+        );
         if self.nodes.is_empty() {
             assert_eq!(self.root, NIL);
             assert_eq!(self.len, 0);
@@ -777,37 +824,58 @@ impl<V> IntervalTree<V> {
             self.values[idx as usize] = Some(value);
             return (idx, gen);
         }
-        let idx = self.nodes.len();
-        if idx == self.nodes.capacity() {
+        let mut idx = self.nodes.len();
+        if idx == self.room {
             self.grow();
+            // (`grow` pushed the sentinel if this is the first entry.)
+            idx = self.nodes.len();
         }
-        // (`grow` pushed the sentinel if this is the first entry.)
-        let idx = self.nodes.len();
-        assert!(
-            idx <= IDX_MASK as usize,
-            "IntervalTree is full (2^30 - 1 entries)"
-        );
-        self.nodes.push(Node {
-            start,
-            last,
-            max: last,
-            link: [NIL; 2],
-            up: NIL,
-            gen: self.gen_base,
-        });
-        self.values.push(Some(value));
-        (idx as u32, self.gen_base)
+        let gen = self.gen_base;
+        debug_assert!(idx < self.room);
+        debug_assert!(self.room <= self.nodes.capacity().min(self.values.capacity()));
+        // SAFETY: idx = len < room <= both capacities (both vectors always have the same
+        // length): the slot is allocated and unused in both, and is written before their
+        // lengths count it.
+        unsafe {
+            self.nodes.as_mut_ptr().add(idx).write(Node {
+                start,
+                last,
+                max: last,
+                link: [NIL; 2],
+                up: NIL,
+                gen,
+            });
+            self.values.as_mut_ptr().add(idx).write(Some(value));
+            self.nodes.set_len(idx + 1);
+            self.values.set_len(idx + 1);
+        }
+        // (idx < room <= 2^30.)
+        (idx as u32, gen)
     }
 
-    /// Doubles the room of both vectors (at least 16 slots), out of the insertion path;
-    /// the first time, pushes the sentinel too.
+    /// Grows the room of both vectors, out of the insertion path: to 16 slots first, then
+    /// four times larger up to 1024 slots (fewer reallocations, each copying the whole
+    /// storage, while the slack stays a few tens of kilobytes at most), then twice larger,
+    /// never beyond [`MAX_SLOTS`]. The first time, it pushes the sentinel too.
+    ///
+    /// # Panics
+    ///
+    /// If the tree holds 2^30 - 1 entries (every slot index is taken).
     #[cold]
     #[inline(never)]
     fn grow(&mut self) {
-        let more = self.nodes.len().max(16);
+        let len = self.nodes.len();
+        assert!(len < MAX_SLOTS, "IntervalTree is full (2^30 - 1 entries)");
+        let more = if len < 1024 { 3 * len } else { len };
+        let more = more.max(16).min(MAX_SLOTS - len);
         self.nodes.reserve_exact(more);
         self.values.reserve_exact(more);
-        if self.nodes.is_empty() {
+        self.room = self
+            .nodes
+            .capacity()
+            .min(self.values.capacity())
+            .min(MAX_SLOTS);
+        if len == 0 {
             self.nodes.push(Node::default());
             self.values.push(None);
         }
@@ -967,9 +1035,8 @@ impl<V> IntervalTree<V> {
     }
 
     /// `p`'s child on one side (NIL or a black node) has one black node fewer on its paths
-    /// than its sibling: recolor and rotate until the black heights agree again. Out of
-    /// line: it keeps the removal's own path short.
-    #[inline(never)]
+    /// than its sibling: recolor and rotate until the black heights agree again.
+    #[inline(always)]
     fn remove_fixup(&mut self, mut p: u32) {
         let mut x = NIL;
         loop {
@@ -1287,35 +1354,59 @@ mod tests {
         }
     }
 
-    /// The storage grows by doubling (from 16 slots), both vectors together, and not
-    /// while freed slots are there to reuse.
+    /// The storage grows fourfold from 16 slots up to 1024, then by doubling, both
+    /// vectors together, and not while freed slots are there to reuse.
     #[test]
-    fn storage_doubles_and_reuses_freed_slots() {
+    fn storage_grows_geometrically_and_reuses_freed_slots() {
         let mut t = IntervalTree::new();
         assert_eq!(t.nodes.capacity(), 0);
         let mut caps = vec![];
         let mut keys = vec![];
-        for i in 0..1000u64 {
+        for i in 0..3000u64 {
             keys.push(t.insert(i, i, i).unwrap());
             let cap = t.nodes.capacity();
             assert_eq!(cap, t.values.capacity(), "vectors grew apart");
-            assert!(
-                cap < 2 * t.nodes.len() + 16,
-                "capacity {cap} at {}",
-                t.nodes.len()
-            );
+            let len = t.nodes.len();
+            let bound = if len <= 1024 { 4 * len + 16 } else { 2 * len };
+            assert!(cap <= bound, "capacity {cap} at {len}");
             if caps.last() != Some(&cap) {
                 caps.push(cap);
             }
         }
-        assert_eq!(caps, [16, 32, 64, 128, 256, 512, 1024]);
-        for k in keys.drain(..500) {
+        assert_eq!(caps, [16, 64, 256, 1024, 2048, 4096]);
+        for k in keys.drain(..1500) {
             t.remove(k).unwrap();
         }
-        for i in 0..500u64 {
+        for i in 0..1500u64 {
             t.insert(i, i, i).unwrap();
         }
-        assert_eq!((t.nodes.len(), t.nodes.capacity()), (1001, 1024));
+        assert_eq!((t.nodes.len(), t.nodes.capacity()), (3001, 4096));
+        t.check_invariants();
+    }
+
+    /// A clone gets a room bound from its own capacities (a cloned vector may have less
+    /// room than the original), and keeps working as the original does.
+    #[test]
+    fn clone_has_its_own_room() {
+        let mut t = IntervalTree::new();
+        let keys: Vec<_> = (0..40u64).map(|i| t.insert(i, i + 3, i).unwrap()).collect();
+        assert_eq!(t.nodes.capacity(), 64);
+        let mut c = t.clone();
+        assert!(
+            c.nodes.capacity() < 64,
+            "the clone has the original's slack"
+        );
+        c.check_invariants();
+        // Into the clone until it grows twice: every write lands inside its storage.
+        for i in 40..200u64 {
+            c.insert(i, i + 3, i).unwrap();
+            c.check_invariants();
+        }
+        assert_eq!(c.remove(keys[7]), Some(7));
+        assert_eq!(c.len(), 199);
+        // The original is untouched.
+        assert_eq!(t.len(), 40);
+        assert_eq!(t.get(keys[7]), Some((7, 10, &7)));
         t.check_invariants();
     }
 
