@@ -484,7 +484,7 @@ impl Subscriptions {
         }
         InvalidateGuard {
             mm: self,
-            itree,
+            itree: itree.is_some_and(ItreeActive::hand_over),
             _read: read,
             snap,
             range,
@@ -534,7 +534,7 @@ impl Subscriptions {
         // one), and the caller gets no guard.
         let guard = InvalidateGuard {
             mm: self,
-            itree,
+            itree: itree.is_some_and(ItreeActive::hand_over),
             _read: read,
             snap,
             range,
@@ -899,7 +899,8 @@ impl Subscriptions {
 #[must_use = "dropping the guard immediately ends the invalidation"]
 pub struct InvalidateGuard<'a> {
     mm: &'a Subscriptions,
-    itree: Option<ItreeActive<'a>>,
+    /// The interval part is in progress: the drop ends it (see `ItreeActive::hand_over`).
+    itree: bool,
     _read: SrcuReadGuard<'a>,
     snap: &'a Snapshot,
     range: Range,
@@ -967,8 +968,8 @@ impl std::fmt::Debug for InvalidateGuard<'_> {
 impl InvalidateGuard<'_> {
     #[cold]
     #[inline(never)]
-    fn end_intervals(&mut self) {
-        drop(self.itree.take());
+    fn end_intervals(&self) {
+        interval::inv_end(self.mm);
     }
 }
 
@@ -976,7 +977,7 @@ impl Drop for InvalidateGuard<'_> {
     #[inline]
     fn drop(&mut self) {
         // Interval end first, then list subscribers, in the order start called them.
-        if self.itree.is_some() {
+        if self.itree {
             self.end_intervals();
         }
         for sub in self.snap.list() {

@@ -822,3 +822,49 @@ fn every_overlapped_subscription_is_called_once_in_order_and_a_busy_one_stops_th
     }
     assert_eq!(mm.stats().interval_seq & 1, 0, "every interval part ended");
 }
+
+/// A list subscriber whose start panics after the interval part began: the unwinding
+/// ends the interval part (the tree does not stay frozen, fills are not held back), and
+/// the end of a guard that did exist ends it too, exactly once.
+#[test]
+fn a_panicking_list_start_still_ends_the_interval_part() {
+    struct Panics(AtomicBool);
+    impl ListSubscriber for Panics {
+        fn invalidate_range_start(&self, _: &Range) -> Result<(), WouldBlock> {
+            if self.0.load(SeqCst) {
+                panic!("subscriber bug");
+            }
+            Ok(())
+        }
+    }
+    let mm = Subscriptions::new();
+    let log = Arc::new(Log::default());
+    let s = mm.insert_interval(0..P, Sub::new("iv", &log)).unwrap();
+    let bad = Arc::new(Panics(AtomicBool::new(true)));
+    let _l = mm.register(bad.clone()).unwrap();
+    for nonblocking in [false, true] {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if nonblocking {
+                drop(mm.try_invalidate_range_start(r(0, P)));
+            } else {
+                drop(mm.invalidate_range_start(r(0, P)));
+            }
+        }));
+        assert!(r.is_err(), "the start panicked");
+        assert_eq!(log.take(), ["iv:Unmap"]);
+        assert_eq!(mm.stats().interval_seq & 1, 0, "the interval part ended");
+    }
+    bad.0.store(false, SeqCst);
+    let seq = mm.stats().interval_seq;
+    let g = mm.invalidate_range_start(r(0, P));
+    assert_eq!(
+        mm.stats().interval_seq,
+        seq + 1,
+        "odd while the guard lives"
+    );
+    drop(g);
+    assert_eq!(mm.stats().interval_seq, seq + 2, "ended once by the guard");
+    // A fill is not held back by a frozen tree.
+    let rs = s.read_begin();
+    assert!(!s.lock().read_retry(rs));
+}

@@ -404,6 +404,17 @@ pub(crate) struct ItreeActive<'a> {
     mm: &'a Subscriptions,
 }
 
+impl ItreeActive<'_> {
+    /// Hands the end over to an invalidation guard, which calls [`inv_end`] when it drops
+    /// (a `bool` in the guard instead of this value: its drop then has no `Option` to
+    /// inspect twice). Only once nothing can unwind between here and the guard's
+    /// creation.
+    pub(crate) fn hand_over(self) -> bool {
+        std::mem::forget(self);
+        true
+    }
+}
+
 impl Drop for ItreeActive<'_> {
     fn drop(&mut self) {
         inv_end(self.mm);
@@ -483,7 +494,7 @@ pub(crate) fn inv_start<'a>(
     Ok(active)
 }
 
-fn inv_end(mm: &Subscriptions) {
+pub(crate) fn inv_end(mm: &Subscriptions) {
     let itree = mm.itree();
     let releases = {
         let mut st = itree.state.lock();
