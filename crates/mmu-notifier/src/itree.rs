@@ -209,6 +209,20 @@ struct Node {
 }
 
 impl Node {
+    /// A new entry's node before it is linked in: no children, no parent, black (the
+    /// insertion colors it).
+    #[inline(always)]
+    fn unlinked(start: u64, last: u64, gen: u32) -> Node {
+        Node {
+            start,
+            last,
+            max: last,
+            link: [NIL; 2],
+            up: NIL,
+            gen,
+        }
+    }
+
     #[inline(always)]
     fn child(&self, d: usize) -> u32 {
         self.link[d]
@@ -812,14 +826,7 @@ impl<V> IntervalTree<V> {
             let n = self.nd_mut(idx);
             let next = n.link[0];
             let gen = n.gen;
-            *n = Node {
-                start,
-                last,
-                max: last,
-                link: [NIL; 2],
-                up: NIL,
-                gen,
-            };
+            *n = Node::unlinked(start, last, gen);
             self.free = next;
             self.values[idx as usize] = Some(value);
             return (idx, gen);
@@ -837,14 +844,10 @@ impl<V> IntervalTree<V> {
         // length): the slot is allocated and unused in both, and is written before their
         // lengths count it.
         unsafe {
-            self.nodes.as_mut_ptr().add(idx).write(Node {
-                start,
-                last,
-                max: last,
-                link: [NIL; 2],
-                up: NIL,
-                gen,
-            });
+            self.nodes
+                .as_mut_ptr()
+                .add(idx)
+                .write(Node::unlinked(start, last, gen));
             self.values.as_mut_ptr().add(idx).write(Some(value));
             self.nodes.set_len(idx + 1);
             self.values.set_len(idx + 1);

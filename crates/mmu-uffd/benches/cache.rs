@@ -367,6 +367,36 @@ fn bare_munmap(bare: &Bare, epoch: Instant) -> u64 {
     bare.seen.load(Ordering::Acquire).saturating_sub(t0)
 }
 
+/// Runs this bench again as a child process with `env` set (and this process's CPU mask)
+/// and returns the rest of its output line that starts with `tag` and a space; `None` if
+/// the child printed `SKIPPED <why>` (said here, for `what`). Panics if the child failed.
+fn child_line(
+    exe: &std::path::Path,
+    env: &[(&str, String)],
+    tag: &str,
+    what: &str,
+) -> Option<String> {
+    let out = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("running a child process of the bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what} process failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Some(why) = text.lines().find_map(|l| l.strip_prefix("SKIPPED ")) {
+        println!("SKIPPED {what}: {why}");
+        return None;
+    }
+    let prefix = format!("{tag} ");
+    let line = text.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+    Some(line.unwrap_or_else(|| panic!("a {tag} line")).to_string())
+}
+
 /// The number an environment variable holds, or `default`.
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -481,27 +511,17 @@ fn latency() {
     for i in 0..procs {
         for k in 0..placements.len() {
             let j = (i + k) % placements.len();
-            let out = std::process::Command::new(&exe)
-                .args(std::env::args_os().skip(1))
-                .env("MMU_UFFD_LATENCY_CHILD", placements[j].key())
-                .env("MMU_UFFD_LATENCY_ROUNDS", rounds.to_string())
-                .output()
-                .expect("running a latency process");
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "latency process failed: {}{}",
-                text,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            if let Some(why) = text.lines().find_map(|l| l.strip_prefix("SKIPPED ")) {
-                println!("SKIPPED munmap latency: {why}");
+            let Some(line) = child_line(
+                &exe,
+                &[
+                    ("MMU_UFFD_LATENCY_CHILD", placements[j].key().to_string()),
+                    ("MMU_UFFD_LATENCY_ROUNDS", rounds.to_string()),
+                ],
+                "LATENCY",
+                "munmap latency",
+            ) else {
                 return;
-            }
-            let line = text
-                .lines()
-                .find_map(|l| l.strip_prefix("LATENCY "))
-                .expect("a LATENCY line");
+            };
             let f: Vec<&str> = line.split_whitespace().collect();
             pinned &= f[1] == "1";
             let mut v = [0u64; 8];
@@ -774,26 +794,14 @@ fn readers() {
     pin(0);
     let mut runs: Vec<Vec<u64>> = Vec::new();
     for _ in 0..procs {
-        let out = std::process::Command::new(&exe)
-            .args(std::env::args_os().skip(1))
-            .env("MMU_UFFD_READERS_CHILD", "1")
-            .output()
-            .expect("running a floor process");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "floor process failed: {}{}",
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if let Some(why) = text.lines().find_map(|l| l.strip_prefix("SKIPPED ")) {
-            println!("SKIPPED reading floor: {why}");
+        let Some(line) = child_line(
+            &exe,
+            &[("MMU_UFFD_READERS_CHILD", "1".to_string())],
+            "READERS",
+            "reading floor",
+        ) else {
             return;
-        }
-        let line = text
-            .lines()
-            .find_map(|l| l.strip_prefix("READERS "))
-            .expect("a READERS line");
+        };
         runs.push(
             line.split_whitespace()
                 .map(|v| v.parse().unwrap())
