@@ -59,6 +59,11 @@
 #[path = "../tests/c_support/mod.rs"]
 mod c_support;
 
+/// The benches' shared helpers (only the mapping helper is used here).
+#[path = "../../mmn/src/bench/bare.rs"]
+#[allow(dead_code)]
+mod bench_support;
+
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,19 +81,7 @@ const FRESH_PAGES: usize = 4;
 const FRESH_CAPACITY: usize = 4096;
 
 fn anon(len: usize) -> *mut u8 {
-    // SAFETY: a fresh anonymous private mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p.cast()
+    bench_support::anon(len).expect("mmap")
 }
 
 /// The layout shift: `MISS_SHIFT` one-page mappings, read-only and inaccessible in turn

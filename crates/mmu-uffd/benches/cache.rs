@@ -36,7 +36,7 @@
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
@@ -45,19 +45,7 @@ use mmu_uffd::{CacheConfig, Monitor, MonitorConfig, RegCache};
 const PAGE: usize = 4096;
 
 fn anon(len: usize) -> *mut u8 {
-    // SAFETY: a fresh anonymous private mapping.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p.cast()
+    bare_reader::anon(len).expect("mmap")
 }
 
 fn noop_cache(
@@ -258,6 +246,24 @@ fn bare(epoch: Instant) -> Option<Bare> {
     Bare::new(epoch).ok()
 }
 
+/// A child process's readers, timestamped from one epoch: a monitor with `busy` polling
+/// and a bare reader; `None` (and a `SKIPPED` line for the parent) if either cannot start.
+fn child_readers(busy: Duration) -> Option<(Instant, Monitor, Bare)> {
+    let epoch = Instant::now();
+    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("SKIPPED {e}");
+            return None;
+        }
+    };
+    let Some(bare) = bare(epoch) else {
+        println!("SKIPPED bare userfaultfd reader unavailable");
+        return None;
+    };
+    Some((epoch, monitor, bare))
+}
+
 fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
@@ -416,17 +422,7 @@ fn latency_child(placement: Placement, busy: Duration) {
     let rounds = env_number("MMU_UFFD_LATENCY_ROUNDS", 2000);
     // The readers' threads inherit the mask of the thread that creates them.
     let mut pinned = pin(placement.readers_cpu());
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
-        Ok(m) => m,
-        Err(e) => {
-            println!("SKIPPED {e}");
-            return;
-        }
-    };
-    let Some(bare) = bare(epoch) else {
-        println!("SKIPPED bare userfaultfd reader unavailable");
+    let Some((epoch, monitor, bare)) = child_readers(busy) else {
         return;
     };
     pinned &= pin(0);
@@ -739,17 +735,7 @@ const READINGS: [&str; 5] = [
 fn readers_child(busy: Duration) {
     let rounds = env_number("MMU_UFFD_LATENCY_ROUNDS", 2000);
     pin(0);
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let monitor = match Monitor::with_config(MonitorConfig::default().with_busy_poll(busy)) {
-        Ok(m) => m,
-        Err(e) => {
-            println!("SKIPPED {e}");
-            return;
-        }
-    };
-    let Some(bare) = bare(epoch) else {
-        println!("SKIPPED bare userfaultfd reader unavailable");
+    let Some((epoch, monitor, bare)) = child_readers(busy) else {
         return;
     };
     let pairs = [
@@ -868,8 +854,7 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     bench_hit_miss(&mut c, &monitor);
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let floor = bare(*EPOCH.get_or_init(Instant::now));
+    let floor = bare(Instant::now());
     bench_hit_cost(&mut c, &monitor, floor.as_ref());
     c.final_summary();
     madvise(&monitor);

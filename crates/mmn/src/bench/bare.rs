@@ -1,6 +1,7 @@
 //! A bare userfaultfd reader, the baseline of the cache's munmap latency, the timestamping
-//! subscriber of the monitored side, and CPU pinning; shared by `mmn bench` and the
-//! criterion bench `crates/mmu-uffd/benches/cache.rs` (which includes this file). Depends
+//! subscriber of the monitored side, CPU pinning and fresh anonymous mappings; shared by
+//! `mmn bench` and the benches `crates/mmu-uffd/benches/cache.rs` and
+//! `crates/mmu-uffd-capi/benches/miss_vs_libfabric.rs` (which include this file). Depends
 //! on `libc` and `mmu_notifier` only.
 
 use std::os::fd::RawFd;
@@ -91,6 +92,25 @@ impl Bare {
         // SAFETY: an unknown command reads and writes nothing; the argument is unused.
         unsafe { libc::ioctl(self.fd, UNKNOWN as _, 0usize) }
     }
+}
+
+/// A fresh private anonymous read-write mapping of `len` bytes.
+pub fn anon(len: usize) -> std::io::Result<*mut u8> {
+    // SAFETY: a fresh anonymous private mapping; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(p.cast())
 }
 
 /// Pins the calling thread to `cpu` (threads it creates afterwards inherit the mask).

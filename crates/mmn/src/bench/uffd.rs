@@ -36,21 +36,7 @@ const PAGE: usize = 4096;
 
 /// A fresh private anonymous read-write mapping of `len` bytes.
 fn anon(len: usize) -> Result<*mut u8, String> {
-    // SAFETY: a fresh anonymous private mapping; the result is checked.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-    }
-    Ok(p.cast())
+    super::bare::anon(len).map_err(|e| format!("mmap: {e}"))
 }
 
 fn unmap(p: *mut u8, len: usize) {
