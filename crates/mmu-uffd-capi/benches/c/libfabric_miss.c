@@ -195,6 +195,21 @@ static void marker(long b)
 	if (b == -1 || b == batches - 1)
 		getpgid(0);
 }
+
+/* Runs the statements given `ops` times per batch: one untimed warm-up batch (b = -1),
+ * then `batches` timed ones whose ns per operation go to samples[], each batch followed
+ * by its strace marker. A macro, not a function taking a callback, so that the timed loop
+ * makes no call the measured operation does not. */
+#define TIME_BATCHES(...)                                                                    \
+	for (long b = -1; b < batches; b++) {                                                \
+		uint64_t t0 = now();                                                         \
+		for (long i = 0; i < ops; i++) {                                             \
+			__VA_ARGS__;                                                         \
+		}                                                                            \
+		if (b >= 0)                                                                  \
+			samples[b] = (double)(now() - t0) / (double)ops;                     \
+		marker(b);                                                                   \
+	}
 static double *samples;
 
 static void report(const char *name)
@@ -256,16 +271,8 @@ int main(int argc, char **argv)
 		ofi_mr_cache_delete(cache, lf_get(bufs[0], BUF_PAGES * page));
 		check_layout(1, 1);
 		unsigned j = 0;
-		for (long b = -1; b < batches; b++) {
-			uint64_t t0 = now();
-			for (long i = 0; i < ops; i++) {
-				j = (j + 1) & (NBUFS - 1);
-				ofi_mr_cache_delete(cache, lf_get(bufs[j], BUF_PAGES * page));
-			}
-			if (b >= 0)
-				samples[b] = (double)(now() - t0) / (double)ops;
-			marker(b);
-		}
+		TIME_BATCHES(j = (j + 1) & (NBUFS - 1);
+			     ofi_mr_cache_delete(cache, lf_get(bufs[j], BUF_PAGES * page)));
 		/* Every search missed: no more than ENTRIES entries, each other buffer's. */
 		CHECK(FIELD(cache, LF_CACHE_CACHED_CNT, size_t) == ENTRIES);
 		report("libfabric-cycle");
@@ -281,14 +288,7 @@ int main(int argc, char **argv)
 		ofi_mr_cache_delete(cache, lf_get(bufs[0], FRESH_PAGES * page));
 		check_layout(1, 1);
 		size_t k = 1;
-		for (long b = -1; b < batches; b++) {
-			uint64_t t0 = now();
-			for (long i = 0; i < ops; i++, k++)
-				ofi_mr_cache_delete(cache, lf_get(bufs[k], FRESH_PAGES * page));
-			if (b >= 0)
-				samples[b] = (double)(now() - t0) / (double)ops;
-			marker(b);
-		}
+		TIME_BATCHES(ofi_mr_cache_delete(cache, lf_get(bufs[k++], FRESH_PAGES * page)));
 		CHECK(FIELD(cache, LF_CACHE_CACHED_CNT, size_t) == n);
 		report("libfabric-fresh");
 	} else if (!strcmp(mode, "bare-reregister") || !strcmp(mode, "bare-wp")) {
@@ -303,18 +303,8 @@ int main(int argc, char **argv)
 				bare_register(fd, bufs[i], BUF_PAGES * page, m);
 		}
 		unsigned j = 0;
-		for (long b = -1; b < batches; b++) {
-			uint64_t t0 = now();
-			for (long i = 0; i < ops; i++) {
-				j = (j + 1) & (NBUFS - 1);
-				bare_register(fd, bufs[j], BUF_PAGES * page, m);
-				if (!again)
-					bare_unregister(fd, bufs[j], BUF_PAGES * page);
-			}
-			if (b >= 0)
-				samples[b] = (double)(now() - t0) / (double)ops;
-			marker(b);
-		}
+		TIME_BATCHES(j = (j + 1) & (NBUFS - 1); bare_register(fd, bufs[j], BUF_PAGES * page, m);
+			     if (!again) bare_unregister(fd, bufs[j], BUF_PAGES * page));
 		report(mode);
 	} else if (!strcmp(mode, "bare-fresh") || !strcmp(mode, "bare-fresh-check")) {
 		int check = !strcmp(mode, "bare-fresh-check");
@@ -326,27 +316,12 @@ int main(int argc, char **argv)
 		for (size_t i = 0; i < n; i++)
 			bufs[i] = anon(FRESH_PAGES * page);
 		size_t k = 0;
-		for (long b = -1; b < batches; b++) {
-			uint64_t t0 = now();
-			for (long i = 0; i < ops; i++, k++) {
-				bare_register(fd, bufs[k], FRESH_PAGES * page, UFFDIO_REGISTER_MODE_WP);
-				if (check)
-					CHECK(msync(bufs[k], FRESH_PAGES * page, MS_ASYNC) == 0);
-			}
-			if (b >= 0)
-				samples[b] = (double)(now() - t0) / (double)ops;
-			marker(b);
-		}
+		TIME_BATCHES(bare_register(fd, bufs[k], FRESH_PAGES * page, UFFDIO_REGISTER_MODE_WP);
+			     if (check) CHECK(msync(bufs[k], FRESH_PAGES * page, MS_ASYNC) == 0);
+			     k++);
 		report(mode);
 	} else if (!strcmp(mode, "getppid")) {
-		for (long b = -1; b < batches; b++) {
-			uint64_t t0 = now();
-			for (long i = 0; i < ops; i++)
-				syscall(SYS_getppid);
-			if (b >= 0)
-				samples[b] = (double)(now() - t0) / (double)ops;
-			marker(b);
-		}
+		TIME_BATCHES(syscall(SYS_getppid));
 		report(mode);
 	} else {
 		fprintf(stderr, "unknown mode %s\n", mode);
