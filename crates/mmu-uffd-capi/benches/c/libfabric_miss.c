@@ -45,13 +45,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define CHECK(cond)                                                                          \
-	do {                                                                                 \
-		if (!(cond)) {                                                               \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-			exit(1);                                                             \
-		}                                                                            \
-	} while (0)
+#include "../../tests/c/check.h"
 
 /* --- libfabric 1.17 (x86-64) internals this program uses, declared here --- */
 /* struct ofi_mr_cache: 0x180 bytes; the fields used: */

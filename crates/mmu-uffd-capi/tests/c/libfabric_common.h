@@ -14,12 +14,5 @@ int mmu_uffd_fi_monitor_new(struct fid_mem_monitor **out);
 uint64_t mmu_uffd_fi_notified(uint64_t *pending);
 const char *mmu_uffd_last_error(void);
 
-#define CHECK(cond)                                                                  \
-	do {                                                                         \
-		if (!(cond)) {                                                       \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, \
-				#cond);                                              \
-			exit(1);                                                     \
-		}                                                                    \
-	} while (0)
+#include "check.h"
 #endif

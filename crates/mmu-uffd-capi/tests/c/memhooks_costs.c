@@ -31,14 +31,7 @@
 
 int mmu_uffd_fi_monitor_new(struct fid_mem_monitor **out);
 
-#define CHECK(cond)                                                                          \
-	do {                                                                                 \
-		if (!(cond)) {                                                               \
-			fprintf(stderr, "%s:%d: check failed: %s (%s)\n", __FILE__, __LINE__,     \
-				#cond, mmu_uffd_last_error());                               \
-			exit(1);                                                             \
-		}                                                                            \
-	} while (0)
+#include "check.h"
 
 #define ROUNDS 201
 #define BATCH 1000

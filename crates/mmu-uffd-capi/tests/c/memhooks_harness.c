@@ -48,13 +48,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define CHECK(cond)                                                                          \
-	do {                                                                                 \
-		if (!(cond)) {                                                               \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-			exit(1);                                                             \
-		}                                                                            \
-	} while (0)
+#include "check.h"
 
 /* --- libfabric 1.17's internal monitor interface (declared, for this harness only) --- */
 struct lf_list {
