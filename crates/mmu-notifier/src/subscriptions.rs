@@ -484,7 +484,7 @@ impl Subscriptions {
         }
         InvalidateGuard {
             mm: self,
-            itree: itree.is_some_and(ItreeActive::hand_over),
+            itree: itree.map(ItreeActive::hand_over).is_some(),
             _read: read,
             snap,
             range,
@@ -534,7 +534,7 @@ impl Subscriptions {
         // one), and the caller gets no guard.
         let guard = InvalidateGuard {
             mm: self,
-            itree: itree.is_some_and(ItreeActive::hand_over),
+            itree: itree.map(ItreeActive::hand_over).is_some(),
             _read: read,
             snap,
             range,

@@ -409,9 +409,8 @@ impl ItreeActive<'_> {
     /// (a `bool` in the guard instead of this value: its drop then has no `Option` to
     /// inspect twice). Only once nothing can unwind between here and the guard's
     /// creation.
-    pub(crate) fn hand_over(self) -> bool {
+    pub(crate) fn hand_over(self) {
         std::mem::forget(self);
-        true
     }
 }
 
@@ -427,6 +426,8 @@ impl Drop for ItreeActive<'_> {
 struct Hits {
     inline: [Option<StdArc<dyn ErasedNode>>; Hits::INLINE],
     more: Vec<StdArc<dyn ErasedNode>>,
+    /// How many were found.
+    len: usize,
 }
 
 impl Hits {
@@ -436,18 +437,20 @@ impl Hits {
         Self {
             inline: [const { None }; Hits::INLINE],
             more: Vec::new(),
+            len: 0,
         }
     }
 
     fn push(&mut self, node: &StdArc<dyn ErasedNode>) {
-        match self.inline.iter_mut().find(|h| h.is_none()) {
+        match self.inline.get_mut(self.len) {
             Some(free) => *free = Some(node.clone()),
             None => self.more.push(node.clone()),
         }
+        self.len += 1;
     }
 
     fn is_empty(&self) -> bool {
-        self.inline[0].is_none()
+        self.len == 0
     }
 
     /// Calls `f` on each, in the order they were found, until it returns false; returns
