@@ -306,17 +306,18 @@ pub struct IntervalTree<V> {
 
 impl<V: Clone> Clone for IntervalTree<V> {
     fn clone(&self) -> Self {
-        let (nodes, values) = (self.nodes.clone(), self.values.clone());
-        Self {
-            // The clone's capacities need not be the original's.
-            room: nodes.capacity().min(values.capacity()).min(MAX_SLOTS),
-            nodes,
-            values,
+        let mut t = Self {
+            nodes: self.nodes.clone(),
+            values: self.values.clone(),
+            room: 0,
             root: self.root,
             free: self.free,
             len: self.len,
             gen_base: self.gen_base,
-        }
+        };
+        // The clone's capacities need not be the original's.
+        t.room = t.allocated();
+        t
     }
 }
 
@@ -715,9 +716,9 @@ impl<V> IntervalTree<V> {
             self.values.len(),
             "nodes and values differ in length"
         );
-        let capacity = self.nodes.capacity().min(self.values.capacity());
+        let capacity = self.allocated();
         assert!(
-            self.nodes.len() <= self.room && self.room <= capacity.min(MAX_SLOTS),
+            self.nodes.len() <= self.room && self.room <= capacity,
             "room {} outside [len {}, capacity {capacity}]",
             self.room,
             self.nodes.len()
@@ -839,7 +840,7 @@ impl<V> IntervalTree<V> {
         }
         let gen = self.gen_base;
         debug_assert!(idx < self.room);
-        debug_assert!(self.room <= self.nodes.capacity().min(self.values.capacity()));
+        debug_assert!(self.room <= self.allocated());
         // SAFETY: idx = len < room <= both capacities (both vectors always have the same
         // length): the slot is allocated and unused in both, and is written before their
         // lengths count it.
@@ -854,6 +855,14 @@ impl<V> IntervalTree<V> {
         }
         // (idx < room <= 2^30.)
         (idx as u32, gen)
+    }
+
+    /// Slots both vectors have allocated, at most [`MAX_SLOTS`]: what `room` is set to.
+    fn allocated(&self) -> usize {
+        self.nodes
+            .capacity()
+            .min(self.values.capacity())
+            .min(MAX_SLOTS)
     }
 
     /// Grows the room of both vectors, out of the insertion path: to 16 slots first, then
@@ -873,11 +882,7 @@ impl<V> IntervalTree<V> {
         let more = more.max(16).min(MAX_SLOTS - len);
         self.nodes.reserve_exact(more);
         self.values.reserve_exact(more);
-        self.room = self
-            .nodes
-            .capacity()
-            .min(self.values.capacity())
-            .min(MAX_SLOTS);
+        self.room = self.allocated();
         if len == 0 {
             self.nodes.push(Node::default());
             self.values.push(None);
