@@ -3,12 +3,11 @@
 //!
 //! A slab of slots threaded on an intrusive doubly linked list (most recently used at the
 //! head) plus, per key, a *group*: a double-ended vector of `(start, slot)` sorted by
-//! start. Ranges of
-//! one key never overlap, so the only candidate to cover `[s, e)` is the range with the
-//! greatest start `<= s` in that key's group: a lookup is one group search (a comparison
-//! per distinct key while there are at most [`LINEAR_GROUPS`], a hash lookup beyond) and
-//! one binary search, a touch is four index writes, eviction pops the tail. Ranges of
-//! different keys may overlap. Everything runs under the cache's lock.
+//! start. Ranges of one key never overlap, so the only candidate to cover `[s, e)` is the
+//! range with the greatest start `<= s` in that key's group: a lookup is one group search
+//! (a comparison per distinct key while there are at most [`LINEAR_GROUPS`], a hash lookup
+//! beyond) and one binary search, a touch is four index writes, eviction pops the tail.
+//! Ranges of different keys may overlap. Everything runs under the cache's lock.
 //!
 //! Why a sorted vector and not a `BTreeMap`: lookups are the hot path (a cache hit) and a
 //! binary search over a contiguous array beats the tree's node walk (measured in
